@@ -1,0 +1,61 @@
+"""Checkpoints: written atomically by one rank, read safely (weights_only) by one rank."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from recog.errors import ConfigError
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, write) -> Path:
+    """Call `write(file)` on a temporary file beside `path`, then rename it into place.
+
+    A crash at any moment leaves either the old file or the new one, never half
+    of one: the rename is atomic on POSIX file systems.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    return path
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
+    return atomic_write(path, lambda f: torch.save(state, f))
+
+
+def write_json(data: dict, path: str | Path) -> Path:
+    return atomic_write(path, lambda f: f.write(json.dumps(data, indent=2).encode()))
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load on CPU with weights_only=True: tensors and plain containers only, no arbitrary code."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint {path} does not exist; check the path given to resume= or model.weights=.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"checkpoint {path} could not be read ({type(e).__name__}: {e}); "
+                          "it may be truncated: use an earlier one.") from None

@@ -1,0 +1,77 @@
+"""Shard writer: `python -m recog.data write {folder,idx,idx-dir} ...` and `python -m recog.data info DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from recog.data.manifest import load_manifest
+from recog.data.prepare import class_names, write_idx_split
+from recog.data.write import folder_records, idx_records, write_shards
+from recog.errors import ConfigError
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shard-samples", type=int, default=5000, help="samples per shard (default 5000)")
+    p.add_argument("--shuffle", action="store_true", help="shuffle the samples before writing (seeded)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace what is in the output folder")
+    p.add_argument("--prefix", default="shard", help="shard file name prefix (default 'shard')")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m recog.data", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    write = commands.add_parser("write", help="write tar shards and manifest.json")
+    sources = write.add_subparsers(dest="source", required=True)
+
+    folder = sources.add_parser("folder", help="a folder with one sub-folder of images per class")
+    folder.add_argument("src")
+    folder.add_argument("out")
+    _common(folder)
+
+    idx = sources.add_parser("idx", help="an MNIST-format image file and its label file")
+    idx.add_argument("images")
+    idx.add_argument("labels")
+    idx.add_argument("out")
+    idx.add_argument("--class-names", help="'fashion_mnist' or a comma-separated list in label order")
+    _common(idx)
+
+    idx_dir = sources.add_parser("idx-dir", help="an MNIST-style folder: writes OUT/train and OUT/test")
+    idx_dir.add_argument("src")
+    idx_dir.add_argument("out")
+    idx_dir.add_argument("--class-names", help="'fashion_mnist' or a comma-separated list in label order")
+    idx_dir.add_argument("--shard-samples", type=int, default=5000)
+
+    info = commands.add_parser("info", help="summarise a folder of shards")
+    info.add_argument("folder")
+
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "info":
+            m = load_manifest(args.folder)
+            print(f"{m.num_samples} samples in {len(m.shards)} shards, {m.num_classes} classes")
+            for name, count in zip(m.classes, m.class_counts):
+                print(f"  {count:>8}  {name}")
+            return 0
+        if args.source == "idx-dir":
+            for split in ("train", "test"):
+                m = write_idx_split(args.src, split, Path(args.out) / split, args.class_names, args.shard_samples)
+                print(f"{split}: {m.num_samples} samples in {len(m.shards)} shards -> {Path(args.out) / split}")
+            return 0
+        if args.source == "folder":
+            records, classes = folder_records(args.src)
+        else:
+            records, classes = idx_records(args.images, args.labels, class_names(args.class_names))
+        m = write_shards(records, classes, args.out, prefix=args.prefix, shard_samples=args.shard_samples,
+                         shuffle=args.shuffle, seed=args.seed, overwrite=args.overwrite)
+        print(f"{m.num_samples} samples in {len(m.shards)} shards, {m.num_classes} classes -> {args.out}")
+        return 0
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Write a data set's shards on first use (e.g. the bundled Fashion-MNIST subset)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+from recog.data.idx import find_idx_pair
+from recog.data.manifest import manifest_path
+from recog.data.write import FASHION_MNIST_CLASSES, idx_records, write_shards
+from recog.errors import ConfigError
+
+CLASS_NAME_PRESETS = {"fashion_mnist": FASHION_MNIST_CLASSES}
+
+
+def class_names(spec: str | list[str] | None) -> list[str] | None:
+    """A preset name ('fashion_mnist'), a comma-separated string, a list, or None (use '0', '1', ...)."""
+    if spec is None or isinstance(spec, list):
+        return spec
+    if spec in CLASS_NAME_PRESETS:
+        return CLASS_NAME_PRESETS[spec]
+    return [name.strip() for name in str(spec).split(",")]
+
+
+def write_idx_split(src_dir: str | Path, split: str, out_dir: str | Path, names=None, shard_samples: int = 5000,
+                    progress: bool = True):
+    images, labels = find_idx_pair(src_dir, split)
+    records, classes = idx_records(images, labels, class_names(names))
+    return write_shards(records, classes, out_dir, prefix=split, shard_samples=shard_samples, progress=progress)
+
+
+def missing_splits(data_cfg) -> list[str]:
+    """The splits ('train', 'test') whose manifest is not there yet."""
+    return [split for split in ("train", "test") if not manifest_path(data_cfg[split]).is_file()]
+
+
+def check_can_prepare(data_cfg) -> None:
+    """Raise one sentence if shards are missing and cannot be written. Touches no collective."""
+    missing = missing_splits(data_cfg)
+    if not missing:
+        return
+    prepare = data_cfg.get("prepare")
+    if not prepare:
+        raise ConfigError(
+            f"no shards at {data_cfg[missing[0]]} (no {manifest_path(data_cfg[missing[0]]).name}); write them with "
+            "`python -m recog.data write ...` or fix data.train / data.test."
+        )
+    for split in missing:
+        find_idx_pair(prepare.idx_dir, split)  # raises a ConfigError naming the missing file
+
+
+def prepare_shards(data_cfg, progress: bool = True) -> None:
+    """Write each missing split into a private folder, then rename it into place.
+
+    Safe when several nodes share the folder: the first rename wins and the
+    others throw their copy away.
+    """
+    prepare = data_cfg.prepare
+    for split in missing_splits(data_cfg):
+        final = Path(data_cfg[split])
+        tmp = final.with_name(f".{final.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_idx_split(prepare.idx_dir, split, tmp, prepare.get("class_names"),
+                        prepare.get("shard_samples", 5000), progress)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not manifest_path(final).is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,154 @@
+"""Stream batches from WebDataset tar shards, split across ranks and data-loader workers.
+
+The split is decided by `recog.data.plan` (pure, tested without processes);
+this module only reads what the plan says. Batches are formed from fixed
+*slots*: a sample that cannot be read or decoded leaves its slot empty, so a
+bad sample makes one batch smaller but never changes the number of batches,
+and no rank runs a different number of steps (which would hang DDP).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+import zlib
+from collections.abc import Callable, Iterator
+from itertools import islice
+from typing import NamedTuple
+
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+from recog.data.manifest import Manifest
+from recog.data.plan import Piece, num_batches, rank_pieces, worker_pieces
+from recog.errors import DataError
+
+log = logging.getLogger(__name__)
+
+IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor  # (n, C, H, W) float, after the transform
+    labels: torch.Tensor  # (n,) int64
+    skipped: int  # slots of this batch whose sample could not be read or decoded
+
+
+def read_pieces(manifest: Manifest, pieces: list[Piece], strict: bool) -> Iterator[dict | None]:
+    """Yield exactly one item per planned sample: the raw sample dict, or None if it could not be read."""
+    for piece in pieces:
+        url, produced = manifest.url(piece.shard), 0
+        try:
+            with wds.gopen(url, "rb") as stream:
+                files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}])
+                for sample in islice(wds.tariterators.group_by_keys(files), piece.start, piece.stop):
+                    produced += 1
+                    yield sample
+        except Exception as e:  # a truncated or unreadable tar: tarfile, OSError, ...
+            if strict:
+                raise DataError(f"shard {url} could not be read ({e}); fix or rewrite it, or set data.strict=false.")
+            log.warning("shard %s: read failed after %d of %d samples (%s); skipping the rest", url, produced,
+                        len(piece), e)
+        if produced < len(piece):
+            if strict:
+                raise DataError(f"shard {url} holds fewer samples than its manifest says; rewrite the shards.")
+            log.warning("shard %s: %d planned samples missing, skipped", url, len(piece) - produced)
+            yield from [None] * (len(piece) - produced)
+
+
+def shuffled_blocks(items: Iterator, block: int, rng: random.Random) -> Iterator:
+    """Shuffle within consecutive blocks of `block` items: memory is bounded, order is reproducible."""
+    while chunk := list(islice(items, block)):
+        rng.shuffle(chunk)
+        yield from chunk
+
+
+def decode_sample(sample: dict, channels: int) -> tuple[torch.Tensor, int]:
+    """Raw sample dict -> (uint8 image tensor C×H×W, class index). Raises on anything undecodable."""
+    key = next((k for k in IMAGE_KEYS if k in sample), None)
+    if key is None:
+        raise ValueError(f"no image ({'/'.join(IMAGE_KEYS)}) in sample {sample.get('__key__')}")
+    with Image.open(io.BytesIO(sample[key])) as image:
+        image = image.convert("L" if channels == 1 else "RGB")  # decodes; raises on damaged data
+    return TF.pil_to_tensor(image), int(sample["cls"])
+
+
+class ShardStream(IterableDataset):
+    """One rank's batches of one epoch; call `set_epoch` before iterating each epoch."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        *,
+        rank: int,
+        world_size: int,
+        batch_size: int,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        channels: int = 1,
+        train: bool = True,
+        seed: int = 0,
+        shuffle_block: int = 1000,
+        strict: bool = False,
+    ):
+        self.manifest, self.rank, self.world_size = manifest, rank, world_size
+        self.batch_size, self.transform, self.channels = batch_size, transform, channels
+        self.train, self.seed, self.shuffle_block, self.strict = train, seed, shuffle_block, strict
+        self.epoch = 0
+        self._image_shape: tuple[int, ...] | None = None  # of the last decoded image, for empty batches
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def pieces(self) -> list[Piece]:
+        """This rank's samples: the training split pads (equal steps), evaluation does not (exactly once)."""
+        return rank_pieces(self.manifest.shard_sizes, self.rank, self.world_size, epoch=self.epoch,
+                           seed=self.seed, shuffle=self.train, pad=self.train)
+
+    def __len__(self) -> int:
+        return num_batches(sum(len(p) for p in self.pieces()), self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        stream_id = f"{self.seed}/{self.epoch}/{self.rank}/{worker}"
+        if info is not None:  # augmentation draws from torch's RNG: make it depend on the stream only
+            torch.manual_seed(zlib.crc32(stream_id.encode()))
+        pieces = worker_pieces(self.pieces(), self.batch_size, worker, num_workers)
+        items = read_pieces(self.manifest, pieces, self.strict)
+        if self.train:
+            items = shuffled_blocks(items, self.shuffle_block, random.Random(f"samples/{stream_id}"))
+        while slots := list(islice(items, self.batch_size)):
+            yield self._collate(slots)
+
+    def _collate(self, slots: list[dict | None]) -> Batch:
+        images, labels = [], []
+        for sample in slots:
+            if sample is None:
+                continue
+            try:
+                image, label = decode_sample(sample, self.channels)
+            except Exception as e:
+                where = f"{sample.get('__url__')}:{sample.get('__key__')}"
+                if self.strict:
+                    raise DataError(f"sample {where} could not be decoded ({e}); fix it or set data.strict=false.")
+                log.warning("skipping undecodable sample %s (%s)", where, e)
+                continue
+            image = TF.to_dtype(image, torch.float32, scale=True)
+            images.append(self.transform(image) if self.transform else image)
+            labels.append(label)
+        if images:
+            self._image_shape = tuple(images[0].shape)
+            stacked = torch.stack(images)
+        else:  # every sample unreadable: still a batch (of zero images), so the step count stays the same
+            stacked = torch.empty((0, *self._image_shape) if self._image_shape else (0,))
+        return Batch(stacked, torch.tensor(labels, dtype=torch.int64), len(slots) - len(images))
+
+
+def make_loader(dataset: ShardStream, num_workers: int, pin_memory: bool) -> DataLoader:
+    """Batches are formed inside the workers (batch_size=None): one pickled tensor per batch, not per image."""
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                      prefetch_factor=4 if num_workers else None)

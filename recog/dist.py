@@ -1,0 +1,137 @@
+"""All of recog's process-group handling: setup from torchrun's environment, teardown, small collectives.
+
+`setup()` returns plain values and also works without torchrun (world size 1,
+no process group). Nothing here runs at import time.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from recog.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    device: torch.device
+    backend: str | None  # None: a single process, no process group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.backend is not None
+
+
+def env_rank() -> int:
+    """This process's rank from the launcher's environment (0 without a launcher); usable before setup()."""
+    return int(os.environ.get("RANK", 0))
+
+
+def print0(*args, **kwargs) -> None:
+    if env_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def setup(backend: str | None = None, timeout_s: float = 600.0) -> Dist:
+    """Join the process group torchrun describes in RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT.
+
+    backend: None picks NCCL when CUDA is available, gloo otherwise.
+    timeout_s: how long a collective waits for a missing rank before failing.
+    """
+    if "WORLD_SIZE" not in os.environ:  # plain `python train.py`
+        device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return Dist(0, 0, 1, 1, device, None)
+
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise ConfigError("dist.backend=nccl needs CUDA, which this machine lacks; use dist.backend=gloo.")
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"LOCAL_RANK {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+                f"start at most {torch.cuda.device_count()} processes per node (--nproc_per_node)."
+            )
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group(
+        backend,
+        timeout=timedelta(seconds=timeout_s),
+        device_id=device if device.type == "cuda" else None,
+    )
+    return Dist(rank, local_rank, world_size, local_world_size, device, backend)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over ranks (a no-op for a single process). Returns the tensor, reduced in place."""
+    if dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return values
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Make every rank's buffers (BatchNorm running statistics) equal to rank `src`'s."""
+    if dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src)
+
+
+def run_on_rank0(fn, ctx: Dist, what: str):
+    """Call `fn()` on rank 0 only and hand its result to every rank.
+
+    If `fn` raises, every rank raises the same error, so no rank waits forever
+    for a result that will not come. Used so that only rank 0 reads a file.
+    """
+    result, error = None, None
+    if ctx.is_main:
+        try:
+            result = fn()
+        except Exception as e:  # passed to the other ranks, then raised everywhere
+            error = e if isinstance(e, ConfigError) else ConfigError(f"{what} failed on rank 0: {e}")
+    if not ctx.is_distributed:
+        if error:
+            raise error
+        return result
+    box = [(result, str(error) if error else None)]
+    dist.broadcast_object_list(box, src=0, device=ctx.device if ctx.backend == "nccl" else None)
+    result, message = box[0]
+    if message is not None:
+        if error is not None:
+            raise error
+        raise ConfigError(message)
+    return result
+
+
+def all_ok(ok: bool, ctx: Dist) -> bool:
+    """True if `ok` is true on every rank: a way to fail together after work done on some ranks."""
+    flag = torch.tensor([0 if ok else 1], device=ctx.device)
+    return all_reduce_max(flag).item() == 0

@@ -1,0 +1,42 @@
+"""Losses: tensors in, tensors out."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recog.model import Output
+
+
+class RecognitionLoss(nn.Module):
+    """`ce_weight` × cross-entropy on the logits + `metric_weight` × a metric-learning loss on the embeddings.
+
+    `metric` is any callable (embeddings, labels) -> scalar tensor, set in
+    `conf/loss/` with Hydra's `_target_`; None (the default) trains on
+    cross-entropy alone.
+    """
+
+    def __init__(
+        self,
+        ce_weight: float = 1.0,
+        label_smoothing: float = 0.0,
+        metric: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        metric_weight: float = 0.0,
+    ):
+        super().__init__()
+        self.ce_weight, self.label_smoothing = ce_weight, label_smoothing
+        self.metric, self.metric_weight = metric, metric_weight
+
+    def forward(self, output: Output, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        if len(labels) == 0:  # a batch whose samples were all unreadable: zero loss, zero gradients
+            return {"total": output.logits.sum() * 0.0}
+        terms = {"ce": F.cross_entropy(output.logits, labels, label_smoothing=self.label_smoothing)}
+        total = self.ce_weight * terms["ce"]
+        if self.metric is not None and self.metric_weight:
+            terms["metric"] = self.metric(output.embeddings, labels)
+            total = total + self.metric_weight * terms["metric"]
+        terms["total"] = total
+        return terms

@@ -1,0 +1,151 @@
+"""Backbone + L2-normalised embedding head + classifier. Knows nothing about distribution.
+
+Backbones: `convnet` (a small CNN for 28×28 grey images, the CPU default) or
+any torchvision classification model by name (`resnet18`, `resnet50`, ...).
+The torchvision head is removed; its input width becomes the feature width.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from recog.errors import ConfigError
+
+
+class Output(NamedTuple):
+    embeddings: torch.Tensor  # (n, embedding_dim), unit length
+    logits: torch.Tensor  # (n, num_classes)
+
+
+def conv_block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+def convnet(in_channels: int, width: int = 32) -> tuple[nn.Module, int]:
+    """A VGG-style CNN: 28×28 -> 14 -> 7 -> global pool. About 0.3 M parameters at width 32."""
+    w = width
+    body = nn.Sequential(
+        conv_block(in_channels, w), conv_block(w, w), nn.MaxPool2d(2),
+        conv_block(w, 2 * w), conv_block(2 * w, 2 * w), nn.MaxPool2d(2),
+        conv_block(2 * w, 4 * w), conv_block(4 * w, 4 * w),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    )
+    return body, 4 * w
+
+
+OWN_BACKBONES = {"convnet": convnet}
+
+
+def backbone_names() -> list[str]:
+    return sorted(OWN_BACKBONES) + torchvision.models.list_models(module=torchvision.models)
+
+
+def check_backbone_name(name: str) -> None:
+    if name not in OWN_BACKBONES and name not in torchvision.models.list_models(module=torchvision.models):
+        raise ConfigError(
+            f"unknown model '{name}'; use model=convnet, model=resnet18, model=resnet50 "
+            "or set model.backbone to any torchvision classification model name."
+        )
+
+
+def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
+    """Adapt a 3-channel torchvision stem to `in_channels` (e.g. 1 for grey images)."""
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Conv2d):
+                setattr(parent, name, nn.Conv2d(
+                    in_channels, child.out_channels, child.kernel_size, child.stride,
+                    child.padding, child.dilation, child.groups, child.bias is not None,
+                ))
+                return
+
+
+def _remove_head(model: nn.Module) -> int:
+    """Replace the last Linear layer (the ImageNet classifier) by Identity; return its input width."""
+    last = None
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Linear):
+                last = (parent, name, child)
+    if last is None:
+        raise ConfigError("this torchvision model has no Linear classifier to replace; choose another backbone.")
+    parent, name, linear = last
+    setattr(parent, name, nn.Identity())
+    return linear.in_features
+
+
+def torchvision_backbone(name: str, in_channels: int, small_input: bool) -> tuple[nn.Module, int]:
+    model = torchvision.models.get_model(name, weights=None)
+    if small_input:  # 28-32 px images: a 3×3 stride-1 stem and no max-pool (the CIFAR ResNet stem)
+        if not (hasattr(model, "conv1") and hasattr(model, "maxpool")):
+            raise ConfigError(f"model.small_input=true is only for ResNet-style models, not '{name}'; set it to false.")
+        model.conv1 = nn.Conv2d(in_channels, model.conv1.out_channels, 3, 1, 1, bias=False)
+        model.maxpool = nn.Identity()
+    elif in_channels != 3:
+        _replace_first_conv(model, in_channels)
+    return model, _remove_head(model)
+
+
+class RecognitionModel(nn.Module):
+    """features = backbone(x); embeddings = normalize(linear(features)); logits = cosine classifier."""
+
+    def __init__(
+        self,
+        backbone: str,
+        num_classes: int,
+        in_channels: int = 3,
+        embedding_dim: int = 128,
+        small_input: bool = False,
+        width: int = 32,
+        logit_scale: float = 16.0,
+    ):
+        super().__init__()
+        check_backbone_name(backbone)
+        if backbone in OWN_BACKBONES:
+            self.backbone, features = OWN_BACKBONES[backbone](in_channels, width)
+        else:
+            self.backbone, features = torchvision_backbone(backbone, in_channels, small_input)
+        self.embed = nn.Linear(features, embedding_dim)
+        # Cosine classifier: logits are scaled cosines between the embedding and one
+        # unit vector per class, so classification trains the same space retrieval uses.
+        self.class_weights = nn.Parameter(torch.randn(num_classes, embedding_dim) * 0.01)
+        self.logit_scale = logit_scale
+
+    def forward(self, images: torch.Tensor) -> Output:
+        embeddings = F.normalize(self.embed(self.backbone(images)), dim=1)
+        logits = self.logit_scale * embeddings @ F.normalize(self.class_weights, dim=1).t()
+        return Output(embeddings, logits)
+
+
+def load_weights(model: RecognitionModel, state: dict) -> None:
+    """Load a recog checkpoint, a state dict of this model, or torchvision weights for the backbone alone.
+
+    Torchvision weights lose their ImageNet classifier; an RGB stem is summed
+    over its colour channels to fit a grey-image model.
+    """
+    state = state.get("model", state)
+    if not any(k.startswith("backbone.") for k in state):
+        state = {f"backbone.{k}": v for k, v in state.items()}
+    own = model.state_dict()
+    usable = {}
+    for key, value in state.items():
+        if key not in own:  # the torchvision classifier, replaced by the embedding head
+            continue
+        if value.dim() == 4 and value.shape[1] == 3 and own[key].shape[1] == 1:
+            value = value.sum(dim=1, keepdim=True)
+        if value.shape != own[key].shape:
+            raise ConfigError(
+                f"weight {key} has shape {tuple(value.shape)} but the model expects {tuple(own[key].shape)}; "
+                "check model.backbone and model.small_input match the weights."
+            )
+        usable[key] = value
+    missing = [k for k in own if k.startswith("backbone.") and k not in usable]
+    if missing:
+        raise ConfigError(f"the weights lack {len(missing)} backbone entries (first: {missing[0]}); "
+                          "check model.backbone matches the weights file.")
+    model.load_state_dict(usable, strict=False)

@@ -1,0 +1,51 @@
+"""One run directory for every rank of a launch.
+
+Hydra resolves `${now:...}` separately in each process, so under torchrun two
+ranks started a second apart would create two run directories. `${launch_time:}`
+is the same moment for every rank: the first rank to ask stores its clock in
+torchrun's key-value store (the agent's, which outlives worker restarts, so a
+restarted job also finds its old directory), and every rank reads that value.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import datetime, timedelta
+
+from omegaconf import OmegaConf
+
+_cache: dict[str, str] = {}
+
+
+def launch_time(fmt: str = "%Y-%m-%d_%H-%M-%S") -> str:
+    if fmt in _cache:
+        return _cache[fmt]
+    now = datetime.now().strftime(fmt)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        now = _agree_across_ranks(f"recog/launch_time/{fmt}", now)
+    _cache[fmt] = now
+    return now
+
+
+def _agree_across_ranks(key: str, mine: str) -> str:
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        import torch.distributed as dist
+
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=timedelta(seconds=120))
+        return store.compare_set(key, "", mine).decode()  # the first writer's value, for everyone
+    # Launched without a torchrun agent (e.g. srun): name the directory after the job instead.
+    job = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID")
+    if job:
+        return f"job-{job}"
+    raise RuntimeError("cannot agree on a run directory across ranks; set hydra.run.dir=DIR explicitly.")
+
+
+def if_rank0(value):
+    """`value` on rank 0, None elsewhere: e.g. only rank 0 saves Hydra's .hydra/ config copy."""
+    return value if int(os.environ.get("RANK", 0)) == 0 else None
+
+
+def register_resolvers() -> None:
+    OmegaConf.register_new_resolver("launch_time", launch_time, replace=True)
+    OmegaConf.register_new_resolver("if_rank0", if_rank0, replace=True)

@@ -1,0 +1,242 @@
+"""A recog training run, top to bottom: check, set up, build, train, evaluate, checkpoint, log.
+
+Every rank runs `run(cfg)`. Rank 0 alone writes files (checkpoints, TensorBoard,
+metrics.json); the other ranks log through stand-ins that do nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.lr_scheduler import LambdaLR
+
+from recog import dist
+from recog.checkpoint import load_checkpoint, save_checkpoint, write_json
+from recog.data.manifest import load_manifest
+from recog.data.prepare import check_can_prepare, missing_splits, prepare_shards
+from recog.data.stream import ShardStream, make_loader
+from recog.errors import ConfigError, DataError
+from recog.log import make_writer, setup_logging
+from recog.model import check_backbone_name, load_weights
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Values that cannot work, each as one sentence. Runs on every rank before any collective call."""
+    for key in ("epochs", "batch_size", "log_every"):
+        value = cfg[key]
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{key}={value} is not valid; give a whole number of at least 1, e.g. {key}=10.")
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"data.num_workers={cfg.data.num_workers} is negative; use 0 (load in the main process) or more.")
+    if cfg.schedule.warmup_epochs < 0:
+        raise ConfigError(f"schedule.warmup_epochs={cfg.schedule.warmup_epochs} is negative; use 0 or more.")
+    check_backbone_name(cfg.model.backbone)
+    check_can_prepare(cfg.data)
+
+
+def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
+    check_config(cfg)
+    ctx = dist.setup(cfg.dist.backend, cfg.dist.timeout_s)
+    try:
+        return train(cfg, ctx, Path(run_dir or HydraConfig.get().runtime.output_dir))
+    finally:
+        dist.teardown()
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """LR multiplier: linear warmup to 1 over `warmup_steps`, then cosine decay to 0 at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_data(cfg: DictConfig, ctx: dist.Dist) -> tuple[ShardStream, ShardStream]:
+    if missing_splits(cfg.data):  # first use: one process per node writes the shards, the others wait
+        error = None
+        if ctx.local_rank == 0:
+            try:
+                prepare_shards(cfg.data, progress=ctx.is_main)
+            except Exception as e:
+                error = e
+        if not dist.all_ok(error is None, ctx):
+            raise error or ConfigError("writing the shards failed on another rank; see its error above.")
+    train_manifest, test_manifest = load_manifest(cfg.data.train), load_manifest(cfg.data.test)
+    if train_manifest.classes != test_manifest.classes:
+        raise ConfigError(f"the train and test shards name different classes ({cfg.data.train} vs {cfg.data.test}); "
+                          "write both from the same source.")
+    common = dict(rank=ctx.rank, world_size=ctx.world_size, batch_size=cfg.batch_size, channels=cfg.data.channels,
+                  seed=cfg.seed, strict=cfg.data.strict)
+    train_set = ShardStream(train_manifest, transform=instantiate(cfg.data.train_transform), train=True,
+                            shuffle_block=cfg.data.shuffle_block, **common)
+    test_set = ShardStream(test_manifest, transform=instantiate(cfg.data.test_transform), train=False, **common)
+    return train_set, test_set
+
+
+@dataclass
+class EpochStats:
+    step: int
+    loss: float
+    images: int  # over all ranks
+    seconds: float
+    data_wait: float  # fraction of step time spent waiting for the next batch (mean over ranks)
+    skipped: int  # unreadable samples, over all ranks
+
+
+def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, ctx: dist.Dist, writer, step: int,
+                    log_every: int) -> EpochStats:
+    model.train()
+    # The loss sum stays on the device: calling .item() every step would make the CPU wait for the GPU.
+    loss_sum = torch.zeros((), device=ctx.device, dtype=torch.float64)
+    window = [0.0, 0.0, 0.0]  # samples, skipped samples, seconds waiting for data: since the last log line
+    totals = torch.zeros(4, dtype=torch.float64)  # the same four, over the epoch, for this rank
+    epoch_start = window_start = tick = time.perf_counter()
+    for batch in loader:
+        waited = time.perf_counter() - tick
+        if batch.images.dim() != 4:
+            raise DataError("every sample of a rank's first batch was unreadable; the shards are damaged: "
+                            "write them again.")
+        images = batch.images.to(ctx.device, non_blocking=True)
+        labels = batch.labels.to(ctx.device, non_blocking=True)
+        loss = loss_fn(model(images), labels)["total"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        loss_sum += loss.detach() * len(labels)
+        window = [window[0] + len(labels), window[1] + batch.skipped, window[2] + waited]
+        if step % log_every == 0:  # every rank reaches this at the same step: the all-reduce cannot hang
+            elapsed = time.perf_counter() - window_start
+            mine = torch.cat([loss_sum.reshape(1).cpu(), torch.tensor(window, dtype=torch.float64)])
+            totals += mine
+            loss_total, n, skipped, wait = dist.all_reduce_sum(mine.to(ctx.device)).tolist()
+            writer.add_scalar("train/loss", loss_total / n, step)
+            writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
+            writer.add_scalar("train/images_per_s", n / elapsed, step)
+            writer.add_scalar("train/data_wait_frac", wait / ctx.world_size / elapsed, step)
+            writer.add_scalar("data/skipped_samples", skipped, step)
+            loss_sum.zero_()
+            window, window_start = [0.0, 0.0, 0.0], time.perf_counter()
+        tick = time.perf_counter()
+    totals += torch.cat([loss_sum.reshape(1).cpu(), torch.tensor(window, dtype=torch.float64)])
+    seconds = dist.all_reduce_max(torch.tensor([time.perf_counter() - epoch_start], device=ctx.device)).item()
+    loss_total, n, skipped, wait = dist.all_reduce_sum(totals.to(ctx.device)).tolist()
+    return EpochStats(step, loss_total / max(n, 1), int(n), seconds, wait / ctx.world_size / seconds, int(skipped))
+
+
+@torch.no_grad()
+def evaluate(model, loader, ctx: dist.Dist) -> tuple[float, int]:
+    """Top-1 over the test split. Each rank holds a disjoint slice (no padding), so the
+    all-reduced count is the number of test samples read, each exactly once."""
+    model.eval()
+    counts = torch.zeros(2, device=ctx.device, dtype=torch.int64)  # [correct, seen]
+    for batch in loader:
+        if len(batch.labels) == 0:  # all of its samples unreadable (counted by the loader)
+            continue
+        labels = batch.labels.to(ctx.device, non_blocking=True)
+        logits = model(batch.images.to(ctx.device, non_blocking=True)).logits
+        counts += torch.stack([(logits.argmax(dim=1) == labels).sum(), torch.tensor(len(labels), device=ctx.device)])
+    model.train()
+    correct, seen = dist.all_reduce_sum(counts).tolist()
+    return correct / max(seen, 1), seen
+
+
+def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path) -> dict:
+    log = setup_logging(run_dir, ctx.is_main)
+    if ctx.is_main:
+        log.info("config:\n%s", OmegaConf.to_yaml(cfg))
+    torch.manual_seed(cfg.seed)
+
+    train_set, test_set = build_data(cfg, ctx)
+    pin = ctx.device.type == "cuda"
+    train_loader = make_loader(train_set, cfg.data.num_workers, pin)
+    test_loader = make_loader(test_set, cfg.data.num_workers, pin)
+
+    model = instantiate(cfg.model, num_classes=train_set.manifest.num_classes, in_channels=cfg.data.channels)
+    if cfg.weights:  # only rank 0 reads the file; DDP below copies rank 0's weights to every rank
+        load_weights(model, dist.run_on_rank0(lambda: load_checkpoint(cfg.weights), ctx, "reading model weights"))
+
+    steps_per_epoch = len(train_set)
+    global_batch = cfg.batch_size * ctx.world_size
+    lr = cfg.optim.lr * global_batch / cfg.optim.reference_batch  # linear scaling rule (Goyal et al., 2017)
+    optimizer = instantiate(cfg.optim.optimizer)(model.parameters(), lr=lr)
+    warmup_steps = round(cfg.schedule.warmup_epochs * steps_per_epoch)
+    scheduler = LambdaLR(optimizer, partial(warmup_cosine, warmup_steps=warmup_steps,
+                                            total_steps=cfg.epochs * steps_per_epoch))
+    loss_fn = instantiate(cfg.loss)
+
+    start_epoch, step, best_top1 = 0, 0, -1.0
+    if cfg.resume:
+        ckpt = dist.run_on_rank0(lambda: load_checkpoint(cfg.resume), ctx, "reading the checkpoint")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scheduler.base_lrs = [lr] * len(optimizer.param_groups)  # the LR for this run's world size
+        start_epoch, step, best_top1 = ckpt["epoch"], ckpt["step"], ckpt["best_top1"]
+        log.info("resumed from %s: %d epoch(s) done, step %d", cfg.resume, start_epoch, step)
+
+    model.to(ctx.device)
+    # DDP broadcasts rank 0's parameters and buffers at construction, so every rank starts equal.
+    ddp = DDP(model, device_ids=[ctx.device.index] if pin else None) if ctx.is_distributed else model
+
+    log.info("world size %d (%s on %s) | per-rank batch %d, global batch %d | %d steps per epoch, %d epochs | "
+             "lr %.4g = %.4g x %d / %d", ctx.world_size, ctx.backend or "single process", ctx.device,
+             cfg.batch_size, global_batch, steps_per_epoch, cfg.epochs, lr, cfg.optim.lr, global_batch,
+             cfg.optim.reference_batch)
+
+    writer = make_writer(run_dir, ctx.is_main)
+    top1, eval_count, images, seconds, skipped, stats = float("nan"), 0, 0, 0.0, 0, None
+    for epoch in range(start_epoch, cfg.epochs):
+        train_set.set_epoch(epoch)
+        stats = train_one_epoch(ddp, train_loader, loss_fn, optimizer, scheduler, ctx, writer, step, cfg.log_every)
+        step, images, seconds, skipped = stats.step, images + stats.images, seconds + stats.seconds, skipped + stats.skipped
+
+        dist.broadcast_buffers(model)  # rank 0's BatchNorm statistics everywhere: all ranks evaluate one model
+        top1, eval_count = evaluate(model, test_loader, ctx)
+        best_top1 = max(best_top1, top1)
+        log.info("epoch %d/%d | loss %.4f | top-1 %.4f on %d test images | %.0f images/s | data wait %.1f%%%s",
+                 epoch + 1, cfg.epochs, stats.loss, top1, eval_count, stats.images / stats.seconds,
+                 100 * stats.data_wait, f" | skipped {stats.skipped} unreadable samples" if stats.skipped else "")
+        writer.add_scalar("eval/top1", top1, step)
+        writer.add_scalar("train/epoch_loss", stats.loss, step)
+        writer.add_scalar("train/epoch_images_per_s", stats.images / stats.seconds, step)
+        writer.add_scalar("train/epoch_data_wait_frac", stats.data_wait, step)
+
+        if ctx.is_main:
+            ckpt = {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step, "top1": top1,
+                "best_top1": best_top1, "config": OmegaConf.to_container(cfg, resolve=True),
+                "rng": torch.get_rng_state(),
+            }
+            save_checkpoint(ckpt, run_dir / "checkpoints" / "last.pt")
+            if top1 >= best_top1:
+                save_checkpoint(ckpt, run_dir / "checkpoints" / "best.pt")
+
+    metrics = {
+        "epoch": max(cfg.epochs, start_epoch), "step": step, "top1": top1, "best_top1": best_top1,
+        "eval_samples": eval_count, "images_per_s": images / seconds if seconds else 0.0,
+        "train_loss": stats.loss if stats else float("nan"),
+        "data_wait_frac": stats.data_wait if stats else float("nan"), "skipped_samples": skipped,
+        "world_size": ctx.world_size, "global_batch": global_batch, "lr": lr,
+    }
+    if ctx.is_main:
+        write_json(metrics, run_dir / "metrics.json")
+        hparams = {"model": cfg.model.backbone, "optimizer": cfg.optim.optimizer._target_.rsplit(".", 1)[-1],
+                   "lr": lr, "global_batch": global_batch, "epochs": cfg.epochs, "seed": cfg.seed,
+                   "world_size": ctx.world_size}
+        writer.add_hparams(hparams, {"hparam/top1": top1, "hparam/images_per_s": metrics["images_per_s"]},
+                           run_name=".")
+        writer.close()
+        log.info("done: top-1 %.4f, %.0f images/s; outputs in %s", top1, metrics["images_per_s"], run_dir)
+    return metrics

@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny real shards cut from the bundled Fashion-MNIST subset, and a way to run train.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from recog.data.idx import find_idx_pair
+from recog.data.write import FASHION_MNIST_CLASSES, idx_records, write_shards
+
+ROOT = Path(__file__).resolve().parent.parent
+BUNDLED = ROOT / "data" / "fashion-mnist-subset"
+
+
+def tiny_split(out: Path, split: str, count: int, shard_samples: int):
+    records, classes = idx_records(*find_idx_pair(BUNDLED, split), FASHION_MNIST_CLASSES)
+    return write_shards(records[:count], classes, out, prefix=split, shard_samples=shard_samples, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict[str, Path]:
+    """1,000 training images in shards of 384, 384, 232 (uneven on purpose) and 300 test images."""
+    root = tmp_path_factory.mktemp("tiny")
+    tiny_split(root / "train", "train", 1000, 384)
+    tiny_split(root / "test", "test", 300, 128)
+    return {"train": root / "train", "test": root / "test"}
+
+
+def train_cmd(nproc: int | None) -> list[str]:
+    if nproc is None:
+        return [sys.executable, str(ROOT / "train.py")]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            str(ROOT / "train.py")]
+
+
+def run_train(args: list[str], cwd: Path, nproc: int | None = 2, timeout: float = 300, extra_env=None):
+    """Run train.py for real (under torchrun when nproc is given); return the CompletedProcess."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(extra_env or {})}
+    return subprocess.run(train_cmd(nproc) + args, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def tiny_args(tiny_data, **overrides) -> list[str]:
+    args = {
+        "data.train": str(tiny_data["train"]), "data.test": str(tiny_data["test"]), "data.prepare": "null",
+        "epochs": 1, "batch_size": 32, "log_every": 5,
+    }
+    args.update(overrides)
+    return [f"{k}={v}" for k, v in args.items()]

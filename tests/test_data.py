@@ -1,0 +1,133 @@
+"""Shard writing and streaming on real shards (written from the bundled Fashion-MNIST subset)."""
+
+import io
+import json
+import logging
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import BUNDLED, tiny_split
+from recog.data.__main__ import main as data_cli
+from recog.data.idx import find_idx_pair, read_idx
+from recog.data.manifest import load_manifest
+from recog.data.plan import Piece, samples_per_rank
+from recog.data.stream import ShardStream, make_loader, read_pieces
+from recog.data.write import folder_records, write_shards
+from recog.errors import ConfigError, DataError
+
+
+def test_idx_round_trip_through_shards(tmp_path):
+    images, labels = (read_idx(p) for p in find_idx_pair(BUNDLED, "test"))
+    manifest = tiny_split(tmp_path / "s", "test", 250, 100)
+    assert manifest.shard_sizes == [100, 100, 50] and manifest.num_samples == 250
+    assert manifest.classes[0] == "T-shirt/top" and sum(manifest.class_counts) == 250
+    assert manifest.class_counts == np.bincount(labels[:250], minlength=10).tolist()
+    on_disk = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    assert [s["samples"] for s in on_disk["shards"]] == [100, 100, 50]
+    assert all(len(s["sha256"]) == 64 and s["bytes"] > 0 for s in on_disk["shards"])
+
+    samples = list(read_pieces(load_manifest(tmp_path / "s"), [Piece(1, 0, 100), Piece(2, 40, 50)], strict=True))
+    assert len(samples) == 110
+    for sample, i in zip(samples, list(range(100, 200)) + list(range(240, 250))):
+        pixels = np.array(Image.open(io.BytesIO(sample["png"])))
+        assert (pixels == images[i]).all() and int(sample["cls"]) == labels[i]
+
+
+def test_folder_source_keeps_classes_and_bytes(tmp_path):
+    for name, color in (("bag", 10), ("shoe", 200)):
+        (tmp_path / "src" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (8, 6), (color, i, 0)).save(tmp_path / "src" / name / f"{i}.jpg")
+    (tmp_path / "src" / "shoe" / "notes.txt").write_text("not an image")
+    assert data_cli(["write", "folder", str(tmp_path / "src"), str(tmp_path / "out"), "--shard-samples", "4"]) == 0
+    manifest = load_manifest(tmp_path / "out")
+    assert manifest.classes == ["bag", "shoe"] and manifest.class_counts == [3, 3] and manifest.shard_sizes == [4, 2]
+    first = next(read_pieces(manifest, [Piece(0, 0, 1)], strict=True))
+    assert first["jpg"] == (tmp_path / "src" / "bag" / "0.jpg").read_bytes()  # passed through unchanged
+    # writing again into the same folder needs --overwrite
+    assert data_cli(["write", "folder", str(tmp_path / "src"), str(tmp_path / "out")]) == 2
+    assert data_cli(["write", "folder", str(tmp_path / "src"), str(tmp_path / "out"), "--overwrite"]) == 0
+
+
+def test_manifest_problems_are_one_sentence(tmp_path):
+    with pytest.raises(ConfigError, match="no shard manifest"):
+        load_manifest(tmp_path / "nowhere")
+    tiny_split(tmp_path / "s", "test", 20, 10)
+    (tmp_path / "s" / "test-000001.tar").unlink()
+    with pytest.raises(ConfigError, match="missing"):
+        load_manifest(tmp_path / "s")
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "manifest.json").write_text(json.dumps({"shards": [], "classes": [], "class_counts": []}))
+    with pytest.raises(ConfigError, match="lists no samples"):
+        load_manifest(tmp_path / "e")
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stream_gives_the_planned_batches(tiny_data, workers):
+    manifest = load_manifest(tiny_data["train"])
+    for rank in range(3):
+        stream = ShardStream(manifest, rank=rank, world_size=3, batch_size=64, train=True, seed=1)
+        batches = list(make_loader(stream, workers, pin_memory=False))
+        assert len(batches) == len(stream) == 6  # ceil(ceil(1000 / 3) / 64)
+        assert sum(len(b.labels) for b in batches) == samples_per_rank(1000, 3)
+        assert batches[0].images.shape[1:] == (1, 28, 28) and batches[0].images.dtype == torch.float32
+
+
+def test_training_stream_is_reproducible_and_shuffled(tiny_data):
+    manifest = load_manifest(tiny_data["train"])
+    stream = ShardStream(manifest, rank=0, world_size=1, batch_size=50, seed=3, train=True)
+    first = torch.cat([b.labels for b in stream])
+    assert torch.equal(first, torch.cat([b.labels for b in stream]))
+    stream.set_epoch(1)
+    assert not torch.equal(first, torch.cat([b.labels for b in stream]))
+    ordered = ShardStream(manifest, rank=0, world_size=1, batch_size=50, train=False)
+    assert not torch.equal(first, torch.cat([b.labels for b in ordered]))
+    assert torch.equal(first.sort().values, torch.cat([b.labels for b in ordered]).sort().values)
+
+
+def corrupt_copy(src, dst, bad_keys):
+    """Copy a shard, replacing the PNG bytes of `bad_keys` with garbage."""
+    with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
+        for member in tin.getmembers():
+            data = tin.extractfile(member).read()
+            if member.name.split(".")[0] in bad_keys and member.name.endswith(".png"):
+                data = b"this is not a png" * 3
+            member.size = len(data)
+            tout.addfile(member, io.BytesIO(data))
+
+
+def test_undecodable_sample_is_skipped_and_counted(tmp_path, caplog):
+    manifest = tiny_split(tmp_path / "s", "test", 40, 20)
+    shard = tmp_path / "s" / "test-000000.tar"
+    corrupt_copy(shard, tmp_path / "bad.tar", {"000000003", "000000011"})
+    (tmp_path / "bad.tar").replace(shard)
+    stream = ShardStream(manifest, rank=0, world_size=1, batch_size=16, train=False)
+    with caplog.at_level(logging.WARNING):
+        batches = list(stream)
+    assert [len(b.labels) for b in batches] == [14, 16, 8] and sum(b.skipped for b in batches) == 2
+    assert "undecodable" in caplog.text and "000000003" in caplog.text
+    with pytest.raises(DataError, match="could not be decoded"):
+        list(ShardStream(manifest, rank=0, world_size=1, batch_size=16, train=False, strict=True))
+
+
+def test_truncated_shard_is_skipped_and_counted(tmp_path):
+    manifest = tiny_split(tmp_path / "s", "test", 40, 20)
+    shard = tmp_path / "s" / "test-000001.tar"
+    shard.write_bytes(shard.read_bytes()[: 25 * 1024])  # about 6 of its 20 samples survive
+    batches = list(ShardStream(manifest, rank=0, world_size=1, batch_size=16, train=False))
+    assert len(batches) == 3  # the batch count does not change: equal steps on every rank
+    skipped = sum(b.skipped for b in batches)
+    assert 10 <= skipped < 20 and sum(len(b.labels) for b in batches) == 40 - skipped
+    with pytest.raises(DataError):
+        list(ShardStream(manifest, rank=0, world_size=1, batch_size=16, train=False, strict=True))
+
+
+def test_writer_refuses_nothing_to_write(tmp_path):
+    with pytest.raises(ConfigError, match="no samples"):
+        write_shards([], ["a"], tmp_path / "x")
+    with pytest.raises(ConfigError, match="no class sub-folders"):
+        folder_records(tmp_path)

@@ -1,0 +1,36 @@
+"""Train an image recognition model with recog.
+
+One process (CPU, or the first GPU):
+    python train.py
+Two processes on one machine (DDP, gloo on CPU / NCCL on GPU):
+    torchrun --standalone --nproc_per_node=2 train.py
+Four machines with eight GPUs each (run on every machine; HOST is the first one):
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 --rdzv-id=JOB train.py
+
+Override any config value on the command line, e.g. `epochs=3 batch_size=64 model=resnet18 data=fashion_mnist`.
+"""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from recog.dist import print0
+from recog.errors import ConfigError
+from recog.rundir import register_resolvers
+from recog.train import run
+
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    try:
+        return run(cfg)["top1"]
+    except ConfigError as e:  # a mistake the user can fix: one sentence, no traceback
+        print0(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
