@@ -10,6 +10,7 @@ restarted job also finds its old directory), and every rank reads that value.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from datetime import datetime, timedelta
 
 from omegaconf import OmegaConf
@@ -46,6 +47,12 @@ def if_rank0(value):
     return value if int(os.environ.get("RANK", 0)) == 0 else None
 
 
+def project_dir() -> str:
+    """The folder holding train.py, conf/ and data/: bundled data is found from any working directory."""
+    return str(Path(__file__).resolve().parent.parent)
+
+
 def register_resolvers() -> None:
+    OmegaConf.register_new_resolver("project_dir", project_dir, replace=True)
     OmegaConf.register_new_resolver("launch_time", launch_time, replace=True)
     OmegaConf.register_new_resolver("if_rank0", if_rank0, replace=True)

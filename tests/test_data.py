@@ -131,3 +131,16 @@ def test_writer_refuses_nothing_to_write(tmp_path):
         write_shards([], ["a"], tmp_path / "x")
     with pytest.raises(ConfigError, match="no class sub-folders"):
         folder_records(tmp_path)
+
+
+def test_persistent_workers_follow_set_epoch(tiny_data):
+    """Workers live for the whole run (separate processes); each epoch they must read that epoch's plan."""
+    manifest = load_manifest(tiny_data["train"])
+    in_process = ShardStream(manifest, rank=1, world_size=2, batch_size=64, seed=5)
+    with_worker = ShardStream(manifest, rank=1, world_size=2, batch_size=64, seed=5)
+    loader = make_loader(with_worker, num_workers=1, pin_memory=False)
+    for epoch in range(3):
+        in_process.set_epoch(epoch)
+        with_worker.set_epoch(epoch)
+        expected = torch.cat([b.labels for b in in_process])
+        assert torch.equal(torch.cat([b.labels for b in loader]), expected)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import multiprocessing
 import random
 import zlib
 from collections.abc import Callable, Iterator
@@ -97,11 +98,17 @@ class ShardStream(IterableDataset):
         self.manifest, self.rank, self.world_size = manifest, rank, world_size
         self.batch_size, self.transform, self.channels = batch_size, transform, channels
         self.train, self.seed, self.shuffle_block, self.strict = train, seed, shuffle_block, strict
-        self.epoch = 0
+        # Shared memory, so that persistent workers (in other processes) see set_epoch().
+        self._epoch = multiprocessing.RawValue("q", 0)
         self._image_shape: tuple[int, ...] | None = None  # of the last decoded image, for empty batches
 
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        """Call before iterating the loader: its workers start the epoch's plan then."""
+        self._epoch.value = epoch
 
     def pieces(self) -> list[Piece]:
         """This rank's samples: the training split pads (equal steps), evaluation does not (exactly once)."""
@@ -148,7 +155,25 @@ class ShardStream(IterableDataset):
         return Batch(stacked, torch.tensor(labels, dtype=torch.int64), len(slots) - len(images))
 
 
+def worker_context() -> multiprocessing.context.BaseContext:
+    """Start workers from a fork server, not by forking the training process.
+
+    By the time a loader starts, the training process runs threads (gloo/NCCL,
+    TensorBoard's writer, OpenMP); forking it can copy a lock that one of them
+    holds, and the worker then hangs before its first batch (seen here within
+    a few epochs). The fork server is a clean, single-threaded process. A
+    worker started this way imports the main script again (seconds), so the
+    workers are kept for the whole run (persistent_workers) rather than
+    started anew each epoch.
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "recog.data.stream"])
+    return context
+
+
 def make_loader(dataset: ShardStream, num_workers: int, pin_memory: bool) -> DataLoader:
     """Batches are formed inside the workers (batch_size=None): one pickled tensor per batch, not per image."""
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                      prefetch_factor=4 if num_workers else None)
+    if not num_workers:
+        return DataLoader(dataset, batch_size=None, pin_memory=pin_memory)
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=4,
+                      multiprocessing_context=worker_context(), persistent_workers=True)

@@ -1,0 +1,38 @@
+"""recog.dist with a real 2-process gloo group started by torchrun, and without torchrun."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from recog import dist
+
+HERE = Path(__file__).parent
+
+
+def test_setup_without_torchrun_is_a_single_process(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    ctx = dist.setup()
+    assert (ctx.rank, ctx.world_size, ctx.is_main, ctx.is_distributed) == (0, 1, True, False)
+    assert dist.run_on_rank0(lambda: 42, ctx, "x") == 42
+    dist.teardown()
+
+
+@pytest.mark.slow
+def test_collectives_under_torchrun(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(HERE / "dist_checks.py"), str(tmp_path)], check=True, env=env, timeout=120)
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r, rep in enumerate(reports):
+        assert (rep["rank"], rep["world_size"], rep["backend"]) == (r, 2, "gloo")
+        assert rep["received"] == [10.0, 11.0, 12.0, 13.0]  # rank 1 got rank 0's result ...
+        assert "no such file" in rep["error"]  # ... and rank 0's error, instead of waiting forever
+        assert rep["all_ok_when_all_ok"] is True and rep["all_ok_when_rank1_fails"] is False
+        assert rep["running_mean_after_broadcast"] == [1.0, 1.0, 1.0]
+        assert rep["sum_of_ranks"] == 1.0
+    assert (tmp_path / "read-by-0").exists() and not (tmp_path / "read-by-1").exists()  # only rank 0 read
