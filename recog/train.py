@@ -31,6 +31,9 @@ from recog.model import check_backbone_name, load_weights
 
 def check_config(cfg: DictConfig) -> None:
     """Values that cannot work, each as one sentence. Runs on every rank before any collective call."""
+    for key in ("train", "test"):
+        if OmegaConf.is_missing(cfg.data, key):
+            raise ConfigError(f"data.{key} is not set; give the folder of its shards, e.g. data.{key}=/data/shards/{key}.")
     for key in ("epochs", "batch_size", "log_every"):
         value = cfg[key]
         if not isinstance(value, int) or value < 1:

@@ -118,3 +118,30 @@ def test_bad_input_stops_with_one_sentence(tiny_data, tmp_path, override, messag
 def test_unknown_model_group_is_refused_by_hydra(tiny_data, tmp_path):
     result = run_train(tiny_args(tiny_data) + ["model=nope"], cwd=tmp_path, nproc=None)
     assert result.returncode != 0 and "Could not find 'model/nope'" in result.stderr
+
+
+def test_own_rgb_images_from_a_folder(tmp_path):
+    """The README's path for your own images: folder -> shards -> data=images."""
+    from PIL import Image
+
+    from recog.data.__main__ import main as data_cli
+
+    for split, count in (("train", 24), ("test", 8)):
+        for label, color in enumerate(((200, 30, 30), (30, 30, 200))):
+            folder = tmp_path / "images" / split / f"class{label}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (40, 36), tuple(c + i for c in color)).save(folder / f"{i}.jpg")
+        assert data_cli(["write", "folder", str(tmp_path / "images" / split), str(tmp_path / "shards" / split),
+                         "--shuffle"]) == 0
+    result = run_train(["data=images", f"data.train={tmp_path / 'shards/train'}",
+                        f"data.test={tmp_path / 'shards/test'}", "data.image_size=32", "data.num_workers=1",
+                        "epochs=2", "batch_size=8", "optim.lr=2.0", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, nproc=None)
+    assert result.returncode == 0, result.stdout + result.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["eval_samples"] == 16 and metrics["top1"] >= 0.9  # red vs blue: easily separable
+
+
+def test_missing_data_path_is_named(tmp_path):
+    result = run_train(["data=images"], cwd=tmp_path, nproc=None)
+    assert result.returncode == 2 and "data.train is not set" in result.stderr
