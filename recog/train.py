@@ -181,6 +181,10 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path) -> dict:
     start_epoch, step, best_top1 = 0, 0, -1.0
     if cfg.resume:
         ckpt = dist.run_on_rank0(lambda: load_checkpoint(cfg.resume), ctx, "reading the checkpoint")
+        lacking = {"model", "optimizer", "scheduler", "epoch", "step", "best_top1"} - set(ckpt)
+        if lacking:
+            raise ConfigError(f"{cfg.resume} is not a recog training checkpoint (no {sorted(lacking)[0]}); "
+                              "to start from plain weights use weights= instead of resume=.")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])

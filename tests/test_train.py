@@ -48,7 +48,7 @@ def test_two_processes_under_torchrun(tiny_data, tmp_path):
     assert all(0 <= f <= 1 for f in scalars["train/data_wait_frac"])
     hparams = EventAccumulator(str(run / "tb"))
     hparams.Reload()
-    assert "hparams" in hparams.PluginTagToContent("hparams") or hparams.PluginTagToContent("hparams")
+    assert "_hparams_/session_start_info" in hparams.PluginTagToContent("hparams")  # the hparams dashboard
 
 
 def test_single_process_then_resume_trains_only_the_rest(tiny_data, tmp_path):
