@@ -45,6 +45,27 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     return atomic_write(path, lambda f: torch.save(state, f))
 
 
+def _link_atomically(src: Path, dst: Path) -> None:
+    """Make `dst` another name of `src` (a hard link: no second write), replacing `dst` atomically."""
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    os.link(src, tmp)
+    os.replace(tmp, dst)
+
+
+def save_epoch_checkpoint(state: dict[str, Any], folder: str | Path, epoch: int, keep: int, is_best: bool) -> Path:
+    """Write `epoch-NNNN.pt`, point `last.pt` (and `best.pt` when `is_best`) at it, keep the newest `keep`."""
+    folder = Path(folder)
+    path = save_checkpoint(state, folder / f"epoch-{epoch:04d}.pt")
+    _link_atomically(path, folder / "last.pt")
+    if is_best:
+        _link_atomically(path, folder / "best.pt")
+    for old in sorted(folder.glob("epoch-*.pt"))[:-keep]:  # last.pt and best.pt keep their own links
+        old.unlink()
+    _fsync_dir(folder)
+    return path
+
+
 def write_json(data: dict, path: str | Path) -> Path:
     return atomic_write(path, lambda f: f.write(json.dumps(data, indent=2).encode()))
 

@@ -131,6 +131,23 @@ def run_on_rank0(fn, ctx: Dist, what: str):
     return result
 
 
+def fail_together(fn, ctx: Dist, what: str):
+    """Run `fn()` on this rank; if it raises on any rank, every rank raises.
+
+    For work that may fail on some ranks only (a file missing on one node):
+    instead of one rank leaving while the others wait in the next collective,
+    all of them stop here, after one all-reduce.
+    """
+    result, error = None, None
+    try:
+        result = fn()
+    except Exception as e:  # re-raised below, on this rank and (as a message) on the others
+        error = e
+    if not all_ok(error is None, ctx):
+        raise error or ConfigError(f"{what} failed on another rank; see its error above.")
+    return result
+
+
 def all_ok(ok: bool, ctx: Dist) -> bool:
     """True if `ok` is true on every rank: a way to fail together after work done on some ranks."""
     flag = torch.tensor([0 if ok else 1], device=ctx.device)

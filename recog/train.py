@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.lr_scheduler import LambdaLR
 
 from recog import dist
-from recog.checkpoint import load_checkpoint, save_checkpoint, write_json
+from recog.checkpoint import load_checkpoint, save_epoch_checkpoint, write_json
 from recog.data.manifest import load_manifest
 from recog.data.prepare import check_can_prepare, missing_splits, prepare_shards
 from recog.data.stream import ShardStream, make_loader
@@ -38,6 +38,8 @@ def check_config(cfg: DictConfig) -> None:
         value = cfg[key]
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{key}={value} is not valid; give a whole number of at least 1, e.g. {key}=10.")
+    if cfg.checkpoint.keep < 1:
+        raise ConfigError(f"checkpoint.keep={cfg.checkpoint.keep} would delete every checkpoint; keep at least 1.")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers={cfg.data.num_workers} is negative; use 0 (load in the main process) or more.")
     if cfg.schedule.warmup_epochs < 0:
@@ -64,19 +66,20 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
 
 
 def build_data(cfg: DictConfig, ctx: dist.Dist) -> tuple[ShardStream, ShardStream]:
-    if missing_splits(cfg.data):  # first use: one process per node writes the shards, the others wait
-        error = None
-        if ctx.local_rank == 0:
-            try:
-                prepare_shards(cfg.data, progress=ctx.is_main)
-            except Exception as e:
-                error = e
-        if not dist.all_ok(error is None, ctx):
-            raise error or ConfigError("writing the shards failed on another rank; see its error above.")
-    train_manifest, test_manifest = load_manifest(cfg.data.train), load_manifest(cfg.data.test)
-    if train_manifest.classes != test_manifest.classes:
-        raise ConfigError(f"the train and test shards name different classes ({cfg.data.train} vs {cfg.data.test}); "
-                          "write both from the same source.")
+    def write_missing_shards():  # first use: one process per node writes them, the others wait
+        if ctx.local_rank == 0 and missing_splits(cfg.data):
+            prepare_shards(cfg.data, progress=ctx.is_main)
+
+    def open_manifests():
+        train, test = load_manifest(cfg.data.train), load_manifest(cfg.data.test)
+        if train.classes != test.classes:
+            raise ConfigError(f"the train and test shards name different classes ({cfg.data.train} vs "
+                              f"{cfg.data.test}); write both from the same source.")
+        return train, test
+
+    # Every rank makes both calls, whatever it finds on its own disk, so the collectives stay paired.
+    dist.fail_together(write_missing_shards, ctx, "writing the shards")
+    train_manifest, test_manifest = dist.fail_together(open_manifests, ctx, "opening the shard manifests")
     common = dict(rank=ctx.rank, world_size=ctx.world_size, batch_size=cfg.batch_size, channels=cfg.data.channels,
                   seed=cfg.seed, strict=cfg.data.strict)
     train_set = ShardStream(train_manifest, transform=instantiate(cfg.data.train_transform), train=True,
@@ -168,14 +171,15 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path) -> dict:
     model = instantiate(cfg.model, num_classes=train_set.manifest.num_classes, in_channels=cfg.data.channels)
     if cfg.weights:  # only rank 0 reads the file; DDP below copies rank 0's weights to every rank
         load_weights(model, dist.run_on_rank0(lambda: load_checkpoint(cfg.weights), ctx, "reading model weights"))
+    model.to(ctx.device)  # before the optimizer exists: its state must live where the parameters live
 
     steps_per_epoch = len(train_set)
     global_batch = cfg.batch_size * ctx.world_size
     lr = cfg.optim.lr * global_batch / cfg.optim.reference_batch  # linear scaling rule (Goyal et al., 2017)
     optimizer = instantiate(cfg.optim.optimizer)(model.parameters(), lr=lr)
-    warmup_steps = round(cfg.schedule.warmup_epochs * steps_per_epoch)
-    scheduler = LambdaLR(optimizer, partial(warmup_cosine, warmup_steps=warmup_steps,
-                                            total_steps=cfg.epochs * steps_per_epoch))
+    lr_factor = partial(warmup_cosine, warmup_steps=round(cfg.schedule.warmup_epochs * steps_per_epoch),
+                        total_steps=cfg.epochs * steps_per_epoch)
+    scheduler = LambdaLR(optimizer, lr_factor)
     loss_fn = instantiate(cfg.loss)
 
     start_epoch, step, best_top1 = 0, 0, -1.0
@@ -188,11 +192,14 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path) -> dict:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        scheduler.base_lrs = [lr] * len(optimizer.param_groups)  # the LR for this run's world size
+        # This run's LR, which differs from the checkpoint's if the world size or the number of epochs changed.
+        scheduler.base_lrs = [lr] * len(optimizer.param_groups)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * lr_factor(scheduler.last_epoch)
+        torch.set_rng_state(ckpt["rng"])
         start_epoch, step, best_top1 = ckpt["epoch"], ckpt["step"], ckpt["best_top1"]
         log.info("resumed from %s: %d epoch(s) done, step %d", cfg.resume, start_epoch, step)
 
-    model.to(ctx.device)
     # DDP broadcasts rank 0's parameters and buffers at construction, so every rank starts equal.
     ddp = DDP(model, device_ids=[ctx.device.index] if pin else None) if ctx.is_distributed else model
 
@@ -226,9 +233,8 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path) -> dict:
                 "best_top1": best_top1, "config": OmegaConf.to_container(cfg, resolve=True),
                 "rng": torch.get_rng_state(),
             }
-            save_checkpoint(ckpt, run_dir / "checkpoints" / "last.pt")
-            if top1 >= best_top1:
-                save_checkpoint(ckpt, run_dir / "checkpoints" / "best.pt")
+            save_epoch_checkpoint(ckpt, run_dir / "checkpoints", epoch + 1, cfg.checkpoint.keep,
+                                  is_best=top1 >= best_top1)
 
     metrics = {
         "epoch": max(cfg.epochs, start_epoch), "step": step, "top1": top1, "best_top1": best_top1,

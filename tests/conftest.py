@@ -23,10 +23,10 @@ def tiny_split(out: Path, split: str, count: int, shard_samples: int):
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> dict[str, Path]:
-    """1,000 training images in shards of 384, 384, 232 (uneven on purpose) and 300 test images."""
+    """1,000 training images in shards of 384, 384, 232 and 301 test images (both uneven on purpose)."""
     root = tmp_path_factory.mktemp("tiny")
     tiny_split(root / "train", "train", 1000, 384)
-    tiny_split(root / "test", "test", 300, 128)
+    tiny_split(root / "test", "test", 301, 128)
     return {"train": root / "train", "test": root / "test"}
 
 

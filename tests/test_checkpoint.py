@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from recog.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from recog.checkpoint import atomic_write, load_checkpoint, save_checkpoint, save_epoch_checkpoint
 from recog.errors import ConfigError
 
 
@@ -44,3 +44,11 @@ def test_loading_refuses_pickled_code(tmp_path):
     torch.save({"obj": os.getcwd, "w": torch.zeros(1)}, path)  # a function: needs full unpickling
     with pytest.raises(ConfigError):
         load_checkpoint(path)
+
+
+def test_epoch_checkpoints_keep_the_newest_and_link_last_and_best(tmp_path):
+    for epoch, best in ((1, True), (2, False), (3, True), (4, False)):
+        save_epoch_checkpoint({"epoch": epoch}, tmp_path, epoch, keep=2, is_best=best)
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "epoch-0003.pt", "epoch-0004.pt", "last.pt"]
+    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 4
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 3

@@ -31,13 +31,14 @@ def test_two_processes_under_torchrun(tiny_data, tmp_path):
 
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["epoch"] == 2 and metrics["step"] == 32 and metrics["world_size"] == 2
-    assert metrics["eval_samples"] == 300  # every test image counted exactly once across the two ranks
+    assert metrics["eval_samples"] == 301  # each test image counted once across the 2 ranks (padding would give 302)
     assert 0.3 < metrics["top1"] <= 1.0 and metrics["images_per_s"] > 0
 
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
     assert {"model", "optimizer", "scheduler", "epoch", "step", "config"} <= set(ckpt)
     assert ckpt["epoch"] == 2 and ckpt["step"] == 32 and ckpt["config"]["batch_size"] == 32
-    assert (run / "checkpoints" / "best.pt").is_file()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "epoch-0001.pt", "epoch-0002.pt",
+                                                                       "last.pt"]
     assert not [p for p in run.rglob("*") if ".tmp" in p.name]
 
     scalars = read_scalars(run / "tb")
@@ -51,23 +52,31 @@ def test_two_processes_under_torchrun(tiny_data, tmp_path):
     assert "_hparams_/session_start_info" in hparams.PluginTagToContent("hparams")  # the hparams dashboard
 
 
-def test_single_process_then_resume_trains_only_the_rest(tiny_data, tmp_path):
-    first = run_train(tiny_args(tiny_data) + [f"hydra.run.dir={tmp_path / 'a'}"], cwd=tmp_path, nproc=None)
-    assert first.returncode == 0, first.stdout + first.stderr
-    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["step"] == 32  # 1000 / 32, one process
+def test_resume_trains_only_the_rest_and_ends_where_an_uninterrupted_run_ends(tiny_data, tmp_path):
+    whole = run_train(tiny_args(tiny_data, epochs=2) + [f"hydra.run.dir={tmp_path / 'whole'}"], cwd=tmp_path, nproc=None)
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    assert json.loads((tmp_path / "whole" / "metrics.json").read_text())["step"] == 64  # 2 x ceil(1000 / 32)
 
+    # continue from the whole run's first-epoch checkpoint: only epoch 2 is trained ...
     resumed = run_train(tiny_args(tiny_data, epochs=2) + [
-        f"resume={tmp_path / 'a' / 'checkpoints' / 'last.pt'}", f"hydra.run.dir={tmp_path / 'b'}"],
+        f"resume={tmp_path / 'whole' / 'checkpoints' / 'epoch-0001.pt'}", f"hydra.run.dir={tmp_path / 'resumed'}"],
         cwd=tmp_path, nproc=None)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "1 epoch(s) done, step 32" in resumed.stdout
     assert "epoch 2/2" in resumed.stdout and "epoch 1/2" not in resumed.stdout
-    metrics = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
     assert metrics["epoch"] == 2 and metrics["step"] == 64
-    assert load_checkpoint(tmp_path / "b" / "checkpoints" / "last.pt")["epoch"] == 2
+    # ... and it ends with the same weights and optimizer state: model, optimizer, LR schedule and data
+    # order were all restored (drop any of them and the weights differ)
+    a = load_checkpoint(tmp_path / "whole" / "checkpoints" / "last.pt")
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 64
 
 
-def test_pretrained_weights_reach_every_rank(tiny_data, tmp_path):
+def test_training_starts_from_a_weights_file(tiny_data, tmp_path):
+    """Under torchrun; that only rank 0 reads the file is tested in test_dist.py (run_on_rank0)."""
     weights = tmp_path / "init.pt"
     from recog.model import RecognitionModel
 
