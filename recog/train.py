@@ -23,6 +23,7 @@ from recog import dist
 from recog.checkpoint import load_checkpoint, save_epoch_checkpoint, write_json
 from recog.data.manifest import load_manifest
 from recog.data.prepare import check_can_prepare, missing_splits, prepare_shards
+from recog.data.source import ShardSource
 from recog.data.stream import ShardStream, make_loader
 from recog.errors import ConfigError, DataError
 from recog.log import make_writer, setup_logging
@@ -65,13 +66,20 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def shard_source(data_cfg: DictConfig) -> ShardSource:
+    return ShardSource(cache_dir=data_cfg.cache_dir, retries=data_cfg.http.retries, backoff_s=data_cfg.http.backoff_s,
+                       timeout_s=data_cfg.http.timeout_s, allowed_schemes=tuple(data_cfg.allowed_schemes))
+
+
 def build_data(cfg: DictConfig, ctx: dist.Dist) -> tuple[ShardStream, ShardStream]:
     def write_missing_shards():  # first use: one process per node writes them, the others wait
         if ctx.local_rank == 0 and missing_splits(cfg.data):
             prepare_shards(cfg.data, progress=ctx.is_main)
 
+    source = shard_source(cfg.data)
+
     def open_manifests():
-        train, test = load_manifest(cfg.data.train), load_manifest(cfg.data.test)
+        train, test = load_manifest(cfg.data.train, source), load_manifest(cfg.data.test, source)
         if train.classes != test.classes:
             raise ConfigError(f"the train and test shards name different classes ({cfg.data.train} vs "
                               f"{cfg.data.test}); write both from the same source.")
@@ -81,7 +89,7 @@ def build_data(cfg: DictConfig, ctx: dist.Dist) -> tuple[ShardStream, ShardStrea
     dist.fail_together(write_missing_shards, ctx, "writing the shards")
     train_manifest, test_manifest = dist.fail_together(open_manifests, ctx, "opening the shard manifests")
     common = dict(rank=ctx.rank, world_size=ctx.world_size, batch_size=cfg.batch_size, channels=cfg.data.channels,
-                  seed=cfg.seed, strict=cfg.data.strict)
+                  seed=cfg.seed, strict=cfg.data.strict, source=source)
     train_set = ShardStream(train_manifest, transform=instantiate(cfg.data.train_transform), train=True,
                             shuffle_block=cfg.data.shuffle_block, **common)
     test_set = ShardStream(test_manifest, transform=instantiate(cfg.data.test_transform), train=False, **common)

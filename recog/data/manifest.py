@@ -7,6 +7,9 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from braceexpand import braceexpand
+
+from recog.data.source import ShardSource, is_remote, join
 from recog.errors import ConfigError
 
 MANIFEST = "manifest.json"
@@ -25,8 +28,8 @@ class ShardInfo:
 class Manifest:
     shards: list[ShardInfo]
     classes: list[str]
-    class_counts: list[int]
-    root: str = field(default="", compare=False)  # the folder the shard names are relative to
+    class_counts: list[int]  # of the whole folder, also when a pattern selects some of its shards
+    root: str = field(default="", compare=False)  # the folder (path or URL) the shard names are relative to
 
     @property
     def num_samples(self) -> int:
@@ -41,7 +44,7 @@ class Manifest:
         return [s.samples for s in self.shards]
 
     def url(self, shard: int) -> str:
-        return os.path.join(self.root, self.shards[shard].name)
+        return join(self.root, self.shards[shard].name)
 
     def to_json(self) -> dict:
         return {
@@ -53,10 +56,10 @@ class Manifest:
         }
 
 
-def manifest_path(location: str | Path) -> Path:
-    """Accept a folder of shards or the manifest file itself."""
-    location = Path(location)
-    return location if location.suffix == ".json" else location / MANIFEST
+def manifest_path(location: str | Path) -> str:
+    """Accept a folder of shards (local or URL) or the manifest file itself."""
+    location = str(location)
+    return location if location.endswith(".json") else join(location, MANIFEST)
 
 
 def write_manifest(manifest: Manifest, folder: str | Path) -> Path:
@@ -68,26 +71,58 @@ def write_manifest(manifest: Manifest, folder: str | Path) -> Path:
     return path
 
 
-def load_manifest(location: str | Path, *, check_files: bool = True) -> Manifest:
-    """Read and check a manifest; every problem is one ConfigError sentence."""
+def load_manifest(location: str | Path, source: ShardSource | None = None, *, check_files: bool = True) -> Manifest:
+    """Read and check the manifest of a folder of shards; every problem is one ConfigError sentence.
+
+    `location` is a local folder, an http(s) URL of one, a manifest.json, or a
+    brace pattern of shard names (`/data/train-{000000..000009}.tar`), which
+    selects those shards from the manifest in their folder.
+    """
+    source = source or ShardSource()
+    location = str(location)
+    if "{" in location:
+        return _select_shards(location, source, check_files)
     path = manifest_path(location)
-    if not path.is_file():
+    source.check(path)
+    try:
+        raw = json.loads(source.read_bytes(path))
+    except FileNotFoundError:
         raise ConfigError(
             f"no shard manifest at {path}; write shards with `python -m recog.data write ...` or fix the data path."
-        )
+        ) from None
     try:
-        raw = json.loads(path.read_text())
         shards = [ShardInfo(**s) for s in raw["shards"]]
-        manifest = Manifest(shards, list(raw["classes"]), list(raw["class_counts"]), root=str(path.parent))
+        root = path.rsplit("/", 1)[0] if is_remote(path) else str(Path(path).parent)
+        manifest = Manifest(shards, list(raw["classes"]), list(raw["class_counts"]), root=root)
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"shard manifest {path} is not valid ({e!r}); write the shards again.") from None
     if not shards or manifest.num_samples == 0:
         raise ConfigError(f"shard manifest {path} lists no samples; write the shards again from a non-empty source.")
-    if check_files:
-        missing = [s.name for s in shards if not (path.parent / s.name).is_file()]
+    if check_files and not is_remote(root):
+        missing = [s.name for s in shards if not (Path(root) / s.name).is_file()]
         if missing:
             raise ConfigError(
-                f"{len(missing)} shard(s) listed in {path} are missing (first: {path.parent / missing[0]}); "
+                f"{len(missing)} shard(s) listed in {path} are missing (first: {Path(root) / missing[0]}); "
                 "copy them there or write the shards again."
             )
+    return manifest
+
+
+def _select_shards(pattern: str, source: ShardSource, check_files: bool) -> Manifest:
+    names = list(braceexpand(pattern))
+    folders = {name.rsplit("/", 1)[0] for name in names}
+    if len(folders) != 1:
+        raise ConfigError(f"shard pattern {pattern} spans several folders; give one folder's shards per pattern.")
+    full = load_manifest(folders.pop(), source, check_files=False)
+    by_name = {s.name: s for s in full.shards}
+    wanted = [name.rsplit("/", 1)[-1] for name in names]
+    unknown = [name for name in wanted if name not in by_name]
+    if unknown:
+        raise ConfigError(f"shard {unknown[0]} (from {pattern}) is not in the manifest of {full.root}; "
+                          "check the pattern against `python -m recog.data info`.")
+    manifest = Manifest([by_name[n] for n in wanted], full.classes, full.class_counts, root=full.root)
+    if check_files and not is_remote(full.root):
+        missing = [s.name for s in manifest.shards if not (Path(full.root) / s.name).is_file()]
+        if missing:
+            raise ConfigError(f"shard {Path(full.root) / missing[0]} is missing; copy it there or fix the pattern.")
     return manifest

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from recog.data.idx import find_idx_pair
 from recog.data.manifest import manifest_path
+from recog.data.source import is_remote
 from recog.data.write import FASHION_MNIST_CLASSES, idx_records, write_shards
 from recog.errors import ConfigError
 
@@ -32,8 +33,12 @@ def write_idx_split(src_dir: str | Path, split: str, out_dir: str | Path, names=
 
 
 def missing_splits(data_cfg) -> list[str]:
-    """The splits ('train', 'test') whose manifest is not there yet."""
-    return [split for split in ("train", "test") if not manifest_path(data_cfg[split]).is_file()]
+    """The splits ('train', 'test') in a local folder whose manifest is not there yet."""
+    def missing(location: str) -> bool:
+        local_folder = not is_remote(location) and "{" not in location
+        return local_folder and not Path(manifest_path(location)).is_file()
+
+    return [split for split in ("train", "test") if missing(str(data_cfg[split]))]
 
 
 def check_can_prepare(data_cfg) -> None:
@@ -44,7 +49,7 @@ def check_can_prepare(data_cfg) -> None:
     prepare = data_cfg.get("prepare")
     if not prepare:
         raise ConfigError(
-            f"no shards at {data_cfg[missing[0]]} (no {manifest_path(data_cfg[missing[0]]).name}); write them with "
+            f"no shards at {data_cfg[missing[0]]} (no manifest.json); write them with "
             "`python -m recog.data write ...` or fix data.train / data.test."
         )
     for split in missing:
@@ -67,6 +72,6 @@ def prepare_shards(data_cfg, progress: bool = True) -> None:
         try:
             os.rename(tmp, final)
         except OSError:
-            if not manifest_path(final).is_file():
+            if not Path(manifest_path(final)).is_file():
                 raise
             shutil.rmtree(tmp, ignore_errors=True)

@@ -26,6 +26,7 @@ from torchvision.transforms.v2 import functional as TF
 
 from recog.data.manifest import Manifest
 from recog.data.plan import Piece, num_batches, rank_pieces, worker_pieces
+from recog.data.source import FetchError, ShardSource
 from recog.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -39,17 +40,25 @@ class Batch(NamedTuple):
     skipped: int  # slots of this batch whose sample could not be read or decoded
 
 
-def read_pieces(manifest: Manifest, pieces: list[Piece], strict: bool) -> Iterator[dict | None]:
-    """Yield exactly one item per planned sample: the raw sample dict, or None if it could not be read."""
+def read_pieces(manifest: Manifest, pieces: list[Piece], strict: bool,
+                source: ShardSource | None = None) -> Iterator[dict | None]:
+    """Yield exactly one item per planned sample: the raw sample dict, or None if it could not be read.
+
+    Damaged data (a truncated tar, a shard failing its sha256) is skipped and
+    counted unless `strict`; a server that stays unreachable stops the run.
+    """
+    source = source or ShardSource()
     for piece in pieces:
         url, produced = manifest.url(piece.shard), 0
         try:
-            with wds.gopen(url, "rb") as stream:
+            with source.open(url, manifest.shards[piece.shard].sha256) as stream:
                 files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}])
                 for sample in islice(wds.tariterators.group_by_keys(files), piece.start, piece.stop):
                     produced += 1
                     yield sample
-        except Exception as e:  # a truncated or unreadable tar: tarfile, OSError, ...
+        except FetchError:
+            raise
+        except Exception as e:  # a truncated or unreadable tar, a sha256 mismatch, ...
             if strict:
                 raise DataError(f"shard {url} could not be read ({e}); fix or rewrite it, or set data.strict=false.")
             log.warning("shard %s: read failed after %d of %d samples (%s); skipping the rest", url, produced,
@@ -94,10 +103,12 @@ class ShardStream(IterableDataset):
         seed: int = 0,
         shuffle_block: int = 1000,
         strict: bool = False,
+        source: ShardSource | None = None,
     ):
         self.manifest, self.rank, self.world_size = manifest, rank, world_size
         self.batch_size, self.transform, self.channels = batch_size, transform, channels
         self.train, self.seed, self.shuffle_block, self.strict = train, seed, shuffle_block, strict
+        self.source = source or ShardSource()
         # Shared memory, so that persistent workers (in other processes) see set_epoch().
         self._epoch = multiprocessing.RawValue("q", 0)
         self._image_shape: tuple[int, ...] | None = None  # of the last decoded image, for empty batches
@@ -125,7 +136,7 @@ class ShardStream(IterableDataset):
         if info is not None:  # augmentation draws from torch's RNG: make it depend on the stream only
             torch.manual_seed(zlib.crc32(stream_id.encode()))
         pieces = worker_pieces(self.pieces(), self.batch_size, worker, num_workers)
-        items = read_pieces(self.manifest, pieces, self.strict)
+        items = read_pieces(self.manifest, pieces, self.strict, self.source)
         if self.train:
             items = shuffled_blocks(items, self.shuffle_block, random.Random(f"samples/{stream_id}"))
         while slots := list(islice(items, self.batch_size)):
