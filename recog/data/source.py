@@ -92,11 +92,11 @@ class ShardSource:
     def cached(self, url: str, sha256: str) -> Path:
         """Download `url` into the node cache unless it is there already; return the local path."""
         path = self.cache_path(url, sha256)
-        if path.is_file():  # named by its sha256 and renamed into place only after the check: complete and right
+        if path.is_file() and self._still_good(path, sha256):
             return path
         path.parent.mkdir(parents=True, exist_ok=True)
         with _locked(path.with_name(path.name + ".lock")):
-            if path.is_file():  # another process on this node fetched it while we waited for the lock
+            if path.is_file() and self._still_good(path, sha256):  # fetched by another process meanwhile
                 return path
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
             try:
@@ -108,6 +108,18 @@ class ShardSource:
             finally:
                 tmp.unlink(missing_ok=True)
         return path
+
+    @staticmethod
+    def _still_good(path: Path, sha256: str) -> bool:
+        """Check a cached shard against its sha256 once per process; a damaged copy is deleted."""
+        if not sha256 or str(path) in _VERIFIED:
+            return True
+        if sha256_of(path) == sha256:
+            _VERIFIED.add(str(path))
+            return True
+        log.warning("cached shard %s does not match its sha256; fetching it again", path)
+        path.unlink(missing_ok=True)
+        return False
 
     def _download(self, url: str, dest: Path) -> str:
         last = None
@@ -144,6 +156,17 @@ class ShardSource:
             raise FetchError(str(last))
         raise FetchError(f"could not fetch {url} after {self.retries + 1} tries ({last}); "
                          "check that the server is up and the URL is right.")
+
+
+_VERIFIED: set[str] = set()  # cached shards this process has checked
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @contextmanager

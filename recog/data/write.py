@@ -7,7 +7,6 @@ streams through data sets larger than memory.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import random
@@ -21,6 +20,7 @@ from tqdm import tqdm
 
 from recog.data.idx import read_idx
 from recog.data.manifest import MANIFEST, Manifest, ShardInfo, write_manifest
+from recog.data.source import sha256_of
 from recog.errors import ConfigError
 
 IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
@@ -93,14 +93,6 @@ def prepare_output(out_dir: str | Path, overwrite: bool) -> Path:
     return out_dir
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_shards(
     records: Sequence[Record],
     classes: Sequence[str],
@@ -137,7 +129,7 @@ def write_shards(
                 counts[rec.label] += 1
                 bar.update()
         os.replace(tmp, out_dir / name)
-        shards.append(ShardInfo(name, len(chunk), (out_dir / name).stat().st_size, _sha256(out_dir / name)))
+        shards.append(ShardInfo(name, len(chunk), (out_dir / name).stat().st_size, sha256_of(out_dir / name)))
     bar.close()
     manifest = Manifest(shards, list(classes), counts, root=str(out_dir))
     write_manifest(manifest, out_dir)
