@@ -1,4 +1,4 @@
-"""Shard writer: `python -m recog.data write {folder,idx,idx-dir} ...` and `python -m recog.data info DIR`."""
+"""Shard writer: `python -m recog.data write {folder,list,idx,idx-dir} ...` and `python -m recog.data info DIR`."""
 
 from __future__ import annotations
 
@@ -8,13 +8,17 @@ from pathlib import Path
 
 from recog.data.manifest import load_manifest
 from recog.data.prepare import class_names, write_idx_split
-from recog.data.write import folder_records, idx_records, write_shards
+from recog.data.write import folder_records, idx_records, list_records, write_shards
 from recog.errors import ConfigError
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shard-samples", type=int, default=5000, help="samples per shard (default 5000)")
+    p.add_argument("--shard-samples", type=int, default=5000, help="at most this many samples per shard (5000)")
+    p.add_argument("--shard-mb", type=float, help="and at most about this many MB per shard")
     p.add_argument("--shuffle", action="store_true", help="shuffle the samples before writing (seeded)")
+    p.add_argument("--workers", type=int, default=1, help="processes writing shards at once")
+    p.add_argument("--reencode", choices=["jpg", "png", "webp"], help="re-encode images (default: bytes unchanged)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality when re-encoding")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace what is in the output folder")
     p.add_argument("--prefix", default="shard", help="shard file name prefix (default 'shard')")
@@ -30,6 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     folder.add_argument("src")
     folder.add_argument("out")
     _common(folder)
+
+    listing = sources.add_parser("list", help="a text file of `path<TAB>label` lines")
+    listing.add_argument("list_file")
+    listing.add_argument("out")
+    _common(listing)
 
     idx = sources.add_parser("idx", help="an MNIST-format image file and its label file")
     idx.add_argument("images")
@@ -62,10 +71,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.source == "folder":
             records, classes = folder_records(args.src)
+        elif args.source == "list":
+            records, classes = list_records(args.list_file)
         else:
             records, classes = idx_records(args.images, args.labels, class_names(args.class_names))
         m = write_shards(records, classes, args.out, prefix=args.prefix, shard_samples=args.shard_samples,
-                         shuffle=args.shuffle, seed=args.seed, overwrite=args.overwrite)
+                         shard_mb=args.shard_mb, shuffle=args.shuffle, seed=args.seed, overwrite=args.overwrite,
+                         workers=args.workers, reencode_to=args.reencode, quality=args.quality)
         print(f"{m.num_samples} samples in {len(m.shards)} shards, {m.num_classes} classes -> {args.out}")
         return 0
     except ConfigError as e:
