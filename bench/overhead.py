@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.lr_scheduler import LambdaLR
 
 from recog import dist
-from recog.data.stream import Batch
+from recog.data.stream import Batch, Normalize
 from recog.log import NullWriter
 from recog.loss import RecognitionLoss
 from recog.model import RecognitionModel
@@ -43,6 +43,7 @@ def bare_epoch(model, batches, optimizer):
     for images, labels, _ in batches:
         device = model_device(model)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        images = (images.float() / 255 - 0.286) / 0.353
         loss = F.cross_entropy(model(images).logits, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -75,17 +76,17 @@ def main() -> None:
 
     ctx = dist.setup()
     g = torch.Generator().manual_seed(ctx.rank)
-    batches = [Batch(torch.randn(args.batch_size, 1, 28, 28, generator=g),
+    batches = [Batch(torch.randint(0, 256, (args.batch_size, 1, 28, 28), dtype=torch.uint8, generator=g),
                      torch.randint(0, 10, (args.batch_size,), generator=g), 0) for _ in range(args.steps)]
     images_per_round = args.steps * args.batch_size * ctx.world_size
 
     bare_model, bare_opt = make_model(ctx, args)
     recog_model, recog_opt = make_model(ctx, args)
     scheduler = LambdaLR(recog_opt, partial(warmup_cosine, warmup_steps=10, total_steps=10**9))
-    loss_fn, writer = RecognitionLoss(), NullWriter()
+    loss_fn, writer, normalize = RecognitionLoss(), NullWriter(), Normalize([0.286], [0.353], ctx.device)
 
     def run_recog():
-        train_one_epoch(recog_model, batches, loss_fn, recog_opt, scheduler, ctx, writer, 0, log_every=10)
+        train_one_epoch(recog_model, batches, normalize, loss_fn, recog_opt, scheduler, ctx, writer, 0, log_every=10)
 
     def run_bare():
         bare_epoch(bare_model, batches, bare_opt)

@@ -24,7 +24,7 @@ from recog.checkpoint import load_checkpoint, save_epoch_checkpoint, write_json
 from recog.data.manifest import load_manifest
 from recog.data.prepare import check_can_prepare, missing_splits, prepare_shards
 from recog.data.source import ShardSource
-from recog.data.stream import ShardStream, make_loader
+from recog.data.stream import Normalize, ShardStream, make_loader
 from recog.errors import ConfigError, DataError
 from recog.log import make_writer, setup_logging
 from recog.model import check_backbone_name, load_weights
@@ -106,7 +106,7 @@ class EpochStats:
     skipped: int  # unreadable samples, over all ranks
 
 
-def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, ctx: dist.Dist, writer, step: int,
+def train_one_epoch(model, loader, normalize, loss_fn, optimizer, scheduler, ctx: dist.Dist, writer, step: int,
                     log_every: int) -> EpochStats:
     model.train()
     # The loss sum stays on the device: calling .item() every step would make the CPU wait for the GPU.
@@ -119,7 +119,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, ctx: dist.Dist
         if batch.images.dim() != 4:
             raise DataError("every sample of a rank's first batch was unreadable; the shards are damaged: "
                             "write them again.")
-        images = batch.images.to(ctx.device, non_blocking=True)
+        images = normalize(batch.images.to(ctx.device, non_blocking=True))
         labels = batch.labels.to(ctx.device, non_blocking=True)
         loss = loss_fn(model(images), labels)["total"]
         optimizer.zero_grad(set_to_none=True)
@@ -149,7 +149,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, ctx: dist.Dist
 
 
 @torch.no_grad()
-def evaluate(model, loader, ctx: dist.Dist) -> tuple[float, int]:
+def evaluate(model, loader, normalize, ctx: dist.Dist) -> tuple[float, int]:
     """Top-1 over the test split. Each rank holds a disjoint slice (no padding), so the
     all-reduced count is the number of test samples read, each exactly once."""
     model.eval()
@@ -158,7 +158,7 @@ def evaluate(model, loader, ctx: dist.Dist) -> tuple[float, int]:
         if len(batch.labels) == 0:  # all of its samples unreadable (counted by the loader)
             continue
         labels = batch.labels.to(ctx.device, non_blocking=True)
-        logits = model(batch.images.to(ctx.device, non_blocking=True)).logits
+        logits = model(normalize(batch.images.to(ctx.device, non_blocking=True))).logits
         counts += torch.stack([(logits.argmax(dim=1) == labels).sum(), torch.tensor(len(labels), device=ctx.device)])
     model.train()
     correct, seen = dist.all_reduce_sum(counts).tolist()
@@ -175,6 +175,7 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path) -> dict:
     pin = ctx.device.type == "cuda"
     train_loader = make_loader(train_set, cfg.data.num_workers, pin)
     test_loader = make_loader(test_set, cfg.data.num_workers, pin)
+    normalize = Normalize(cfg.data.mean, cfg.data.std, ctx.device)
 
     model = instantiate(cfg.model, num_classes=train_set.manifest.num_classes, in_channels=cfg.data.channels)
     if cfg.weights:  # only rank 0 reads the file; DDP below copies rank 0's weights to every rank
@@ -220,11 +221,12 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path) -> dict:
     top1, eval_count, images, seconds, skipped, stats = float("nan"), 0, 0, 0.0, 0, None
     for epoch in range(start_epoch, cfg.epochs):
         train_set.set_epoch(epoch)
-        stats = train_one_epoch(ddp, train_loader, loss_fn, optimizer, scheduler, ctx, writer, step, cfg.log_every)
+        stats = train_one_epoch(ddp, train_loader, normalize, loss_fn, optimizer, scheduler, ctx, writer, step,
+                                cfg.log_every)
         step, images, seconds, skipped = stats.step, images + stats.images, seconds + stats.seconds, skipped + stats.skipped
 
         dist.broadcast_buffers(model)  # rank 0's BatchNorm statistics everywhere: all ranks evaluate one model
-        top1, eval_count = evaluate(model, test_loader, ctx)
+        top1, eval_count = evaluate(model, test_loader, normalize, ctx)
         best_top1 = max(best_top1, top1)
         log.info("epoch %d/%d | loss %.4f | top-1 %.4f on %d test images | %.0f images/s | data wait %.1f%%%s",
                  epoch + 1, cfg.epochs, stats.loss, top1, eval_count, stats.images / stats.seconds,

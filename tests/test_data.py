@@ -1,6 +1,7 @@
 """Shard writing and streaming on real shards (written from the bundled Fashion-MNIST subset)."""
 
 import io
+from pathlib import Path
 import json
 import logging
 import tarfile
@@ -74,7 +75,7 @@ def test_stream_gives_the_planned_batches(tiny_data, workers):
         batches = list(make_loader(stream, workers, pin_memory=False))
         assert len(batches) == len(stream) == 6  # ceil(ceil(1000 / 3) / 64)
         assert sum(len(b.labels) for b in batches) == samples_per_rank(1000, 3)
-        assert batches[0].images.shape[1:] == (1, 28, 28) and batches[0].images.dtype == torch.float32
+        assert batches[0].images.shape[1:] == (1, 28, 28) and batches[0].images.dtype == torch.uint8
 
 
 def test_training_stream_is_reproducible_and_shuffled(tiny_data):
@@ -180,3 +181,26 @@ def test_list_file_errors_name_the_line(tmp_path):
         from recog.data.write import list_records
 
         list_records(tmp_path / "list.tsv")
+
+
+class _Boom:
+    def __reduce__(self):
+        return (open, ("/tmp/recog-unpickled-marker", "w"))  # would create a file if ever unpickled
+
+
+def test_shard_contents_are_never_unpickled(tmp_path):
+    import pickle
+
+    import webdataset as wds
+
+    marker = Path("/tmp/recog-unpickled-marker")
+    marker.unlink(missing_ok=True)
+    png = io.BytesIO()
+    Image.new("L", (8, 8), 7).save(png, format="PNG")
+    (tmp_path / "s").mkdir()
+    with wds.TarWriter(str(tmp_path / "s" / "x-000000.tar"), encoder=False) as tar:
+        tar.write({"__key__": "a", "png": png.getvalue(), "cls": b"0", "pyd": pickle.dumps(_Boom())})
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps(
+        {"shards": [{"name": "x-000000.tar", "samples": 1}], "classes": ["a"], "class_counts": [1]}))
+    batches = list(ShardStream(load_manifest(tmp_path / "s"), rank=0, world_size=1, batch_size=4, train=False))
+    assert len(batches[0].labels) == 1 and not marker.exists()

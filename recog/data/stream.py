@@ -22,7 +22,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from PIL import Image
-from torchvision.transforms.v2 import functional as TF
+from torchvision.transforms.v2 import functional as TF  # noqa: N812
 
 from recog.data.manifest import Manifest
 from recog.data.plan import Piece, num_batches, rank_pieces, worker_pieces
@@ -35,7 +35,7 @@ IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 
 
 class Batch(NamedTuple):
-    images: torch.Tensor  # (n, C, H, W) float, after the transform
+    images: torch.Tensor  # (n, C, H, W) uint8, after the transform; see Normalize
     labels: torch.Tensor  # (n,) int64
     skipped: int  # slots of this batch whose sample could not be read or decoded
 
@@ -77,14 +77,19 @@ def shuffled_blocks(items: Iterator, block: int, rng: random.Random) -> Iterator
         yield from chunk
 
 
+def decode_image(data: bytes, channels: int) -> torch.Tensor:
+    """Encoded image bytes -> uint8 tensor C×H×W. Raises on damaged data."""
+    with Image.open(io.BytesIO(data)) as image:
+        image.draft("L" if channels == 1 else "RGB", None)  # JPEG: decode straight into the wanted mode
+        return TF.pil_to_tensor(image.convert("L" if channels == 1 else "RGB"))
+
+
 def decode_sample(sample: dict, channels: int) -> tuple[torch.Tensor, int]:
     """Raw sample dict -> (uint8 image tensor C×H×W, class index). Raises on anything undecodable."""
     key = next((k for k in IMAGE_KEYS if k in sample), None)
     if key is None:
         raise ValueError(f"no image ({'/'.join(IMAGE_KEYS)}) in sample {sample.get('__key__')}")
-    with Image.open(io.BytesIO(sample[key])) as image:
-        image = image.convert("L" if channels == 1 else "RGB")  # decodes; raises on damaged data
-    return TF.pil_to_tensor(image), int(sample["cls"])
+    return decode_image(sample[key], channels), int(sample["cls"])
 
 
 class ShardStream(IterableDataset):
@@ -97,7 +102,7 @@ class ShardStream(IterableDataset):
         rank: int,
         world_size: int,
         batch_size: int,
-        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,  # on uint8 images: augmentation
         channels: int = 1,
         train: bool = True,
         seed: int = 0,
@@ -155,7 +160,6 @@ class ShardStream(IterableDataset):
                     raise DataError(f"sample {where} could not be decoded ({e}); fix it or set data.strict=false.")
                 log.warning("skipping undecodable sample %s (%s)", where, e)
                 continue
-            image = TF.to_dtype(image, torch.float32, scale=True)
             images.append(self.transform(image) if self.transform else image)
             labels.append(label)
         if images:
@@ -180,6 +184,22 @@ def worker_context() -> multiprocessing.context.BaseContext:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["torch", "recog.data.stream"])
     return context
+
+
+class Normalize:
+    """uint8 batch -> float32 (x / 255 - mean) / std, on the batch's device.
+
+    Workers hand over uint8 images (a quarter of the bytes between processes
+    and to the GPU) and augment them as uint8 (about 4x faster for resizing
+    than on float); the conversion happens once per batch, vectorised, here.
+    """
+
+    def __init__(self, mean, std, device: torch.device | str = "cpu"):
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255
+        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1) * 255
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return (images.float() - self.mean) / self.std
 
 
 def make_loader(dataset: ShardStream, num_workers: int, pin_memory: bool) -> DataLoader:

@@ -1,0 +1,178 @@
+"""Loose image files against WebDataset shards, on local disk and over HTTP, measured side by side.
+
+    python bench/data.py                     # 2,000 synthetic 224x224 JPEGs (~15-30 KB), 3 rounds
+    python bench/data.py --images 5000 --rounds 5
+
+One process, no data-loader workers: the figures are images/s per core. Each
+round runs every case once, in rotating order, and the table reports medians
+(this machine is shared and noisy). Local files sit in the page cache (they
+were just written), so local cases measure CPU cost, not disk. The HTTP server
+is Python's http.server in its own process on 127.0.0.1, HTTP/1.0: like small
+files on shared network storage, each loose image costs a request.
+
+Cases (decode = full pipeline of a worker: JPEG decode, RandomResizedCrop, flip, batching):
+  loose/local, shards/local, loose/http (a request per image),
+  shards/http first epoch (download into an empty node cache, then read),
+  shards/http streamed (no cache), shards/cache (a warm node cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from recog.data.loose import LooseImages, image_folder
+from recog.data.manifest import load_manifest
+from recog.data.plan import rank_pieces
+from recog.data.source import ShardSource
+from recog.data.stream import ShardStream, read_pieces
+from recog.data.write import folder_records, write_shards
+
+
+def synthetic_jpeg(rng: np.random.Generator, size: int = 224) -> bytes:
+    """A photo-like image: smooth colour regions plus fine texture; ~15-30 KB as JPEG quality 85."""
+    low = rng.integers(0, 256, (7, 7, 3), dtype=np.uint8)
+    base = np.asarray(Image.fromarray(low).resize((size, size), Image.BICUBIC), dtype=np.float32)
+    texture = rng.normal(0, rng.uniform(3, 9), (size, size, 1))
+    pixels = np.clip(base + texture, 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="JPEG", quality=85)
+    return out.getvalue()
+
+
+def generate(workdir: Path, count: int, classes: int = 10) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        folder = workdir / "loose" / f"class{i % classes:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{i:06d}.jpg").write_bytes(synthetic_jpeg(rng))
+    records, names = folder_records(workdir / "loose")
+    write_shards(records, names, workdir / "shards", shard_mb=10, shuffle=True, progress=False)
+
+
+def start_server(root: Path) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                               "--directory", str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return server, f"http://127.0.0.1:{port}"
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError("the benchmark's HTTP server did not start")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workdir", default="/tmp/recog-bench-data")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    workdir = Path(args.workdir)
+    if not (workdir / "shards" / "manifest.json").is_file() or len(list(workdir.glob("loose/*/*.jpg"))) != args.images:
+        shutil.rmtree(workdir, ignore_errors=True)
+        print(f"generating {args.images} JPEGs and their shards in {workdir} ...", flush=True)
+        generate(workdir, args.images)
+    loose = image_folder(workdir / "loose")
+    sizes = [Path(p).stat().st_size for p, _ in loose]
+    manifest = load_manifest(workdir / "shards")
+    print(f"{len(loose)} images, mean {statistics.mean(sizes) / 1e3:.1f} KB (min {min(sizes) / 1e3:.1f}, "
+          f"max {max(sizes) / 1e3:.1f}); {len(manifest.shards)} shards of ~{manifest.shards[0].bytes / 1e6:.1f} MB")
+
+    server, url = start_server(workdir)
+    loose_http = [(url + "/" + str(Path(p).relative_to(workdir)), label) for p, label in loose]
+    remote = load_manifest(f"{url}/shards", ShardSource())
+    warm_cache = workdir / "cache-warm"
+    for i in range(len(remote.shards)):
+        ShardSource(cache_dir=str(warm_cache)).cached(remote.url(i), remote.shards[i].sha256)
+
+    # what conf/data/images.yaml does: augment uint8 images in the worker; recog.data.stream.Normalize
+    # turns the batch into floats afterwards, once per batch (in the training process, or on the GPU)
+    augment = v2.Compose([v2.RandomResizedCrop(224, antialias=True), v2.RandomHorizontalFlip()])
+
+    def shards_decode(m, source):
+        stream = ShardStream(m, rank=0, world_size=1, batch_size=args.batch_size, transform=augment, channels=3,
+                             train=True, source=source)
+        return sum(len(b.labels) for b in stream)
+
+    def shards_bytes(m, source):
+        pieces = rank_pieces(m.shard_sizes, 0, 1, shuffle=False, pad=False)
+        return sum(1 for s in read_pieces(m, pieces, strict=True, source=source) if s is not None)
+
+    def loose_run(items, decode):
+        data = LooseImages(items, args.batch_size, channels=3, transform=augment, decode=decode)
+        return sum(len(b) if not decode else len(b.labels) for b in data)
+
+    def cold(fn):
+        def run():
+            cache = workdir / "cache-cold"
+            shutil.rmtree(cache, ignore_errors=True)
+            return fn(remote, ShardSource(cache_dir=str(cache)))
+        return run
+
+    cases = {
+        "loose/local bytes": lambda: loose_run(loose, False),
+        "shards/local bytes": lambda: shards_bytes(manifest, ShardSource()),
+        "loose/http bytes": lambda: loose_run(loose_http, False),
+        "shards/http first epoch bytes": cold(shards_bytes),
+        "shards/http streamed bytes": lambda: shards_bytes(remote, ShardSource(cache_dir=None)),
+        "shards/cache bytes": lambda: shards_bytes(remote, ShardSource(cache_dir=str(warm_cache))),
+        "loose/local decode": lambda: loose_run(loose, True),
+        "shards/local decode": lambda: shards_decode(manifest, ShardSource()),
+        "loose/http decode": lambda: loose_run(loose_http, True),
+        "shards/http first epoch decode": cold(shards_decode),
+        "shards/cache decode": lambda: shards_decode(remote, ShardSource(cache_dir=str(warm_cache))),
+    }
+    rates: dict[str, list[float]] = {name: [] for name in cases}
+    names = list(cases)
+    try:
+        for r in range(args.rounds):
+            for name in names[r % len(names):] + names[: r % len(names)]:  # rotate the order each round
+                start = time.perf_counter()
+                count = cases[name]()
+                rates[name].append(count / (time.perf_counter() - start))
+                assert count == len(loose), (name, count)
+            print(f"round {r + 1}/{args.rounds} done", flush=True)
+    finally:
+        server.terminate()
+
+    med = {name: statistics.median(v) for name, v in rates.items()}
+    print(f"\n{'case':<32} {'images/s (median)':>18} {'rounds':>30}")
+    for name in names:
+        print(f"{name:<32} {med[name]:>18.0f}   " + " ".join(f"{v:.0f}" for v in rates[name]))
+    print("\nratios (each against its matching baseline, same run):")
+    checks = [
+        ("shards/http first epoch bytes", "loose/http bytes", 5.0),
+        ("shards/http streamed bytes", "loose/http bytes", 5.0),
+        ("shards/local decode", "loose/local decode", 0.95),
+        ("shards/local bytes", "loose/local bytes", None),
+        ("shards/http first epoch decode", "loose/http decode", None),
+        ("shards/cache decode", "shards/local decode", 0.9),
+        ("shards/cache bytes", "shards/local bytes", 0.9),
+    ]
+    for a, b, target in checks:
+        ratio = med[a] / med[b]
+        verdict = "" if target is None else (f"  target >= {target}: " + ("met" if ratio >= target else "MISSED"))
+        print(f"  {a} / {b} = {ratio:.2f}{verdict}")
+
+
+if __name__ == "__main__":
+    main()
