@@ -45,7 +45,7 @@ def synthetic_jpeg(rng: np.random.Generator, size: int = 224) -> bytes:
     """A photo-like image: smooth colour regions plus fine texture; ~15-30 KB as JPEG quality 85."""
     low = rng.integers(0, 256, (7, 7, 3), dtype=np.uint8)
     base = np.asarray(Image.fromarray(low).resize((size, size), Image.BICUBIC), dtype=np.float32)
-    texture = rng.normal(0, rng.uniform(3, 9), (size, size, 1))
+    texture = rng.normal(0, rng.uniform(7, 22), (size, size, 1))
     pixels = np.clip(base + texture, 0, 255).astype(np.uint8)
     out = io.BytesIO()
     Image.fromarray(pixels).save(out, format="JPEG", quality=85)

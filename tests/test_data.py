@@ -204,3 +204,16 @@ def test_shard_contents_are_never_unpickled(tmp_path):
         {"shards": [{"name": "x-000000.tar", "samples": 1}], "classes": ["a"], "class_counts": [1]}))
     batches = list(ShardStream(load_manifest(tmp_path / "s"), rank=0, world_size=1, batch_size=4, train=False))
     assert len(batches[0].labels) == 1 and not marker.exists()
+
+
+def test_corrupted_jpeg_is_skipped_and_counted(tmp_path):
+    for i in range(6):
+        (tmp_path / "src" / "c").mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (24, 24), (40 * i, 20, 90)).save(tmp_path / "src" / "c" / f"{i}.jpg", quality=90)
+    good = (tmp_path / "src" / "c" / "2.jpg").read_bytes()
+    (tmp_path / "src" / "c" / "2.jpg").write_bytes(good[: len(good) // 2])  # cut off mid-scan
+    (tmp_path / "src" / "c" / "4.jpg").write_bytes(good[:20] + b"\x00" * 50)  # header, then garbage
+    assert data_cli(["write", "folder", str(tmp_path / "src"), str(tmp_path / "out")]) == 0
+    batches = list(ShardStream(load_manifest(tmp_path / "out"), rank=0, world_size=1, batch_size=4, channels=3,
+                               train=False))
+    assert [len(b.labels) for b in batches] == [3, 1] and sum(b.skipped for b in batches) == 2
