@@ -18,11 +18,11 @@ from collections.abc import Callable, Iterator
 from itertools import islice
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from PIL import Image
-from torchvision.transforms.v2 import functional as TF  # noqa: N812
 
 from recog.data.manifest import Manifest
 from recog.data.plan import Piece, num_batches, rank_pieces, worker_pieces
@@ -79,9 +79,14 @@ def shuffled_blocks(items: Iterator, block: int, rng: random.Random) -> Iterator
 
 def decode_image(data: bytes, channels: int) -> torch.Tensor:
     """Encoded image bytes -> uint8 tensor C×H×W. Raises on damaged data."""
+    mode = "L" if channels == 1 else "RGB"
     with Image.open(io.BytesIO(data)) as image:
-        image.draft("L" if channels == 1 else "RGB", None)  # JPEG: decode straight into the wanted mode
-        return TF.pil_to_tensor(image.convert("L" if channels == 1 else "RGB"))
+        if image.format == "JPEG":
+            image.draft(mode, None)  # decode straight into the wanted mode
+        if image.mode != mode:
+            image = image.convert(mode)
+        pixels = torch.from_numpy(np.array(image))  # decodes (raises on damaged data) into a writable array
+    return pixels.unsqueeze(0) if channels == 1 else pixels.permute(2, 0, 1)
 
 
 def decode_sample(sample: dict, channels: int) -> tuple[torch.Tensor, int]:
