@@ -107,7 +107,9 @@ class EpochStats:
 
 
 def train_one_epoch(model, loader, normalize, loss_fn, optimizer, scheduler, ctx: dist.Dist, writer, step: int,
-                    log_every: int) -> EpochStats:
+                    log_every: int, first_of_run: bool = False) -> EpochStats:
+    """One epoch of DDP training. With `first_of_run`, the wait for the very first batch (starting the
+    data-loader workers, seconds) is logged as train/startup_s instead of counting as data wait."""
     model.train()
     # The loss sum stays on the device: calling .item() every step would make the CPU wait for the GPU.
     loss_sum = torch.zeros((), device=ctx.device, dtype=torch.float64)
@@ -116,6 +118,10 @@ def train_one_epoch(model, loader, normalize, loss_fn, optimizer, scheduler, ctx
     epoch_start = window_start = tick = time.perf_counter()
     for batch in loader:
         waited = time.perf_counter() - tick
+        if first_of_run:
+            writer.add_scalar("train/startup_s", waited, step)
+            first_of_run, waited = False, 0.0
+            epoch_start = window_start = time.perf_counter()
         if batch.images.dim() != 4:
             raise DataError("every sample of a rank's first batch was unreadable; the shards are damaged: "
                             "write them again.")
@@ -219,11 +225,15 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path) -> dict:
 
     writer = make_writer(run_dir, ctx.is_main)
     top1, eval_count, images, seconds, skipped, stats = float("nan"), 0, 0, 0.0, 0, None
+    train_set.set_epoch(start_epoch)
+    batches = iter(train_loader)  # starts the workers
     for epoch in range(start_epoch, cfg.epochs):
-        train_set.set_epoch(epoch)
-        stats = train_one_epoch(ddp, train_loader, normalize, loss_fn, optimizer, scheduler, ctx, writer, step,
-                                cfg.log_every)
+        stats = train_one_epoch(ddp, batches, normalize, loss_fn, optimizer, scheduler, ctx, writer, step,
+                                cfg.log_every, first_of_run=epoch == start_epoch)
         step, images, seconds, skipped = stats.step, images + stats.images, seconds + stats.seconds, skipped + stats.skipped
+        if epoch + 1 < cfg.epochs:  # the workers fill their queue with the next epoch while we evaluate
+            train_set.set_epoch(epoch + 1)
+            batches = iter(train_loader)
 
         dist.broadcast_buffers(model)  # rank 0's BatchNorm statistics everywhere: all ranks evaluate one model
         top1, eval_count = evaluate(model, test_loader, normalize, ctx)

@@ -42,7 +42,7 @@ def test_two_processes_under_torchrun(tiny_data, tmp_path):
     assert not [p for p in run.rglob("*") if ".tmp" in p.name]
 
     scalars = read_scalars(run / "tb")
-    for tag in ("train/loss", "train/lr", "train/images_per_s", "train/data_wait_frac", "eval/top1"):
+    for tag in ("train/loss", "train/lr", "train/images_per_s", "train/data_wait_frac", "train/startup_s", "eval/top1"):
         assert tag in scalars, sorted(scalars)
     assert len(scalars["train/loss"]) == 6  # steps 5, 10, ..., 30
     assert scalars["eval/top1"][-1] == pytest.approx(metrics["top1"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import multiprocessing
+import multiprocessing.forkserver
 import random
 import zlib
 from collections.abc import Callable, Iterator
@@ -187,7 +188,9 @@ def worker_context() -> multiprocessing.context.BaseContext:
     started anew each epoch.
     """
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "recog.data.stream"])
+    # With the main script preloaded too, a worker forked from the server need not import it again.
+    context.set_forkserver_preload(["__main__", "torch", "recog.data.stream"])
+    multiprocessing.forkserver.ensure_running()  # returns at once: the server imports while the model is built
     return context
 
 
