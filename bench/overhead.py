@@ -69,7 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="convnet")
     parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=128, help="per process")
+    parser.add_argument("--batch-size", type=int, default=256, help="per process (the default job uses 256)")
     parser.add_argument("--steps", type=int, default=30, help="steps per timed round")
     parser.add_argument("--rounds", type=int, default=6)
     args = parser.parse_args()
