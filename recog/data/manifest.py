@@ -98,14 +98,18 @@ def load_manifest(location: str | Path, source: ShardSource | None = None, *, ch
         raise ConfigError(f"shard manifest {path} is not valid ({e!r}); write the shards again.") from None
     if not shards or manifest.num_samples == 0:
         raise ConfigError(f"shard manifest {path} lists no samples; write the shards again from a non-empty source.")
-    if check_files and not is_remote(root):
-        missing = [s.name for s in shards if not (Path(root) / s.name).is_file()]
-        if missing:
-            raise ConfigError(
-                f"{len(missing)} shard(s) listed in {path} are missing (first: {Path(root) / missing[0]}); "
-                "copy them there or write the shards again."
-            )
+    if check_files:
+        _check_files(manifest, f"listed in {path}")
     return manifest
+
+
+def _check_files(manifest: Manifest, where: str) -> None:
+    if is_remote(manifest.root):
+        return
+    missing = [s.name for s in manifest.shards if not (Path(manifest.root) / s.name).is_file()]
+    if missing:
+        raise ConfigError(f"{len(missing)} shard(s) {where} are missing (first: {Path(manifest.root) / missing[0]}); "
+                          "copy them there or write the shards again.")
 
 
 def _select_shards(pattern: str, source: ShardSource, check_files: bool) -> Manifest:
@@ -121,8 +125,6 @@ def _select_shards(pattern: str, source: ShardSource, check_files: bool) -> Mani
         raise ConfigError(f"shard {unknown[0]} (from {pattern}) is not in the manifest of {full.root}; "
                           "check the pattern against `python -m recog.data info`.")
     manifest = Manifest([by_name[n] for n in wanted], full.classes, full.class_counts, root=full.root)
-    if check_files and not is_remote(full.root):
-        missing = [s.name for s in manifest.shards if not (Path(full.root) / s.name).is_file()]
-        if missing:
-            raise ConfigError(f"shard {Path(full.root) / missing[0]} is missing; copy it there or fix the pattern.")
+    if check_files:
+        _check_files(manifest, f"selected by {pattern}")
     return manifest

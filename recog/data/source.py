@@ -45,6 +45,10 @@ def is_remote(url: str) -> bool:
     return scheme_of(url) != "file"
 
 
+def _local_path(url: str) -> str:
+    return urlparse(url).path if url.startswith("file:") else url
+
+
 def join(root: str, name: str) -> str:
     return f"{root.rstrip('/')}/{name}" if is_remote(root) else os.path.join(root, name)
 
@@ -67,7 +71,7 @@ class ShardSource:
         """A small file (a manifest): local read, or a GET with retries."""
         self.check(url)
         if not is_remote(url):
-            return Path(urlparse(url).path if url.startswith("file:") else url).read_bytes()
+            return Path(_local_path(url)).read_bytes()
         with self._get(url) as response:
             return response.read()
 
@@ -76,7 +80,7 @@ class ShardSource:
         self.check(url)
         scheme = scheme_of(url)
         if scheme == "file":
-            return open(urlparse(url).path if url.startswith("file:") else url, "rb")
+            return open(_local_path(url), "rb")
         if scheme not in ("http", "https"):  # opted in by the user: webdataset knows how to open these
             import webdataset as wds
 
@@ -122,38 +126,32 @@ class ShardSource:
         return False
 
     def _download(self, url: str, dest: Path) -> str:
-        last = None
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            try:
-                digest = hashlib.sha256()
-                with self._get(url, retry=False) as response, open(dest, "wb") as out:
-                    while block := response.read(1 << 20):
-                        digest.update(block)
-                        out.write(block)
-                return digest.hexdigest()
-            except (OSError, FetchError) as e:  # refused, reset, timed out, cut short, HTTP error
-                last = e
-                log.warning("fetching %s failed (%s); try %d of %d", url, e, attempt + 1, self.retries + 1)
-        raise FetchError(f"could not fetch {url} after {self.retries + 1} tries ({last}); "
-                         "check that the server is up and the URL is right.")
+        """Stream `url` into `dest`, retrying from scratch if the transfer fails; return its sha256."""
+        def once() -> str:
+            digest = hashlib.sha256()
+            with urllib.request.urlopen(url, timeout=self.timeout_s) as response, open(dest, "wb") as out:
+                while block := response.read(1 << 20):
+                    digest.update(block)
+                    out.write(block)
+            return digest.hexdigest()
 
-    def _get(self, url: str, retry: bool = True):
+        return self._with_retries(url, once)
+
+    def _get(self, url: str):
+        return self._with_retries(url, lambda: urllib.request.urlopen(url, timeout=self.timeout_s))
+
+    def _with_retries(self, url: str, attempt):
+        """Call `attempt()`; on a network error or an HTTP error status (404 too: a shard may be missing for
+        a moment while files are synced to the server) wait backoff_s, 2×, 4×, ... and try again."""
         last = None
-        for attempt in range(self.retries + 1 if retry else 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+        for n in range(self.retries + 1):
+            if n:
+                time.sleep(self.backoff_s * 2 ** (n - 1))
             try:
-                return urllib.request.urlopen(url, timeout=self.timeout_s)
-            except urllib.error.HTTPError as e:
-                last = e  # 404 too: a shard missing for a moment while files are synced to the server
-            except OSError as e:  # connection refused or reset, DNS failure, timeout
+                return attempt()
+            except OSError as e:  # refused, reset, timed out, cut short; urllib's HTTPError is an OSError too
                 last = e
-            if retry:
-                log.warning("GET %s failed (%s); try %d of %d", url, last, attempt + 1, self.retries + 1)
-        if not retry:
-            raise FetchError(str(last))
+                log.warning("fetching %s failed (%s); try %d of %d", url, e, n + 1, self.retries + 1)
         raise FetchError(f"could not fetch {url} after {self.retries + 1} tries ({last}); "
                          "check that the server is up and the URL is right.")
 
