@@ -98,6 +98,22 @@ def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def all_gather_with_grad(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's `local` (same shape on every rank), concatenated in rank order.
+
+    The other ranks' parts are constants here; this rank's part keeps its
+    gradient. A loss on the gathered batch, multiplied by the world size, then
+    gives each rank exactly its share of the gradient that one process would
+    get on the whole global batch (DDP averages the shares over ranks).
+    """
+    if not dist.is_initialized():
+        return local
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local.detach().contiguous())
+    parts[dist.get_rank()] = local
+    return torch.cat(parts)
+
+
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     """Make every rank's buffers (BatchNorm running statistics) equal to rank `src`'s."""
     if dist.is_initialized():

@@ -38,5 +38,27 @@ dist.broadcast_buffers(bn)
 report["running_mean_after_broadcast"] = bn.running_mean.tolist()
 report["sum_of_ranks"] = dist.all_reduce_sum(torch.tensor([float(ctx.rank)])).item()
 
+# Cross-rank mining: a loss on the gathered global batch gives each rank the gradient slice that a
+# single process computing on the whole global batch would get.
+torch.manual_seed(0)
+everyone = torch.randn(2 * 6, 4, dtype=torch.float64)  # the global batch, known to all ranks in this check
+labels = torch.arange(12) % 3
+
+
+def pairwise_loss(x, y):  # any loss that couples samples across the batch
+    d = torch.cdist(x, x)
+    same = (y[:, None] == y[None, :]).double()
+    return (same * d**2 + (1 - same) * torch.relu(2.0 - d) ** 2).mean()
+
+
+full = everyone.clone().requires_grad_(True)
+pairwise_loss(full, labels).backward()
+mine = everyone[ctx.rank * 6 : (ctx.rank + 1) * 6].clone().requires_grad_(True)
+gathered = dist.all_gather_with_grad(mine)
+(pairwise_loss(gathered, labels) * ctx.world_size).backward()
+report["gather_equals_global"] = torch.equal(gathered.detach(), everyone)
+# DDP would average the ranks' parameter gradients; the embedding gradient is this rank's slice times world size
+report["grad_max_diff"] = (mine.grad / ctx.world_size - full.grad[ctx.rank * 6 : (ctx.rank + 1) * 6]).abs().max().item()
+
 (out / f"rank{ctx.rank}.json").write_text(json.dumps(report))
 dist.teardown()

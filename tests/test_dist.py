@@ -35,4 +35,5 @@ def test_collectives_under_torchrun(tmp_path):
         assert rep["all_ok_when_all_ok"] is True and rep["all_ok_when_rank1_fails"] is False
         assert rep["running_mean_after_broadcast"] == [1.0, 1.0, 1.0]
         assert rep["sum_of_ranks"] == 1.0
+        assert rep["gather_equals_global"] and rep["grad_max_diff"] < 1e-12
     assert (tmp_path / "read-by-0").exists() and not (tmp_path / "read-by-1").exists()  # only rank 0 read
