@@ -40,3 +40,21 @@ class RecognitionLoss(nn.Module):
             total = total + self.metric_weight * terms["metric"]
         terms["total"] = total
         return terms
+
+
+class MinedLoss(nn.Module):
+    """A metric-learning loss on the pairs or triplets a miner picks from the batch.
+
+    `loss` and `miner` come from pytorch-metric-learning through Hydra, e.g.
+    TripletMarginLoss + BatchHardMiner (batch-hard triplets), TripletMarginLoss +
+    TripletMarginMiner(type_of_triplets=semihard), MultiSimilarityLoss +
+    MultiSimilarityMiner; see conf/loss/.
+    """
+
+    def __init__(self, loss: nn.Module, miner: nn.Module | None = None):
+        super().__init__()
+        self.loss, self.miner = loss, miner
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        pairs = self.miner(embeddings, labels) if self.miner is not None else None
+        return self.loss(embeddings, labels, pairs)

@@ -154,3 +154,11 @@ def test_own_rgb_images_from_a_folder(tmp_path):
 def test_missing_data_path_is_named(tmp_path):
     result = run_train(["data=images"], cwd=tmp_path, nproc=None)
     assert result.returncode == 2 and "data.train is not set" in result.stderr
+
+
+def test_cross_entropy_plus_triplet_trains(tiny_data, tmp_path):
+    result = run_train(tiny_args(tiny_data) + ["loss=ce_triplet", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path,
+                       nproc=None)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "TripletMarginLoss" in result.stdout  # the composed config, printed once
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["train_loss"] > 0
