@@ -217,3 +217,18 @@ def test_corrupted_jpeg_is_skipped_and_counted(tmp_path):
     batches = list(ShardStream(load_manifest(tmp_path / "out"), rank=0, world_size=1, batch_size=4, channels=3,
                                train=False))
     assert [len(b.labels) for b in batches] == [3, 1] and sum(b.skipped for b in batches) == 2
+
+
+def test_random_access_reads_the_same_samples_as_the_stream(tiny_data):
+    from recog.data.random_access import ShardRandomAccess
+
+    manifest = load_manifest(tiny_data["train"])
+    data = ShardRandomAccess(manifest)
+    assert len(data) == 1000 and data.labels.tolist() == [int(s["cls"]) for s in read_pieces(
+        manifest, [Piece(i, 0, n) for i, n in enumerate(manifest.shard_sizes)], strict=True)]
+    streamed = next(iter(ShardStream(manifest, rank=0, world_size=1, batch_size=1000, train=False)))
+    for i in (0, 383, 384, 999):
+        image, label = data[i]
+        assert torch.equal(image, streamed.images[i]) and label == streamed.labels[i]
+    subset = ShardRandomAccess(load_manifest(f"{tiny_data['train']}/train-{{000002..000002}}.tar"))
+    assert len(subset) == 232 and torch.equal(subset[0][0], streamed.images[768])

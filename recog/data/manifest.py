@@ -13,6 +13,7 @@ from recog.data.source import ShardSource, is_remote, join
 from recog.errors import ConfigError
 
 MANIFEST = "manifest.json"
+INDEX = "index.npz"  # per sample: shard, offset and size of the image in the tar, label (random access)
 FORMAT = "recog-shards/1"
 
 
@@ -30,6 +31,7 @@ class Manifest:
     classes: list[str]
     class_counts: list[int]  # of the whole folder, also when a pattern selects some of its shards
     root: str = field(default="", compare=False)  # the folder (path or URL) the shard names are relative to
+    index: str = ""  # file name of the random-access index beside the manifest ("" if none)
 
     @property
     def num_samples(self) -> int:
@@ -53,6 +55,7 @@ class Manifest:
             "classes": self.classes,
             "class_counts": self.class_counts,
             "shards": [asdict(s) for s in self.shards],
+            "index": self.index,
         }
 
 
@@ -93,7 +96,8 @@ def load_manifest(location: str | Path, source: ShardSource | None = None, *, ch
     try:
         shards = [ShardInfo(**s) for s in raw["shards"]]
         root = path.rsplit("/", 1)[0] if is_remote(path) else str(Path(path).parent)
-        manifest = Manifest(shards, list(raw["classes"]), list(raw["class_counts"]), root=root)
+        manifest = Manifest(shards, list(raw["classes"]), list(raw["class_counts"]), root=root,
+                            index=raw.get("index", ""))
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"shard manifest {path} is not valid ({e!r}); write the shards again.") from None
     if not shards or manifest.num_samples == 0:
@@ -124,7 +128,8 @@ def _select_shards(pattern: str, source: ShardSource, check_files: bool) -> Mani
     if unknown:
         raise ConfigError(f"shard {unknown[0]} (from {pattern}) is not in the manifest of {full.root}; "
                           "check the pattern against `python -m recog.data info`.")
-    manifest = Manifest([by_name[n] for n in wanted], full.classes, full.class_counts, root=full.root)
+    manifest = Manifest([by_name[n] for n in wanted], full.classes, full.class_counts, root=full.root,
+                        index=full.index)
     if check_files:
         _check_files(manifest, f"selected by {pattern}")
     return manifest

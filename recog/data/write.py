@@ -13,15 +13,17 @@ import multiprocessing
 import os
 import random
 import shutil
+import tarfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import webdataset as wds
 from tqdm import tqdm
 
 from recog.data.idx import read_idx
-from recog.data.manifest import MANIFEST, Manifest, ShardInfo, write_manifest
+from recog.data.manifest import INDEX, MANIFEST, Manifest, ShardInfo, write_manifest
 from recog.data.source import sha256_of
 from recog.errors import ConfigError
 
@@ -159,7 +161,8 @@ def reencode(data: bytes, fmt: str, quality: int) -> bytes:
 _RECORDS: Sequence[Record] = ()  # the records a forked writer process reads (closures do not pickle)
 
 
-def _write_shard(job: tuple[Path, str, list[int], str | None, int]) -> tuple[ShardInfo, list[int]]:
+def _write_shard(job: tuple[Path, str, list[int], str | None, int]) -> tuple[ShardInfo, list[int], list[tuple]]:
+    """Write one shard; return its ShardInfo, its labels, and (offset, size) of each image inside the tar."""
     out_dir, name, indices, fmt, quality = job
     tmp = out_dir / f".{name}.tmp"
     labels = []
@@ -171,8 +174,22 @@ def _write_shard(job: tuple[Path, str, list[int], str | None, int]) -> tuple[Sha
                 data, ext = reencode(data, fmt, quality), fmt
             tar.write({"__key__": f"{i:09d}", ext: data, "cls": str(rec.label).encode()})
             labels.append(rec.label)
+    with tarfile.open(tmp, "r:") as written:  # where each image's bytes landed: the random-access index
+        places = [(m.offset_data, m.size) for m in written if not m.name.endswith(".cls")]
     os.replace(tmp, out_dir / name)
-    return ShardInfo(name, len(indices), (out_dir / name).stat().st_size, sha256_of(out_dir / name)), labels
+    return ShardInfo(name, len(indices), (out_dir / name).stat().st_size, sha256_of(out_dir / name)), labels, places
+
+
+def write_index(out_dir: Path, shards: list[ShardInfo], labels: list[list[int]], places: list[list[tuple]]) -> str:
+    """index.npz: for every sample, its shard, the offset and size of its image in the tar, and its label."""
+    counts = [len(x) for x in labels]
+    np.savez(out_dir / INDEX,
+             shard=np.repeat(np.arange(len(shards), dtype=np.int32), counts),
+             offset=np.array([o for p in places for o, _ in p], dtype=np.int64),
+             size=np.array([n for p in places for _, n in p], dtype=np.int64),
+             label=np.array([x for per_shard in labels for x in per_shard], dtype=np.int64),
+             shard_names=np.array([s.name for s in shards]))
+    return INDEX
 
 
 def write_shards(
@@ -214,11 +231,15 @@ def write_shards(
     _RECORDS = records
     counts = [0] * len(classes)
     shards: list[ShardInfo] = []
+    all_labels: list[list[int]] = []
+    all_places: list[list[tuple]] = []
     bar = tqdm(total=len(order), desc=f"writing {out_dir}", unit="img", disable=not progress)
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
     try:
-        for info, labels in (pool.imap(_write_shard, jobs) if pool else map(_write_shard, jobs)):
+        for info, labels, places in (pool.imap(_write_shard, jobs) if pool else map(_write_shard, jobs)):
             shards.append(info)
+            all_labels.append(labels)
+            all_places.append(places)
             for label in labels:
                 counts[label] += 1
             bar.update(len(labels))
@@ -227,7 +248,8 @@ def write_shards(
             pool.terminate()
         _RECORDS = ()
         bar.close()
-    manifest = Manifest(shards, list(classes), counts, root=str(out_dir))
+    index = write_index(out_dir, shards, all_labels, all_places)
+    manifest = Manifest(shards, list(classes), counts, root=str(out_dir), index=index)
     write_manifest(manifest, out_dir)
     return manifest
 

@@ -1,0 +1,83 @@
+"""Read any sample of a set of shards by its index: what the P×K sampler needs.
+
+`index.npz`, written with the shards, gives each sample's shard and the offset
+and size of its image inside the tar, so a read is one seek and one read, with
+no tar parsing. Remote shards are read from the node cache (fetched on first use).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from recog.data.manifest import Manifest
+from recog.data.source import ShardSource, is_remote, join
+from recog.data.stream import Batch, decode_image
+from recog.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+
+def load_index(manifest: Manifest, source: ShardSource) -> dict[str, np.ndarray]:
+    if not manifest.index:
+        raise ConfigError(f"the shards at {manifest.root} have no index.npz (written by an older recog); write them "
+                          "again with `python -m recog.data write ...` to read them by index (sampler=pk).")
+    with np.load(io.BytesIO(source.read_bytes(join(manifest.root, manifest.index))), allow_pickle=False) as npz:
+        return {key: npz[key] for key in npz.files}
+
+
+class ShardRandomAccess(Dataset):
+    """Map-style data set over shards: item i is (uint8 image C×H×W after `transform`, label), or None if unreadable."""
+
+    def __init__(self, manifest: Manifest, source: ShardSource | None = None,
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None, channels: int = 1):
+        self.manifest, self.source = manifest, source or ShardSource()
+        if is_remote(manifest.root) and self.source.cache_dir is None:
+            raise ConfigError("reading remote shards by index needs a node cache; set data.cache_dir.")
+        index = load_index(manifest, self.source)
+        # a brace pattern may have selected some of the folder's shards: keep their samples only
+        position = {s.name: i for i, s in enumerate(manifest.shards)}
+        shard = np.array([position.get(str(n), -1) for n in index["shard_names"]])[index["shard"]]
+        keep = shard >= 0
+        self.shard, self.offset, self.size = shard[keep], index["offset"][keep], index["size"][keep]
+        self.labels = index["label"][keep]
+        self.transform, self.channels = transform, channels
+        self._files: dict[int, object] = {}
+
+    def __getstate__(self):  # open files stay in the process that opened them
+        return {**self.__dict__, "_files": {}}
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _file(self, shard: int):
+        if shard not in self._files:
+            url, sha = self.manifest.url(shard), self.manifest.shards[shard].sha256
+            path = url if not is_remote(url) else self.source.cached(url, sha)
+            self._files[shard] = open(path, "rb")
+        return self._files[shard]
+
+    def __getitem__(self, i: int):
+        shard = int(self.shard[i])
+        try:
+            f = self._file(shard)
+            f.seek(int(self.offset[i]))
+            image = decode_image(f.read(int(self.size[i])), self.channels)
+        except (OSError, ValueError) as e:
+            log.warning("skipping unreadable sample %d of %s (%s)", i, self.manifest.url(shard), e)
+            return None
+        return (self.transform(image) if self.transform else image), int(self.labels[i])
+
+
+def collate(items: list) -> Batch:
+    """Stack the readable items of a P×K batch; unreadable ones are counted in `skipped`."""
+    good = [item for item in items if item is not None]
+    if not good:
+        raise DataError("every sample of a P×K batch was unreadable; the shards are damaged: write them again.")
+    return Batch(torch.stack([image for image, _ in good]), torch.tensor([label for _, label in good]),
+                 len(items) - len(good))
