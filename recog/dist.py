@@ -114,6 +114,20 @@ def all_gather_with_grad(local: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def all_gather_uneven(local: torch.Tensor) -> torch.Tensor:
+    """Every rank's `local`, concatenated in rank order, when ranks hold different numbers of rows."""
+    if not dist.is_initialized():
+        return local
+    sizes = [torch.zeros(1, dtype=torch.int64, device=local.device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([len(local)], device=local.device))
+    sizes = [int(s.item()) for s in sizes]
+    padded = torch.zeros((max(sizes), *local.shape[1:]), dtype=local.dtype, device=local.device)
+    padded[: len(local)] = local
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
     """Make every rank's buffers (BatchNorm running statistics) equal to rank `src`'s."""
     if dist.is_initialized():

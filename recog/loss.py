@@ -16,7 +16,8 @@ class RecognitionLoss(nn.Module):
 
     `metric` is any callable (embeddings, labels) -> scalar tensor, set in
     `conf/loss/` with Hydra's `_target_`; None (the default) trains on
-    cross-entropy alone.
+    cross-entropy alone. With `cross_rank`, the metric term sees the whole
+    global batch (every rank's embeddings), so negatives are mined across ranks.
     """
 
     def __init__(
@@ -25,10 +26,15 @@ class RecognitionLoss(nn.Module):
         label_smoothing: float = 0.0,
         metric: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         metric_weight: float = 0.0,
+        cross_rank: bool = False,
     ):
         super().__init__()
         self.ce_weight, self.label_smoothing = ce_weight, label_smoothing
         self.metric, self.metric_weight = metric, metric_weight
+        self.cross_rank = cross_rank
+        # With cross_rank, the training loop sets this to a function that concatenates a tensor over all
+        # ranks, keeping the gradient of this rank's part (recog.dist.all_gather_with_grad).
+        self.gather: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, output: Output, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         if len(labels) == 0:  # a batch whose samples were all unreadable: zero loss, zero gradients
@@ -36,8 +42,13 @@ class RecognitionLoss(nn.Module):
         terms = {"ce": F.cross_entropy(output.logits, labels, label_smoothing=self.label_smoothing)}
         total = self.ce_weight * terms["ce"]
         if self.metric is not None and self.metric_weight:
-            terms["metric"] = self.metric(output.embeddings, labels)
-            total = total + self.metric_weight * terms["metric"]
+            embeddings = output.embeddings
+            if self.gather is not None:  # mine over the global batch (equal batch sizes on every rank)
+                embeddings, labels = self.gather(embeddings), self.gather(labels)
+            terms["metric"] = self.metric(embeddings, labels)
+            # × ranks: each rank holds only its share of the gradient, and DDP averages the shares
+            ranks = len(embeddings) // len(output.embeddings)
+            total = total + self.metric_weight * terms["metric"] * ranks
         terms["total"] = total
         return terms
 

@@ -17,6 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
 from torch.optim.lr_scheduler import LambdaLR
 
 from recog import dist
@@ -24,10 +25,13 @@ from recog.checkpoint import load_checkpoint, save_epoch_checkpoint, write_json
 from recog.data.manifest import load_manifest
 from recog.data.prepare import check_can_prepare, missing_splits, prepare_shards
 from recog.data.source import ShardSource
+from recog.data.random_access import ShardRandomAccess, collate
 from recog.data.stream import Normalize, ShardStream, make_loader
 from recog.errors import ConfigError, DataError
 from recog.log import make_writer, setup_logging
 from recog.model import check_backbone_name, load_weights
+from recog.retrieval import retrieval_metrics
+from recog.sampler import DistributedBatchSampler
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -71,7 +75,19 @@ def shard_source(data_cfg: DictConfig) -> ShardSource:
                        timeout_s=data_cfg.http.timeout_s, allowed_schemes=tuple(data_cfg.allowed_schemes))
 
 
-def build_data(cfg: DictConfig, ctx: dist.Dist) -> tuple[ShardStream, ShardStream]:
+@dataclass
+class TrainData:
+    loader: DataLoader
+    epochs: ShardStream | DistributedBatchSampler  # set_epoch(e) before each epoch; len() = steps per epoch
+    batch_size: int  # per rank
+    classes: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def build_data(cfg: DictConfig, ctx: dist.Dist) -> tuple[TrainData, ShardStream]:
     def write_missing_shards():  # first use: one process per node writes them, the others wait
         if ctx.local_rank == 0 and missing_splits(cfg.data):
             prepare_shards(cfg.data, progress=ctx.is_main)
@@ -83,17 +99,26 @@ def build_data(cfg: DictConfig, ctx: dist.Dist) -> tuple[ShardStream, ShardStrea
         if train.classes != test.classes:
             raise ConfigError(f"the train and test shards name different classes ({cfg.data.train} vs "
                               f"{cfg.data.test}); write both from the same source.")
-        return train, test
+        random_access = ShardRandomAccess(train, source, instantiate(cfg.data.train_transform), cfg.data.channels) \
+            if cfg.sampler.name == "pk" else None
+        return train, test, random_access
 
     # Every rank makes both calls, whatever it finds on its own disk, so the collectives stay paired.
     dist.fail_together(write_missing_shards, ctx, "writing the shards")
-    train_manifest, test_manifest = dist.fail_together(open_manifests, ctx, "opening the shard manifests")
+    train_manifest, test_manifest, random_access = dist.fail_together(open_manifests, ctx, "opening the shards")
+    pin = ctx.device.type == "cuda"
     common = dict(rank=ctx.rank, world_size=ctx.world_size, batch_size=cfg.batch_size, channels=cfg.data.channels,
                   seed=cfg.seed, strict=cfg.data.strict, source=source)
-    train_set = ShardStream(train_manifest, transform=instantiate(cfg.data.train_transform), train=True,
-                            shuffle_block=cfg.data.shuffle_block, **common)
     test_set = ShardStream(test_manifest, transform=instantiate(cfg.data.test_transform), train=False, **common)
-    return train_set, test_set
+    if random_access is not None:  # class-balanced P×K batches for metric learning
+        sampler = DistributedBatchSampler(random_access.labels, cfg.sampler.p, cfg.sampler.k, rank=ctx.rank,
+                                          world_size=ctx.world_size, seed=cfg.seed)
+        loader = make_loader(random_access, cfg.data.num_workers, pin, batch_sampler=sampler, collate_fn=collate)
+        return TrainData(loader, sampler, cfg.sampler.p * cfg.sampler.k, train_manifest.classes), test_set
+    stream = ShardStream(train_manifest, transform=instantiate(cfg.data.train_transform), train=True,
+                         shuffle_block=cfg.data.shuffle_block, **common)
+    loader = make_loader(stream, cfg.data.num_workers, pin)
+    return TrainData(loader, stream, cfg.batch_size, train_manifest.classes), test_set
 
 
 @dataclass
@@ -154,21 +179,44 @@ def train_one_epoch(model, loader, normalize, loss_fn, optimizer, scheduler, ctx
     return EpochStats(step, loss_total / max(n, 1), int(n), seconds, wait / ctx.world_size / seconds, int(skipped))
 
 
+@dataclass
+class Evaluation:
+    top1: float
+    seen: int  # test samples evaluated, over all ranks: each exactly once
+    retrieval: dict[str, float]  # recall@1/5/10 and map@r, when asked for
+    embeddings: torch.Tensor | None = None  # this rank's, for the projector
+    labels: torch.Tensor | None = None
+    images: torch.Tensor | None = None  # this rank's first images, uint8, for the projector's thumbnails
+
+
 @torch.no_grad()
-def evaluate(model, loader, normalize, ctx: dist.Dist) -> tuple[float, int]:
-    """Top-1 over the test split. Each rank holds a disjoint slice (no padding), so the
-    all-reduced count is the number of test samples read, each exactly once."""
+def evaluate(model, loader, normalize, ctx: dist.Dist, retrieval: bool = False, keep_images: int = 0) -> Evaluation:
+    """Top-1 over the test split, and optionally retrieval metrics with each test image queried against
+    all the others. Each rank holds a disjoint slice (no padding), so every test image counts exactly once."""
     model.eval()
     counts = torch.zeros(2, device=ctx.device, dtype=torch.int64)  # [correct, seen]
+    embeddings, labels_seen, images = [], [], []
     for batch in loader:
         if len(batch.labels) == 0:  # all of its samples unreadable (counted by the loader)
             continue
         labels = batch.labels.to(ctx.device, non_blocking=True)
-        logits = model(normalize(batch.images.to(ctx.device, non_blocking=True))).logits
-        counts += torch.stack([(logits.argmax(dim=1) == labels).sum(), torch.tensor(len(labels), device=ctx.device)])
+        out = model(normalize(batch.images.to(ctx.device, non_blocking=True)))
+        counts += torch.stack([(out.logits.argmax(dim=1) == labels).sum(), torch.tensor(len(labels), device=ctx.device)])
+        if retrieval:
+            embeddings.append(out.embeddings)
+            labels_seen.append(labels)
+            if sum(len(x) for x in images) < keep_images:
+                images.append(batch.images)
     model.train()
     correct, seen = dist.all_reduce_sum(counts).tolist()
-    return correct / max(seen, 1), seen
+    result = Evaluation(correct / max(seen, 1), seen, {})
+    if retrieval:
+        result.embeddings, result.labels = torch.cat(embeddings), torch.cat(labels_seen)
+        result.images = torch.cat(images)[:keep_images] if images else None
+        # every rank gathers the whole test set (slices of unequal size) and computes the same figures
+        result.retrieval = retrieval_metrics(dist.all_gather_uneven(result.embeddings),
+                                             dist.all_gather_uneven(result.labels))
+    return result
 
 
 def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path) -> dict:
@@ -177,25 +225,28 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path) -> dict:
         log.info("config:\n%s", OmegaConf.to_yaml(cfg))
     torch.manual_seed(cfg.seed)
 
-    train_set, test_set = build_data(cfg, ctx)
+    train_data, test_set = build_data(cfg, ctx)
     pin = ctx.device.type == "cuda"
-    train_loader = make_loader(train_set, cfg.data.num_workers, pin)
     test_loader = make_loader(test_set, cfg.data.num_workers, pin)
     normalize = Normalize(cfg.data.mean, cfg.data.std, ctx.device)
 
-    model = instantiate(cfg.model, num_classes=train_set.manifest.num_classes, in_channels=cfg.data.channels)
+    model = instantiate(cfg.model, num_classes=train_data.num_classes, in_channels=cfg.data.channels)
     if cfg.weights:  # only rank 0 reads the file; DDP below copies rank 0's weights to every rank
         load_weights(model, dist.run_on_rank0(lambda: load_checkpoint(cfg.weights), ctx, "reading model weights"))
     model.to(ctx.device)  # before the optimizer exists: its state must live where the parameters live
 
-    steps_per_epoch = len(train_set)
-    global_batch = cfg.batch_size * ctx.world_size
+    steps_per_epoch = len(train_data.epochs)
+    global_batch = train_data.batch_size * ctx.world_size
     lr = cfg.optim.lr * global_batch / cfg.optim.reference_batch  # linear scaling rule (Goyal et al., 2017)
     optimizer = instantiate(cfg.optim.optimizer)(model.parameters(), lr=lr)
     lr_factor = partial(warmup_cosine, warmup_steps=round(cfg.schedule.warmup_epochs * steps_per_epoch),
                         total_steps=cfg.epochs * steps_per_epoch)
     scheduler = LambdaLR(optimizer, lr_factor)
     loss_fn = instantiate(cfg.loss)
+    if loss_fn.cross_rank and ctx.is_distributed:
+        if cfg.sampler.name != "pk":
+            raise ConfigError("loss.cross_rank=true needs equal batches on every rank; use sampler=pk.")
+        loss_fn.gather = dist.all_gather_with_grad
 
     start_epoch, step, best_top1 = 0, 0, -1.0
     if cfg.resume:
@@ -220,28 +271,39 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path) -> dict:
 
     log.info("world size %d (%s on %s) | per-rank batch %d, global batch %d | %d steps per epoch, %d epochs | "
              "lr %.4g = %.4g x %d / %d", ctx.world_size, ctx.backend or "single process", ctx.device,
-             cfg.batch_size, global_batch, steps_per_epoch, cfg.epochs, lr, cfg.optim.lr, global_batch,
+             train_data.batch_size, global_batch, steps_per_epoch, cfg.epochs, lr, cfg.optim.lr, global_batch,
              cfg.optim.reference_batch)
 
     writer = make_writer(run_dir, ctx.is_main)
-    top1, eval_count, images, seconds, skipped, stats = float("nan"), 0, 0, 0.0, 0, None
-    train_set.set_epoch(start_epoch)
-    batches = iter(train_loader)  # starts the workers
+    top1, eval_count, images, seconds, skipped, stats, retrieval = float("nan"), 0, 0, 0.0, 0, None, {}
+    train_data.epochs.set_epoch(start_epoch)
+    batches = iter(train_data.loader)  # starts the workers
     for epoch in range(start_epoch, cfg.epochs):
         stats = train_one_epoch(ddp, batches, normalize, loss_fn, optimizer, scheduler, ctx, writer, step,
                                 cfg.log_every, first_of_run=epoch == start_epoch)
         step, images, seconds, skipped = stats.step, images + stats.images, seconds + stats.seconds, skipped + stats.skipped
         if epoch + 1 < cfg.epochs:  # the workers fill their queue with the next epoch while we evaluate
-            train_set.set_epoch(epoch + 1)
-            batches = iter(train_loader)
+            train_data.epochs.set_epoch(epoch + 1)
+            batches = iter(train_data.loader)
 
         dist.broadcast_buffers(model)  # rank 0's BatchNorm statistics everywhere: all ranks evaluate one model
-        top1, eval_count = evaluate(model, test_loader, normalize, ctx)
+        last_epoch = epoch + 1 == cfg.epochs
+        result = evaluate(model, test_loader, normalize, ctx, retrieval=cfg.eval.retrieval,
+                          keep_images=cfg.eval.projector if last_epoch else 0)
+        top1, eval_count, retrieval = result.top1, result.seen, result.retrieval
         best_top1 = max(best_top1, top1)
-        log.info("epoch %d/%d | loss %.4f | top-1 %.4f on %d test images | %.0f images/s | data wait %.1f%%%s",
-                 epoch + 1, cfg.epochs, stats.loss, top1, eval_count, stats.images / stats.seconds,
+        log.info("epoch %d/%d | loss %.4f | top-1 %.4f on %d test images%s | %.0f images/s | data wait %.1f%%%s",
+                 epoch + 1, cfg.epochs, stats.loss, top1, eval_count,
+                 "".join(f" | {k} {v:.4f}" for k, v in retrieval.items()), stats.images / stats.seconds,
                  100 * stats.data_wait, f" | skipped {stats.skipped} unreadable samples" if stats.skipped else "")
         writer.add_scalar("eval/top1", top1, step)
+        for name, value in retrieval.items():
+            writer.add_scalar(f"eval/{name}", value, step)
+        if result.images is not None:  # TensorBoard's projector: a sample of the test embeddings, with thumbnails
+            n = len(result.images)
+            writer.add_embedding(result.embeddings[:n].cpu(), global_step=step, tag="test",
+                                 metadata=[train_data.classes[i] for i in result.labels[:n].tolist()],
+                                 label_img=result.images.float().div(255).expand(-1, 3, -1, -1))
         writer.add_scalar("train/epoch_loss", stats.loss, step)
         writer.add_scalar("train/epoch_images_per_s", stats.images / stats.seconds, step)
         writer.add_scalar("train/epoch_data_wait_frac", stats.data_wait, step)
@@ -262,6 +324,7 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path) -> dict:
         "train_loss": stats.loss if stats else float("nan"),
         "data_wait_frac": stats.data_wait if stats else float("nan"), "skipped_samples": skipped,
         "world_size": ctx.world_size, "global_batch": global_batch, "lr": lr,
+        **(retrieval if stats else {}),
     }
     if ctx.is_main:
         write_json(metrics, run_dir / "metrics.json")

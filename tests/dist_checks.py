@@ -60,5 +60,8 @@ report["gather_equals_global"] = torch.equal(gathered.detach(), everyone)
 # DDP would average the ranks' parameter gradients; the embedding gradient is this rank's slice times world size
 report["grad_max_diff"] = (mine.grad / ctx.world_size - full.grad[ctx.rank * 6 : (ctx.rank + 1) * 6]).abs().max().item()
 
+uneven = torch.arange(3 + ctx.rank, dtype=torch.float32)[:, None] + 10 * ctx.rank  # 3 rows on rank 0, 4 on rank 1
+report["gathered_uneven"] = dist.all_gather_uneven(uneven)[:, 0].tolist()
+
 (out / f"rank{ctx.rank}.json").write_text(json.dumps(report))
 dist.teardown()

@@ -36,4 +36,5 @@ def test_collectives_under_torchrun(tmp_path):
         assert rep["running_mean_after_broadcast"] == [1.0, 1.0, 1.0]
         assert rep["sum_of_ranks"] == 1.0
         assert rep["gather_equals_global"] and rep["grad_max_diff"] < 1e-12
+        assert rep["gathered_uneven"] == [0.0, 1.0, 2.0, 10.0, 11.0, 12.0, 13.0]  # each row once, in rank order
     assert (tmp_path / "read-by-0").exists() and not (tmp_path / "read-by-1").exists()  # only rank 0 read

@@ -54,3 +54,13 @@ def _euclidean():
     from pytorch_metric_learning.distances import LpDistance
 
     return LpDistance(normalize_embeddings=False)
+
+
+def test_semi_hard_triplets_by_override():
+    overrides = ["metric.miner._target_=pytorch_metric_learning.miners.TripletMarginMiner",
+                 "+metric.miner.type_of_triplets=semihard", "+metric.miner.margin=0.2"]
+    with initialize(version_base="1.3", config_path="../conf/loss"):
+        loss_fn = instantiate(compose(config_name="ce_triplet", overrides=overrides))
+    assert loss_fn.metric.miner.type_of_triplets == "semihard"
+    out, labels = batch()
+    assert torch.isfinite(loss_fn(out, labels)["total"])

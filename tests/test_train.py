@@ -162,3 +162,23 @@ def test_cross_entropy_plus_triplet_trains(tiny_data, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     assert "TripletMarginLoss" in result.stdout  # the composed config, printed once
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["train_loss"] > 0
+
+
+def test_pk_retrieval_under_torchrun(tiny_data, tmp_path):
+    """experiment=retrieval_fashion on tiny shards: P×K batches read by index, triplets mined across the two
+    ranks, retrieval metrics, projector."""
+    result = run_train(tiny_args(tiny_data, epochs=1) + ["experiment=retrieval_fashion", "sampler.p=3", "sampler.k=8",
+                                                         "loss.cross_rank=true", "eval.projector=20",
+                                                         f"hydra.run.dir={tmp_path / 'run'}"],
+                       cwd=tmp_path, nproc=2)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "per-rank batch 24, global batch 48 | 20 steps per epoch" in result.stdout  # 1000 // (2 x 3 x 8)
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["eval_samples"] == 301
+    for name in ("recall@1", "recall@5", "recall@10", "map@r"):
+        assert 0 < metrics[name] <= 1
+    assert metrics["recall@1"] <= metrics["recall@5"] <= metrics["recall@10"]
+    scalars = read_scalars(tmp_path / "run" / "tb")
+    assert scalars["eval/recall@1"][-1] == pytest.approx(metrics["recall@1"])
+    projector = list((tmp_path / "run" / "tb").rglob("projector_config.pbtxt"))
+    assert projector and list((tmp_path / "run" / "tb").rglob("sprite.png"))  # embeddings with thumbnails

@@ -210,9 +210,11 @@ class Normalize:
         return (images.float() - self.mean) / self.std
 
 
-def make_loader(dataset: ShardStream, num_workers: int, pin_memory: bool) -> DataLoader:
-    """Batches are formed inside the workers (batch_size=None): one pickled tensor per batch, not per image."""
+def make_loader(dataset, num_workers: int, pin_memory: bool, batch_sampler=None, collate_fn=None) -> DataLoader:
+    """A ShardStream forms its batches inside the workers (batch_size=None: one pickled tensor per batch);
+    a map-style data set gets its batches of indices from `batch_sampler`."""
+    batching = {"batch_sampler": batch_sampler, "collate_fn": collate_fn} if batch_sampler else {"batch_size": None}
     if not num_workers:
-        return DataLoader(dataset, batch_size=None, pin_memory=pin_memory)
-    return DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=4,
-                      multiprocessing_context=worker_context(), persistent_workers=True)
+        return DataLoader(dataset, pin_memory=pin_memory, **batching)
+    return DataLoader(dataset, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=4,
+                      multiprocessing_context=worker_context(), persistent_workers=True, **batching)
