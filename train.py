@@ -15,7 +15,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from recog.dist import print0
+from recog.dist import RankTimeout, print0
 from recog.errors import ConfigError
 from recog.rundir import register_resolvers
 from recog.train import run
@@ -30,6 +30,9 @@ def main(cfg: DictConfig) -> float:
     except ConfigError as e:  # a mistake the user can fix: one sentence, no traceback
         print0(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RankTimeout as e:  # said by the rank that noticed, whichever it is
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,15 @@ def setup(backend: str | None = None, timeout_s: float = 600.0) -> Dist:
     return Dist(rank, local_rank, world_size, local_world_size, device, backend)
 
 
+class RankTimeout(RuntimeError):
+    """A collective waited longer than the configured timeout for another rank."""
+
+
+def is_timeout(error: BaseException) -> bool:
+    """gloo reports a missing peer as 'Timed out waiting ...'; NCCL's watchdog as a DistBackendError timeout."""
+    return "timed out" in str(error).lower() or "timeout" in type(error).__name__.lower()
+
+
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

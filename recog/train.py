@@ -58,6 +58,13 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     ctx = dist.setup(cfg.dist.backend, cfg.dist.timeout_s)
     try:
         return train(cfg, ctx, Path(run_dir or HydraConfig.get().runtime.output_dir))
+    except RuntimeError as e:
+        if ctx.is_distributed and dist.is_timeout(e):
+            raise dist.RankTimeout(
+                f"rank {ctx.rank}: another rank did not answer within dist.timeout_s={cfg.dist.timeout_s:g} s "
+                "(it stopped, hung or died); stopping rather than waiting longer."
+            ) from e
+        raise
     finally:
         dist.teardown()
 

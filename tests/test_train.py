@@ -182,3 +182,53 @@ def test_pk_retrieval_under_torchrun(tiny_data, tmp_path):
     assert scalars["eval/recall@1"][-1] == pytest.approx(metrics["recall@1"])
     projector = list((tmp_path / "run" / "tb").rglob("projector_config.pbtxt"))
     assert projector and list((tmp_path / "run" / "tb").rglob("sprite.png"))  # embeddings with thumbnails
+
+
+def test_a_stopped_rank_makes_the_other_fail_within_the_timeout(tiny_data, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from conftest import train_cmd
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(train_cmd(2) + tiny_args(tiny_data, epochs=200, **{"dist.timeout_s": 8}) + [
+        f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    ranks: dict[int, int] = {}  # rank -> pid
+    try:
+        deadline = time.time() + 120
+        while len(ranks) < 2 and time.time() < deadline:  # wait until training runs, then find the ranks
+            time.sleep(0.5)
+            if (tmp_path / "run" / "checkpoints").exists():
+                for child in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                            text=True).stdout.split():
+                    environ = open(f"/proc/{child}/environ", "rb").read()
+                    for rank in (0, 1):
+                        if f"RANK={rank}\0".encode() in environ and b"LOCAL_RANK" in environ:
+                            ranks.setdefault(rank, int(child))
+        assert len(ranks) == 2, "training never started"
+        os.kill(ranks[1], signal.SIGSTOP)  # rank 1 stops answering, without dying
+        start = time.time()
+        while alive(ranks[0]) and time.time() - start < 120:
+            time.sleep(0.2)
+        waited = time.time() - start  # until rank 0 gave up
+        _, stderr = proc.communicate(timeout=90)
+    finally:
+        for pid in ranks.values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.kill()
+    assert proc.returncode != 0
+    assert "rank 0: another rank did not answer within dist.timeout_s=8 s" in stderr, stderr[-3000:]
+    assert 8 <= waited < 8 + 10  # the configured timeout, not the 30-minute default
+
+
+def alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
