@@ -13,7 +13,6 @@ import fcntl
 import hashlib
 import logging
 import os
-import shutil
 import time
 import urllib.error
 import urllib.request
@@ -176,6 +175,3 @@ def _locked(lock_path: Path):
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 
-
-def clear_cache(cache_dir: str | Path) -> None:
-    shutil.rmtree(cache_dir, ignore_errors=True)
