@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from recog.dist import RankTimeout, print0
 from recog.errors import ConfigError
+from recog.preempt import EXIT_CODE as PREEMPTED, Preempted
 from recog.rundir import register_resolvers
 from recog.train import run
 
@@ -30,6 +31,9 @@ def main(cfg: DictConfig) -> float:
     except ConfigError as e:  # a mistake the user can fix: one sentence, no traceback
         print0(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except Preempted as e:  # SIGTERM/SIGUSR1: a checkpoint was written; the same command continues the run
+        print0(f"preempted: {e}; exit code {PREEMPTED}", file=sys.stderr)
+        sys.exit(PREEMPTED)
     except RankTimeout as e:  # said by the rank that noticed, whichever it is
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)

@@ -16,9 +16,11 @@ import argparse
 import statistics
 import time
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -27,7 +29,8 @@ from recog.data.stream import Batch, Normalize
 from recog.log import NullWriter
 from recog.loss import RecognitionLoss
 from recog.model import RecognitionModel
-from recog.train import train_one_epoch, warmup_cosine
+from recog.preempt import StopOnSignal
+from recog.train import Checkpoints, train_one_epoch, warmup_cosine
 
 
 def make_model(ctx, args):
@@ -40,7 +43,7 @@ def make_model(ctx, args):
 
 
 def bare_epoch(model, batches, optimizer):
-    for images, labels, _ in batches:
+    for images, labels, *_ in batches:
         device = model_device(model)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         images = (images.float() / 255 - 0.286) / 0.353
@@ -84,9 +87,14 @@ def main() -> None:
     recog_model, recog_opt = make_model(ctx, args)
     scheduler = LambdaLR(recog_opt, partial(warmup_cosine, warmup_steps=10, total_steps=10**9))
     loss_fn, writer, normalize = RecognitionLoss(), NullWriter(), Normalize([0.286], [0.353], ctx.device)
+    # the default job's checkpoint settings (only at the end of an epoch) and the per-step stop-flag exchange
+    cfg = OmegaConf.create({"checkpoint": {"keep": 1, "every_steps": 0, "every_minutes": 0}})
+    checkpoints = Checkpoints(cfg, ctx, Path("unused"), recog_model, recog_opt, scheduler, 10**9, {})
+    stop = StopOnSignal()
 
     def run_recog():
-        train_one_epoch(recog_model, batches, normalize, loss_fn, recog_opt, scheduler, ctx, writer, 0, log_every=10)
+        train_one_epoch(recog_model, batches, normalize, loss_fn, recog_opt, scheduler, ctx, writer, 0,
+                        log_every=10, epoch=0, consumed=[0], checkpoints=checkpoints, stop=stop)
 
     def run_bare():
         bare_epoch(bare_model, batches, bare_opt)
@@ -104,6 +112,7 @@ def main() -> None:
             print(f"{i:>5} {b:>11.0f} {r:>12.0f} {r / b:>6.3f}")
         b, r = statistics.median(bare), statistics.median(ours)
         print(f"median: bare {b:.0f} img/s, recog {r:.0f} img/s, ratio recog/bare = {r / b:.3f} (target >= 0.95)")
+    stop.close()
     dist.teardown()
 
 

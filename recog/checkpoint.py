@@ -53,17 +53,35 @@ def _link_atomically(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def save_epoch_checkpoint(state: dict[str, Any], folder: str | Path, epoch: int, keep: int, is_best: bool) -> Path:
-    """Write `epoch-NNNN.pt`, point `last.pt` (and `best.pt` when `is_best`) at it, keep the newest `keep`."""
+def save_step_checkpoint(state: dict[str, Any], folder: str | Path, step: int, keep: int, is_best: bool) -> Path:
+    """Write `step-NNNNNNNNN.pt`, point `last.pt` (and `best.pt` when `is_best`) at it, keep the newest `keep`."""
     folder = Path(folder)
-    path = save_checkpoint(state, folder / f"epoch-{epoch:04d}.pt")
+    path = save_checkpoint(state, folder / f"step-{step:09d}.pt")
     _link_atomically(path, folder / "last.pt")
     if is_best:
         _link_atomically(path, folder / "best.pt")
-    for old in sorted(folder.glob("epoch-*.pt"))[:-keep]:  # last.pt and best.pt keep their own links
+    for old in sorted(folder.glob("step-*.pt"))[:-keep]:  # last.pt and best.pt keep their own links
         old.unlink()
     _fsync_dir(folder)
     return path
+
+
+def load_newest_checkpoint(folder: str | Path, log) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint in `folder` that can be read, or None if there is none.
+
+    One that cannot be read (cut short by a crash of the disk or the node, or damaged)
+    is reported and left in place, and the one before it is tried.
+    """
+    paths = sorted(Path(folder).glob("step-*.pt"), reverse=True)
+    for path in paths:
+        try:
+            return path, load_checkpoint(path)
+        except ConfigError as e:
+            log.warning("%s Trying the one before it.", e)
+    if paths:
+        raise ConfigError(f"none of the {len(paths)} checkpoints in {folder} can be read; move them away to "
+                          "start this run over, or give resume= a good one.")
+    return None
 
 
 def write_json(data: dict, path: str | Path) -> Path:

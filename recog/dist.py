@@ -72,12 +72,49 @@ def setup(backend: str | None = None, timeout_s: float = 600.0) -> Dist:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
+    # On GPUs the process group gets a gloo backend for CPU tensors beside NCCL: small control messages
+    # (a stop flag every step, see AnyRankFlag) then travel without waiting for the GPU.
     dist.init_process_group(
-        backend,
+        "cpu:gloo,cuda:nccl" if backend == "nccl" else backend,
         timeout=timedelta(seconds=timeout_s),
         device_id=device if device.type == "cuda" else None,
     )
     return Dist(rank, local_rank, world_size, local_world_size, device, backend)
+
+
+class AnyRankFlag:
+    """Whether any rank has raised a flag, learnt one call later so that no step waits for it.
+
+    Every rank calls `exchange(mine)` once per step: it posts this rank's flag in an
+    all-reduce and returns the result of the previous call's all-reduce, which has
+    long finished by then. Every rank gets the same answer at the same call.
+    """
+
+    def __init__(self):
+        self._flag, self._work = None, None
+
+    def exchange(self, mine: bool) -> bool:
+        if not dist.is_initialized():
+            return mine
+        seen = False
+        if self._work is not None:
+            self._work.wait()
+            seen = bool(self._flag.item())
+        self._flag = torch.tensor([int(mine)])  # a CPU tensor: gloo carries it, even beside NCCL
+        self._work = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, async_op=True)
+        return seen
+
+    def finish(self) -> None:
+        """Wait for the last exchange: every rank posted it, so this returns at once."""
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+
+
+def control_barrier() -> None:
+    """Wait until every rank is here (an all-reduce of a CPU tensor: no GPU involved)."""
+    if dist.is_initialized():
+        dist.all_reduce(torch.zeros(1))
 
 
 class RankTimeout(RuntimeError):

@@ -33,5 +33,7 @@ class NullWriter:
         return lambda *args, **kwargs: None
 
 
-def make_writer(run_dir: Path, is_main: bool):
-    return SummaryWriter(log_dir=str(run_dir / "tb")) if is_main else NullWriter()
+def make_writer(run_dir: Path, is_main: bool, purge_step: int | None = None):
+    """purge_step: when a run resumes in its own directory, events the interrupted run logged at this
+    step or later are hidden, so the curves do not show those steps twice."""
+    return SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=purge_step) if is_main else NullWriter()

@@ -46,8 +46,10 @@ class DistributedBatchSampler:
         self.steps = steps_per_epoch or max(1, len(labels) // (world_size * p * k))
         self.epoch, self._done = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch, self._done = epoch, 0
+    def set_epoch(self, epoch: int, consumed: Sequence[int] = ()) -> None:
+        """Start `epoch`; `consumed` (batches already trained on, as counted by the training loop,
+        which may be fewer than the loader fetched ahead) resumes mid-epoch after them."""
+        self.epoch, self._done = epoch, sum(consumed)
 
     def __len__(self) -> int:
         return self.steps

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from torch.optim.lr_scheduler import LambdaLR
 
 from recog import dist
-from recog.checkpoint import load_checkpoint, save_epoch_checkpoint, write_json
+from recog.checkpoint import load_checkpoint, load_newest_checkpoint, save_step_checkpoint, write_json
 from recog.data.manifest import load_manifest
 from recog.data.prepare import check_can_prepare, missing_splits, prepare_shards
 from recog.data.source import ShardSource
@@ -30,6 +30,7 @@ from recog.data.stream import Normalize, ShardStream, make_loader
 from recog.errors import ConfigError, DataError
 from recog.log import make_writer, setup_logging
 from recog.model import check_backbone_name, load_weights
+from recog.preempt import Preempted, StopOnSignal
 from recog.retrieval import retrieval_metrics
 from recog.sampler import DistributedBatchSampler
 
@@ -45,6 +46,9 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={value} is not valid; give a whole number of at least 1, e.g. {key}=10.")
     if cfg.checkpoint.keep < 1:
         raise ConfigError(f"checkpoint.keep={cfg.checkpoint.keep} would delete every checkpoint; keep at least 1.")
+    for key in ("every_steps", "every_minutes"):
+        if cfg.checkpoint[key] < 0:
+            raise ConfigError(f"checkpoint.{key}={cfg.checkpoint[key]} is negative; use 0 (off) or more.")
     if cfg.data.num_workers < 0:
         raise ConfigError(f"data.num_workers={cfg.data.num_workers} is negative; use 0 (load in the main process) or more.")
     if cfg.schedule.warmup_epochs < 0:
@@ -56,8 +60,11 @@ def check_config(cfg: DictConfig) -> None:
 def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
     check_config(cfg)
     ctx = dist.setup(cfg.dist.backend, cfg.dist.timeout_s)
+    stop = StopOnSignal()  # SIGTERM/SIGUSR1 from here on: checkpoint after the current step, then exit
     try:
-        return train(cfg, ctx, Path(run_dir or HydraConfig.get().runtime.output_dir))
+        metrics = train(cfg, ctx, Path(run_dir or HydraConfig.get().runtime.output_dir), stop)
+        stop.close()
+        return metrics
     except RuntimeError as e:
         if ctx.is_distributed and dist.is_timeout(e):
             raise dist.RankTimeout(
@@ -66,6 +73,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
             ) from e
         raise
     finally:
+        stop.close(clean=False)
         dist.teardown()
 
 
@@ -128,6 +136,50 @@ def build_data(cfg: DictConfig, ctx: dist.Dist) -> tuple[TrainData, ShardStream]
     return TrainData(loader, stream, cfg.batch_size, train_manifest.classes), test_set
 
 
+class Checkpoints:
+    """What a checkpoint holds, and when rank 0 writes one: at the end of every epoch, and within
+    epochs every `checkpoint.every_steps` steps and/or `checkpoint.every_minutes` minutes. Rank 0
+    decides alone (the time is its clock): saving needs nothing from the other ranks, whose model,
+    optimizer and data position equal rank 0's after every step."""
+
+    def __init__(self, cfg: DictConfig, ctx: dist.Dist, folder: Path, model, optimizer, scheduler,
+                 steps_per_epoch: int, layout: dict):
+        self.folder, self.is_main, self.steps_per_epoch = folder, ctx.is_main, steps_per_epoch
+        self.keep, self.every_steps, self.every_minutes = (cfg.checkpoint.keep, cfg.checkpoint.every_steps,
+                                                           cfg.checkpoint.every_minutes)
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.config = OmegaConf.to_container(cfg, resolve=True)
+        self.layout = layout  # what a mid-epoch data position is valid for
+        self.best_top1 = -1.0
+        self.last_step, self.last_time = -1, time.monotonic()
+
+    def save(self, epoch: int, step: int, consumed: list[int], top1: float = float("nan")) -> Path | None:
+        """`epoch`: epochs finished; `consumed`: batches of the next one already trained on, per worker."""
+        is_best = top1 >= self.best_top1  # False for a mid-epoch checkpoint (nan)
+        if is_best:
+            self.best_top1 = top1
+        if not self.is_main or step == self.last_step:
+            return None
+        state = {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "epoch": epoch, "step": step,
+            "data": {"consumed": list(consumed), **self.layout}, "top1": top1, "best_top1": self.best_top1,
+            "config": self.config, "rng": torch.get_rng_state(),
+            **({"cuda_rng": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}),
+        }
+        path = save_step_checkpoint(state, self.folder, step, self.keep, is_best)
+        self.last_step, self.last_time = step, time.monotonic()
+        return path
+
+    def maybe_save_mid_epoch(self, epoch: int, step: int, consumed: list[int]) -> None:
+        if sum(consumed) >= self.steps_per_epoch:  # the epoch's last step: its end-of-epoch checkpoint follows
+            return
+        due = (self.every_steps and step % self.every_steps == 0) or \
+              (self.every_minutes and time.monotonic() - self.last_time >= 60 * self.every_minutes)
+        if due:
+            self.save(epoch, step, consumed)
+
+
 @dataclass
 class EpochStats:
     step: int
@@ -136,17 +188,24 @@ class EpochStats:
     seconds: float
     data_wait: float  # fraction of step time spent waiting for the next batch (mean over ranks)
     skipped: int  # unreadable samples, over all ranks
+    stopped: bool  # a rank was asked to stop (SIGTERM/SIGUSR1): every rank left the epoch after this step
 
 
 def train_one_epoch(model, loader, normalize, loss_fn, optimizer, scheduler, ctx: dist.Dist, writer, step: int,
-                    log_every: int, first_of_run: bool = False) -> EpochStats:
-    """One epoch of DDP training. With `first_of_run`, the wait for the very first batch (starting the
-    data-loader workers, seconds) is logged as train/startup_s instead of counting as data wait."""
+                    log_every: int, epoch: int, consumed: list[int], checkpoints: Checkpoints,
+                    stop: StopOnSignal, first_of_run: bool = False) -> EpochStats:
+    """One epoch (or the rest of one) of DDP training.
+
+    `consumed` counts the epoch's batches trained on, per data-loader worker: the data
+    position a mid-epoch checkpoint records. With `first_of_run`, the wait for the very
+    first batch (starting the workers, seconds) is logged as train/startup_s, not as data wait.
+    """
     model.train()
     # The loss sum stays on the device: calling .item() every step would make the CPU wait for the GPU.
     loss_sum = torch.zeros((), device=ctx.device, dtype=torch.float64)
     window = [0.0, 0.0, 0.0]  # samples, skipped samples, seconds waiting for data: since the last log line
     totals = torch.zeros(4, dtype=torch.float64)  # the same four, over the epoch, for this rank
+    stopped = False
     epoch_start = window_start = tick = time.perf_counter()
     for batch in loader:
         waited = time.perf_counter() - tick
@@ -165,6 +224,7 @@ def train_one_epoch(model, loader, normalize, loss_fn, optimizer, scheduler, ctx
         optimizer.step()
         scheduler.step()
         step += 1
+        consumed[batch.worker] += 1
         loss_sum += loss.detach() * len(labels)
         window = [window[0] + len(labels), window[1] + batch.skipped, window[2] + waited]
         if step % log_every == 0:  # every rank reaches this at the same step: the all-reduce cannot hang
@@ -179,11 +239,16 @@ def train_one_epoch(model, loader, normalize, loss_fn, optimizer, scheduler, ctx
             writer.add_scalar("data/skipped_samples", skipped, step)
             loss_sum.zero_()
             window, window_start = [0.0, 0.0, 0.0], time.perf_counter()
+        if stop.agreed():
+            stopped = True
+            break
+        checkpoints.maybe_save_mid_epoch(epoch, step, consumed)
         tick = time.perf_counter()
     totals += torch.cat([loss_sum.reshape(1).cpu(), torch.tensor(window, dtype=torch.float64)])
     seconds = dist.all_reduce_max(torch.tensor([time.perf_counter() - epoch_start], device=ctx.device)).item()
     loss_total, n, skipped, wait = dist.all_reduce_sum(totals.to(ctx.device)).tolist()
-    return EpochStats(step, loss_total / max(n, 1), int(n), seconds, wait / ctx.world_size / seconds, int(skipped))
+    return EpochStats(step, loss_total / max(n, 1), int(n), seconds, wait / ctx.world_size / max(seconds, 1e-9),
+                      int(skipped), stopped)
 
 
 @dataclass
@@ -226,7 +291,30 @@ def evaluate(model, loader, normalize, ctx: dist.Dist, retrieval: bool = False, 
     return result
 
 
-def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path) -> dict:
+def find_resume_point(cfg: DictConfig, run_dir: Path, ctx: dist.Dist, log) -> tuple[str, dict] | None:
+    """The checkpoint to continue from, read on rank 0 and handed to every rank.
+
+    First this run directory's own newest readable checkpoint (a restarted or requeued
+    run continues where it stopped, with no flag; `checkpoint.auto_resume=false` turns
+    that off), else the file given as `resume=`, else none: a fresh start.
+    """
+    def read():
+        if cfg.checkpoint.auto_resume:
+            found = load_newest_checkpoint(run_dir / "checkpoints", log)
+            if found:
+                return str(found[0]), found[1]
+        return (str(cfg.resume), load_checkpoint(cfg.resume)) if cfg.resume else None
+
+    found = dist.run_on_rank0(read, ctx, "reading the checkpoint")
+    if found:
+        lacking = {"model", "optimizer", "scheduler", "epoch", "step", "best_top1", "rng"} - set(found[1])
+        if lacking:
+            raise ConfigError(f"{found[0]} is not a recog training checkpoint (no {sorted(lacking)[0]}); "
+                              "to start from plain weights use weights= instead of resume=.")
+    return found
+
+
+def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, stop: StopOnSignal) -> dict:
     log = setup_logging(run_dir, ctx.is_main)
     if ctx.is_main:
         log.info("config:\n%s", OmegaConf.to_yaml(cfg))
@@ -255,13 +343,16 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path) -> dict:
             raise ConfigError("loss.cross_rank=true needs equal batches on every rank; use sampler=pk.")
         loss_fn.gather = dist.all_gather_with_grad
 
-    start_epoch, step, best_top1 = 0, 0, -1.0
-    if cfg.resume:
-        ckpt = dist.run_on_rank0(lambda: load_checkpoint(cfg.resume), ctx, "reading the checkpoint")
-        lacking = {"model", "optimizer", "scheduler", "epoch", "step", "best_top1"} - set(ckpt)
-        if lacking:
-            raise ConfigError(f"{cfg.resume} is not a recog training checkpoint (no {sorted(lacking)[0]}); "
-                              "to start from plain weights use weights= instead of resume=.")
+    # Where the data stands within an epoch: batches trained on, per data-loader worker (the stream's
+    # workers each read their own part of the epoch; the P×K sampler is one sequence).
+    consumed = [0] * (max(1, cfg.data.num_workers) if cfg.sampler.name != "pk" else 1)
+    layout = {"world_size": ctx.world_size, "batch_size": train_data.batch_size, "sampler": cfg.sampler.name,
+              "workers": len(consumed)}
+    checkpoints = Checkpoints(cfg, ctx, run_dir / "checkpoints", model, optimizer, scheduler, steps_per_epoch, layout)
+    start_epoch, step = 0, 0
+    found = find_resume_point(cfg, run_dir, ctx, log)
+    if found:
+        path, ckpt = found
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -270,8 +361,21 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr * lr_factor(scheduler.last_epoch)
         torch.set_rng_state(ckpt["rng"])
-        start_epoch, step, best_top1 = ckpt["epoch"], ckpt["step"], ckpt["best_top1"]
-        log.info("resumed from %s: %d epoch(s) done, step %d", cfg.resume, start_epoch, step)
+        if "cuda_rng" in ckpt and ctx.device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["cuda_rng"])
+        start_epoch, step, checkpoints.best_top1 = ckpt["epoch"], ckpt["step"], ckpt["best_top1"]
+        checkpoints.last_step = step
+        position = ckpt.get("data", {})
+        if any(position.get("consumed", [])):
+            if {key: position.get(key) for key in layout} == layout:
+                consumed = list(position["consumed"])
+            else:  # the batches of another world size, batch size or worker count: not this run's
+                log.warning("the mid-epoch data position in %s was saved with %s; this run has %s, so epoch %d "
+                            "starts again from its first batch", path, {k: position.get(k) for k in layout}, layout,
+                            start_epoch + 1)
+        log.info("resumed from %s: step %d, %d epoch(s) done%s", path, step, start_epoch,
+                 f" and {sum(consumed)} of {steps_per_epoch} batches of epoch {start_epoch + 1}" if any(consumed)
+                 else "")
 
     # DDP broadcasts rank 0's parameters and buffers at construction, so every rank starts equal.
     ddp = DDP(model, device_ids=[ctx.device.index] if pin else None) if ctx.is_distributed else model
@@ -281,14 +385,23 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path) -> dict:
              train_data.batch_size, global_batch, steps_per_epoch, cfg.epochs, lr, cfg.optim.lr, global_batch,
              cfg.optim.reference_batch)
 
-    writer = make_writer(run_dir, ctx.is_main)
+    # Resuming in the same run directory: TensorBoard hides what the interrupted run logged after this step.
+    writer = make_writer(run_dir, ctx.is_main, purge_step=step if found else None)
     top1, eval_count, images, seconds, skipped, stats, retrieval = float("nan"), 0, 0, 0.0, 0, None, {}
-    train_data.epochs.set_epoch(start_epoch)
+    train_data.epochs.set_epoch(start_epoch, consumed)
     batches = iter(train_data.loader)  # starts the workers
     for epoch in range(start_epoch, cfg.epochs):
         stats = train_one_epoch(ddp, batches, normalize, loss_fn, optimizer, scheduler, ctx, writer, step,
-                                cfg.log_every, first_of_run=epoch == start_epoch)
+                                cfg.log_every, epoch, consumed, checkpoints, stop, first_of_run=epoch == start_epoch)
         step, images, seconds, skipped = stats.step, images + stats.images, seconds + stats.seconds, skipped + stats.skipped
+        if stats.stopped:  # SIGTERM/SIGUSR1: every rank stopped after this same step
+            path = checkpoints.save(epoch, step, consumed) or checkpoints.folder / f"step-{step:09d}.pt"
+            dist.control_barrier()  # no rank exits (which makes torchrun stop the others) before it is written
+            log.info("stopping on %s: checkpoint %s written at step %d; run the same command again (same run "
+                     "directory) to continue", stop.caught or "another rank's signal", path, step)
+            writer.close()
+            raise Preempted(f"stopped on request at step {step}; the checkpoint is in {checkpoints.folder}")
+        consumed = [0] * len(consumed)
         if epoch + 1 < cfg.epochs:  # the workers fill their queue with the next epoch while we evaluate
             train_data.epochs.set_epoch(epoch + 1)
             batches = iter(train_data.loader)
@@ -298,7 +411,6 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path) -> dict:
         result = evaluate(model, test_loader, normalize, ctx, retrieval=cfg.eval.retrieval,
                           keep_images=cfg.eval.projector if last_epoch else 0)
         top1, eval_count, retrieval = result.top1, result.seen, result.retrieval
-        best_top1 = max(best_top1, top1)
         log.info("epoch %d/%d | loss %.4f | top-1 %.4f on %d test images%s | %.0f images/s | data wait %.1f%%%s",
                  epoch + 1, cfg.epochs, stats.loss, top1, eval_count,
                  "".join(f" | {k} {v:.4f}" for k, v in retrieval.items()), stats.images / stats.seconds,
@@ -314,17 +426,9 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path) -> dict:
         writer.add_scalar("train/epoch_loss", stats.loss, step)
         writer.add_scalar("train/epoch_images_per_s", stats.images / stats.seconds, step)
         writer.add_scalar("train/epoch_data_wait_frac", stats.data_wait, step)
+        checkpoints.save(epoch + 1, step, consumed, top1)
 
-        if ctx.is_main:
-            ckpt = {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "epoch": epoch + 1, "step": step, "top1": top1,
-                "best_top1": best_top1, "config": OmegaConf.to_container(cfg, resolve=True),
-                "rng": torch.get_rng_state(),
-            }
-            save_epoch_checkpoint(ckpt, run_dir / "checkpoints", epoch + 1, cfg.checkpoint.keep,
-                                  is_best=top1 >= best_top1)
-
+    best_top1 = checkpoints.best_top1
     metrics = {
         "epoch": max(cfg.epochs, start_epoch), "step": step, "top1": top1, "best_top1": best_top1,
         "eval_samples": eval_count, "images_per_s": images / seconds if seconds else 0.0,

@@ -1,11 +1,12 @@
 """Atomic checkpoint writes and safe loads."""
 
+import logging
 import os
 
 import pytest
 import torch
 
-from recog.checkpoint import atomic_write, load_checkpoint, save_checkpoint, save_epoch_checkpoint
+from recog.checkpoint import atomic_write, load_checkpoint, load_newest_checkpoint, save_checkpoint, save_step_checkpoint
 from recog.errors import ConfigError
 
 
@@ -46,9 +47,64 @@ def test_loading_refuses_pickled_code(tmp_path):
         load_checkpoint(path)
 
 
-def test_epoch_checkpoints_keep_the_newest_and_link_last_and_best(tmp_path):
-    for epoch, best in ((1, True), (2, False), (3, True), (4, False)):
-        save_epoch_checkpoint({"epoch": epoch}, tmp_path, epoch, keep=2, is_best=best)
-    assert sorted(os.listdir(tmp_path)) == ["best.pt", "epoch-0003.pt", "epoch-0004.pt", "last.pt"]
-    assert load_checkpoint(tmp_path / "last.pt")["epoch"] == 4
-    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 3
+def test_step_checkpoints_keep_the_newest_and_link_last_and_best(tmp_path):
+    for step, best in ((10, True), (20, False), (100, True), (110, False)):
+        save_step_checkpoint({"step": step}, tmp_path, step, keep=2, is_best=best)
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "last.pt", "step-000000100.pt", "step-000000110.pt"]
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 110
+    assert load_checkpoint(tmp_path / "best.pt")["step"] == 100
+
+
+def test_newest_readable_checkpoint_is_found_and_a_damaged_one_is_reported(tmp_path, caplog):
+    log = logging.getLogger("test")
+    assert load_newest_checkpoint(tmp_path / "none-yet", log) is None  # a fresh run
+    for step in (5, 10, 15):
+        save_step_checkpoint({"step": step, "w": torch.arange(1000.0)}, tmp_path, step, keep=3, is_best=False)
+    newest = tmp_path / "step-000000015.pt"
+    newest.write_bytes(newest.read_bytes()[:2000])  # cut short, as by a crash of the disk
+    (tmp_path / "step-000000010.pt").write_bytes(b"not a checkpoint at all")
+    path, state = load_newest_checkpoint(tmp_path, log)
+    assert path.name == "step-000000005.pt" and state["step"] == 5
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and "step-000000015.pt could not be read" in warnings[0]
+    assert "Trying the one before it." in warnings[0]
+    assert newest.exists()  # reported, never deleted
+
+    (tmp_path / "step-000000005.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match="none of the 3 checkpoints .* can be read; move them away"):
+        load_newest_checkpoint(tmp_path, log)
+
+
+def test_mid_epoch_checkpoints_every_n_steps_and_every_t_minutes(tmp_path):
+    import time
+
+    from omegaconf import OmegaConf
+
+    from recog.dist import Dist
+    from recog.train import Checkpoints
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    ctx = Dist(0, 0, 1, 1, torch.device("cpu"), None)
+
+    def checkpoints(every_steps, every_minutes):
+        cfg = OmegaConf.create({"checkpoint": {"keep": 10, "every_steps": every_steps, "every_minutes": every_minutes}})
+        return Checkpoints(cfg, ctx, tmp_path / f"{every_steps}-{every_minutes}", model, optimizer, scheduler,
+                           steps_per_epoch=10, layout={"world_size": 1})
+
+    by_steps = checkpoints(4, 0)
+    for step in range(1, 21):  # two epochs of 10 steps; consumed counts the epoch's batches
+        by_steps.maybe_save_mid_epoch(step // 10, step, [step % 10 or 10])
+    # steps 4, 8, 12, 16: 20 is an epoch's last step, whose end-of-epoch checkpoint follows
+    assert sorted(p.name for p in by_steps.folder.glob("step-*")) == [f"step-{s:09d}.pt" for s in (4, 8, 12, 16)]
+    state = load_checkpoint(by_steps.folder / "step-000000012.pt")
+    assert state["epoch"] == 1 and state["data"] == {"consumed": [2], "world_size": 1}
+
+    by_time = checkpoints(0, 0.1 / 60)  # every 0.1 s
+    by_time.maybe_save_mid_epoch(0, 1, [1])
+    assert not by_time.folder.exists()
+    time.sleep(0.15)
+    by_time.maybe_save_mid_epoch(0, 2, [2])
+    by_time.maybe_save_mid_epoch(0, 3, [3])  # the clock restarted at the save
+    assert [p.name for p in by_time.folder.glob("step-*")] == ["step-000000002.pt"]

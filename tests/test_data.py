@@ -232,3 +232,70 @@ def test_random_access_reads_the_same_samples_as_the_stream(tiny_data):
         assert torch.equal(image, streamed.images[i]) and label == streamed.labels[i]
     subset = ShardRandomAccess(load_manifest(f"{tiny_data['train']}/train-{{000002..000002}}.tar"))
     assert len(subset) == 232 and torch.equal(subset[0][0], streamed.images[768])
+
+
+def by_worker(batches) -> dict[int, list]:
+    out: dict[int, list] = {}
+    for batch in batches:
+        out.setdefault(batch.worker, []).append(batch)
+    return out
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_mid_epoch_resume_reads_exactly_the_samples_not_yet_seen(tiny_data, workers):
+    """Rank 1 of 2, epoch 1, with augmentation: stop after 5 batches, resume from the per-worker counts."""
+    from torchvision.transforms import v2
+
+    manifest = load_manifest(tiny_data["train"])
+
+    def stream():  # a shuffle block of 100 samples, so that resuming skips whole blocks and part of one
+        return ShardStream(manifest, rank=1, world_size=2, batch_size=32, train=True, seed=4, shuffle_block=100,
+                           transform=v2.RandomHorizontalFlip())
+
+    whole = stream()
+    whole.set_epoch(1)
+    uninterrupted = list(make_loader(whole, workers, pin_memory=False))
+    seen = uninterrupted[:5]
+    consumed = [0] * max(1, workers)
+    for batch in seen:
+        consumed[batch.worker] += 1
+    resumed_stream = stream()
+    resumed_stream.set_epoch(1, consumed)
+    resumed = list(make_loader(resumed_stream, workers, pin_memory=False))
+
+    # counted: the seen and the resumed batches hold exactly the rank's 500 samples of the epoch
+    assert sum(len(b.labels) for b in seen) + sum(len(b.labels) for b in resumed) == 500
+    assert len(seen) + len(resumed) == len(whole) == 16
+    # and they are the very batches the uninterrupted epoch had next, augmentation included
+    expected = by_worker(uninterrupted)
+    for worker, batches in by_worker(resumed).items():
+        rest = expected[worker][consumed[worker]:]
+        assert len(batches) == len(rest)
+        for got, want in zip(batches, rest):
+            assert torch.equal(got.images, want.images) and torch.equal(got.labels, want.labels)
+    # the augmentation did flip images (so the equality above is not trivially true)
+    plain = ShardStream(manifest, rank=1, world_size=2, batch_size=32, train=True, seed=4, shuffle_block=100)
+    plain.set_epoch(1)
+    unflipped = list(make_loader(plain, workers, pin_memory=False))
+    assert all(torch.equal(a.labels, b.labels) for a, b in zip(uninterrupted, unflipped))
+    assert sum(not torch.equal(a.images, b.images) for a, b in zip(uninterrupted, unflipped)) == 16
+
+
+def test_mid_epoch_resume_of_pk_batches_through_the_loader(tiny_data):
+    from torchvision.transforms import v2
+
+    from recog.data.random_access import ShardRandomAccess, collate
+    from recog.sampler import DistributedBatchSampler
+
+    data = ShardRandomAccess(load_manifest(tiny_data["train"]), transform=v2.RandomHorizontalFlip())
+
+    def batches(consumed=()):
+        sampler = DistributedBatchSampler(data.labels, 4, 8, rank=0, world_size=2, seed=2)
+        sampler.set_epoch(3, consumed)
+        return list(make_loader(data, 2, False, batch_sampler=sampler, collate_fn=collate))
+
+    uninterrupted = batches()
+    resumed = batches([6])
+    assert len(uninterrupted) == 15 and len(resumed) == 9  # 1000 // (2 × 4 × 8) steps
+    for got, want in zip(resumed, uninterrupted[6:]):
+        assert torch.equal(got.images, want.images) and torch.equal(got.labels, want.labels)

@@ -37,8 +37,8 @@ def test_two_processes_under_torchrun(tiny_data, tmp_path):
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
     assert {"model", "optimizer", "scheduler", "epoch", "step", "config"} <= set(ckpt)
     assert ckpt["epoch"] == 2 and ckpt["step"] == 32 and ckpt["config"]["batch_size"] == 32
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "epoch-0001.pt", "epoch-0002.pt",
-                                                                       "last.pt"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "last.pt", "step-000000016.pt",
+                                                                       "step-000000032.pt"]
     assert not [p for p in run.rglob("*") if ".tmp" in p.name]
 
     scalars = read_scalars(run / "tb")
@@ -59,10 +59,10 @@ def test_resume_trains_only_the_rest_and_ends_where_an_uninterrupted_run_ends(ti
 
     # continue from the whole run's first-epoch checkpoint: only epoch 2 is trained ...
     resumed = run_train(tiny_args(tiny_data, epochs=2) + [
-        f"resume={tmp_path / 'whole' / 'checkpoints' / 'epoch-0001.pt'}", f"hydra.run.dir={tmp_path / 'resumed'}"],
+        f"resume={tmp_path / 'whole' / 'checkpoints' / 'step-000000032.pt'}", f"hydra.run.dir={tmp_path / 'resumed'}"],
         cwd=tmp_path, nproc=None)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "1 epoch(s) done, step 32" in resumed.stdout
+    assert "step-000000032.pt: step 32, 1 epoch(s) done\n" in resumed.stdout
     assert "epoch 2/2" in resumed.stdout and "epoch 1/2" not in resumed.stdout
     metrics = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
     assert metrics["epoch"] == 2 and metrics["step"] == 64

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import zlib
 from collections.abc import Callable
 
 import numpy as np
@@ -61,6 +62,13 @@ class ShardRandomAccess(Dataset):
             path = url if not is_remote(url) else self.source.cached(url, sha)
             self._files[shard] = open(path, "rb")
         return self._files[shard]
+
+    def __getitems__(self, indices: list[int]) -> list:
+        """A whole batch (the DataLoader calls this when a batch sampler is used). Augmentation is seeded
+        from the batch's indices, so a batch looks the same after a mid-epoch resume."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(zlib.crc32(np.asarray(indices, dtype=np.int64).tobytes()))
+            return [self[i] for i in indices]
 
     def __getitem__(self, i: int):
         shard = int(self.shard[i])

@@ -10,12 +10,14 @@ and no rank runs a different number of steps (which would hang DDP).
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import multiprocessing
 import multiprocessing.forkserver
 import random
+import signal
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
 from typing import NamedTuple
 
@@ -26,19 +28,22 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from PIL import Image
 
 from recog.data.manifest import Manifest
-from recog.data.plan import Piece, num_batches, rank_pieces, worker_pieces
+from recog.data.plan import Piece, num_batches, rank_pieces, slice_pieces, worker_pieces
 from recog.data.source import FetchError, ShardSource
 from recog.errors import DataError
+from recog.preempt import SIGNALS as STOP_SIGNALS
 
 log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
+MAX_WORKERS = 256  # data-loader workers per process that a mid-epoch position can describe
 
 
 class Batch(NamedTuple):
     images: torch.Tensor  # (n, C, H, W) uint8, after the transform; see Normalize
     labels: torch.Tensor  # (n,) int64
     skipped: int  # slots of this batch whose sample could not be read or decoded
+    worker: int = 0  # the data-loader worker that made it: the training loop counts batches per worker
 
 
 def read_pieces(manifest: Manifest, pieces: list[Piece], strict: bool,
@@ -76,6 +81,20 @@ def shuffled_blocks(items: Iterator, block: int, rng: random.Random) -> Iterator
     while chunk := list(islice(items, block)):
         rng.shuffle(chunk)
         yield from chunk
+
+
+def skip_whole_blocks(pieces: list[Piece], skip: int, block: int, rng: random.Random) -> tuple[list[Piece], int]:
+    """Start `shuffled_blocks` `skip` items later without reading the whole blocks before that point.
+
+    Returns the pieces left to read and how many items of the first shuffled block
+    to drop. `rng` is advanced as if the skipped blocks had been shuffled (a
+    shuffle's draws depend only on the length), so what follows is unchanged.
+    """
+    whole = skip // block
+    for _ in range(whole):
+        rng.shuffle([None] * block)
+    total = sum(len(p) for p in pieces)
+    return slice_pieces(pieces, min(whole * block, total), total), skip - whole * block
 
 
 def decode_image(data: bytes, channels: int) -> torch.Tensor:
@@ -122,15 +141,23 @@ class ShardStream(IterableDataset):
         self.source = source or ShardSource()
         # Shared memory, so that persistent workers (in other processes) see set_epoch().
         self._epoch = multiprocessing.RawValue("q", 0)
+        self._consumed = multiprocessing.RawArray("q", MAX_WORKERS)
         self._image_shape: tuple[int, ...] | None = None  # of the last decoded image, for empty batches
 
     @property
     def epoch(self) -> int:
         return self._epoch.value
 
-    def set_epoch(self, epoch: int) -> None:
-        """Call before iterating the loader: its workers start the epoch's plan then."""
+    def set_epoch(self, epoch: int, consumed: Sequence[int] = ()) -> None:
+        """Call before iterating the loader: its workers start the epoch's plan then.
+
+        consumed: to resume mid-epoch, how many batches of this epoch each data-loader
+        worker had delivered (`Batch.worker` counts); each worker skips exactly those.
+        """
+        if len(consumed) > MAX_WORKERS:
+            raise ValueError(f"at most {MAX_WORKERS} data-loader workers")
         self._epoch.value = epoch
+        self._consumed[:] = [*consumed, *[0] * (MAX_WORKERS - len(consumed))]
 
     def pieces(self) -> list[Piece]:
         """This rank's samples: the training split pads (equal steps), evaluation does not (exactly once)."""
@@ -144,14 +171,28 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         stream_id = f"{self.seed}/{self.epoch}/{self.rank}/{worker}"
-        if info is not None:  # augmentation draws from torch's RNG: make it depend on the stream only
-            torch.manual_seed(zlib.crc32(stream_id.encode()))
         pieces = worker_pieces(self.pieces(), self.batch_size, worker, num_workers)
-        items = read_pieces(self.manifest, pieces, self.strict, self.source)
+        done = self._consumed[worker]  # batches delivered before a mid-epoch checkpoint: not again
+        skip = done * self.batch_size
         if self.train:
-            items = shuffled_blocks(items, self.shuffle_block, random.Random(f"samples/{stream_id}"))
-        while slots := list(islice(items, self.batch_size)):
-            yield self._collate(slots)
+            rng = random.Random(f"samples/{stream_id}")
+            pieces, skip = skip_whole_blocks(pieces, skip, self.shuffle_block, rng)
+            items = shuffled_blocks(read_pieces(self.manifest, pieces, self.strict, self.source),
+                                    self.shuffle_block, rng)
+        else:
+            total = sum(len(p) for p in pieces)
+            pieces, skip = slice_pieces(pieces, min(skip, total), total), 0
+            items = read_pieces(self.manifest, pieces, self.strict, self.source)
+        items = islice(items, skip, None)  # read, never decoded
+        for index in itertools.count(done):
+            if not (slots := list(islice(items, self.batch_size))):
+                break
+            # Augmentation draws from torch's RNG, seeded per batch: a batch looks the same whether
+            # the epoch ran through or resumed just before it. (fork_rng: the caller's RNG is left alone.)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(zlib.crc32(f"{stream_id}/{index}".encode()))
+                batch = self._collate(slots)
+            yield batch._replace(worker=worker)
 
     def _collate(self, slots: list[dict | None]) -> Batch:
         images, labels = [], []
@@ -190,8 +231,24 @@ def worker_context() -> multiprocessing.context.BaseContext:
     context = multiprocessing.get_context("forkserver")
     # With the main script preloaded too, a worker forked from the server need not import it again.
     context.set_forkserver_preload(["__main__", "torch", "recog.data.stream"])
-    multiprocessing.forkserver.ensure_running()  # returns at once: the server imports while the model is built
+    # The server, and every worker forked from it, ignores the stop signals: torchrun sends SIGTERM to the
+    # whole process group of a training process, and SLURM may signal every process of a job, but it is
+    # the training process that must act (save a checkpoint, then shut its workers down). An ignored
+    # signal stays ignored across the server's exec and its forks.
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+    try:
+        multiprocessing.forkserver.ensure_running()  # returns at once: the server imports while the model is built
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return context
+
+
+def ignore_stop_signals(_worker_id: int) -> None:
+    """worker_init_fn: the DataLoader gives its workers a SIGTERM handler that exits; a stop signal sent
+    to the whole process group is for the training process, which shuts its workers down itself."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class Normalize:
@@ -217,4 +274,5 @@ def make_loader(dataset, num_workers: int, pin_memory: bool, batch_sampler=None,
     if not num_workers:
         return DataLoader(dataset, pin_memory=pin_memory, **batching)
     return DataLoader(dataset, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=4,
-                      multiprocessing_context=worker_context(), persistent_workers=True, **batching)
+                      multiprocessing_context=worker_context(), persistent_workers=True,
+                      worker_init_fn=ignore_stop_signals, **batching)
