@@ -15,12 +15,13 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from recog.dist import RankTimeout, print0
+from recog.dist import RankTimeout, adopt_slurm_env, print0
 from recog.errors import ConfigError
 from recog.preempt import EXIT_CODE as PREEMPTED, Preempted
 from recog.rundir import register_resolvers
 from recog.train import run
 
+adopt_slurm_env()  # `srun python train.py`: torchrun's variables from SLURM's (before Hydra resolves the run dir)
 register_resolvers()
 
 

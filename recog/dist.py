@@ -7,6 +7,8 @@ no process group). Nothing here runs at import time.
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -37,6 +39,42 @@ class Dist:
 def env_rank() -> int:
     """This process's rank from the launcher's environment (0 without a launcher); usable before setup()."""
     return int(os.environ.get("RANK", 0))
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: "gpu[07-09,12],cpu3" -> "gpu07" (what `scontrol show hostnames`
+    would list first)."""
+    prefix, ranges, suffix = re.match(r"([^,\[]*)(?:\[([^\]]+)\]([^,]*))?", nodelist.strip()).groups()
+    return prefix if ranges is None else prefix + ranges.split(",")[0].split("-")[0] + suffix
+
+
+def slurm_launch_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """torchrun's variables (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT) from
+    SLURM's, for processes that `srun` started directly (one task per GPU, no torchrun). Empty when torchrun
+    set them already, or when this is no SLURM job step of several tasks."""
+    if "WORLD_SIZE" in environ or "SLURM_PROCID" not in environ:
+        return {}
+    world_size = int(environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS") or 1)
+    if world_size < 2:
+        return {}
+    nodes = int(environ.get("SLURM_STEP_NUM_NODES") or environ.get("SLURM_NNODES") or 1)
+    nodelist = environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+    if not nodelist:
+        raise ConfigError("SLURM_PROCID is set but SLURM_JOB_NODELIST is not; start the tasks with srun.")
+    return {
+        "RANK": environ["SLURM_PROCID"],
+        "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
+        "WORLD_SIZE": str(world_size),
+        "LOCAL_WORLD_SIZE": environ.get("SLURM_NTASKS_PER_NODE") or str(world_size // nodes),
+        "MASTER_ADDR": environ.get("MASTER_ADDR") or first_host(nodelist),
+        # the same port on every task of the job, and different for two jobs sharing a node
+        "MASTER_PORT": environ.get("MASTER_PORT") or str(20000 + int(environ.get("SLURM_JOB_ID", "0")) % 20000),
+    }
+
+
+def adopt_slurm_env() -> None:
+    """Under `srun python train.py`, set torchrun's variables from SLURM's; call before anything reads them."""
+    os.environ.update(slurm_launch_env(os.environ))
 
 
 def print0(*args, **kwargs) -> None:
@@ -76,10 +114,30 @@ def setup(backend: str | None = None, timeout_s: float = 600.0) -> Dist:
     # (a stop flag every step, see AnyRankFlag) then travel without waiting for the GPU.
     dist.init_process_group(
         "cpu:gloo,cuda:nccl" if backend == "nccl" else backend,
+        store=_job_store(rank, world_size, timeout_s),
+        rank=rank,
+        world_size=world_size,
         timeout=timedelta(seconds=timeout_s),
         device_id=device if device.type == "cuda" else None,
     )
     return Dist(rank, local_rank, world_size, local_world_size, device, backend)
+
+
+_store: dist.Store | None = None  # the launcher's key-value store, connected once per process
+_jobs = 0  # process groups set up in this process so far: several in a Hydra multirun
+
+
+def _job_store(rank: int, world_size: int, timeout_s: float) -> dist.Store:
+    """The launcher's store (torchrun's agent store, or one rank 0 serves under srun), under a prefix of
+    its own for each process group this process sets up. The processes' addresses are exchanged through
+    it; without the prefix, the second job of a multirun (or a restarted worker) could read the first
+    one's stale addresses and wait for a peer that is gone."""
+    global _store, _jobs
+    if _store is None:
+        _store, _, _ = next(dist.rendezvous("env://", rank, world_size, timeout=timedelta(seconds=timeout_s)))
+    _jobs += 1
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"recog/attempt-{attempt}/job-{_jobs}", _store)
 
 
 class AnyRankFlag:

@@ -314,6 +314,20 @@ def find_resume_point(cfg: DictConfig, run_dir: Path, ctx: dist.Dist, log) -> tu
     return found
 
 
+def override_hparams() -> dict:
+    """The command line's overrides (what a sweep varies), for TensorBoard's hparams dashboard."""
+    if not HydraConfig.initialized():
+        return {}
+    out = {}
+    for override in HydraConfig.get().overrides.task:
+        key, _, value = override.partition("=")
+        try:
+            out[key] = float(value) if any(c in value for c in ".e") else int(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
 def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, stop: StopOnSignal) -> dict:
     log = setup_logging(run_dir, ctx.is_main)
     if ctx.is_main:
@@ -441,7 +455,7 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, stop: StopOnSignal) ->
         write_json(metrics, run_dir / "metrics.json")
         hparams = {"model": cfg.model.backbone, "optimizer": cfg.optim.optimizer._target_.rsplit(".", 1)[-1],
                    "lr": lr, "global_batch": global_batch, "epochs": cfg.epochs, "seed": cfg.seed,
-                   "world_size": ctx.world_size}
+                   "world_size": ctx.world_size, **override_hparams()}
         writer.add_hparams(hparams, {"hparam/top1": top1, "hparam/images_per_s": metrics["images_per_s"]},
                            run_name=".")
         writer.close()
