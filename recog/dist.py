@@ -38,7 +38,7 @@ class Dist:
 
 def env_rank() -> int:
     """This process's rank from the launcher's environment (0 without a launcher); usable before setup()."""
-    return int(os.environ.get("RANK", 0))
+    return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
 
 
 def first_host(nodelist: str) -> str:
@@ -88,6 +88,7 @@ def setup(backend: str | None = None, timeout_s: float = 600.0) -> Dist:
     backend: None picks NCCL when CUDA is available, gloo otherwise.
     timeout_s: how long a collective waits for a missing rank before failing.
     """
+    adopt_slurm_env()  # again: a task started by Hydra's submitit launcher did not run train.py's top level
     if "WORLD_SIZE" not in os.environ:  # plain `python train.py`
         device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
         if device.type == "cuda":

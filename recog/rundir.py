@@ -15,6 +15,8 @@ from datetime import datetime, timedelta
 
 from omegaconf import OmegaConf
 
+from recog.dist import env_rank
+
 _cache: dict[str, str] = {}
 
 
@@ -44,7 +46,7 @@ def _agree_across_ranks(key: str, mine: str) -> str:
 
 def if_rank0(value):
     """`value` on rank 0, None elsewhere: e.g. only rank 0 saves Hydra's .hydra/ config copy."""
-    return value if int(os.environ.get("RANK", 0)) == 0 else None
+    return value if env_rank() == 0 else None
 
 
 def project_dir() -> str:

@@ -107,6 +107,27 @@ def test_a_killed_worker_is_restarted_and_the_job_ends_as_if_nothing_happened(ti
     step = int(resumed[0].split("step-")[1][:9])
     assert step >= 20 and step % STEPS_PER_EPOCH and f"step {step}, 1 epoch(s) done and {step - 16} of 16" in resumed[0]
     assert_same_weights(runs[0], uninterrupted)
+    # the killed worker's data-loader workers and fork server left too (they ignore SIGTERM, and watch
+    # the training process instead)
+    assert wait_for_no_orphans() == []
+
+
+def wait_for_no_orphans(timeout: float = 10) -> list[int]:
+    """Fork servers of recog's data loaders left without their training process (parent pid 1)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        orphans = []
+        for proc in Path("/proc").iterdir():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == 1 and b"multiprocessing.forkserver" in cmdline and b"recog.data.stream" in cmdline:
+                orphans.append(int(proc.name))
+        if not orphans or time.monotonic() > deadline:
+            return orphans
+        time.sleep(0.2)
 
 
 def test_sigterm_saves_at_the_next_step_and_the_same_command_continues(tiny_data, tmp_path, uninterrupted):

@@ -14,10 +14,14 @@ import itertools
 import logging
 import multiprocessing
 import multiprocessing.forkserver
+import os
 import random
 import signal
+import threading
+import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from itertools import islice
 from typing import NamedTuple
 
@@ -244,11 +248,24 @@ def worker_context() -> multiprocessing.context.BaseContext:
     return context
 
 
-def ignore_stop_signals(_worker_id: int) -> None:
-    """worker_init_fn: the DataLoader gives its workers a SIGTERM handler that exits; a stop signal sent
-    to the whole process group is for the training process, which shuts its workers down itself."""
+def start_data_worker(trainer_pid: int, _worker_id: int) -> None:
+    """worker_init_fn. The DataLoader gives its workers a SIGTERM handler that exits, but a stop signal sent to
+    the whole process group (torchrun does that) is for the training process, which saves a checkpoint and
+    then shuts its workers down itself: the workers ignore it. Instead they leave as soon as the training
+    process is gone (killed, say): their parent is the fork server, so the DataLoader's own check of the
+    parent would not see that, and worker and server would keep each other alive."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    threading.Thread(target=_exit_when_gone, args=(trainer_pid,), daemon=True, name="recog-watch-trainer").start()
+
+
+def _exit_when_gone(pid: int, every_s: float = 1.0) -> None:
+    while True:
+        time.sleep(every_s)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            os._exit(0)
 
 
 class Normalize:
@@ -275,4 +292,4 @@ def make_loader(dataset, num_workers: int, pin_memory: bool, batch_sampler=None,
         return DataLoader(dataset, pin_memory=pin_memory, **batching)
     return DataLoader(dataset, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=4,
                       multiprocessing_context=worker_context(), persistent_workers=True,
-                      worker_init_fn=ignore_stop_signals, **batching)
+                      worker_init_fn=partial(start_data_worker, os.getpid()), **batching)
