@@ -391,6 +391,10 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, stop: StopOnSignal) ->
                  f" and {sum(consumed)} of {steps_per_epoch} batches of epoch {start_epoch + 1}" if any(consumed)
                  else "")
 
+    if found and start_epoch >= cfg.epochs and not any(consumed):  # started again after it had finished
+        log.info("nothing to train: %s holds all %d epochs (give a larger epochs= to train on)", found[0], cfg.epochs)
+        return {"epoch": start_epoch, "step": step, "top1": ckpt["top1"], "best_top1": ckpt["best_top1"]}
+
     # DDP broadcasts rank 0's parameters and buffers at construction, so every rank starts equal.
     ddp = DDP(model, device_ids=[ctx.device.index] if pin else None) if ctx.is_distributed else model
 
