@@ -24,13 +24,13 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.lr_scheduler import LambdaLR
 
-from recog import dist
+from recog import dist, parallel
 from recog.data.stream import Batch, Normalize
 from recog.log import NullWriter
 from recog.loss import RecognitionLoss
 from recog.model import RecognitionModel
 from recog.preempt import StopOnSignal
-from recog.train import Checkpoints, train_one_epoch, warmup_cosine
+from recog.train import Checkpoints, StepRecipe, train_one_epoch, warmup_cosine
 
 
 def make_model(ctx, args):
@@ -87,14 +87,19 @@ def main() -> None:
     recog_model, recog_opt = make_model(ctx, args)
     scheduler = LambdaLR(recog_opt, partial(warmup_cosine, warmup_steps=10, total_steps=10**9))
     loss_fn, writer, normalize = RecognitionLoss(), NullWriter(), Normalize([0.286], [0.353], ctx.device)
-    # the default job's checkpoint settings (only at the end of an epoch) and the per-step stop-flag exchange
-    cfg = OmegaConf.create({"checkpoint": {"keep": 1, "every_steps": 0, "every_minutes": 0}})
-    checkpoints = Checkpoints(cfg, ctx, Path("unused"), recog_model, recog_opt, scheduler, 10**9, {})
+    # the default job's settings: fp32, no accumulation, checkpoints only at the end of an epoch, and the
+    # per-step stop-flag exchange
+    cfg = OmegaConf.create({"perf": {"precision": "fp32"}, "checkpoint": {"keep": 1, "every_steps": 0,
+                                                                          "every_minutes": 0}})
+    scaler = parallel.grad_scaler(cfg, ctx.device)
+    recipe = StepRecipe(recog_model, normalize, loss_fn, recog_opt, scheduler, scaler,
+                        partial(parallel.autocast, cfg, ctx.device))
+    checkpoints = Checkpoints(cfg, ctx, Path("unused"), recog_model, recog_opt, scheduler, scaler, 10**9, {})
     stop = StopOnSignal()
 
     def run_recog():
-        train_one_epoch(recog_model, batches, normalize, loss_fn, recog_opt, scheduler, ctx, writer, 0,
-                        log_every=10, epoch=0, consumed=[0], checkpoints=checkpoints, stop=stop)
+        train_one_epoch(recipe, batches, ctx, writer, 0, log_every=10, epoch=0, consumed=[0],
+                        batches_per_epoch=10**9, checkpoints=checkpoints, stop=stop)
 
     def run_bare():
         bare_epoch(bare_model, batches, bare_opt)

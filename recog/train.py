@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -16,11 +18,10 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from torch.optim.lr_scheduler import LambdaLR
 
-from recog import dist
+from recog import dist, parallel
 from recog.checkpoint import load_checkpoint, load_newest_checkpoint, save_step_checkpoint, write_json
 from recog.data.manifest import load_manifest
 from recog.data.prepare import check_can_prepare, missing_splits, prepare_shards
@@ -54,6 +55,7 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.schedule.warmup_epochs < 0:
         raise ConfigError(f"schedule.warmup_epochs={cfg.schedule.warmup_epochs} is negative; use 0 or more.")
     check_backbone_name(cfg.model.backbone)
+    parallel.check_perf_config(cfg, cuda=torch.cuda.is_available() and cfg.dist.backend != "gloo")
     check_can_prepare(cfg.data)
 
 
@@ -142,12 +144,12 @@ class Checkpoints:
     decides alone (the time is its clock): saving needs nothing from the other ranks, whose model,
     optimizer and data position equal rank 0's after every step."""
 
-    def __init__(self, cfg: DictConfig, ctx: dist.Dist, folder: Path, model, optimizer, scheduler,
-                 steps_per_epoch: int, layout: dict):
-        self.folder, self.is_main, self.steps_per_epoch = folder, ctx.is_main, steps_per_epoch
+    def __init__(self, cfg: DictConfig, ctx: dist.Dist, folder: Path, model, optimizer, scheduler, scaler,
+                 batches_per_epoch: int, layout: dict):
+        self.folder, self.is_main, self.batches_per_epoch = folder, ctx.is_main, batches_per_epoch
         self.keep, self.every_steps, self.every_minutes = (cfg.checkpoint.keep, cfg.checkpoint.every_steps,
                                                            cfg.checkpoint.every_minutes)
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
         self.config = OmegaConf.to_container(cfg, resolve=True)
         self.layout = layout  # what a mid-epoch data position is valid for
         self.best_top1 = -1.0
@@ -162,7 +164,7 @@ class Checkpoints:
             return None
         state = {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "epoch": epoch, "step": step,
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(), "epoch": epoch, "step": step,
             "data": {"consumed": list(consumed), **self.layout}, "top1": top1, "best_top1": self.best_top1,
             "config": self.config, "rng": torch.get_rng_state(),
             **({"cuda_rng": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}),
@@ -172,7 +174,7 @@ class Checkpoints:
         return path
 
     def maybe_save_mid_epoch(self, epoch: int, step: int, consumed: list[int]) -> None:
-        if sum(consumed) >= self.steps_per_epoch:  # the epoch's last step: its end-of-epoch checkpoint follows
+        if sum(consumed) >= self.batches_per_epoch:  # the epoch's last step: its end-of-epoch checkpoint follows
             return
         due = (self.every_steps and step % self.every_steps == 0) or \
               (self.every_minutes and time.monotonic() - self.last_time >= 60 * self.every_minutes)
@@ -191,21 +193,41 @@ class EpochStats:
     stopped: bool  # a rank was asked to stop (SIGTERM/SIGUSR1): every rank left the epoch after this step
 
 
-def train_one_epoch(model, loader, normalize, loss_fn, optimizer, scheduler, ctx: dist.Dist, writer, step: int,
-                    log_every: int, epoch: int, consumed: list[int], checkpoints: Checkpoints,
-                    stop: StopOnSignal, first_of_run: bool = False) -> EpochStats:
-    """One epoch (or the rest of one) of DDP training.
+@dataclass
+class StepRecipe:
+    """How one optimizer step is taken, besides the data (see recog/parallel.py for the knobs)."""
+
+    model: torch.nn.Module  # what the loop calls: DDP-wrapped (and compiled) when so configured
+    normalize: Normalize
+    loss_fn: Callable
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    scaler: torch.amp.GradScaler  # fp16 loss scaling; a pass-through otherwise
+    autocast: Callable[[], AbstractContextManager]  # the forward pass's precision
+    accumulate: int = 1  # micro-batches per optimizer step
+    channels_last: bool = False
+
+
+def train_one_epoch(recipe: StepRecipe, loader, ctx: dist.Dist, writer, step: int, log_every: int, epoch: int,
+                    consumed: list[int], batches_per_epoch: int, checkpoints: Checkpoints, stop: StopOnSignal,
+                    first_of_run: bool = False) -> EpochStats:
+    """One epoch (or the rest of one) of DDP training; `step` counts optimizer steps.
 
     `consumed` counts the epoch's batches trained on, per data-loader worker: the data
-    position a mid-epoch checkpoint records. With `first_of_run`, the wait for the very
-    first batch (starting the workers, seconds) is logged as train/startup_s, not as data wait.
+    position a mid-epoch checkpoint records. With `accumulate` > 1, the gradients of that
+    many batches are summed before each optimizer step; DDP's all-reduce runs on the last
+    of them only (no_sync), and the epoch's last group may be shorter. With `first_of_run`,
+    the wait for the very first batch (starting the workers, seconds) is logged as
+    train/startup_s, not as data wait.
     """
-    model.train()
+    r = recipe
+    r.model.train()
     # The loss sum stays on the device: calling .item() every step would make the CPU wait for the GPU.
     loss_sum = torch.zeros((), device=ctx.device, dtype=torch.float64)
     window = [0.0, 0.0, 0.0]  # samples, skipped samples, seconds waiting for data: since the last log line
     totals = torch.zeros(4, dtype=torch.float64)  # the same four, over the epoch, for this rank
     stopped = False
+    batch_index = sum(consumed)  # accumulation groups count from the epoch's first batch
     epoch_start = window_start = tick = time.perf_counter()
     for batch in loader:
         waited = time.perf_counter() - tick
@@ -216,24 +238,34 @@ def train_one_epoch(model, loader, normalize, loss_fn, optimizer, scheduler, ctx
         if batch.images.dim() != 4:
             raise DataError("every sample of a rank's first batch was unreadable; the shards are damaged: "
                             "write them again.")
-        images = normalize(batch.images.to(ctx.device, non_blocking=True))
+        images = r.normalize(batch.images.to(ctx.device, non_blocking=True))
+        if r.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         labels = batch.labels.to(ctx.device, non_blocking=True)
-        loss = loss_fn(model(images), labels)["total"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        step += 1
+        batch_index += 1
+        ends_group = batch_index % r.accumulate == 0 or batch_index == batches_per_epoch
+        with parallel.no_sync(r.model, sync=ends_group):
+            with r.autocast():
+                loss = r.loss_fn(r.model(images), labels)["total"]
+            r.scaler.scale(loss / r.accumulate).backward()
         consumed[batch.worker] += 1
         loss_sum += loss.detach() * len(labels)
         window = [window[0] + len(labels), window[1] + batch.skipped, window[2] + waited]
+        if not ends_group:
+            tick = time.perf_counter()
+            continue
+        r.scaler.step(r.optimizer)
+        r.scaler.update()
+        r.optimizer.zero_grad(set_to_none=True)
+        r.scheduler.step()
+        step += 1
         if step % log_every == 0:  # every rank reaches this at the same step: the all-reduce cannot hang
             elapsed = time.perf_counter() - window_start
             mine = torch.cat([loss_sum.reshape(1).cpu(), torch.tensor(window, dtype=torch.float64)])
             totals += mine
             loss_total, n, skipped, wait = dist.all_reduce_sum(mine.to(ctx.device)).tolist()
             writer.add_scalar("train/loss", loss_total / n, step)
-            writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
+            writer.add_scalar("train/lr", r.scheduler.get_last_lr()[0], step)
             writer.add_scalar("train/images_per_s", n / elapsed, step)
             writer.add_scalar("train/data_wait_frac", wait / ctx.world_size / elapsed, step)
             writer.add_scalar("data/skipped_samples", skipped, step)
@@ -342,15 +374,18 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, stop: StopOnSignal) ->
     model = instantiate(cfg.model, num_classes=train_data.num_classes, in_channels=cfg.data.channels)
     if cfg.weights:  # only rank 0 reads the file; DDP below copies rank 0's weights to every rank
         load_weights(model, dist.run_on_rank0(lambda: load_checkpoint(cfg.weights), ctx, "reading model weights"))
+    model = parallel.prepare_model(model, cfg, ctx.is_distributed)  # SyncBatchNorm, channels_last
     model.to(ctx.device)  # before the optimizer exists: its state must live where the parameters live
 
-    steps_per_epoch = len(train_data.epochs)
-    global_batch = train_data.batch_size * ctx.world_size
+    batches_per_epoch = len(train_data.epochs)
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.accumulate)  # optimizer steps
+    global_batch = train_data.batch_size * ctx.world_size * cfg.accumulate
     lr = cfg.optim.lr * global_batch / cfg.optim.reference_batch  # linear scaling rule (Goyal et al., 2017)
     optimizer = instantiate(cfg.optim.optimizer)(model.parameters(), lr=lr)
     lr_factor = partial(warmup_cosine, warmup_steps=round(cfg.schedule.warmup_epochs * steps_per_epoch),
                         total_steps=cfg.epochs * steps_per_epoch)
     scheduler = LambdaLR(optimizer, lr_factor)
+    scaler = parallel.grad_scaler(cfg, ctx.device)
     loss_fn = instantiate(cfg.loss)
     if loss_fn.cross_rank and ctx.is_distributed:
         if cfg.sampler.name != "pk":
@@ -361,8 +396,9 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, stop: StopOnSignal) ->
     # workers each read their own part of the epoch; the P×K sampler is one sequence).
     consumed = [0] * (max(1, cfg.data.num_workers) if cfg.sampler.name != "pk" else 1)
     layout = {"world_size": ctx.world_size, "batch_size": train_data.batch_size, "sampler": cfg.sampler.name,
-              "workers": len(consumed)}
-    checkpoints = Checkpoints(cfg, ctx, run_dir / "checkpoints", model, optimizer, scheduler, steps_per_epoch, layout)
+              "workers": len(consumed), "accumulate": cfg.accumulate}
+    checkpoints = Checkpoints(cfg, ctx, run_dir / "checkpoints", model, optimizer, scheduler, scaler,
+                              batches_per_epoch, layout)
     start_epoch, step = 0, 0
     found = find_resume_point(cfg, run_dir, ctx, log)
     if found:
@@ -370,6 +406,8 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, stop: StopOnSignal) ->
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        if "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
         # This run's LR, which differs from the checkpoint's if the world size or the number of epochs changed.
         scheduler.base_lrs = [lr] * len(optimizer.param_groups)
         for group in optimizer.param_groups:
@@ -388,20 +426,23 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, stop: StopOnSignal) ->
                             "starts again from its first batch", path, {k: position.get(k) for k in layout}, layout,
                             start_epoch + 1)
         log.info("resumed from %s: step %d, %d epoch(s) done%s", path, step, start_epoch,
-                 f" and {sum(consumed)} of {steps_per_epoch} batches of epoch {start_epoch + 1}" if any(consumed)
+                 f" and {sum(consumed)} of {batches_per_epoch} batches of epoch {start_epoch + 1}" if any(consumed)
                  else "")
 
     if found and start_epoch >= cfg.epochs and not any(consumed):  # started again after it had finished
         log.info("nothing to train: %s holds all %d epochs (give a larger epochs= to train on)", found[0], cfg.epochs)
         return {"epoch": start_epoch, "step": step, "top1": ckpt["top1"], "best_top1": ckpt["best_top1"]}
 
-    # DDP broadcasts rank 0's parameters and buffers at construction, so every rank starts equal.
-    ddp = DDP(model, device_ids=[ctx.device.index] if pin else None) if ctx.is_distributed else model
+    recipe = StepRecipe(
+        parallel.wrap_model(model, cfg, ctx.is_distributed, ctx.device),  # DDP: every rank now holds rank 0's weights
+        normalize, loss_fn, optimizer, scheduler, scaler, partial(parallel.autocast, cfg, ctx.device),
+        cfg.accumulate, cfg.perf.channels_last)
 
-    log.info("world size %d (%s on %s) | per-rank batch %d, global batch %d | %d steps per epoch, %d epochs | "
-             "lr %.4g = %.4g x %d / %d", ctx.world_size, ctx.backend or "single process", ctx.device,
-             train_data.batch_size, global_batch, steps_per_epoch, cfg.epochs, lr, cfg.optim.lr, global_batch,
-             cfg.optim.reference_batch)
+    log.info("world size %d (%s on %s) | per-rank batch %d%s, global batch %d | %d steps per epoch, %d epochs | "
+             "lr %.4g = %.4g x %d / %d | %s", ctx.world_size, ctx.backend or "single process", ctx.device,
+             train_data.batch_size, f" x {cfg.accumulate} accumulated" if cfg.accumulate > 1 else "", global_batch,
+             steps_per_epoch, cfg.epochs, lr, cfg.optim.lr, global_batch, cfg.optim.reference_batch,
+             cfg.perf.precision)
 
     # Resuming in the same run directory: TensorBoard hides what the interrupted run logged after this step.
     writer = make_writer(run_dir, ctx.is_main, purge_step=step if found else None)
@@ -409,8 +450,8 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, stop: StopOnSignal) ->
     train_data.epochs.set_epoch(start_epoch, consumed)
     batches = iter(train_data.loader)  # starts the workers
     for epoch in range(start_epoch, cfg.epochs):
-        stats = train_one_epoch(ddp, batches, normalize, loss_fn, optimizer, scheduler, ctx, writer, step,
-                                cfg.log_every, epoch, consumed, checkpoints, stop, first_of_run=epoch == start_epoch)
+        stats = train_one_epoch(recipe, batches, ctx, writer, step, cfg.log_every, epoch, consumed, batches_per_epoch,
+                                checkpoints, stop, first_of_run=epoch == start_epoch)
         step, images, seconds, skipped = stats.step, images + stats.images, seconds + stats.seconds, skipped + stats.skipped
         if stats.stopped:  # SIGTERM/SIGUSR1: every rank stopped after this same step
             path = checkpoints.save(epoch, step, consumed) or checkpoints.folder / f"step-{step:09d}.pt"
@@ -459,7 +500,8 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, stop: StopOnSignal) ->
         write_json(metrics, run_dir / "metrics.json")
         hparams = {"model": cfg.model.backbone, "optimizer": cfg.optim.optimizer._target_.rsplit(".", 1)[-1],
                    "lr": lr, "global_batch": global_batch, "epochs": cfg.epochs, "seed": cfg.seed,
-                   "world_size": ctx.world_size, **override_hparams()}
+                   "world_size": ctx.world_size, "precision": cfg.perf.precision, "accumulate": cfg.accumulate,
+                   **override_hparams()}
         writer.add_hparams(hparams, {"hparam/top1": top1, "hparam/images_per_s": metrics["images_per_s"]},
                            run_name=".")
         writer.close()

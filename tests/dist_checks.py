@@ -63,5 +63,9 @@ report["grad_max_diff"] = (mine.grad / ctx.world_size - full.grad[ctx.rank * 6 :
 uneven = torch.arange(3 + ctx.rank, dtype=torch.float32)[:, None] + 10 * ctx.rank  # 3 rows on rank 0, 4 on rank 1
 report["gathered_uneven"] = dist.all_gather_uneven(uneven)[:, 0].tolist()
 
+from accumulation import accumulation_max_difference  # noqa: E402  (DDP with no_sync on 3 of 4 micro-steps)
+
+report["accumulation_max_diff"] = accumulation_max_difference(ctx)
+
 (out / f"rank{ctx.rank}.json").write_text(json.dumps(report))
 dist.teardown()

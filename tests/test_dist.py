@@ -24,7 +24,7 @@ def test_setup_without_torchrun_is_a_single_process(monkeypatch):
 
 @pytest.mark.slow
 def test_collectives_under_torchrun(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{HERE.parent}:{HERE}"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                     str(HERE / "dist_checks.py"), str(tmp_path)], check=True, env=env, timeout=120)
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -37,4 +37,6 @@ def test_collectives_under_torchrun(tmp_path):
         assert rep["sum_of_ranks"] == 1.0
         assert rep["gather_equals_global"] and rep["grad_max_diff"] < 1e-12
         assert rep["gathered_uneven"] == [0.0, 1.0, 2.0, 10.0, 11.0, 12.0, 13.0]  # each row once, in rank order
+        # 4 accumulated micro-batches (all-reduce on the last only) = one step on the 4x batch, up to rounding
+        assert rep["accumulation_max_diff"] < 1e-6
     assert (tmp_path / "read-by-0").exists() and not (tmp_path / "read-by-1").exists()  # only rank 0 read

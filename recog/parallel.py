@@ -1,0 +1,100 @@
+"""How the model is trained in parallel and how fast: applied to the model from outside (the model itself
+knows nothing of it). DDP and its options, gradient compression hooks, SyncBatchNorm, channels_last,
+torch.compile, and the precision of the forward pass.
+
+Knobs that change numerics are off by default (fp32, no compression, no SyncBatchNorm); the others keep
+torch's defaults. A combination that cannot work fails in `check_perf_config` with one sentence, before
+any process group exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from recog.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMM_HOOKS = (None, "fp16", "bf16", "powersgd")
+
+
+def check_perf_config(cfg: DictConfig, cuda: bool) -> None:
+    """`cuda`: whether this run will train on GPUs (NCCL) rather than CPUs (gloo)."""
+    perf, ddp = cfg.perf, cfg.ddp
+    if perf.precision not in PRECISIONS:
+        raise ConfigError(f"perf.precision={perf.precision} is unknown; use one of {', '.join(PRECISIONS)}.")
+    if perf.precision == "fp16" and not cuda:
+        raise ConfigError("perf.precision=fp16 needs a GPU (its gradient scaler is CUDA's); on CPU use "
+                          "perf.precision=bf16, which needs no scaler.")
+    if perf.sync_bn and not cuda:
+        raise ConfigError("perf.sync_bn=true needs GPUs (torch's SyncBatchNorm runs on CUDA only); on CPU leave it "
+                          "false.")
+    if ddp.comm_hook not in COMM_HOOKS:
+        raise ConfigError(f"ddp.comm_hook={ddp.comm_hook} is unknown; use null, fp16, bf16 or powersgd.")
+    if ddp.comm_hook == "bf16" and not cuda:
+        raise ConfigError("ddp.comm_hook=bf16 is not supported by gloo (CPU) in this torch; use ddp.comm_hook=fp16 "
+                          "or powersgd on CPU.")
+    if ddp.comm_hook == "powersgd" and (ddp.powersgd_rank < 1 or ddp.powersgd_start_step < 2):
+        raise ConfigError("ddp.powersgd_rank must be at least 1 and ddp.powersgd_start_step at least 2 (PowerSGD "
+                          "needs a few plain all-reduces first).")
+    if not isinstance(cfg.accumulate, int) or cfg.accumulate < 1:
+        raise ConfigError(f"accumulate={cfg.accumulate} is not valid; give a whole number of at least 1 "
+                          "(1: no gradient accumulation).")
+
+
+def prepare_model(model: nn.Module, cfg: DictConfig, distributed: bool) -> nn.Module:
+    """Before the optimizer exists: SyncBatchNorm (it keeps the same parameters) and the memory format."""
+    if cfg.perf.sync_bn and distributed:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if cfg.perf.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def wrap_model(model: nn.Module, cfg: DictConfig, distributed: bool, device: torch.device) -> nn.Module:
+    """The module the training loop calls: DDP (with its options and compression hook) when distributed,
+    compiled when asked. DDP broadcasts rank 0's parameters and buffers here, so every rank starts equal."""
+    trained = model
+    if distributed:
+        ddp = cfg.ddp
+        trained = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                      bucket_cap_mb=ddp.bucket_cap_mb, static_graph=ddp.static_graph,
+                      gradient_as_bucket_view=ddp.gradient_as_bucket_view)
+        if ddp.comm_hook in ("fp16", "bf16"):
+            hook = default_hooks.fp16_compress_hook if ddp.comm_hook == "fp16" else default_hooks.bf16_compress_hook
+            trained.register_comm_hook(None, hook)
+        elif ddp.comm_hook == "powersgd":
+            state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=ddp.powersgd_rank,
+                                                start_powerSGD_iter=ddp.powersgd_start_step)
+            trained.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+    elif cfg.ddp.comm_hook:
+        log.info("ddp.comm_hook=%s has nothing to compress with one process", cfg.ddp.comm_hook)
+    if cfg.perf.compile:
+        trained = torch.compile(trained)
+    return trained
+
+
+def autocast(cfg: DictConfig, device: torch.device):
+    """The forward pass's precision: bf16/fp16 autocast, or nothing for fp32."""
+    dtype = PRECISIONS[cfg.perf.precision]
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def grad_scaler(cfg: DictConfig, device: torch.device) -> torch.amp.GradScaler:
+    """fp16 gradients underflow without loss scaling; for fp32 and bf16 the scaler is a pass-through."""
+    return torch.amp.GradScaler(device.type, enabled=cfg.perf.precision == "fp16")
+
+
+def no_sync(model: nn.Module, sync: bool):
+    """DDP's no_sync() for the micro-steps whose gradients stay local (accumulation), else nothing."""
+    if sync or not hasattr(model, "no_sync"):
+        return contextlib.nullcontext()
+    return model.no_sync()

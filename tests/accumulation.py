@@ -1,0 +1,65 @@
+"""Gradient accumulation against one step on the whole batch, through recog's real training loop.
+
+Used by test_parallel.py (one process) and dist_checks.py (2 processes under DDP, where the
+non-final micro-steps run under no_sync). The model has no BatchNorm: BatchNorm's batch
+statistics differ between 4 batches of 8 and one of 32, accumulation or not.
+"""
+
+from functools import partial
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from recog import parallel
+from recog.data.stream import Batch, Normalize
+from recog.log import NullWriter
+from recog.loss import RecognitionLoss
+from recog.model import Output
+from recog.preempt import StopOnSignal
+from recog.train import Checkpoints, StepRecipe, train_one_epoch
+
+
+class TinyModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.classify = nn.Linear(16, 8), nn.Linear(8, 3)
+
+    def forward(self, images):
+        embeddings = torch.tanh(self.embed(images.flatten(1)))
+        return Output(embeddings, self.classify(embeddings))
+
+
+def one_optimizer_step(ctx, micro_batches: list[Batch], accumulate: int) -> dict[str, torch.Tensor]:
+    """Train TinyModel (seed 0) on `micro_batches` with `accumulate`; return its weights after."""
+    torch.manual_seed(0)
+    model = TinyModel()
+    cfg = OmegaConf.create({"perf": {"precision": "fp32", "compile": False}, "accumulate": accumulate,
+                            "ddp": {"bucket_cap_mb": 25, "static_graph": False, "gradient_as_bucket_view": False,
+                                    "comm_hook": None},
+                            "checkpoint": {"keep": 1, "every_steps": 0, "every_minutes": 0}})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = parallel.grad_scaler(cfg, ctx.device)
+    recipe = StepRecipe(parallel.wrap_model(model, cfg, ctx.is_distributed, ctx.device), Normalize([0.0], [1.0]),
+                        RecognitionLoss(), optimizer, scheduler, scaler, partial(parallel.autocast, cfg, ctx.device),
+                        accumulate)
+    checkpoints = Checkpoints(cfg, ctx, Path("unused"), model, optimizer, scheduler, scaler, len(micro_batches), {})
+    stop = StopOnSignal()
+    stats = train_one_epoch(recipe, micro_batches, ctx, NullWriter(), 0, 10**6, 0, [0], len(micro_batches),
+                            checkpoints, stop)
+    stop.close()
+    assert stats.step == 1  # one optimizer step either way
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def accumulation_max_difference(ctx) -> float:
+    """Largest weight difference between 4 accumulated batches of 8 and one batch of 32 (this rank's data)."""
+    g = torch.Generator().manual_seed(100 + ctx.rank)
+    images = torch.randint(0, 256, (32, 1, 4, 4), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 3, (32,), generator=g)
+    whole = one_optimizer_step(ctx, [Batch(images, labels, 0)], accumulate=1)
+    parts = one_optimizer_step(ctx, [Batch(images[i:i + 8], labels[i:i + 8], 0) for i in range(0, 32, 8)],
+                               accumulate=4)
+    return max((whole[k] - parts[k]).abs().max().item() for k in whole)
