@@ -4,10 +4,11 @@
 #      batches normalised on the GPU): its top-1 and images/s;
 #   2. preemption on the GPU: SIGTERM to torchrun mid-epoch, exit code 75, the same command continues;
 #   3. bench/gpu.sh: ResNet-50 training images/s (fp32, TF32, bf16 + channels_last, + compile) and the
-#      shard loader's images/s.
+#      shard loader's images/s;
+#   4. train.py's GPU-only knobs for 2 epochs each: fp16 + gradient scaler + channels_last, bf16 + compile.
 #
 #   bash bench/gpu_session.sh OUT_DIR
-#   PARTS=23 bash bench/gpu_session.sh OUT_DIR   # only parts 2 and 3
+#   PARTS=24 bash bench/gpu_session.sh OUT_DIR   # only parts 2 and 4
 #
 # A machine without recog's dependencies installed gets them from wheels in .whl/ (pure-Python wheels of
 # hydra-core, omegaconf, antlr4-python3-runtime, webdataset, braceexpand, pytorch-metric-learning),
@@ -27,7 +28,7 @@ nvidia-smi -L
 $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 torchrun=("$py" -m torch.distributed.run --standalone --nproc_per_node=1 train.py)
 
-parts=${PARTS:-123}
+parts=${PARTS:-1234}
 if [[ $parts == *1* ]]; then
 echo "== 1. the default job (12 epochs of the bundled 10k images), one GPU"
 start=$(date +%s)
@@ -55,4 +56,14 @@ if [[ $parts == *3* ]]; then
 echo "== 3. bench/gpu.sh"
 timeout 330 bash bench/gpu.sh --log-dir "$out/bench"
 echo "bench rc=$?"
+fi
+
+if [[ $parts == *4* ]]; then
+echo "== 4. GPU-only knobs through train.py"
+for knobs in "perf.precision=fp16 perf.channels_last=true" "perf.precision=bf16 perf.channels_last=true perf.compile=true"; do
+  name=$(echo "$knobs" | tr ' =.' '_--')
+  timeout 150 "${torchrun[@]}" epochs=2 data.num_workers=4 $knobs hydra.run.dir="$out/$name" > "$out/$name.log" 2>&1
+  echo "$knobs: rc=$?"
+  grep -E "epoch 2/2|error" "$out/$name.log"
+done
 fi

@@ -39,9 +39,6 @@ def check_perf_config(cfg: DictConfig, cuda: bool) -> None:
                           "false.")
     if ddp.comm_hook not in COMM_HOOKS:
         raise ConfigError(f"ddp.comm_hook={ddp.comm_hook} is unknown; use null, fp16, bf16 or powersgd.")
-    if ddp.comm_hook == "bf16" and not cuda:
-        raise ConfigError("ddp.comm_hook=bf16 is not supported by gloo (CPU) in this torch; use ddp.comm_hook=fp16 "
-                          "or powersgd on CPU.")
     if ddp.comm_hook == "powersgd" and (ddp.powersgd_rank < 1 or ddp.powersgd_start_step < 2):
         raise ConfigError("ddp.powersgd_rank must be at least 1 and ddp.powersgd_start_step at least 2 (PowerSGD "
                           "needs a few plain all-reduces first).")
