@@ -71,12 +71,31 @@ def wrap_model(model: nn.Module, cfg: DictConfig, distributed: bool, device: tor
         elif ddp.comm_hook == "powersgd":
             state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=ddp.powersgd_rank,
                                                 start_powerSGD_iter=ddp.powersgd_start_step)
-            trained.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+            hook = powerSGD_hook.powerSGD_hook
+            trained.register_comm_hook(state, hook if device.type == "cuda" else one_bucket_at_a_time(hook))
     elif cfg.ddp.comm_hook:
         log.info("ddp.comm_hook=%s has nothing to compress with one process", cfg.ddp.comm_hook)
     if cfg.perf.compile:
         trained = torch.compile(trained)
     return trained
+
+
+def one_bucket_at_a_time(hook):
+    """A comm hook that finishes each bucket before DDP hands it the next.
+
+    PowerSGD issues its second and third all-reduce of a bucket from a future's callback,
+    which gloo runs on its own thread; with several buckets those interleave with the next
+    bucket's first all-reduce in a different order on each rank, and gloo aborts the process
+    ("collective mismatch", SIGABRT, nothing to catch). Waiting keeps the order the same on
+    every rank, at the cost of overlapping communication with the backward pass. NCCL keeps
+    the hook as it is.
+    """
+    def serial(state, bucket):
+        future = hook(state, bucket)
+        future.wait()
+        return future
+
+    return serial
 
 
 def autocast(cfg: DictConfig, device: torch.device):
