@@ -68,16 +68,18 @@ def timed(fn, ctx) -> float:
     return dist.all_reduce_max(torch.tensor([time.perf_counter() - start], device=ctx.device)).item()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="convnet")
-    parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=256, help="per process (the default job uses 256)")
-    parser.add_argument("--steps", type=int, default=30, help="steps per timed round")
-    parser.add_argument("--rounds", type=int, default=6)
-    args = parser.parse_args()
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", default="convnet")
+    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=256, help="per process (the default job uses 256)")
+    p.add_argument("--steps", type=int, default=30, help="steps per timed round")
+    p.add_argument("--rounds", type=int, default=6)
+    return p
 
-    ctx = dist.setup()
+
+def measure(ctx, args) -> tuple[list[float], list[float]]:
+    """Global images/s of the bare loop and of recog's loop, per round (rounds alternate which goes first)."""
     g = torch.Generator().manual_seed(ctx.rank)
     batches = [Batch(torch.randint(0, 256, (args.batch_size, 1, 28, 28), dtype=torch.uint8, generator=g),
                      torch.randint(0, 10, (args.batch_size,), generator=g), 0) for _ in range(args.steps)]
@@ -109,6 +111,14 @@ def main() -> None:
     for i in range(args.rounds):  # alternate which goes first, so neither always runs on a warmer machine
         for name, fn, times in ((("bare", run_bare, bare), ("recog", run_recog, ours))[:: 1 if i % 2 == 0 else -1]):
             times.append(images_per_round / timed(fn, ctx))
+    stop.close()
+    return bare, ours
+
+
+def main() -> None:
+    args = parser().parse_args()
+    ctx = dist.setup()
+    bare, ours = measure(ctx, args)
     if ctx.is_main:
         print(f"{args.backbone} batch {args.batch_size}/process x {ctx.world_size} process(es) on {ctx.device}, "
               f"{args.steps} steps per round, {args.rounds} rounds")
@@ -117,7 +127,6 @@ def main() -> None:
             print(f"{i:>5} {b:>11.0f} {r:>12.0f} {r / b:>6.3f}")
         b, r = statistics.median(bare), statistics.median(ours)
         print(f"median: bare {b:.0f} img/s, recog {r:.0f} img/s, ratio recog/bare = {r / b:.3f} (target >= 0.95)")
-    stop.close()
     dist.teardown()
 
 
