@@ -91,7 +91,7 @@ def test_mid_epoch_checkpoints_every_n_steps_and_every_t_minutes(tmp_path):
     def checkpoints(every_steps, every_minutes):
         cfg = OmegaConf.create({"checkpoint": {"keep": 10, "every_steps": every_steps, "every_minutes": every_minutes}})
         return Checkpoints(cfg, ctx, tmp_path / f"{every_steps}-{every_minutes}", model, optimizer, scheduler,
-                           steps_per_epoch=10, layout={"world_size": 1})
+                           torch.amp.GradScaler("cpu", enabled=False), batches_per_epoch=10, layout={"world_size": 1})
 
     by_steps = checkpoints(4, 0)
     for step in range(1, 21):  # two epochs of 10 steps; consumed counts the epoch's batches
@@ -101,10 +101,10 @@ def test_mid_epoch_checkpoints_every_n_steps_and_every_t_minutes(tmp_path):
     state = load_checkpoint(by_steps.folder / "step-000000012.pt")
     assert state["epoch"] == 1 and state["data"] == {"consumed": [2], "world_size": 1}
 
-    by_time = checkpoints(0, 0.1 / 60)  # every 0.1 s
+    by_time = checkpoints(0, 1)  # every minute, by rank 0's clock
     by_time.maybe_save_mid_epoch(0, 1, [1])
     assert not by_time.folder.exists()
-    time.sleep(0.15)
+    by_time.last_time = time.monotonic() - 61  # as if the last save were a minute ago
     by_time.maybe_save_mid_epoch(0, 2, [2])
     by_time.maybe_save_mid_epoch(0, 3, [3])  # the clock restarted at the save
     assert [p.name for p in by_time.folder.glob("step-*")] == ["step-000000002.pt"]
