@@ -193,9 +193,10 @@ def test_a_stopped_rank_makes_the_other_fail_within_the_timeout(tiny_data, tmp_p
     from conftest import train_cmd
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # output to files: a leftover process holding a pipe open could make a read wait forever
+    out, err = open(tmp_path / "stdout", "w"), open(tmp_path / "stderr", "w")
     proc = subprocess.Popen(train_cmd(2) + tiny_args(tiny_data, epochs=200, **{"dist.timeout_s": 8}) + [
-        f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
+        f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env, stdout=out, stderr=err, text=True)
     ranks: dict[int, int] = {}  # rank -> pid
     try:
         deadline = time.time() + 120
@@ -214,7 +215,8 @@ def test_a_stopped_rank_makes_the_other_fail_within_the_timeout(tiny_data, tmp_p
         while alive(ranks[0]) and time.time() - start < 120:
             time.sleep(0.2)
         waited = time.time() - start  # until rank 0 gave up
-        _, stderr = proc.communicate(timeout=90)
+        proc.wait(timeout=180)  # torchrun gives the stopped rank 30 s after SIGTERM, then kills it
+        stderr = (tmp_path / "stderr").read_text()
     finally:
         for pid in ranks.values():
             try:
