@@ -10,16 +10,23 @@ Four machines with eight GPUs each (run on every machine; HOST is the first one)
 Override any config value on the command line, e.g. `epochs=3 batch_size=64 model=resnet18 data=fashion_mnist`.
 """
 
-import sys
+# First, before the slow imports: catch the stop signals. When another rank fails at start, torchrun sends
+# this one SIGTERM; caught, it still gets to say what is wrong (or stops cleanly) instead of dying silently.
+from recog.preempt import StopOnSignal
 
-import hydra
-from omegaconf import DictConfig
+STOP = StopOnSignal().install()
 
-from recog.dist import RankTimeout, adopt_slurm_env, print0
-from recog.errors import ConfigError
-from recog.preempt import EXIT_CODE as PREEMPTED, Preempted
-from recog.rundir import register_resolvers
-from recog.train import run
+import logging  # noqa: E402
+import sys  # noqa: E402
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from recog.dist import adopt_slurm_env, env_rank, print_once_per_node  # noqa: E402
+from recog.errors import ConfigError, RecogError, sentence  # noqa: E402
+from recog.preempt import Preempted  # noqa: E402
+from recog.rundir import register_resolvers  # noqa: E402
+from recog.train import run  # noqa: E402
 
 adopt_slurm_env()  # `srun python train.py`: torchrun's variables from SLURM's (before Hydra resolves the run dir)
 register_resolvers()
@@ -28,15 +35,17 @@ register_resolvers()
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     try:
-        return run(cfg)["top1"]
-    except ConfigError as e:  # a mistake the user can fix: one sentence, no traceback
-        print0(f"error: {e}", file=sys.stderr)
+        return run(cfg, stop=STOP)["top1"]
+    except Preempted as e:  # a stop signal: a checkpoint was written; the same command continues the run
+        if env_rank() == 0:  # one line, to the console and (once logging is set up) to train.log
+            logging.getLogger("recog").warning("%s: %s; exit code %d", "interrupted" if e.interrupted else
+                                               "preempted", e, e.exit_code)
+        sys.exit(e.exit_code)
+    except ConfigError as e:  # every rank found the same mistake (or was told of it): one sentence, no traceback
+        print_once_per_node(f"error: {sentence(e)}", file=sys.stderr)
         sys.exit(2)
-    except Preempted as e:  # SIGTERM/SIGUSR1: a checkpoint was written; the same command continues the run
-        print0(f"preempted: {e}; exit code {PREEMPTED}", file=sys.stderr)
-        sys.exit(PREEMPTED)
-    except RankTimeout as e:  # said by the rank that noticed, whichever it is
-        print(f"error: {e}", file=sys.stderr, flush=True)
+    except RecogError as e:  # unreadable data, a full disk, a lost rank: said by the rank that found it
+        print(f"error: {sentence(e)}", file=sys.stderr, flush=True)
         sys.exit(1)
 
 

@@ -97,7 +97,7 @@ def measure(ctx, args) -> tuple[list[float], list[float]]:
     recipe = StepRecipe(recog_model, normalize, loss_fn, recog_opt, scheduler, scaler,
                         partial(parallel.autocast, cfg, ctx.device))
     checkpoints = Checkpoints(cfg, ctx, Path("unused"), recog_model, recog_opt, scheduler, scaler, 10**9, {})
-    stop = StopOnSignal()
+    stop = StopOnSignal(dist.AnyRankFlag())  # the per-step stop-flag exchange, no handlers
 
     def run_recog():
         train_one_epoch(recipe, batches, ctx, writer, 0, log_every=10, epoch=0, consumed=[0],
@@ -111,7 +111,7 @@ def measure(ctx, args) -> tuple[list[float], list[float]]:
     for i in range(args.rounds):  # alternate which goes first, so neither always runs on a warmer machine
         for name, fn, times in ((("bare", run_bare, bare), ("recog", run_recog, ours))[:: 1 if i % 2 == 0 else -1]):
             times.append(images_per_round / timed(fn, ctx))
-    stop.close()
+    stop.finish()
     return bare, ours
 
 

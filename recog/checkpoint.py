@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from recog.errors import ConfigError
+from recog.errors import ConfigError, RecogError
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -56,7 +56,13 @@ def _link_atomically(src: Path, dst: Path) -> None:
 def save_step_checkpoint(state: dict[str, Any], folder: str | Path, step: int, keep: int, is_best: bool) -> Path:
     """Write `step-NNNNNNNNN.pt`, point `last.pt` (and `best.pt` when `is_best`) at it, keep the newest `keep`."""
     folder = Path(folder)
-    path = save_checkpoint(state, folder / f"step-{step:09d}.pt")
+    path = folder / f"step-{step:09d}.pt"
+    try:
+        save_checkpoint(state, path)
+    except OSError as e:  # a full disk, a quota, a read-only file system: nothing half-written is left
+        raise RecogError(f"writing checkpoint {path} failed ({e.strerror or e}); the earlier checkpoints in "
+                         f"{folder} are intact: free space there, or move the run directory, and run the same "
+                         "command again to continue from them.") from None
     _link_atomically(path, folder / "last.pt")
     if is_best:
         _link_atomically(path, folder / "best.pt")
@@ -88,13 +94,25 @@ def write_json(data: dict, path: str | Path) -> Path:
     return atomic_write(path, lambda f: f.write(json.dumps(data, indent=2).encode()))
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load on CPU with weights_only=True: tensors and plain containers only, no arbitrary code."""
+def load_checkpoint(path: str | Path, option: str = "resume=") -> dict[str, Any]:
+    """Load on CPU with weights_only=True: tensors and plain containers only, no arbitrary code.
+
+    `option` is the setting the path came from, so that a message names what to fix.
+    """
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"checkpoint {path} does not exist; check the path given to resume= or model.weights=.")
+        raise ConfigError(f"checkpoint {path} does not exist; check the path given to {option}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ConfigError(f"checkpoint {path} could not be read ({type(e).__name__}: {e}); "
-                          "it may be truncated: use an earlier one.") from None
+    except Exception as e:  # what went wrong, in our words: torch's advice (weights_only=False) would be unsafe
+        with open(path, "rb") as f:
+            zip_start = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
+        if not zip_start:
+            raise ConfigError(f"{path} is not a PyTorch checkpoint; give {option} a file written by recog or "
+                              "torch.save.") from None
+        if "Weights only load failed" in str(e):
+            raise ConfigError(f"{path} holds Python objects besides tensors, which recog does not load (they "
+                              "could run code); save the model's state_dict() instead and give that file to "
+                              f"{option}") from None
+        raise ConfigError(f"checkpoint {path} could not be read: it is damaged or cut short ({type(e).__name__}); "
+                          f"give {option} an earlier one.") from None

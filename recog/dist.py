@@ -15,7 +15,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from recog.errors import ConfigError
+from recog.errors import ConfigError, RecogError
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,13 @@ def adopt_slurm_env() -> None:
 
 def print0(*args, **kwargs) -> None:
     if env_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def print_once_per_node(*args, **kwargs) -> None:
+    """For errors: every rank raises the same sentence once it has been shared (see fail_together), but a
+    check that fails before the process group exists may fail on one machine only, so each machine says it."""
+    if int(os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or 0) == 0:
         print(*args, **kwargs, flush=True)
 
 
@@ -176,13 +183,24 @@ def control_barrier() -> None:
         dist.all_reduce(torch.zeros(1))
 
 
-class RankTimeout(RuntimeError):
+class RankTimeout(RecogError):
     """A collective waited longer than the configured timeout for another rank."""
+
+
+class PeerLost(RecogError):
+    """Another rank went away (it failed and exited, or was killed) while this one waited for it."""
 
 
 def is_timeout(error: BaseException) -> bool:
     """gloo reports a missing peer as 'Timed out waiting ...'; NCCL's watchdog as a DistBackendError timeout."""
     return "timed out" in str(error).lower() or "timeout" in type(error).__name__.lower()
+
+
+def is_peer_lost(error: BaseException) -> bool:
+    """gloo reports a peer whose process ended as a closed or reset connection; NCCL as a remote error."""
+    text = str(error).lower()
+    return any(s in text for s in ("closed by peer", "reset by peer", "broken pipe", "remote process exited",
+                                   "connection refused"))
 
 
 def teardown() -> None:
@@ -243,26 +261,25 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
 def run_on_rank0(fn, ctx: Dist, what: str):
     """Call `fn()` on rank 0 only and hand its result to every rank.
 
-    If `fn` raises, every rank raises the same error, so no rank waits forever
-    for a result that will not come. Used so that only rank 0 reads a file.
+    If `fn` raises, every rank raises, so no rank waits forever for a result that
+    will not come: rank 0 its own error (a programming error keeps its traceback),
+    the others a ConfigError carrying rank 0's sentence. Used so that only rank 0
+    reads a file.
     """
     result, error = None, None
     if ctx.is_main:
         try:
             result = fn()
-        except Exception as e:  # passed to the other ranks, then raised everywhere
-            error = e if isinstance(e, ConfigError) else ConfigError(f"{what} failed on rank 0: {e}")
-    if not ctx.is_distributed:
-        if error:
-            raise error
-        return result
-    box = [(result, str(error) if error else None)]
-    dist.broadcast_object_list(box, src=0, device=ctx.device if ctx.backend == "nccl" else None)
-    result, message = box[0]
-    if message is not None:
-        if error is not None:
-            raise error
-        raise ConfigError(message)
+        except Exception as e:  # raised below, on every rank
+            error = e
+    if ctx.is_distributed:
+        box = [(result, _describe(error))]
+        dist.broadcast_object_list(box, src=0, device=ctx.device if ctx.backend == "nccl" else None)
+        result, message = box[0]
+        if message is not None and error is None:
+            raise _told(message, 0, what)
+    if error is not None:
+        raise error
     return result
 
 
@@ -271,16 +288,39 @@ def fail_together(fn, ctx: Dist, what: str):
 
     For work that may fail on some ranks only (a file missing on one node):
     instead of one rank leaving while the others wait in the next collective,
-    all of them stop here, after one all-reduce.
+    all of them stop here, after one exchange. A rank that failed raises its own
+    error; the others raise a ConfigError with the first failed rank's sentence,
+    so the sentence reaches the user whichever rank found the problem.
     """
     result, error = None, None
     try:
         result = fn()
     except Exception as e:  # re-raised below, on this rank and (as a message) on the others
         error = e
-    if not all_ok(error is None, ctx):
-        raise error or ConfigError(f"{what} failed on another rank; see its error above.")
+    if ctx.is_distributed:
+        messages: list = [None] * ctx.world_size
+        dist.all_gather_object(messages, _describe(error))
+        failed = [(rank, m) for rank, m in enumerate(messages) if m is not None]
+        if failed and error is None:
+            raise _told(failed[0][1], failed[0][0], what)
+    if error is not None:
+        raise error
     return result
+
+
+def _describe(error: Exception | None) -> str | None:
+    """What the other ranks are told of an error: its sentence, or "!" + type and message for a programming
+    error (whose traceback only the rank that raised it prints)."""
+    if error is None:
+        return None
+    return str(error) if isinstance(error, RecogError) else f"!{type(error).__name__}: {error}"
+
+
+def _told(message: str, rank: int, what: str) -> ConfigError:
+    """The error a rank raises for another rank's failure, from `_describe`'s message."""
+    if message.startswith("!"):
+        return ConfigError(f"{what} failed on rank {rank} ({message[1:]}); see its traceback above.")
+    return ConfigError(message)
 
 
 def all_ok(ok: bool, ctx: Dist) -> bool:

@@ -1,14 +1,27 @@
-"""The one exception type a user is meant to read."""
+"""The exceptions a user is meant to read: one sentence each, printed without a traceback."""
 
 
-class ConfigError(ValueError):
-    """Bad input a user can fix: a path, a config value, a data set.
+class RecogError(Exception):
+    """An expected failure: the message is one sentence that names the thing and the fix. ``train.py``
+    prints it without a traceback; anything else is a programming error and keeps its traceback."""
 
-    The message is one sentence that names the thing and the fix. ``train.py``
-    prints it without a traceback. Raise it before any collective call, so that
-    every rank stops on its own and none is left waiting for the others.
+
+class ConfigError(RecogError, ValueError):
+    """Bad input a user can fix: a path, a config value, a data set, a checkpoint that does not fit.
+
+    Raise it before any collective call (or inside `dist.fail_together` / `dist.run_on_rank0`), so that
+    every rank stops and none is left waiting for the others.
     """
 
 
-class DataError(RuntimeError):
-    """Data that cannot be read, raised only where the user asked for strict reading."""
+class DataError(RecogError, RuntimeError):
+    """Data that cannot be read, raised only where the user asked for strict reading (or a server stays down)."""
+
+
+def sentence(error: BaseException) -> str:
+    """The sentence of an expected error. One raised in a data-loader worker reaches the training process
+    re-raised by torch with the worker's traceback as its message; the sentence is that traceback's last line."""
+    text = str(error).strip()
+    if "Original Traceback" in text:
+        return text.splitlines()[-1].split(": ", 1)[-1]
+    return text

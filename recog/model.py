@@ -122,26 +122,33 @@ class RecognitionModel(nn.Module):
         return Output(embeddings, logits)
 
 
-def load_weights(model: RecognitionModel, state: dict) -> None:
+def load_weights(model: RecognitionModel, state: dict) -> list[str]:
     """Load a recog checkpoint, a state dict of this model, or torchvision weights for the backbone alone.
 
     Torchvision weights lose their ImageNet classifier; an RGB stem is summed
-    over its colour channels to fit a grey-image model.
+    over its colour channels to fit a grey-image model; a recog classifier for
+    another number of classes is left out (fine-tuning on new classes), and
+    starts fresh. Returns a note for each such change, for the log.
     """
     state = state.get("model", state)
     if not any(k.startswith("backbone.") for k in state):
         state = {f"backbone.{k}": v for k, v in state.items()}
     own = model.state_dict()
-    usable = {}
+    usable, notes = {}, []
     for key, value in state.items():
         if key not in own:  # the torchvision classifier, replaced by the embedding head
             continue
         if value.dim() == 4 and value.shape[1] == 3 and own[key].shape[1] == 1:
             value = value.sum(dim=1, keepdim=True)
+        if key == "class_weights" and value.shape[0] != own[key].shape[0]:
+            notes.append(f"the weights' classifier is for {value.shape[0]} classes and this data has "
+                         f"{own[key].shape[0]}: the classifier starts fresh, the rest is loaded")
+            continue
         if value.shape != own[key].shape:
             raise ConfigError(
                 f"weight {key} has shape {tuple(value.shape)} but the model expects {tuple(own[key].shape)}; "
-                "check model.backbone and model.small_input match the weights."
+                "set model.backbone (and model.width, model.embedding_dim, model.small_input) to what the "
+                "weights were trained with."
             )
         usable[key] = value
     missing = [k for k in own if k.startswith("backbone.") and k not in usable]
@@ -149,3 +156,16 @@ def load_weights(model: RecognitionModel, state: dict) -> None:
         raise ConfigError(f"the weights lack {len(missing)} backbone entries (first: {missing[0]}); "
                           "check model.backbone matches the weights file.")
     model.load_state_dict(usable, strict=False)
+    return notes
+
+
+def state_mismatch(own: dict, saved: dict) -> str | None:
+    """How a saved state dict differs from a model's, in a few words; None when it fits exactly."""
+    missing, extra = [k for k in own if k not in saved], [k for k in saved if k not in own]
+    if missing or extra:
+        first = f"{missing[0]} missing" if missing else f"{extra[0]} not in this model"
+        return f"{len(missing)} entries missing and {len(extra)} not in this model; first: {first}"
+    for key, value in own.items():
+        if saved[key].shape != value.shape:
+            return f"{key} has shape {tuple(saved[key].shape)} where this model has {tuple(value.shape)}"
+    return None

@@ -6,6 +6,7 @@ metrics.json); the other ranks log through stand-ins that do nothing.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -27,56 +28,94 @@ from recog.data.manifest import load_manifest
 from recog.data.prepare import check_can_prepare, missing_splits, prepare_shards
 from recog.data.source import ShardSource
 from recog.data.random_access import ShardRandomAccess, collate
-from recog.data.stream import Normalize, ShardStream, make_loader
+from recog.data.stream import Normalize, ShardStream, make_loader, stop_data_workers
 from recog.errors import ConfigError, DataError
 from recog.log import make_writer, setup_logging
-from recog.model import check_backbone_name, load_weights
+from recog.model import check_backbone_name, load_weights, state_mismatch
 from recog.preempt import Preempted, StopOnSignal
 from recog.retrieval import retrieval_metrics
 from recog.sampler import DistributedBatchSampler
 
+log = logging.getLogger("recog")
+
+
+# Every number a user can set, and what it must be: (key, whole number?, smallest allowed, strictly above it?)
+NUMBERS = [
+    ("epochs", True, 1, False), ("batch_size", True, 1, False), ("accumulate", True, 1, False),
+    ("log_every", True, 1, False), ("seed", True, 0, False), ("eval.projector", True, 0, False),
+    ("checkpoint.keep", True, 1, False), ("checkpoint.every_steps", True, 0, False),
+    ("checkpoint.every_minutes", False, 0, False), ("schedule.warmup_epochs", False, 0, False),
+    ("optim.lr", False, 0, False), ("optim.reference_batch", True, 1, False),
+    ("data.num_workers", True, 0, False), ("data.shuffle_block", True, 1, False),
+    ("data.http.retries", True, 0, False), ("data.http.backoff_s", False, 0, False),
+    ("data.http.timeout_s", False, 0, True), ("dist.timeout_s", False, 0, True),
+    ("ddp.bucket_cap_mb", False, 0, True), ("loss.ce_weight", False, 0, False),
+    ("loss.metric_weight", False, 0, False), ("loss.label_smoothing", False, 0, False),
+]
+
+
+def check_number(key: str, value, whole: bool, least: float, above: bool) -> None:
+    kind = "a whole number" if whole else "a number"
+    bound = f"above {least}" if above else f"at least {least}"
+    is_number = isinstance(value, int if whole else (int, float)) and not isinstance(value, bool)
+    if not is_number or value < least or (above and value == least):
+        raise ConfigError(f"{key}={value} is not valid; give {kind} {bound}.")
+
 
 def check_config(cfg: DictConfig) -> None:
-    """Values that cannot work, each as one sentence. Runs on every rank before any collective call."""
+    """Values that cannot work, each as one sentence. Runs on every rank before any process group exists."""
     for key in ("train", "test"):
         if OmegaConf.is_missing(cfg.data, key):
             raise ConfigError(f"data.{key} is not set; give the folder of its shards, e.g. data.{key}=/data/shards/{key}.")
-    for key in ("epochs", "batch_size", "log_every"):
-        value = cfg[key]
-        if not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{key}={value} is not valid; give a whole number of at least 1, e.g. {key}=10.")
-    if cfg.checkpoint.keep < 1:
-        raise ConfigError(f"checkpoint.keep={cfg.checkpoint.keep} would delete every checkpoint; keep at least 1.")
-    for key in ("every_steps", "every_minutes"):
-        if cfg.checkpoint[key] < 0:
-            raise ConfigError(f"checkpoint.{key}={cfg.checkpoint[key]} is negative; use 0 (off) or more.")
-    if cfg.data.num_workers < 0:
-        raise ConfigError(f"data.num_workers={cfg.data.num_workers} is negative; use 0 (load in the main process) or more.")
-    if cfg.schedule.warmup_epochs < 0:
-        raise ConfigError(f"schedule.warmup_epochs={cfg.schedule.warmup_epochs} is negative; use 0 or more.")
+    for key, whole, least, above in NUMBERS:
+        check_number(key, OmegaConf.select(cfg, key), whole, least, above)
+    if cfg.sampler.name == "pk":
+        for key in ("sampler.p", "sampler.k"):
+            check_number(key, OmegaConf.select(cfg, key), True, 1, False)
     check_backbone_name(cfg.model.backbone)
     parallel.check_perf_config(cfg, cuda=torch.cuda.is_available() and cfg.dist.backend != "gloo")
+    if cfg.loss.get("cross_rank") and cfg.sampler.name != "pk":
+        raise ConfigError("loss.cross_rank=true needs equal batches on every rank; use sampler=pk.")
     check_can_prepare(cfg.data)
 
 
-def run(cfg: DictConfig, run_dir: Path | None = None) -> dict:
-    check_config(cfg)
-    ctx = dist.setup(cfg.dist.backend, cfg.dist.timeout_s)
-    stop = StopOnSignal()  # SIGTERM/SIGUSR1 from here on: checkpoint after the current step, then exit
+def run(cfg: DictConfig, run_dir: Path | None = None, stop: StopOnSignal | None = None) -> dict:
+    """One training run on this rank. `stop`: signal handlers installed at program start (train.py);
+    without it, run installs its own for the run's duration."""
+    own_stop = stop is None
+    stop = stop or StopOnSignal().install()
     try:
-        metrics = train(cfg, ctx, Path(run_dir or HydraConfig.get().runtime.output_dir), stop)
-        stop.close()
-        return metrics
-    except RuntimeError as e:
-        if ctx.is_distributed and dist.is_timeout(e):
-            raise dist.RankTimeout(
-                f"rank {ctx.rank}: another rank did not answer within dist.timeout_s={cfg.dist.timeout_s:g} s "
-                "(it stopped, hung or died); stopping rather than waiting longer."
-            ) from e
+        check_config(cfg)
+        if stop.caught:  # torchrun stops every rank when one fails: it failed before this one started
+            raise Preempted("stopped before training started (when one rank fails, torchrun stops the others: "
+                            "see its error above)", stop.caught)
+        ctx = dist.setup(cfg.dist.backend, cfg.dist.timeout_s)
+        stop.flag = dist.AnyRankFlag()  # from here on the ranks agree on when to stop
+        try:
+            metrics = train(cfg, ctx, Path(run_dir or HydraConfig.get().runtime.output_dir), stop)
+            stop.finish()
+            return metrics
+        except RuntimeError as e:
+            if ctx.is_distributed and dist.is_timeout(e):
+                raise dist.RankTimeout(
+                    f"rank {ctx.rank}: another rank did not answer within dist.timeout_s={cfg.dist.timeout_s:g} s "
+                    "(it stopped, hung or died); stopping rather than waiting longer."
+                ) from e
+            if ctx.is_distributed and dist.is_peer_lost(e):
+                raise dist.PeerLost(f"rank {ctx.rank}: another rank went away (its error, if it had one, is "
+                                    "above); stopping too.") from e
+            raise
+        finally:
+            stop.flag = None
+            dist.teardown()
+    except BaseException:
+        # The data-loader workers ignore the stop signals (the training process decides when to stop), so
+        # Python's exit, which sends them SIGTERM and then waits, would wait forever: end them here.
+        stop_data_workers()
         raise
     finally:
-        stop.close(clean=False)
-        dist.teardown()
+        if own_stop:
+            stop.uninstall()
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -116,9 +155,16 @@ def build_data(cfg: DictConfig, ctx: dist.Dist) -> tuple[TrainData, ShardStream]
         if train.classes != test.classes:
             raise ConfigError(f"the train and test shards name different classes ({cfg.data.train} vs "
                               f"{cfg.data.test}); write both from the same source.")
-        random_access = ShardRandomAccess(train, source, instantiate(cfg.data.train_transform), cfg.data.channels) \
-            if cfg.sampler.name == "pk" else None
-        return train, test, random_access
+        if cfg.sampler.name != "pk":
+            return train, test, None
+        p, k = cfg.sampler.p, cfg.sampler.k
+        if p > train.num_classes:
+            raise ConfigError(f"sampler.p={p} asks for more classes per batch than the {train.num_classes} of "
+                              f"{cfg.data.train}; use sampler.p={train.num_classes} or fewer.")
+        if p * k > train.num_samples:
+            raise ConfigError(f"sampler.p={p} x sampler.k={k} is a batch larger than the {train.num_samples} "
+                              f"training samples of {cfg.data.train}; make P x K smaller.")
+        return train, test, ShardRandomAccess(train, source, instantiate(cfg.data.train_transform), cfg.data.channels)
 
     # Every rank makes both calls, whatever it finds on its own disk, so the collectives stay paired.
     dist.fail_together(write_missing_shards, ctx, "writing the shards")
@@ -231,6 +277,8 @@ def train_one_epoch(recipe: StepRecipe, loader, ctx: dist.Dist, writer, step: in
     epoch_start = window_start = tick = time.perf_counter()
     for batch in loader:
         waited = time.perf_counter() - tick
+        for message in batch.warnings:  # from the data-loader workers: to this rank's log (rank 0: train.log)
+            log.warning("%s", message)
         if first_of_run:
             writer.add_scalar("train/startup_s", waited, step)
             first_of_run, waited = False, 0.0
@@ -301,6 +349,8 @@ def evaluate(model, loader, normalize, ctx: dist.Dist, retrieval: bool = False, 
     counts = torch.zeros(2, device=ctx.device, dtype=torch.int64)  # [correct, seen]
     embeddings, labels_seen, images = [], [], []
     for batch in loader:
+        for message in batch.warnings:
+            log.warning("%s", message)
         if len(batch.labels) == 0:  # all of its samples unreadable (counted by the loader)
             continue
         labels = batch.labels.to(ctx.device, non_blocking=True)
@@ -323,26 +373,39 @@ def evaluate(model, loader, normalize, ctx: dist.Dist, retrieval: bool = False, 
     return result
 
 
-def find_resume_point(cfg: DictConfig, run_dir: Path, ctx: dist.Dist, log) -> tuple[str, dict] | None:
+def find_resume_point(cfg: DictConfig, run_dir: Path, ctx: dist.Dist, model) -> tuple[str, dict] | None:
     """The checkpoint to continue from, read on rank 0 and handed to every rank.
 
     First this run directory's own newest readable checkpoint (a restarted or requeued
     run continues where it stopped, with no flag; `checkpoint.auto_resume=false` turns
-    that off), else the file given as `resume=`, else none: a fresh start.
+    that off), else the file given as `resume=`, else none: a fresh start. Every rank
+    checks that it fits `model` (the same answer everywhere: no rank is left waiting).
     """
     def read():
         if cfg.checkpoint.auto_resume:
             found = load_newest_checkpoint(run_dir / "checkpoints", log)
             if found:
                 return str(found[0]), found[1]
-        return (str(cfg.resume), load_checkpoint(cfg.resume)) if cfg.resume else None
+        return (str(cfg.resume), load_checkpoint(cfg.resume, "resume=")) if cfg.resume else None
 
     found = dist.run_on_rank0(read, ctx, "reading the checkpoint")
-    if found:
-        lacking = {"model", "optimizer", "scheduler", "epoch", "step", "best_top1", "rng"} - set(found[1])
-        if lacking:
-            raise ConfigError(f"{found[0]} is not a recog training checkpoint (no {sorted(lacking)[0]}); "
-                              "to start from plain weights use weights= instead of resume=.")
+    if not found:
+        return None
+    path, ckpt = found
+    lacking = {"model", "optimizer", "scheduler", "epoch", "step", "best_top1", "rng"} - set(ckpt)
+    if lacking:
+        raise ConfigError(f"{path} is not a recog training checkpoint (no {sorted(lacking)[0]}); "
+                          "to start from plain weights use weights= instead of resume=.")
+    problem = state_mismatch(model.state_dict(), ckpt["model"])
+    if problem:
+        saved = ckpt.get("config", {}).get("model", {})
+        own_run = Path(path).parent == run_dir / "checkpoints"
+        fix = (f"this run directory ({run_dir}) belongs to that run: give a new hydra.run.dir, or the model "
+               "settings it was trained with" if own_run else
+               "resume with the model settings it was trained with, or start from its weights with weights= "
+               "instead of resume=")
+        raise ConfigError(f"{path} holds a {saved.get('backbone', 'different')} model that does not fit the "
+                          f"{cfg.model.backbone} model of this run ({problem}); {fix}.")
     return found
 
 
@@ -361,7 +424,7 @@ def override_hparams() -> dict:
 
 
 def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, stop: StopOnSignal) -> dict:
-    log = setup_logging(run_dir, ctx.is_main)
+    setup_logging(run_dir, ctx.is_main)
     if ctx.is_main:
         log.info("config:\n%s", OmegaConf.to_yaml(cfg))
     torch.manual_seed(cfg.seed)
@@ -373,7 +436,9 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, stop: StopOnSignal) ->
 
     model = instantiate(cfg.model, num_classes=train_data.num_classes, in_channels=cfg.data.channels)
     if cfg.weights:  # only rank 0 reads the file; DDP below copies rank 0's weights to every rank
-        load_weights(model, dist.run_on_rank0(lambda: load_checkpoint(cfg.weights), ctx, "reading model weights"))
+        weights = dist.run_on_rank0(lambda: load_checkpoint(cfg.weights, "weights="), ctx, "reading model weights")
+        for note in load_weights(model, weights):
+            log.info("weights %s: %s", cfg.weights, note)
     model = parallel.prepare_model(model, cfg, ctx.is_distributed)  # SyncBatchNorm, channels_last
     model.to(ctx.device)  # before the optimizer exists: its state must live where the parameters live
 
@@ -388,8 +453,6 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, stop: StopOnSignal) ->
     scaler = parallel.grad_scaler(cfg, ctx.device)
     loss_fn = instantiate(cfg.loss)
     if loss_fn.cross_rank and ctx.is_distributed:
-        if cfg.sampler.name != "pk":
-            raise ConfigError("loss.cross_rank=true needs equal batches on every rank; use sampler=pk.")
         loss_fn.gather = dist.all_gather_with_grad
 
     # Where the data stands within an epoch: batches trained on, per data-loader worker (the stream's
@@ -400,7 +463,7 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, stop: StopOnSignal) ->
     checkpoints = Checkpoints(cfg, ctx, run_dir / "checkpoints", model, optimizer, scheduler, scaler,
                               batches_per_epoch, layout)
     start_epoch, step = 0, 0
-    found = find_resume_point(cfg, run_dir, ctx, log)
+    found = find_resume_point(cfg, run_dir, ctx, model)
     if found:
         path, ckpt = found
         model.load_state_dict(ckpt["model"])
@@ -456,10 +519,11 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, stop: StopOnSignal) ->
         if stats.stopped:  # SIGTERM/SIGUSR1: every rank stopped after this same step
             path = checkpoints.save(epoch, step, consumed) or checkpoints.folder / f"step-{step:09d}.pt"
             dist.control_barrier()  # no rank exits (which makes torchrun stop the others) before it is written
-            log.info("stopping on %s: checkpoint %s written at step %d; run the same command again (same run "
-                     "directory) to continue", stop.caught or "another rank's signal", path, step)
             writer.close()
-            raise Preempted(f"stopped on request at step {step}; the checkpoint is in {checkpoints.folder}")
+            signal_name = stop.caught or "another rank's signal"
+            raise Preempted(f"stopped on {signal_name} at step {step}; "
+                            f"checkpoint {path} written: run the same command again (same run directory) to "
+                            "continue", stop.caught)
         consumed = [0] * len(consumed)
         if epoch + 1 < cfg.epochs:  # the workers fill their queue with the next epoch while we evaluate
             train_data.epochs.set_epoch(epoch + 1)

@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from recog import parallel
+from recog import dist, parallel
 from recog.data.stream import Batch, Normalize
 from recog.log import NullWriter
 from recog.loss import RecognitionLoss
@@ -46,10 +46,10 @@ def one_optimizer_step(ctx, micro_batches: list[Batch], accumulate: int) -> dict
                         RecognitionLoss(), optimizer, scheduler, scaler, partial(parallel.autocast, cfg, ctx.device),
                         accumulate)
     checkpoints = Checkpoints(cfg, ctx, Path("unused"), model, optimizer, scheduler, scaler, len(micro_batches), {})
-    stop = StopOnSignal()
+    stop = StopOnSignal(dist.AnyRankFlag())  # the per-step stop-flag exchange, no handlers
     stats = train_one_epoch(recipe, micro_batches, ctx, NullWriter(), 0, 10**6, 0, [0], len(micro_batches),
                             checkpoints, stop)
-    stop.close()
+    stop.finish()
     assert stats.step == 1  # one optimizer step either way
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

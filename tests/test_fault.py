@@ -138,11 +138,11 @@ def test_sigterm_saves_at_the_next_step_and_the_same_command_continues(tiny_data
     out = finish(proc)
     # the workers exit cleanly; the one traceback is torchrun's own, reporting the signal it got
     assert "Error executing job" not in out and out.count("Traceback") == 1 and "SignalException" in out, out
-    assert f"preempted: stopped on request at step" in out and f"exit code {EXIT_CODE}" in out, out
+    assert "preempted: stopped on SIGTERM at step" in out and f"exit code {EXIT_CODE}" in out, out
     saved = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     stopped_at = saved["step"]
     assert 20 <= stopped_at < 3 * STEPS_PER_EPOCH, stopped_at
-    assert f"stopping on SIGTERM: checkpoint {run_dir}/checkpoints/step-{stopped_at:09d}.pt" in out
+    assert f"checkpoint {run_dir}/checkpoints/step-{stopped_at:09d}.pt written" in out
     assert sum(saved["data"]["consumed"]) == stopped_at - STEPS_PER_EPOCH * saved["epoch"]
 
     again = run_train(args(tiny_data, run_dir), cwd=tmp_path)
@@ -160,7 +160,7 @@ def test_exit_code_75_when_the_workers_are_signalled_directly(tiny_data, tmp_pat
     os.kill(worker_pid(proc.pid, 1), signal.SIGUSR1)
     out = finish(proc)
     assert proc.returncode != 0 and f"exitcode  : {EXIT_CODE}" in out, out
-    assert "stopping on another rank's signal" in (run_dir / "train.log").read_text()  # rank 0 got none itself
+    assert "stopped on another rank's signal" in (run_dir / "train.log").read_text()  # rank 0 got none itself
     assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] > 10
 
 

@@ -93,6 +93,9 @@ def load_manifest(location: str | Path, source: ShardSource | None = None, *, ch
         raise ConfigError(
             f"no shard manifest at {path}; write shards with `python -m recog.data write ...` or fix the data path."
         ) from None
+    except ValueError as e:  # not JSON (or not text)
+        raise ConfigError(f"{path} is not valid JSON ({e}); write the shards again, or restore the manifest "
+                          "from a copy.") from None
     try:
         shards = [ShardInfo(**s) for s in raw["shards"]]
         root = path.rsplit("/", 1)[0] if is_remote(path) else str(Path(path).parent)

@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 
 from recog.data.idx import find_idx_pair
-from recog.data.manifest import manifest_path
+from recog.data.manifest import MANIFEST, manifest_path
 from recog.data.source import is_remote
 from recog.data.write import FASHION_MNIST_CLASSES, idx_records, write_shards
 from recog.errors import ConfigError
@@ -33,27 +33,31 @@ def write_idx_split(src_dir: str | Path, split: str, out_dir: str | Path, names=
 
 
 def missing_splits(data_cfg) -> list[str]:
-    """The splits ('train', 'test') in a local folder whose manifest is not there yet."""
-    def missing(location: str) -> bool:
-        local_folder = not is_remote(location) and "{" not in location
-        return local_folder and not Path(manifest_path(location)).is_file()
-
-    return [split for split in ("train", "test") if missing(str(data_cfg[split]))]
+    """The splits ('train', 'test') that `prepare` is to write: those whose folder is its own (`prepare.out`/split)
+    and holds no manifest yet. A path the user gave is never filled with the bundled data: a mistyped path
+    must be an error, not a copy of Fashion-MNIST."""
+    prepare = data_cfg.get("prepare")
+    if not prepare or not prepare.get("out"):
+        return []
+    own = Path(prepare.out).resolve()
+    return [split for split in ("train", "test")
+            if not is_remote(str(data_cfg[split])) and Path(data_cfg[split]).resolve() == own / split
+            and not (own / split / MANIFEST).is_file()]
 
 
 def check_can_prepare(data_cfg) -> None:
-    """Raise one sentence if shards are missing and cannot be written. Touches no collective."""
-    missing = missing_splits(data_cfg)
-    if not missing:
-        return
-    prepare = data_cfg.get("prepare")
-    if not prepare:
-        raise ConfigError(
-            f"no shards at {data_cfg[missing[0]]} (no manifest.json); write them with "
-            "`python -m recog.data write ...` or fix data.train / data.test."
-        )
-    for split in missing:
-        find_idx_pair(prepare.idx_dir, split)  # raises a ConfigError naming the missing file
+    """Raise one sentence if a local folder of shards is missing and is not `prepare`'s to write. Touches no
+    collective."""
+    to_write = missing_splits(data_cfg)
+    for split in ("train", "test"):
+        location = str(data_cfg[split])
+        if split in to_write or is_remote(location) or "{" in location:
+            continue
+        if not Path(manifest_path(location)).is_file():
+            raise ConfigError(f"no shards at {location} (no manifest.json there); write them with "
+                              f"`python -m recog.data write ...` or fix data.{split}.")
+    for split in to_write:
+        find_idx_pair(data_cfg.prepare.idx_dir, split)  # raises a ConfigError naming the missing file
 
 
 def prepare_shards(data_cfg, progress: bool = True) -> None:

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from recog.data.manifest import Manifest
 from recog.data.source import ShardSource, is_remote, join
-from recog.data.stream import Batch, decode_image
+from recog.data.stream import Batch, WorkerWarnings, decode_image
 from recog.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -87,5 +87,6 @@ def collate(items: list) -> Batch:
     good = [item for item in items if item is not None]
     if not good:
         raise DataError("every sample of a P×K batch was unreadable; the shards are damaged: write them again.")
+    warnings = WorkerWarnings.in_this_worker()
     return Batch(torch.stack([image for image, _ in good]), torch.tensor([label for _, label in good]),
-                 len(items) - len(good))
+                 len(items) - len(good), warnings=warnings.take() if warnings else ())

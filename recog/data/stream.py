@@ -35,7 +35,7 @@ from recog.data.manifest import Manifest
 from recog.data.plan import Piece, num_batches, rank_pieces, slice_pieces, worker_pieces
 from recog.data.source import FetchError, ShardSource
 from recog.errors import DataError
-from recog.preempt import SIGNALS as STOP_SIGNALS
+from recog.preempt import SIGNALS as STOP_SIGNALS  # the standard library's signal numbers, no more
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,39 @@ class Batch(NamedTuple):
     labels: torch.Tensor  # (n,) int64
     skipped: int  # slots of this batch whose sample could not be read or decoded
     worker: int = 0  # the data-loader worker that made it: the training loop counts batches per worker
+    warnings: tuple[str, ...] = ()  # logged in a data-loader worker since the last batch: see WorkerWarnings
+
+
+class WorkerWarnings(logging.Handler):
+    """In a data-loader worker, collects recog's warnings (a skipped sample, a retried download) so that
+    they travel with the next batch to the training process, which logs them where its own messages go
+    (rank 0: the console and train.log). A worker has no log file of its own."""
+
+    _installed: WorkerWarnings | None = None  # one per worker process
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    @classmethod
+    def in_this_worker(cls) -> WorkerWarnings | None:
+        """The collector of this data-loader worker (installed on first use); None in the training process."""
+        if get_worker_info() is None:
+            return None
+        if cls._installed is None:
+            cls._installed = cls()
+            logger = logging.getLogger("recog")
+            logger.addHandler(cls._installed)
+            logger.setLevel(logging.WARNING)
+            logger.propagate = False
+        return cls._installed
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def take(self) -> tuple[str, ...]:
+        messages, self.messages = tuple(self.messages), []
+        return messages
 
 
 def read_pieces(manifest: Manifest, pieces: list[Piece], strict: bool,
@@ -188,6 +221,7 @@ class ShardStream(IterableDataset):
             pieces, skip = slice_pieces(pieces, min(skip, total), total), 0
             items = read_pieces(self.manifest, pieces, self.strict, self.source)
         items = islice(items, skip, None)  # read, never decoded
+        warnings = WorkerWarnings.in_this_worker()
         for index in itertools.count(done):
             if not (slots := list(islice(items, self.batch_size))):
                 break
@@ -196,7 +230,7 @@ class ShardStream(IterableDataset):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(zlib.crc32(f"{stream_id}/{index}".encode()))
                 batch = self._collate(slots)
-            yield batch._replace(worker=worker)
+            yield batch._replace(worker=worker, warnings=warnings.take() if warnings else ())
 
     def _collate(self, slots: list[dict | None]) -> Batch:
         images, labels = [], []
@@ -257,6 +291,20 @@ def start_data_worker(trainer_pid: int, _worker_id: int) -> None:
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     threading.Thread(target=_exit_when_gone, args=(trainer_pid,), daemon=True, name="recog-watch-trainer").start()
+
+
+def stop_data_workers(timeout_s: float = 10.0) -> None:
+    """End this process's data-loader workers at once, for an exit other than the normal end of a run.
+
+    They ignore the stop signals (see start_data_worker), so Python's own exit, which sends them SIGTERM
+    and then waits for them, would wait forever. SIGKILL is safe here: a worker holds nothing that must be
+    saved. The fork server leaves by itself when this process ends.
+    """
+    workers = multiprocessing.active_children()  # this process's children: its data-loader workers
+    for worker in workers:
+        worker.kill()
+    for worker in workers:
+        worker.join(timeout_s)
 
 
 def _exit_when_gone(pid: int, every_s: float = 1.0) -> None:
