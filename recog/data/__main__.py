@@ -20,7 +20,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reencode", choices=["jpg", "png", "webp"], help="re-encode images (default: bytes unchanged)")
     p.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality when re-encoding")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="replace what is in the output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier write in the output folder (its shards, manifest and index only)")
+    p.add_argument("--strict", action="store_true",
+                   help="stop at the first image that does not decode (default: skip it with a warning)")
     p.add_argument("--prefix", default="shard", help="shard file name prefix (default 'shard')")
 
 
@@ -71,13 +74,17 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.source == "folder":
             records, classes = folder_records(args.src)
+            sources = [args.src]
         elif args.source == "list":
             records, classes = list_records(args.list_file)
+            sources = [args.list_file]  # and the listed images, which the records name
         else:
             records, classes = idx_records(args.images, args.labels, class_names(args.class_names))
+            sources = [args.images, args.labels]
         m = write_shards(records, classes, args.out, prefix=args.prefix, shard_samples=args.shard_samples,
                          shard_mb=args.shard_mb, shuffle=args.shuffle, seed=args.seed, overwrite=args.overwrite,
-                         workers=args.workers, reencode_to=args.reencode, quality=args.quality)
+                         sources=sources, strict=args.strict, workers=args.workers, reencode_to=args.reencode,
+                         quality=args.quality)
         print(f"{m.num_samples} samples in {len(m.shards)} shards, {m.num_classes} classes -> {args.out}")
         return 0
     except ConfigError as e:

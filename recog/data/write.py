@@ -9,10 +9,11 @@ memory; shards can be written by several processes at once.
 from __future__ import annotations
 
 import io
+import json
+import logging
 import multiprocessing
 import os
 import random
-import shutil
 import tarfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,12 +21,15 @@ from pathlib import Path
 
 import numpy as np
 import webdataset as wds
+from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
 from recog.data.idx import read_idx
 from recog.data.manifest import INDEX, MANIFEST, Manifest, ShardInfo, write_manifest
 from recog.data.source import sha256_of
 from recog.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 
@@ -41,11 +45,13 @@ class Record:
     ext: str  # "png", "jpg" or "webp": the image bytes are stored under this extension
     read: Callable[[], bytes]
     size: int = 0  # bytes, known or estimated before reading: for shards of a target size in MB
+    path: str = ""  # the source file, resolved: names it in messages, keeps the output folder away from it
+    check: bool = True  # decode while writing; False for images recog encoded itself
 
 
 def folder_records(root: str | Path) -> tuple[list[Record], list[str]]:
     """One class per sub-folder (sorted by name), images passed through unchanged."""
-    root = Path(root)
+    root = Path(root).resolve()
     if not root.is_dir():
         raise ConfigError(f"image folder {root} does not exist; give a folder with one sub-folder per class.")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -56,7 +62,7 @@ def folder_records(root: str | Path) -> tuple[list[Record], list[str]]:
         for path in sorted((root / name).rglob("*")):
             ext = IMAGE_EXTS.get(path.suffix.lower())
             if ext and path.is_file():
-                records.append(Record(label, ext, path.read_bytes, path.stat().st_size))
+                records.append(Record(label, ext, path.read_bytes, path.stat().st_size, str(path)))
     if not records:
         raise ConfigError(f"no .jpg/.jpeg/.png/.webp images under {root}; check the folder.")
     return records, classes
@@ -91,7 +97,7 @@ def list_records(list_file: str | Path) -> tuple[list[Record], list[str]]:
     else:
         classes = sorted(set(labels))
         index = {c: i for i, c in enumerate(classes)}
-    records = [Record(index[label], ext, path.read_bytes, path.stat().st_size) for path, ext, label in rows]
+    records = [Record(index[label], ext, path.read_bytes, path.stat().st_size, str(path)) for path, ext, label in rows]
     return records, classes
 
 
@@ -119,17 +125,35 @@ def idx_records(images: str | Path, labels: str | Path, class_names: Sequence[st
         return encode
 
     size = int(pixels[0].size)
-    return [Record(int(targets[i]), "png", encoder(i), size) for i in range(len(targets))], classes
+    return [Record(int(targets[i]), "png", encoder(i), size, check=False) for i in range(len(targets))], classes
 
 
-def prepare_output(out_dir: str | Path, overwrite: bool) -> Path:
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"output folder {out_dir} is not empty; choose another folder or pass --overwrite.")
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return out_dir
+def prepare_output(out_dir: Path, overwrite: bool, shard_names: Sequence[str], sources: Sequence[Path]) -> None:
+    """Refuse, before touching anything, an output folder that is, holds or lies inside a source, or whose
+    files recog did not write would be replaced. With `overwrite`, remove only an earlier write's files."""
+    for src in sources:
+        if src == out_dir or out_dir in src.parents or src in out_dir.parents:
+            raise ConfigError(f"output folder {out_dir} is, holds or lies inside the source {src}; "
+                              "choose an output folder outside the source.")
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return
+    if not overwrite:
+        raise ConfigError(f"output folder {out_dir} is not empty; choose another folder or pass --overwrite.")
+    ours = {MANIFEST, INDEX}
+    try:
+        ours |= {s["name"] for s in json.loads((out_dir / MANIFEST).read_text())["shards"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no readable manifest: no earlier shard is known to be ours
+    ours = {name for name in ours if name == Path(name).name}  # never follow a manifest out of the folder
+    for name in shard_names:
+        if name not in ours and (out_dir / name).exists():
+            raise ConfigError(f"{out_dir / name} is not listed in a manifest there, so it is not recog's to replace; "
+                              "move it away or choose another output folder.")
+    leftovers = [p.name for p in out_dir.glob(".*.tar.tmp")] + [p.name for p in out_dir.glob(f".{MANIFEST}.tmp-*")]
+    for name in ours | set(leftovers):
+        if (out_dir / name).is_file():
+            (out_dir / name).unlink()
 
 
 def plan_shards(records: Sequence[Record], order: Sequence[int], shard_samples: int,
@@ -161,23 +185,46 @@ def reencode(data: bytes, fmt: str, quality: int) -> bytes:
 _RECORDS: Sequence[Record] = ()  # the records a forked writer process reads (closures do not pickle)
 
 
-def _write_shard(job: tuple[Path, str, list[int], str | None, int]) -> tuple[ShardInfo, list[int], list[tuple]]:
-    """Write one shard; return its ShardInfo, its labels, and (offset, size) of each image inside the tar."""
-    out_dir, name, indices, fmt, quality = job
+def check_image(data: bytes) -> None:
+    """Raise if the bytes do not decode to a whole image: training would only skip it later."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+
+
+def _write_shard(job: tuple[Path, str, list[int], str | None, int, bool]):
+    """Write one shard; return its ShardInfo (None if no image was readable), its labels,
+    (offset, size) of each image inside the tar, and (file, reason) of each image skipped."""
+    out_dir, name, indices, fmt, quality, strict = job
     tmp = out_dir / f".{name}.tmp"
-    labels = []
+    labels, skipped = [], []
     with wds.TarWriter(str(tmp), encoder=False, mtime=0) as tar:  # fixed mtime: same input, same bytes
         for i in indices:
             rec = _RECORDS[i]
             data, ext = rec.read(), rec.ext
-            if fmt and ext != fmt:
-                data, ext = reencode(data, fmt, quality), fmt
+            try:
+                if fmt and ext != fmt:
+                    data, ext = reencode(data, fmt, quality), fmt
+                elif rec.check:
+                    check_image(data)
+            except Exception as e:  # whatever the training-side decode would skip (PIL raises many kinds)
+                why = "not an image" if isinstance(e, UnidentifiedImageError) else str(e)
+                if strict:
+                    raise ConfigError(f"image {rec.path or f'#{i}'} cannot be decoded ({why}); "
+                                      "fix or remove it, or leave out --strict to skip unreadable images.") from None
+                skipped.append((rec.path or f"#{i}", why))
+                continue
             tar.write({"__key__": f"{i:09d}", ext: data, "cls": str(rec.label).encode()})
             labels.append(rec.label)
+    if not labels:  # a shard of unreadable images only: leave it out
+        tmp.unlink()
+        return None, labels, [], skipped
     with tarfile.open(tmp, "r:") as written:  # where each image's bytes landed: the random-access index
         places = [(m.offset_data, m.size) for m in written if not m.name.endswith(".cls")]
     os.replace(tmp, out_dir / name)
-    return ShardInfo(name, len(indices), (out_dir / name).stat().st_size, sha256_of(out_dir / name)), labels, places
+    info = ShardInfo(name, len(labels), (out_dir / name).stat().st_size, sha256_of(out_dir / name))
+    return info, labels, places, skipped
 
 
 def write_index(out_dir: Path, shards: list[ShardInfo], labels: list[list[int]], places: list[list[tuple]]) -> str:
@@ -203,6 +250,8 @@ def write_shards(
     shuffle: bool = False,
     seed: int = 0,
     overwrite: bool = False,
+    sources: Sequence[str | Path] = (),
+    strict: bool = False,
     workers: int = 1,
     reencode_to: str | None = None,
     quality: int = 90,
@@ -211,6 +260,9 @@ def write_shards(
     """Write `records` into tar shards, then the manifest (last, so its presence means 'complete').
 
     shard_samples / shard_mb: a shard ends at whichever limit comes first.
+    overwrite: replace an earlier write's files in `out_dir`; no other file is ever removed or replaced.
+    sources: the folder, list file or idx files read, which `out_dir` must stay apart from.
+    strict: stop at the first image that does not decode, instead of skipping it with a warning.
     workers: processes writing shards at once. reencode_to: 'jpg' or 'png'
     re-encodes images in another format; None passes the bytes through.
     """
@@ -221,36 +273,57 @@ def write_shards(
         raise ConfigError(f"cannot re-encode to '{reencode_to}'; use jpg, png or webp.")
     if not records:
         raise ConfigError("no samples to write; check the source.")
-    out_dir = prepare_output(out_dir, overwrite)
+    out_dir = Path(out_dir).resolve()
     order = list(range(len(records)))
     if shuffle:  # so a shard holds a mix of classes even when the source is sorted by class
         random.Random(seed).shuffle(order)
-    jobs = [(out_dir, f"{prefix}-{n:06d}.tar", chunk, reencode_to, quality)
+    jobs = [(out_dir, f"{prefix}-{n:06d}.tar", chunk, reencode_to, quality, strict)
             for n, chunk in enumerate(plan_shards(records, order, shard_samples, shard_mb))]
+    inside = str(out_dir) + os.sep  # records' paths are resolved: a prefix test is exact, and fast for millions
+    held = [Path(r.path) for r in records if r.path.startswith(inside)][:1]
+    prepare_output(out_dir, overwrite, [job[1] for job in jobs], [Path(s).resolve() for s in sources] + held)
 
     _RECORDS = records
     counts = [0] * len(classes)
     shards: list[ShardInfo] = []
     all_labels: list[list[int]] = []
     all_places: list[list[tuple]] = []
+    skipped: list[tuple[str, str]] = []
     bar = tqdm(total=len(order), desc=f"writing {out_dir}", unit="img", disable=not progress)
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
     try:
-        for info, labels, places in (pool.imap(_write_shard, jobs) if pool else map(_write_shard, jobs)):
+        for info, labels, places, bad in (pool.imap(_write_shard, jobs) if pool else map(_write_shard, jobs)):
+            for path, reason in bad:
+                log.warning("skipped unreadable image %s (%s)", path, reason)
+            skipped += bad
+            bar.update(len(labels) + len(bad))
+            if info is None:
+                continue
             shards.append(info)
             all_labels.append(labels)
             all_places.append(places)
             for label in labels:
                 counts[label] += 1
-            bar.update(len(labels))
+        if not shards:
+            raise ConfigError(f"none of the {len(records)} images could be decoded (first: {skipped[0][0]}); "
+                              "check the source.")
+        index = write_index(out_dir, shards, all_labels, all_places)
+        manifest = Manifest(shards, list(classes), counts, root=str(out_dir), index=index)
+        write_manifest(manifest, out_dir)
+    except BaseException:  # a bad image under strict, an error, Ctrl-C: leave nothing of this write behind
+        if pool:
+            pool.terminate()  # first, so that no worker still writes what is removed here
+        names = [job[1] for job in jobs]
+        for name in names + [f".{name}.tmp" for name in names] + [INDEX, f".{MANIFEST}.tmp-{os.getpid()}"]:
+            (out_dir / name).unlink(missing_ok=True)
+        raise
     finally:
         if pool:
             pool.terminate()
         _RECORDS = ()
         bar.close()
-    index = write_index(out_dir, shards, all_labels, all_places)
-    manifest = Manifest(shards, list(classes), counts, root=str(out_dir), index=index)
-    write_manifest(manifest, out_dir)
+    if skipped:
+        log.warning("skipped %d unreadable images (first: %s)", len(skipped), skipped[0][0])
     return manifest
 
 
