@@ -24,10 +24,21 @@ def read_on_rank0():
 
 report["received"] = dist.run_on_rank0(read_on_rank0, ctx, "reading")["w"].tolist()
 
-try:
+try:  # an unexpected error on rank 0: raised there as it is (traceback), told to rank 1 in a sentence
     dist.run_on_rank0(lambda: (_ for _ in ()).throw(FileNotFoundError("no such file")), ctx, "reading weights")
+except (ConfigError, FileNotFoundError) as e:
+    report["error"] = f"{type(e).__name__}: {e}"
+
+
+def rank1_finds_a_mistake():
+    if ctx.rank == 1:
+        raise ConfigError("only rank 1 sees this; fix it.")
+
+
+try:  # a mistake found by rank 1 only: every rank raises rank 1's sentence
+    dist.fail_together(rank1_finds_a_mistake, ctx, "checking")
 except ConfigError as e:
-    report["error"] = str(e)
+    report["together"] = str(e)
 
 report["all_ok_when_all_ok"] = dist.all_ok(True, ctx)
 report["all_ok_when_rank1_fails"] = dist.all_ok(ctx.rank != 1, ctx)

@@ -31,7 +31,10 @@ def test_collectives_under_torchrun(tmp_path):
     for r, rep in enumerate(reports):
         assert (rep["rank"], rep["world_size"], rep["backend"]) == (r, 2, "gloo")
         assert rep["received"] == [10.0, 11.0, 12.0, 13.0]  # rank 1 got rank 0's result ...
-        assert "no such file" in rep["error"]  # ... and rank 0's error, instead of waiting forever
+        # ... and rank 0's error, instead of waiting forever: its own on rank 0, a sentence naming it on rank 1
+        assert rep["error"] == ("FileNotFoundError: no such file" if r == 0 else "ConfigError: reading weights failed "
+                                "on rank 0 (FileNotFoundError: no such file); see its traceback above.")
+        assert rep["together"] == "only rank 1 sees this; fix it."  # rank 0 says rank 1's sentence
         assert rep["all_ok_when_all_ok"] is True and rep["all_ok_when_rank1_fails"] is False
         assert rep["running_mean_after_broadcast"] == [1.0, 1.0, 1.0]
         assert rep["sum_of_ranks"] == 1.0

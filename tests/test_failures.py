@@ -52,9 +52,10 @@ class Run:
         self.out_path, self.err_path = cwd / f"stdout-{self.tag}", cwd / f"stderr-{self.tag}"
         # output to files: a process left behind holding a pipe open could make a read wait forever
         with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
+            # a session of its own, like a job started from a terminal: a Ctrl-C reaches its whole process group
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "RECOG_TEST_TAG": self.tag, **(env or {})}
             self.proc = subprocess.Popen(train_cmd(nproc) + args, cwd=cwd, stdout=out, stderr=err, text=True,
-                                         env={**os.environ, "OMP_NUM_THREADS": "1", "RECOG_TEST_TAG": self.tag,
-                                              **(env or {})})
+                                         start_new_session=True, env=env)
         self.returncode: int | None = None
         self.exit_after_marker_s: float | None = None
 
@@ -204,7 +205,7 @@ def test_ctrl_c_saves_a_checkpoint_after_the_current_step_and_exits_130(tiny_dat
               nproc=None)
     run.wait_for("world size 1")
     time.sleep(2)  # some steps into the first epoch
-    run.proc.send_signal(signal.SIGINT)
+    os.killpg(run.proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the trainer, fork server and workers
     run.finish(marker="interrupted", within_s=30)
     assert run.returncode == 130, run.stderr[-3000:]
     assert "KeyboardInterrupt" not in run.stderr and "Traceback" not in run.stderr, run.stderr[-3000:]
