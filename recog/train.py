@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch.utils.data import DataLoader
 from torch.optim.lr_scheduler import LambdaLR
 
@@ -29,6 +29,7 @@ from recog.data.prepare import check_can_prepare, missing_splits, prepare_shards
 from recog.data.source import ShardSource
 from recog.data.random_access import ShardRandomAccess, collate
 from recog.data.stream import Normalize, ShardStream, make_loader, stop_data_workers
+from recog.data.write import measure_shards
 from recog.errors import ConfigError, DataError
 from recog.log import make_writer, setup_logging
 from recog.model import check_backbone_name, load_weights, state_mismatch
@@ -69,6 +70,21 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"data.{key} is not set; give the folder of its shards, e.g. data.{key}=/data/shards/{key}.")
     for key, whole, least, above in NUMBERS:
         check_number(key, OmegaConf.select(cfg, key), whole, least, above)
+    if cfg.data.channels not in ("auto", 1, 3):
+        raise ConfigError(f"data.channels={cfg.data.channels} is not valid; give 1 (grey), 3 (RGB) or auto.")
+    if cfg.data.image_size != "auto":
+        check_number("data.image_size", cfg.data.image_size, True, 8, False)
+    for key in ("mean", "std"):
+        values = cfg.data[key]
+        if values != "auto" and (not OmegaConf.is_list(values) or not values or not all(
+                isinstance(v, (int, float)) and (v > 0 or key == "mean") for v in values)):
+            raise ConfigError(f"data.{key}={values} is not valid; give a list of numbers, one per channel"
+                              f"{' (above 0)' if key == 'std' else ''}, e.g. data.{key}=[0.5], or auto.")
+    check_number("augment.flip", cfg.augment.flip, False, 0, False)
+    if cfg.augment.flip > 1:
+        raise ConfigError(f"augment.flip={cfg.augment.flip} is a probability; give a number from 0 to 1.")
+    if "pad" in cfg.augment:
+        check_number("augment.pad", cfg.augment.pad, True, 0, False)
     if cfg.sampler.name == "pk":
         for key in ("sampler.p", "sampler.k"):
             check_number(key, OmegaConf.select(cfg, key), True, 1, False)
@@ -131,6 +147,47 @@ def shard_source(data_cfg: DictConfig) -> ShardSource:
                        timeout_s=data_cfg.http.timeout_s, allowed_schemes=tuple(data_cfg.allowed_schemes))
 
 
+SMALL_IMAGES = 64  # px: up to this (median shorter side), augment=auto picks the `small` preset, above `imagenet`
+LARGEST_AUTO_SIZE = 224  # image_size=auto never trains above this: ImageNet's size, what pretrained models expect
+
+
+def settle_data_settings(cfg: DictConfig, manifest, source: ShardSource) -> str:
+    """Replace every `auto` in data.channels / image_size / mean / std, and augment=auto, by what the training
+    manifest says the images are (measured on a sample now if the shards were written by another tool).
+    Returns the line that tells the user what was chosen and why."""
+    data = cfg.data
+    auto = [key for key in ("channels", "image_size", "mean", "std") if data[key] == "auto"]
+    stats = manifest.stats
+    if auto and not stats:
+        stats = measure_shards(manifest, source)
+    with open_dict(cfg):
+        if "channels" in auto:
+            data.channels = stats["channels"]
+        if "image_size" in auto:
+            data.image_size = min(stats["height"]["median"], stats["width"]["median"], LARGEST_AUTO_SIZE)
+        for key in ("mean", "std"):
+            if key in auto:  # a grey data set read as RGB (channels=3) repeats its one value, and the reverse
+                values = stats[key] * 3 if len(stats[key]) < data.channels else stats[key]
+                data[key] = [round(sum(values) / len(values), 4)] if data.channels == 1 else values[:3]
+        chose = cfg.augment.name == "auto"
+        if chose:
+            preset = OmegaConf.to_container(cfg.augment["small" if data.image_size <= SMALL_IMAGES else "imagenet"],
+                                            resolve=False)
+            preset.update(flip=cfg.augment.flip, pad=cfg.augment.pad)  # the overrides given to augment=auto
+            cfg.augment = preset
+    for key in ("mean", "std"):
+        if len(data[key]) != data.channels:
+            raise ConfigError(f"data.{key} has {len(data[key])} values for {data.channels} channel(s); give one "
+                              f"per channel, or data.{key}=auto.")
+    line = f"data: {data.channels} channel(s), {data.image_size} px, mean {list(data.mean)}, std {list(data.std)}"
+    if auto:
+        height, width = stats["height"], stats["width"]
+        line += (f" ({', '.join(auto)} from {stats['sampled']} images of {height['min']}-{height['max']} x "
+                 f"{width['min']}-{width['max']} px)")
+    knobs = ", ".join(f"{key} {cfg.augment[key]}" for key in ("pad", "flip") if key in cfg.augment)
+    return line + f" | augment={cfg.augment.name} ({knobs}){' for that size' if chose else ''}"
+
+
 @dataclass
 class TrainData:
     loader: DataLoader
@@ -155,6 +212,9 @@ def build_data(cfg: DictConfig, ctx: dist.Dist) -> tuple[TrainData, ShardStream]
         if train.classes != test.classes:
             raise ConfigError(f"the train and test shards name different classes ({cfg.data.train} vs "
                               f"{cfg.data.test}); write both from the same source.")
+        choices = settle_data_settings(cfg, train, source)  # the same on every rank: from the same manifest
+        if ctx.is_main:
+            log.info("%s", choices)
         if cfg.sampler.name != "pk":
             return train, test, None
         p, k = cfg.sampler.p, cfg.sampler.k
@@ -164,7 +224,7 @@ def build_data(cfg: DictConfig, ctx: dist.Dist) -> tuple[TrainData, ShardStream]
         if p * k > train.num_samples:
             raise ConfigError(f"sampler.p={p} x sampler.k={k} is a batch larger than the {train.num_samples} "
                               f"training samples of {cfg.data.train}; make P x K smaller.")
-        return train, test, ShardRandomAccess(train, source, instantiate(cfg.data.train_transform), cfg.data.channels)
+        return train, test, ShardRandomAccess(train, source, instantiate(cfg.augment.train), cfg.data.channels)
 
     # Every rank makes both calls, whatever it finds on its own disk, so the collectives stay paired.
     dist.fail_together(write_missing_shards, ctx, "writing the shards")
@@ -172,13 +232,13 @@ def build_data(cfg: DictConfig, ctx: dist.Dist) -> tuple[TrainData, ShardStream]
     pin = ctx.device.type == "cuda"
     common = dict(rank=ctx.rank, world_size=ctx.world_size, batch_size=cfg.batch_size, channels=cfg.data.channels,
                   seed=cfg.seed, strict=cfg.data.strict, source=source)
-    test_set = ShardStream(test_manifest, transform=instantiate(cfg.data.test_transform), train=False, **common)
+    test_set = ShardStream(test_manifest, transform=instantiate(cfg.augment.test), train=False, **common)
     if random_access is not None:  # class-balanced P×K batches for metric learning
         sampler = DistributedBatchSampler(random_access.labels, cfg.sampler.p, cfg.sampler.k, rank=ctx.rank,
                                           world_size=ctx.world_size, seed=cfg.seed)
         loader = make_loader(random_access, cfg.data.num_workers, pin, batch_sampler=sampler, collate_fn=collate)
         return TrainData(loader, sampler, cfg.sampler.p * cfg.sampler.k, train_manifest.classes), test_set
-    stream = ShardStream(train_manifest, transform=instantiate(cfg.data.train_transform), train=True,
+    stream = ShardStream(train_manifest, transform=instantiate(cfg.augment.train), train=True,
                          shuffle_block=cfg.data.shuffle_block, **common)
     loader = make_loader(stream, cfg.data.num_workers, pin)
     return TrainData(loader, stream, cfg.batch_size, train_manifest.classes), test_set

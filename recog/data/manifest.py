@@ -32,6 +32,9 @@ class Manifest:
     class_counts: list[int]  # of the whole folder, also when a pattern selects some of its shards
     root: str = field(default="", compare=False)  # the folder (path or URL) the shard names are relative to
     index: str = ""  # file name of the random-access index beside the manifest ("" if none)
+    # what the images are, measured on a sample while writing (write.data_stats): channels, height and width
+    # (min/median/max), per-channel mean and std. Empty for shards written before recog recorded it.
+    stats: dict = field(default_factory=dict, compare=False)
 
     @property
     def num_samples(self) -> int:
@@ -56,6 +59,7 @@ class Manifest:
             "class_counts": self.class_counts,
             "shards": [asdict(s) for s in self.shards],
             "index": self.index,
+            "stats": self.stats,
         }
 
 
@@ -100,7 +104,7 @@ def load_manifest(location: str | Path, source: ShardSource | None = None, *, ch
         shards = [ShardInfo(**s) for s in raw["shards"]]
         root = path.rsplit("/", 1)[0] if is_remote(path) else str(Path(path).parent)
         manifest = Manifest(shards, list(raw["classes"]), list(raw["class_counts"]), root=root,
-                            index=raw.get("index", ""))
+                            index=raw.get("index", ""), stats=dict(raw.get("stats") or {}))
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"shard manifest {path} is not valid ({e!r}); write the shards again.") from None
     if not shards or manifest.num_samples == 0:
@@ -132,7 +136,7 @@ def _select_shards(pattern: str, source: ShardSource, check_files: bool) -> Mani
         raise ConfigError(f"shard {unknown[0]} (from {pattern}) is not in the manifest of {full.root}; "
                           "check the pattern against `python -m recog.data info`.")
     manifest = Manifest([by_name[n] for n in wanted], full.classes, full.class_counts, root=full.root,
-                        index=full.index)
+                        index=full.index, stats=full.stats)
     if check_files:
         _check_files(manifest, f"selected by {pattern}")
     return manifest

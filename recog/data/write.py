@@ -185,29 +185,63 @@ def reencode(data: bytes, fmt: str, quality: int) -> bytes:
 _RECORDS: Sequence[Record] = ()  # the records a forked writer process reads (closures do not pickle)
 
 
-def check_image(data: bytes) -> None:
-    """Raise if the bytes do not decode to a whole image: training would only skip it later."""
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+STATS_SAMPLE = 5000  # images measured for the manifest's statistics: mean/std settle well before this
+
+
+def check_image(data: bytes, measure: bool = False) -> tuple | None:
+    """Raise if the bytes do not decode to a whole image: training would only skip it later.
+
+    With `measure`: (grey?, height, width, per-channel sum, per-channel sum of squares, pixels), on [0, 1]
+    RGB values (a grey image counts the same in each channel), for the manifest's statistics.
+    """
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as image:
         image.load()
+        if not measure:
+            return None
+        grey = image.mode in GREY_MODES
+        pixels = np.asarray(image.convert("L" if grey else "RGB"), dtype=np.float64).reshape(-1, 1 if grey else 3)
+    pixels = np.broadcast_to(pixels / 255.0, (len(pixels), 3))
+    return grey, image.height, image.width, pixels.sum(0), (pixels ** 2).sum(0), len(pixels)
 
 
-def _write_shard(job: tuple[Path, str, list[int], str | None, int, bool]):
+def data_stats(measured: list[tuple]) -> dict:
+    """What the images are, from a sample: channels (1 if every image is grey), the distribution of their
+    height and width, and per-channel mean and std. Recorded in the manifest; `data=images` uses them."""
+    grey = all(m[0] for m in measured)
+    sums, squares = sum(m[3] for m in measured), sum(m[4] for m in measured)
+    pixels = sum(m[5] for m in measured)
+    mean = sums / pixels
+    std = np.sqrt(np.maximum(squares / pixels - mean ** 2, 0.0))
+    channels = 1 if grey else 3
+
+    def spread(values):
+        return {"min": int(min(values)), "median": int(np.median(values)), "max": int(max(values))}
+
+    return {"channels": channels, "height": spread([m[1] for m in measured]), "width": spread([m[2] for m in measured]),
+            "mean": [round(float(x), 4) for x in mean[:channels]], "std": [round(float(x), 4) for x in std[:channels]],
+            "sampled": len(measured)}
+
+
+def _write_shard(job: tuple[Path, str, list[int], str | None, int, bool, frozenset]):
     """Write one shard; return its ShardInfo (None if no image was readable), its labels,
-    (offset, size) of each image inside the tar, and (file, reason) of each image skipped."""
-    out_dir, name, indices, fmt, quality, strict = job
+    (offset, size) of each image inside the tar, (file, reason) of each image skipped, and the
+    measurements of the images in `sample` (see check_image)."""
+    out_dir, name, indices, fmt, quality, strict, sample = job
     tmp = out_dir / f".{name}.tmp"
-    labels, skipped = [], []
+    labels, skipped, measured = [], [], []
     with wds.TarWriter(str(tmp), encoder=False, mtime=0) as tar:  # fixed mtime: same input, same bytes
         for i in indices:
             rec = _RECORDS[i]
             data, ext = rec.read(), rec.ext
             try:
-                if fmt and ext != fmt:
+                reencoded = bool(fmt) and ext != fmt
+                if reencoded:  # decodes the image: a check in itself
                     data, ext = reencode(data, fmt, quality), fmt
-                elif rec.check:
-                    check_image(data)
+                if i in sample or (rec.check and not reencoded):  # measured as written: after re-encoding
+                    found = check_image(data, measure=i in sample)
             except Exception as e:  # whatever the training-side decode would skip (PIL raises many kinds)
                 why = "not an image" if isinstance(e, UnidentifiedImageError) else str(e)
                 if strict:
@@ -217,14 +251,16 @@ def _write_shard(job: tuple[Path, str, list[int], str | None, int, bool]):
                 continue
             tar.write({"__key__": f"{i:09d}", ext: data, "cls": str(rec.label).encode()})
             labels.append(rec.label)
+            if i in sample:
+                measured.append(found)
     if not labels:  # a shard of unreadable images only: leave it out
         tmp.unlink()
-        return None, labels, [], skipped
+        return None, labels, [], skipped, measured
     with tarfile.open(tmp, "r:") as written:  # where each image's bytes landed: the random-access index
         places = [(m.offset_data, m.size) for m in written if not m.name.endswith(".cls")]
     os.replace(tmp, out_dir / name)
     info = ShardInfo(name, len(labels), (out_dir / name).stat().st_size, sha256_of(out_dir / name))
-    return info, labels, places, skipped
+    return info, labels, places, skipped, measured
 
 
 def write_index(out_dir: Path, shards: list[ShardInfo], labels: list[list[int]], places: list[list[tuple]]) -> str:
@@ -277,7 +313,8 @@ def write_shards(
     order = list(range(len(records)))
     if shuffle:  # so a shard holds a mix of classes even when the source is sorted by class
         random.Random(seed).shuffle(order)
-    jobs = [(out_dir, f"{prefix}-{n:06d}.tar", chunk, reencode_to, quality, strict)
+    sample = set(order[::max(1, len(order) // STATS_SAMPLE)])  # spread over the data, the same for any workers
+    jobs = [(out_dir, f"{prefix}-{n:06d}.tar", chunk, reencode_to, quality, strict, frozenset(sample.intersection(chunk)))
             for n, chunk in enumerate(plan_shards(records, order, shard_samples, shard_mb))]
     inside = str(out_dir) + os.sep  # records' paths are resolved: a prefix test is exact, and fast for millions
     held = [Path(r.path) for r in records if r.path.startswith(inside)][:1]
@@ -289,10 +326,12 @@ def write_shards(
     all_labels: list[list[int]] = []
     all_places: list[list[tuple]] = []
     skipped: list[tuple[str, str]] = []
+    measured: list[tuple] = []
     bar = tqdm(total=len(order), desc=f"writing {out_dir}", unit="img", disable=not progress)
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
     try:
-        for info, labels, places, bad in (pool.imap(_write_shard, jobs) if pool else map(_write_shard, jobs)):
+        for info, labels, places, bad, seen in (pool.imap(_write_shard, jobs) if pool else map(_write_shard, jobs)):
+            measured += seen
             for path, reason in bad:
                 log.warning("skipped unreadable image %s (%s)", path, reason)
             skipped += bad
@@ -308,7 +347,8 @@ def write_shards(
             raise ConfigError(f"none of the {len(records)} images could be decoded (first: {skipped[0][0]}); "
                               "check the source.")
         index = write_index(out_dir, shards, all_labels, all_places)
-        manifest = Manifest(shards, list(classes), counts, root=str(out_dir), index=index)
+        manifest = Manifest(shards, list(classes), counts, root=str(out_dir), index=index,
+                            stats=data_stats(measured) if measured else {})
         write_manifest(manifest, out_dir)
     except BaseException:  # a bad image under strict, an error, Ctrl-C: leave nothing of this write behind
         if pool:
@@ -329,3 +369,24 @@ def write_shards(
 
 def is_written(out_dir: str | Path) -> bool:
     return (Path(out_dir) / MANIFEST).is_file()
+
+
+def measure_shards(manifest: Manifest, source=None, images: int = 1000, shards: int = 10) -> dict:
+    """`data_stats` of shards whose manifest lacks them (written by another tool or an older recog): the
+    first images of up to `shards` shards spread over the set. Unreadable samples are left out."""
+    from recog.data.plan import Piece
+    from recog.data.stream import IMAGE_KEYS, read_pieces
+
+    chosen = list(range(len(manifest.shards)))[::max(1, len(manifest.shards) // shards)][:shards]
+    per_shard = -(-images // len(chosen))
+    pieces = [Piece(i, 0, min(per_shard, manifest.shards[i].samples)) for i in chosen]
+    measured = []
+    for sample in read_pieces(manifest, pieces, strict=False, source=source):
+        key = next((k for k in IMAGE_KEYS if sample and k in sample), None)
+        try:
+            measured.append(check_image(sample[key], measure=True))
+        except Exception:  # noqa: BLE001 - skipped here, and counted when training reads it
+            continue
+    if not measured:
+        raise ConfigError(f"no readable image in the first samples of {manifest.root}; check the shards.")
+    return data_stats(measured)
