@@ -192,8 +192,8 @@ def test_a_full_disk_during_a_checkpoint_stops_every_process_and_keeps_the_earli
 def test_a_programming_error_in_a_data_worker_shows_its_traceback_and_stops_every_process(tiny_data, tmp_path):
     # A crop larger than the 28x28 images fails inside the data-loader workers: not a mistake recog can name
     # in a sentence, so the traceback is shown; the job must still end, all of it.
-    crop = "data.train_transform.transforms=[{_target_: torchvision.transforms.v2.RandomCrop, size: 64}]"
-    run = Run(tiny_args(tiny_data, **{"data.num_workers": 1}) + [crop], tmp_path).finish(
+    crop = "augment.train.transforms=[{_target_: torchvision.transforms.v2.RandomCrop, size: 64}]"
+    run = Run(tiny_args(tiny_data, **{"data.num_workers": 1}) + ["augment=none", crop], tmp_path).finish(
         marker="larger than input image size")
     assert run.returncode != 0
     assert "Traceback" in run.stderr and "RandomCrop" in run.stderr or "crop size" in run.stderr
