@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -139,8 +140,9 @@ def test_own_rgb_images_from_a_folder(tmp_path):
         for label, color in enumerate(((200, 30, 30), (30, 30, 200))):
             folder = tmp_path / "images" / split / f"class{label}"
             folder.mkdir(parents=True)
-            for i in range(count):
-                Image.new("RGB", (40, 36), tuple(c + i for c in color)).save(folder / f"{i}.jpg")
+            for i in range(count):  # noisy, like photos: no channel is constant (its std would be ~0)
+                noise = np.random.default_rng(i + 100 * label).integers(-40, 40, (36, 40, 3))
+                Image.fromarray((np.array(color) + noise).clip(0, 255).astype(np.uint8)).save(folder / f"{i}.jpg")
         assert data_cli(["write", "folder", str(tmp_path / "images" / split), str(tmp_path / "shards" / split),
                          "--shuffle"]) == 0
     result = run_train(["data=images", f"data.train={tmp_path / 'shards/train'}",
