@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ def main() -> int:
     parser.add_argument("--times", type=int, default=30)
     parser.add_argument("--busy", type=int, default=os.cpu_count(), help="busy processes (default: one per core)")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the busy processes
     hogs = [multiprocessing.Process(target=spin, daemon=True) for _ in range(args.busy)]
     for hog in hogs:
         hog.start()
