@@ -207,6 +207,15 @@ def check_image(data: bytes, measure: bool = False) -> tuple | None:
     return grey, image.height, image.width, pixels.sum(0), (pixels ** 2).sum(0), len(pixels)
 
 
+def measure_quietly(data: bytes) -> tuple | None:
+    """check_image's measurements, or None for an image that does not decode (one that was not to be checked:
+    training skips and counts it)."""
+    try:
+        return check_image(data, measure=True)
+    except Exception:  # noqa: BLE001 - any decoding failure
+        return None
+
+
 def data_stats(measured: list[tuple]) -> dict:
     """What the images are, from a sample: channels (1 if every image is grey), the distribution of their
     height and width, and per-channel mean and std. Recorded in the manifest; `data=images` uses them."""
@@ -237,10 +246,11 @@ def _write_shard(job: tuple[Path, str, list[int], str | None, int, bool, frozens
             rec = _RECORDS[i]
             data, ext = rec.read(), rec.ext
             try:
+                found = None
                 reencoded = bool(fmt) and ext != fmt
                 if reencoded:  # decodes the image: a check in itself
                     data, ext = reencode(data, fmt, quality), fmt
-                if i in sample or (rec.check and not reencoded):  # measured as written: after re-encoding
+                elif rec.check:
                     found = check_image(data, measure=i in sample)
             except Exception as e:  # whatever the training-side decode would skip (PIL raises many kinds)
                 why = "not an image" if isinstance(e, UnidentifiedImageError) else str(e)
@@ -251,7 +261,9 @@ def _write_shard(job: tuple[Path, str, list[int], str | None, int, bool, frozens
                 continue
             tar.write({"__key__": f"{i:09d}", ext: data, "cls": str(rec.label).encode()})
             labels.append(rec.label)
-            if i in sample:
+            if i in sample and found is None:  # re-encoded or unchecked: measured as written, if it decodes
+                found = measure_quietly(data)
+            if found is not None:
                 measured.append(found)
     if not labels:  # a shard of unreadable images only: leave it out
         tmp.unlink()
