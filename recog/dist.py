@@ -77,11 +77,6 @@ def adopt_slurm_env() -> None:
     os.environ.update(slurm_launch_env(os.environ))
 
 
-def print0(*args, **kwargs) -> None:
-    if env_rank() == 0:
-        print(*args, **kwargs, flush=True)
-
-
 def print_once_per_node(*args, **kwargs) -> None:
     """For errors: every rank raises the same sentence once it has been shared (see fail_together), but a
     check that fails before the process group exists may fail on one machine only, so each machine says it."""
