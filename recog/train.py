@@ -83,7 +83,7 @@ def check_config(cfg: DictConfig) -> None:
     check_number("augment.flip", cfg.augment.flip, False, 0, False)
     if cfg.augment.flip > 1:
         raise ConfigError(f"augment.flip={cfg.augment.flip} is a probability; give a number from 0 to 1.")
-    if "pad" in cfg.augment:
+    if cfg.augment.get("pad", "auto") != "auto":
         check_number("augment.pad", cfg.augment.pad, True, 0, False)
     if cfg.sampler.name == "pk":
         for key in ("sampler.p", "sampler.k"):
@@ -148,6 +148,7 @@ def shard_source(data_cfg: DictConfig) -> ShardSource:
 
 
 SMALL_IMAGES = 64  # px: up to this (median shorter side), augment=auto picks the `small` preset, above `imagenet`
+SMALLEST_AUTO_STD = 0.05  # data.std=auto: a channel's std (0..1 scale) below this is taken as this
 LARGEST_AUTO_SIZE = 224  # image_size=auto never trains above this: ImageNet's size, what pretrained models expect
 
 
@@ -169,12 +170,16 @@ def settle_data_settings(cfg: DictConfig, manifest, source: ShardSource) -> str:
             if key in auto:  # a grey data set read as RGB (channels=3) repeats its one value, and the reverse
                 values = stats[key] * 3 if len(stats[key]) < data.channels else stats[key]
                 data[key] = [round(sum(values) / len(values), 4)] if data.channels == 1 else values[:3]
+        if "std" in auto:  # a channel that hardly varies (solid colours) is not blown up into noise
+            data.std = [max(value, SMALLEST_AUTO_STD) for value in data.std]
         chose = cfg.augment.name == "auto"
         if chose:
             preset = OmegaConf.to_container(cfg.augment["small" if data.image_size <= SMALL_IMAGES else "imagenet"],
                                             resolve=False)
             preset.update(flip=cfg.augment.flip, pad=cfg.augment.pad)  # the overrides given to augment=auto
             cfg.augment = preset
+        if cfg.augment.get("pad") == "auto":  # 4 px at 28-32 px, 1 at 8 px: the same share of the image
+            cfg.augment.pad = max(1, round(data.image_size / 8))
     for key in ("mean", "std"):
         if len(data[key]) != data.channels:
             raise ConfigError(f"data.{key} has {len(data[key])} values for {data.channels} channel(s); give one "

@@ -79,6 +79,25 @@ def test_small_grey_images_get_the_small_preset_and_overrides_win(tiny_data):
     assert cfg.augment.name == "none"
 
 
+def test_tiny_solid_colour_images_keep_a_shift_and_a_usable_std(tmp_path):
+    # 8x8 images (sklearn's digits are this size): a 4 px shift would move half the image away
+    for c, value in enumerate((100, 104)):
+        (tmp_path / "src" / f"class{c}").mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8), value, np.uint8)).save(tmp_path / "src" / f"class{c}" / f"{i}.png")
+    records, classes = folder_records(tmp_path / "src")
+    stats = write_shards(records, classes, tmp_path / "shards", progress=False).stats
+    cfg = composed("data=images", f"data.train={tmp_path / 'shards'}", f"data.test={tmp_path / 'shards'}")
+    line = settle_data_settings(cfg, load_manifest(tmp_path / "shards"), None)
+    assert (cfg.data.image_size, cfg.augment.name, cfg.augment.pad) == (8, "small", 1) and "pad 1" in line
+    # two solid greys 4 levels apart: std 2/255, which would scale the pixels up 128x; floored at 0.05
+    assert stats["std"][0] == pytest.approx(2 / 255, abs=1e-4) and cfg.data.std == [0.05]
+    cfg = composed("data=images", f"data.train={tmp_path / 'shards'}", f"data.test={tmp_path / 'shards'}",
+                   "augment=small", "augment.pad=2")
+    settle_data_settings(cfg, load_manifest(tmp_path / "shards"), None)
+    assert cfg.augment.pad == 2
+
+
 def test_shards_without_statistics_are_measured_at_start(tiny_data, tmp_path):
     import shutil
 
