@@ -12,7 +12,7 @@ is trained twice:
   random crop padded by 1/8 of the side (4 px at 28-32 px) + horizontal flip (not for digits), mean/std
   of the training images, 12 epochs, one process, one loader worker. No recog code.
 - recog, exactly as its README tells a user with their own images, no flags but paths (and --recog-args):
-      python -m recog.data write folder SRC/train SHARDS/train --shuffle   (and test)
+      python -m recog.data write folder SRC/train SHARDS/train   (and test)
       OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 train.py data=images \
           data.train=SHARDS/train data.test=SHARDS/test hydra.run.dir=RUN
   and RUN/metrics.json's top1. Its seconds include writing the shards.
@@ -137,7 +137,7 @@ def recog(data_dir: Path, work: Path, extra: list[str]) -> float:
     shutil.rmtree(run, ignore_errors=True)
     for split in ("train", "test"):
         subprocess.run([sys.executable, "-m", "recog.data", "write", "folder", str(data_dir / split),
-                        str(shards / split), "--shuffle"], cwd=ROOT, check=True)
+                        str(shards / split)], cwd=ROOT, check=True)
     subprocess.run([str(bin_dir / "torchrun"), "--standalone", "--nproc_per_node=2", "train.py", "data=images",
                     f"data.train={shards / 'train'}", f"data.test={shards / 'test'}", f"hydra.run.dir={run}",
                     *extra], cwd=ROOT, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import tarfile
 
 import numpy as np
 import pytest
@@ -144,7 +145,11 @@ def test_own_rgb_images_from_a_folder(tmp_path):
                 noise = np.random.default_rng(i + 100 * label).integers(-40, 40, (36, 40, 3))
                 Image.fromarray((np.array(color) + noise).clip(0, 255).astype(np.uint8)).save(folder / f"{i}.jpg")
         assert data_cli(["write", "folder", str(tmp_path / "images" / split), str(tmp_path / "shards" / split),
-                         "--shuffle"]) == 0
+                         "--shard-samples", "8"]) == 0
+        # no flag: the folder is read class by class, yet the first shard holds both (shuffled by default)
+        with tarfile.open(tmp_path / "shards" / split / "shard-000000.tar") as tar:
+            labels = {tar.extractfile(m).read() for m in tar.getmembers() if m.name.endswith(".cls")}
+        assert labels == {b"0", b"1"}
     result = run_train(["data=images", f"data.train={tmp_path / 'shards/train'}",
                         f"data.test={tmp_path / 'shards/test'}", "data.image_size=32", "data.num_workers=1",
                         "epochs=2", "batch_size=8", "optim.lr=2.0", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, nproc=None)

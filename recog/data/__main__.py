@@ -15,7 +15,11 @@ from recog.errors import ConfigError
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-samples", type=int, default=5000, help="at most this many samples per shard (5000)")
     p.add_argument("--shard-mb", type=float, help="and at most about this many MB per shard")
-    p.add_argument("--shuffle", action="store_true", help="shuffle the samples before writing (seeded)")
+    # On by default: a folder is read class by class, and shards of one class each would give batches of one or
+    # two classes (the stream shuffles within blocks, not across the whole set).
+    p.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
+                   help="shuffle the samples before writing, seeded by --seed (default; --no-shuffle keeps the "
+                        "source's order)")
     p.add_argument("--workers", type=int, default=1, help="processes writing shards at once")
     p.add_argument("--reencode", choices=["jpg", "png", "webp"], help="re-encode images (default: bytes unchanged)")
     p.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality when re-encoding")
