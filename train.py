@@ -41,12 +41,15 @@ def main(cfg: DictConfig) -> float:
             logging.getLogger("recog").warning("%s: %s; exit code %d", "interrupted" if e.interrupted else
                                                "preempted", e, e.exit_code)
         sys.exit(e.exit_code)
-    except ConfigError as e:  # every rank found the same mistake (or was told of it): one sentence, no traceback
+    # Expected failures, each one sentence and exit code 2. A mistake in the config or the paths: every rank found
+    # it (or was told of it), so each node says it once.
+    except ConfigError as e:
         print_once_per_node(f"error: {sentence(e)}", file=sys.stderr)
         sys.exit(2)
     except RecogError as e:  # unreadable data, a full disk, a lost rank: said by the rank that found it
         print(f"error: {sentence(e)}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        sys.exit(2)
+    # Anything else is a programming error: Python prints its whole traceback (exit code 1).
 
 
 if __name__ == "__main__":

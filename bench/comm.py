@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import torchvision
+from _common import header, row, sync
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -65,18 +66,13 @@ def setup() -> torch.device:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     device = torch.device("cpu")
     if backend == "nccl":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if "WORLD_SIZE" in os.environ:  # started by torchrun: env:// rendezvous
         dist.init_process_group(backend)
     else:  # a plain `python bench/comm.py`: a group of one on an in-memory store
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return device
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def start_together(device: torch.device) -> None:
@@ -195,9 +191,10 @@ def main() -> None:
 
     say(f"All-reduce bandwidth: {backend}, {n} process(es), float32 on {device.type}, "
         f"median of {args.iters} (slowest rank), torch {torch.__version__}")
-    say(f"{'size MB':>9} {'time ms':>10} {'algbw GB/s':>11} {'busbw GB/s':>11}")
-    for size, ms, algbw, busbw in bandwidth(args.sizes_mb, args.iters, device):
-        say(f"{size:9.1f} {ms:10.2f} {algbw:11.2f} {busbw:11.2f}")
+    columns = [("size MB", ">9.1f"), ("time ms", ">10.2f"), ("algbw GB/s", ">11.2f"), ("busbw GB/s", ">11.2f")]
+    say(header(columns))
+    for figures in bandwidth(args.sizes_mb, args.iters, device):
+        say(row(columns, figures))
     if n == 1:
         say("note: world size 1: busbw = algbw * 2(n-1)/n is 0 and the all-reduce moves nothing (algbw "
             "is meaningless); run under torchrun with --nproc_per_node >= 2")
@@ -207,7 +204,9 @@ def main() -> None:
     say(f"\nGradient communication per DDP step: {args.model} ({params / 1e6:.2f}M params, grads "
         f"{grad_bytes / MB:.2f} MB), {backend}, {n} process(es), batch {args.batch_size} x 3x"
         f"{args.image_size}x{args.image_size} per rank; bytes per rank of step {args.steps} of {args.steps}")
-    say(f"{'hook':<22} {'MB/step':>9} {'vs none':>8} {'step ms':>8}  {'collective calls':<18} ran")
+    columns = [("hook", "<22"), ("MB/step", ">9.2f"), ("vs none", ">8.3f"), ("step ms", ">8.0f"),
+               ("collective calls", " <18"), ("ran", "")]  # " <18": two spaces before the column
+    say(header(columns))
     base = grad_bytes  # replaced by the allreduce row's measured bytes (they should be equal)
     for name, make_state, hook in cases():
         reason = "failed on another rank"
@@ -220,13 +219,13 @@ def main() -> None:
             failed = torch.ones(1, device=device)
         dist.all_reduce(failed, op=dist.ReduceOp.MAX)  # a row counts as run only if it ran on every rank
         if failed.item():
-            say(f"{name:<22} {'-':>9} {'-':>8} {'-':>8}  {'-':<18} not supported on {backend}: {reason}")
+            say(row(columns, [name, "-", "-", "-", "-", f"not supported on {backend}: {reason}"]))
             continue
         total = sum(b for _, b in counts.values())
         base = total if hook is default_hooks.allreduce_hook else base
         calls = ", ".join(f"{k} x{c}" for k, (c, _) in counts.items())
         ran = "yes (serialized)" if serialize else "yes"
-        say(f"{name:<22} {total / MB:9.2f} {total / base:8.3f} {sec * 1e3:8.0f}  {calls:<18} {ran}")
+        say(row(columns, [name, total / MB, total / base, sec * 1e3, calls, ran]))
     say(f"note: step ms is the median of the last {args.steps - WARM_STEPS} steps (slowest rank); "
         "on a shared CPU it is noisy and mostly compute")
     dist.destroy_process_group()

@@ -30,10 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import medians, rounds, timed
+from loose import LooseImages, image_folder
 from PIL import Image
 from torchvision.transforms import v2
 
-from recog.data.loose import LooseImages, image_folder
 from recog.data.manifest import load_manifest
 from recog.data.plan import rank_pieces
 from recog.data.source import ShardSource
@@ -141,20 +142,21 @@ def main() -> None:
         "shards/http first epoch decode": cold(shards_decode),
         "shards/cache decode": lambda: shards_decode(remote, ShardSource(cache_dir=str(warm_cache))),
     }
-    rates: dict[str, list[float]] = {name: [] for name in cases}
+
+    def images_per_s(name):
+        def run(_round):
+            count, seconds = timed(cases[name])
+            assert count == len(loose), (name, count)
+            return count / seconds
+        return run
+
     names = list(cases)
-    try:
-        for r in range(args.rounds):
-            for name in names[r % len(names):] + names[: r % len(names)]:  # rotate the order each round
-                start = time.perf_counter()
-                count = cases[name]()
-                rates[name].append(count / (time.perf_counter() - start))
-                assert count == len(loose), (name, count)
-            print(f"round {r + 1}/{args.rounds} done", flush=True)
+    try:  # the order rotates each round
+        rates = rounds({name: images_per_s(name) for name in names}, args.rounds, progress=True)
     finally:
         server.terminate()
 
-    med = {name: statistics.median(v) for name, v in rates.items()}
+    med = medians(rates)
     print(f"\n{'case':<32} {'images/s (median)':>18} {'rounds':>30}")
     for name in names:
         print(f"{name:<32} {med[name]:>18.0f}   " + " ".join(f"{v:.0f}" for v in rates[name]))

@@ -43,11 +43,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import markdown_table, sync
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # recog and bench.data, also when recog is not installed
-
-from recog.model import RecognitionModel  # noqa: E402
 
 TRAIN_CASES = {  # name: (table label, tf32, bf16 autocast + channels_last, torch.compile)
     "fp32": ("ResNet train fp32 NCHW, TF32 off", False, False, False),
@@ -55,18 +54,16 @@ TRAIN_CASES = {  # name: (table label, tf32, bf16 autocast + channels_last, torc
     "bf16-cl": ("ResNet train bf16 + channels_last", True, True, False),
     "bf16-cl-compile": ("ResNet train bf16 + channels_last + compile", True, True, True),
 }
-FULL = dict(model="resnet50", size=224, batch=128, warmup=10, windows=3, window_s=3.0, images=2000, repeat=8,
-            workers=(4, 8, 12), loader_s=6.0, case_cap_s=75, deadline_s=280, skip_after_s=240)
-QUICK = dict(model="resnet18", size=32, batch=32, warmup=2, windows=3, window_s=0.5, images=200, repeat=1,
-             workers=(1, 2), loader_s=2.0, case_cap_s=40, deadline_s=115, skip_after_s=105)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+FULL = {"model": "resnet50", "size": 224, "batch": 128, "warmup": 10, "windows": 3, "window_s": 3.0, "images": 2000,
+        "repeat": 8, "workers": (4, 8, 12), "loader_s": 6.0, "case_cap_s": 75, "deadline_s": 280,
+        "skip_after_s": 240}
+QUICK = {"model": "resnet18", "size": 32, "batch": 32, "warmup": 2, "windows": 3, "window_s": 0.5, "images": 200,
+         "repeat": 1, "workers": (1, 2), "loader_s": 2.0, "case_cap_s": 40, "deadline_s": 115, "skip_after_s": 105}
 
 
 def train_rate(cfg: dict, case: str, batch: int, device: torch.device, deadline: float) -> tuple[float, str]:
+    from recog.model import RecognitionModel
+
     _, tf32, bf16_cl, compiled = TRAIN_CASES[case]
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = tf32
@@ -127,8 +124,9 @@ def train_case(cfg: dict, case: str, device: torch.device, deadline: float) -> t
 def loader_case(cfg: dict, workers: int, device: torch.device, shards: str) -> tuple[float, str]:
     from torchvision.transforms import v2
 
+    from recog.data.loader import make_loader
     from recog.data.manifest import load_manifest
-    from recog.data.stream import ShardStream, make_loader
+    from recog.data.stream import ShardStream
 
     augment = v2.Compose([v2.RandomResizedCrop(cfg["size"], antialias=True), v2.RandomHorizontalFlip()])
     stream = ShardStream(load_manifest(shards), rank=0, world_size=1, batch_size=cfg["batch"], transform=augment,
@@ -203,7 +201,7 @@ def child(args) -> None:
         else:
             rate, notes = train_case(cfg, args.case, device, args.deadline)
         result = {"rate": rate, "notes": notes}
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any failure becomes the case's row; the other cases still run
         first = (str(e).strip().splitlines() or [""])[0]
         result = {"error": f"{type(e).__name__}: {first}"[:200]}
         traceback.print_exc()
@@ -266,12 +264,12 @@ def main() -> None:
         label = TRAIN_CASES[case][0] if case in TRAIN_CASES else f"Loader, num_workers={case.split('-')[1]}"
         ref = base if case in TRAIN_CASES else fastest
         ratio = f"{rate / ref:.2f}" if rate and ref else "-"
-        rows.append(f"| {label} | {f'{rate:.0f}' if rate else '-'} | {ratio} | {notes} |")
+        rows.append([label, f"{rate:.0f}" if rate else "-", ratio, notes])
     table = "\n".join([
         f"\n{header}",
-        f"{cfg['model']} at {cfg['size']}x{cfg['size']}; training ratio: against fp32 TF32 off; "
-        "loader ratio: against the fastest training case (>= 1: keeps it fed)",
-        "", "| case | images/s | ratio | notes |", "|---|---:|---:|---|", *rows,
+        (f"{cfg['model']} at {cfg['size']}x{cfg['size']}; training ratio: against fp32 TF32 off; "
+         "loader ratio: against the fastest training case (>= 1: keeps it fed)"),
+        "", *markdown_table(["case", "images/s", "ratio", "notes"], rows, "lrrl"),
         f"\ntotal {time.monotonic() - start:.0f} s; each case's output in {log_dir}",
     ])
     print(table)

@@ -13,31 +13,32 @@ Prints images/s of each and the ratio recog / bare (target >= 0.95).
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
+from _common import header, medians, rounds, row, sync
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.optim.lr_scheduler import LambdaLR
 
-from recog import dist, parallel
-from recog.data.stream import Batch, Normalize
+from recog import dist
+from recog.build import StepRecipe, warmup_cosine
+from recog.checkpoint import Position
+from recog.data.loader import Batch
+from recog.data.normalize import Normalize
 from recog.log import NullWriter
 from recog.loss import RecognitionLoss
 from recog.model import RecognitionModel
 from recog.preempt import StopOnSignal
-from recog.train import Checkpoints, StepRecipe, train_one_epoch, warmup_cosine
+from recog.train import StepLog, train_one_epoch
 
 
 def make_model(ctx, args):
     torch.manual_seed(0)
     model = RecognitionModel(args.backbone, num_classes=10, in_channels=1, width=args.width,
                              small_input=args.backbone != "convnet").to(ctx.device)
-    ddp = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None) if ctx.is_distributed else model
+    device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+    ddp = DDP(model, device_ids=device_ids) if ctx.is_distributed else model
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     return ddp, optimizer
 
@@ -57,14 +58,13 @@ def model_device(model):
     return next(model.parameters()).device
 
 
-def timed(fn, ctx) -> float:
-    if ctx.device.type == "cuda":
-        torch.cuda.synchronize()
+def slowest_seconds(fn, ctx) -> float:
+    """fn's wall seconds on the slowest rank, all ranks started together."""
+    sync(ctx.device)
     dist.all_reduce_sum(torch.zeros(1, device=ctx.device))  # start together
     start = time.perf_counter()
     fn()
-    if ctx.device.type == "cuda":
-        torch.cuda.synchronize()
+    sync(ctx.device)
     return dist.all_reduce_max(torch.tensor([time.perf_counter() - start], device=ctx.device)).item()
 
 
@@ -87,32 +87,25 @@ def measure(ctx, args) -> tuple[list[float], list[float]]:
 
     bare_model, bare_opt = make_model(ctx, args)
     recog_model, recog_opt = make_model(ctx, args)
-    scheduler = LambdaLR(recog_opt, partial(warmup_cosine, warmup_steps=10, total_steps=10**9))
-    loss_fn, writer, normalize = RecognitionLoss(), NullWriter(), Normalize([0.286], [0.353], ctx.device)
-    # the default job's settings: fp32, no accumulation, checkpoints only at the end of an epoch, and the
-    # per-step stop-flag exchange
-    cfg = OmegaConf.create({"perf": {"precision": "fp32"}, "checkpoint": {"keep": 1, "every_steps": 0,
-                                                                          "every_minutes": 0}})
-    scaler = parallel.grad_scaler(cfg, ctx.device)
-    recipe = StepRecipe(recog_model, normalize, loss_fn, recog_opt, scheduler, scaler,
-                        partial(parallel.autocast, cfg, ctx.device))
-    checkpoints = Checkpoints(cfg, ctx, Path("unused"), recog_model, recog_opt, scheduler, scaler, 10**9, {})
-    stop = StopOnSignal(dist.AnyRankFlag())  # the per-step stop-flag exchange, no handlers
+    # the default job's settings: fp32, no accumulation, warmup + cosine, scalars every 10 steps, no checkpoint
+    # within the epoch, and the per-step stop-flag exchange (no signal handlers installed)
+    recipe = StepRecipe(recog_model, recog_opt, RecognitionLoss(), Normalize([0.286], [0.353], ctx.device),
+                        device=ctx.device, lr_factor=partial(warmup_cosine, warmup_steps=10, total_steps=10**9))
+    stop = StopOnSignal(dist.AnyRankFlag())
 
     def run_recog():
-        train_one_epoch(recipe, batches, ctx, writer, 0, log_every=10, epoch=0, consumed=[0],
-                        batches_per_epoch=10**9, checkpoints=checkpoints, stop=stop)
+        train_one_epoch(recipe, batches, Position(batches_per_epoch=10**9), StepLog(NullWriter(), every=10),
+                        after_step=lambda position: stop.agreed())
 
     def run_bare():
         bare_epoch(bare_model, batches, bare_opt)
 
     run_bare(), run_recog()  # warm-up: allocator, DDP buckets, thread pools
-    bare, ours = [], []
-    for i in range(args.rounds):  # alternate which goes first, so neither always runs on a warmer machine
-        for name, fn, times in ((("bare", run_bare, bare), ("recog", run_recog, ours))[:: 1 if i % 2 == 0 else -1]):
-            times.append(images_per_round / timed(fn, ctx))
+    # rounds alternate which goes first, so that neither always runs on a warmer machine
+    rates = rounds({"bare": lambda _: images_per_round / slowest_seconds(run_bare, ctx),
+                    "recog": lambda _: images_per_round / slowest_seconds(run_recog, ctx)}, args.rounds)
     stop.finish()
-    return bare, ours
+    return rates["bare"], rates["recog"]
 
 
 def main() -> None:
@@ -122,10 +115,11 @@ def main() -> None:
     if ctx.is_main:
         print(f"{args.backbone} batch {args.batch_size}/process x {ctx.world_size} process(es) on {ctx.device}, "
               f"{args.steps} steps per round, {args.rounds} rounds")
-        print(f"{'round':>5} {'bare img/s':>11} {'recog img/s':>12} {'ratio':>6}")
+        columns = [("round", ">5"), ("bare img/s", ">11.0f"), ("recog img/s", ">12.0f"), ("ratio", ">6.3f")]
+        print(header(columns))
         for i, (b, r) in enumerate(zip(bare, ours)):
-            print(f"{i:>5} {b:>11.0f} {r:>12.0f} {r / b:>6.3f}")
-        b, r = statistics.median(bare), statistics.median(ours)
+            print(row(columns, [i, b, r, r / b]))
+        b, r = medians({"bare": bare, "recog": ours}).values()
         print(f"median: bare {b:.0f} img/s, recog {r:.0f} img/s, ratio recog/bare = {r / b:.3f} (target >= 0.95)")
     dist.teardown()
 

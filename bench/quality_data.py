@@ -31,8 +31,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: recog is imported from this checkout
 
-from recog.data.idx import find_idx_pair, read_idx
-from recog.data.write import FASHION_MNIST_CLASSES
+from recog.data.idx import find_idx_pair, read_idx  # noqa: E402  (after the sys.path line)
+from recog.data.write import FASHION_MNIST_CLASSES  # noqa: E402
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 

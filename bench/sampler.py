@@ -12,10 +12,9 @@ training's steps/s.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
+from _common import medians, rounds, timed
 from torch.utils.data import BatchSampler, DistributedSampler
 
 from recog.sampler import DistributedBatchSampler
@@ -37,19 +36,20 @@ def main() -> None:
     torch_sampler = DistributedSampler(range(args.samples), num_replicas=args.world_size, rank=0, shuffle=True)
     theirs = BatchSampler(torch_sampler, batch, drop_last=True)
 
-    def epoch_of(sampler, set_epoch, epoch):
-        set_epoch(epoch)
-        start = time.perf_counter()
-        n = sum(1 for _ in sampler)
-        return n / (time.perf_counter() - start), n
+    batches = {}  # name: batches in an epoch
 
-    rates_ours, rates_theirs = [], []
-    for epoch in range(args.rounds):
-        rate, n_ours = epoch_of(ours, ours.set_epoch, epoch)
-        rates_ours.append(rate)
-        rate, n_theirs = epoch_of(theirs, torch_sampler.set_epoch, epoch)
-        rates_theirs.append(rate)
-    a, b = statistics.median(rates_ours), statistics.median(rates_theirs)
+    def epoch_rate(name, sampler, set_epoch):
+        def run(epoch):
+            set_epoch(epoch)
+            batches[name], seconds = timed(lambda: sum(1 for _ in sampler))
+            return batches[name] / seconds
+        return run
+
+    # rotate=False: P×K first in every round, the order this benchmark has always measured in
+    rates = rounds({"ours": epoch_rate("ours", ours, ours.set_epoch),
+                    "theirs": epoch_rate("theirs", theirs, torch_sampler.set_epoch)}, args.rounds, rotate=False)
+    med = medians(rates)
+    a, b, n_ours, n_theirs = med["ours"], med["theirs"], batches["ours"], batches["theirs"]
     print(f"{args.samples:,} samples, {args.classes:,} classes, batch {args.p}x{args.k}, rank 0 of {args.world_size}: "
           f"{n_ours} P×K batches vs {n_theirs} plain batches per epoch")
     print(f"DistributedBatchSampler (P×K): {a:,.0f} batches/s ({a * batch:,.0f} samples/s)")

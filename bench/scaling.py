@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from _common import markdown_table, require
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
@@ -49,6 +50,7 @@ MODELS = {  # name: (backbone, batch per process, steps per round)
 def worker(args) -> None:
     """Inside torchrun: measure, and rank 0 prints one JSON line."""
     import overhead
+
     from recog import dist
 
     ctx = dist.setup()
@@ -71,7 +73,7 @@ def run_one(model: str, procs: int, args) -> dict:
     if args.steps:
         cmd += ["--steps", str(args.steps)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"} if not torch.cuda.is_available() else dict(os.environ)
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800, check=False)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode or not lines:
         raise SystemExit(f"error: {model} with {procs} process(es) failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
@@ -115,6 +117,7 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         return worker(args)
+    require("matplotlib")  # the plot is drawn at the very end
     if args.quick:
         args.models, args.rounds, args.steps = ["convnet"], 2, 5
 
@@ -141,15 +144,17 @@ def main() -> None:
         writer.writerows(rows)
     plot(rows, Path(args.plot), args.max_procs)
 
-    print(f"\n| model | workers | recog img/s | bare img/s | recog / bare | recog speed-up | recog efficiency "
-          f"| bare efficiency |\n|---|---:|---:|---:|---:|---:|---:|---:|")
+    table = []
     for model in args.models:
         for procs in range(1, args.max_procs + 1):
-            rec, bare = ([r for r in rows if r["model"] == model and r["procs"] == procs and r["loop"] == loop][0]
+            rec, bare = (next(r for r in rows if r["model"] == model and r["procs"] == procs and r["loop"] == loop)
                          for loop in ("recog", "bare"))
-            print(f"| {model} | {procs} | {rec['images_per_s']:.0f} | {bare['images_per_s']:.0f} | "
-                  f"{rec['images_per_s'] / bare['images_per_s']:.3f} | {rec['speedup']:.2f} | "
-                  f"{rec['efficiency']:.2f} | {bare['efficiency']:.2f} |")
+            table.append([model, procs, f"{rec['images_per_s']:.0f}", f"{bare['images_per_s']:.0f}",
+                          f"{rec['images_per_s'] / bare['images_per_s']:.3f}", f"{rec['speedup']:.2f}",
+                          f"{rec['efficiency']:.2f}", f"{bare['efficiency']:.2f}"])
+    print()
+    print("\n".join(markdown_table(["model", "workers", "recog img/s", "bare img/s", "recog / bare", "recog speed-up",
+                                    "recog efficiency", "bare efficiency"], table, "lrrrrrrr")))
     print(f"\nCSV {args.csv}\nplot {args.plot}")
 
 

@@ -1,15 +1,32 @@
-"""Checkpoints: written atomically by one rank, read safely (weights_only) by one rank."""
+"""Checkpoints: written atomically by one rank, read safely (weights_only) by one rank.
+
+`Checkpoints` decides when rank 0 writes one and what it holds (`save`), and puts a run back where one
+left it (`restore`, the mirror of `save`); `Position` is where training stands.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import pickle
+import time
+import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
 
+from recog import dist
 from recog.errors import ConfigError, RecogError
+from recog.model import state_mismatch
+
+if TYPE_CHECKING:  # the recipe's module imports this one
+    from recog.build import StepRecipe
+
+log = logging.getLogger("recog")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -104,7 +121,9 @@ def load_checkpoint(path: str | Path, option: str = "resume=") -> dict[str, Any]
         raise ConfigError(f"checkpoint {path} does not exist; check the path given to {option}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # what went wrong, in our words: torch's advice (weights_only=False) would be unsafe
+    # What went wrong, in our words (torch's advice, weights_only=False, would be unsafe); anything else is a
+    # programming error and keeps its traceback.
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
         with open(path, "rb") as f:
             zip_start = f.read(4) == b"PK\x03\x04"  # torch.save writes a zip archive
         if not zip_start:
@@ -116,3 +135,135 @@ def load_checkpoint(path: str | Path, option: str = "resume=") -> dict[str, Any]
                               f"{option}") from None
         raise ConfigError(f"checkpoint {path} could not be read: it is damaged or cut short ({type(e).__name__}); "
                           f"give {option} an earlier one.") from None
+
+
+@dataclass
+class Position:
+    """Where training stands: what a checkpoint records of it, besides the weights and optimizer state."""
+
+    epoch: int = 0  # epochs finished (the one in progress, counted from 0)
+    step: int = 0  # optimizer steps taken
+    consumed: list[int] = field(default_factory=lambda: [0])  # batches of this epoch trained on, per loader worker
+    batches_per_epoch: int = 0
+    resumed_from: str | None = None  # the checkpoint this run continued from
+
+    @property
+    def mid_epoch(self) -> bool:
+        return any(self.consumed)
+
+    def next_epoch(self) -> None:
+        self.epoch, self.consumed = self.epoch + 1, [0] * len(self.consumed)
+
+
+class Checkpoints:
+    """What a checkpoint holds, and when rank 0 writes one: at the end of every epoch, and within
+    epochs every `checkpoint.every_steps` steps and/or `checkpoint.every_minutes` minutes. Rank 0
+    decides alone (the time is its clock): saving needs nothing from the other ranks, whose model,
+    optimizer and data position equal rank 0's after every step."""
+
+    def __init__(self, cfg: DictConfig, ctx: dist.Dist, folder: Path, recipe: StepRecipe, layout: dict):
+        self.folder, self.is_main, self.device = folder, ctx.is_main, ctx.device
+        self.keep, self.every_steps, self.every_minutes = (cfg.checkpoint.keep, cfg.checkpoint.every_steps,
+                                                           cfg.checkpoint.every_minutes)
+        self.recipe = recipe
+        self.config = OmegaConf.to_container(cfg, resolve=True)
+        self.layout = layout  # what a mid-epoch data position is valid for
+        self.best_top1, self.top1 = -1.0, float("nan")
+        self.last_step, self.last_time = -1, time.monotonic()
+
+    def save(self, position: Position, top1: float = float("nan")) -> Path | None:
+        """`top1`: the evaluation that ended an epoch; nan for a mid-epoch checkpoint."""
+        is_best = top1 >= self.best_top1  # False for a mid-epoch checkpoint (nan)
+        if is_best:
+            self.best_top1 = top1
+        if not self.is_main or position.step == self.last_step:
+            return None
+        r = self.recipe
+        state = {
+            "model": r.module.state_dict(), "optimizer": r.optimizer.state_dict(),
+            "scheduler": r.scheduler.state_dict(), "scaler": r.scaler.state_dict(), "epoch": position.epoch,
+            "step": position.step, "data": {"consumed": list(position.consumed), **self.layout}, "top1": top1,
+            "best_top1": self.best_top1, "config": self.config, "rng": torch.get_rng_state(),
+            **({"cuda_rng": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}),
+        }
+        path = save_step_checkpoint(state, self.folder, position.step, self.keep, is_best)
+        self.last_step, self.last_time = position.step, time.monotonic()
+        return path
+
+    def maybe_save_mid_epoch(self, position: Position) -> None:
+        if sum(position.consumed) >= position.batches_per_epoch:  # the end-of-epoch checkpoint follows
+            return
+        due = (self.every_steps and position.step % self.every_steps == 0) or \
+              (self.every_minutes and time.monotonic() - self.last_time >= 60 * self.every_minutes)
+        if due:
+            self.save(position)
+
+    def restore(self, found: tuple[str, dict] | None, position: Position) -> Position:
+        """Put the model, optimizer, scheduler, scaler, RNG and data position back as `save` wrote them (`found`:
+        from `find_resume_point`); returns where training continues, `position` itself for a fresh start."""
+        if not found:
+            return position
+        path, ckpt = found
+        r = self.recipe
+        r.module.load_state_dict(ckpt["model"])
+        r.optimizer.load_state_dict(ckpt["optimizer"])
+        r.scheduler.load_state_dict(ckpt["scheduler"])
+        if "scaler" in ckpt:
+            r.scaler.load_state_dict(ckpt["scaler"])
+        # This run's LR, which differs from the checkpoint's if the world size or the number of epochs changed.
+        r.scheduler.base_lrs = [r.lr] * len(r.optimizer.param_groups)
+        for group in r.optimizer.param_groups:
+            group["lr"] = r.lr * r.lr_factor(r.scheduler.last_epoch)
+        torch.set_rng_state(ckpt["rng"])
+        if "cuda_rng" in ckpt and self.device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["cuda_rng"])
+        self.best_top1, self.top1, self.last_step = ckpt["best_top1"], ckpt.get("top1", float("nan")), ckpt["step"]
+        consumed, saved = position.consumed, ckpt.get("data", {})
+        if any(saved.get("consumed", [])):
+            if {key: saved.get(key) for key in self.layout} == self.layout:
+                consumed = list(saved["consumed"])
+            else:  # the batches of another world size, batch size or worker count: not this run's
+                log.warning("the mid-epoch data position in %s was saved with %s; this run has %s, so epoch %d "
+                            "starts again from its first batch", path, {k: saved.get(k) for k in self.layout},
+                            self.layout, ckpt["epoch"] + 1)
+        position = Position(ckpt["epoch"], ckpt["step"], consumed, position.batches_per_epoch, path)
+        log.info("resumed from %s: step %d, %d epoch(s) done%s", path, position.step, position.epoch,
+                 f" and {sum(consumed)} of {position.batches_per_epoch} batches of epoch {position.epoch + 1}"
+                 if position.mid_epoch else "")
+        return position
+
+
+def find_resume_point(cfg: DictConfig, run_dir: Path, ctx: dist.Dist, model) -> tuple[str, dict] | None:
+    """The checkpoint to continue from, read on rank 0 and handed to every rank.
+
+    First this run directory's own newest readable checkpoint (a restarted or requeued
+    run continues where it stopped, with no flag; `checkpoint.auto_resume=false` turns
+    that off), else the file given as `resume=`, else none: a fresh start. Every rank
+    checks that it fits `model` (the same answer everywhere: no rank is left waiting).
+    """
+    def read():
+        if cfg.checkpoint.auto_resume:
+            found = load_newest_checkpoint(run_dir / "checkpoints", log)
+            if found:
+                return str(found[0]), found[1]
+        return (str(cfg.resume), load_checkpoint(cfg.resume, "resume=")) if cfg.resume else None
+
+    found = dist.run_on_rank0(read, ctx, "reading the checkpoint")
+    if not found:
+        return None
+    path, ckpt = found
+    lacking = {"model", "optimizer", "scheduler", "epoch", "step", "best_top1", "rng"} - set(ckpt)
+    if lacking:
+        raise ConfigError(f"{path} is not a recog training checkpoint (no {sorted(lacking)[0]}); "
+                          "to start from plain weights use weights= instead of resume=.")
+    problem = state_mismatch(model.state_dict(), ckpt["model"])
+    if problem:
+        saved = ckpt.get("config", {}).get("model", {})
+        own_run = Path(path).parent == run_dir / "checkpoints"
+        fix = (f"this run directory ({run_dir}) belongs to that run: give a new hydra.run.dir, or the model "
+               "settings it was trained with" if own_run else
+               "resume with the model settings it was trained with, or start from its weights with weights= "
+               "instead of resume=")
+        raise ConfigError(f"{path} holds a {saved.get('backbone', 'different')} model that does not fit the "
+                          f"{cfg.model.backbone} model of this run ({problem}); {fix}.")
+    return found

@@ -203,6 +203,11 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def world_size() -> int:
+    """The number of ranks (1 without a process group)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sum a tensor over ranks (a no-op for a single process). Returns the tensor, reduced in place."""
     if dist.is_initialized():
@@ -316,9 +321,3 @@ def _told(message: str, rank: int, what: str) -> ConfigError:
     if message.startswith("!"):
         return ConfigError(f"{what} failed on rank {rank} ({message[1:]}); see its traceback above.")
     return ConfigError(message)
-
-
-def all_ok(ok: bool, ctx: Dist) -> bool:
-    """True if `ok` is true on every rank: a way to fail together after work done on some ranks."""
-    flag = torch.tensor([0 if ok else 1], device=ctx.device)
-    return all_reduce_max(flag).item() == 0

@@ -41,10 +41,6 @@ def convnet(in_channels: int, width: int = 32) -> tuple[nn.Module, int]:
 OWN_BACKBONES = {"convnet": convnet}
 
 
-def backbone_names() -> list[str]:
-    return sorted(OWN_BACKBONES) + torchvision.models.list_models(module=torchvision.models)
-
-
 def check_backbone_name(name: str) -> None:
     if name not in OWN_BACKBONES and name not in torchvision.models.list_models(module=torchvision.models):
         raise ConfigError(

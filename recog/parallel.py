@@ -3,7 +3,7 @@ knows nothing of it). DDP and its options, gradient compression hooks, SyncBatch
 torch.compile, and the precision of the forward pass.
 
 Knobs that change numerics are off by default (fp32, no compression, no SyncBatchNorm); the others keep
-torch's defaults. A combination that cannot work fails in `check_perf_config` with one sentence, before
+torch's defaults. A combination that cannot work fails in `recog.config.check_perf_config` with one sentence, before
 any process group exists.
 """
 
@@ -18,33 +18,10 @@ from omegaconf import DictConfig
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from recog.errors import ConfigError
-
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMM_HOOKS = (None, "fp16", "bf16", "powersgd")
-
-
-def check_perf_config(cfg: DictConfig, cuda: bool) -> None:
-    """`cuda`: whether this run will train on GPUs (NCCL) rather than CPUs (gloo)."""
-    perf, ddp = cfg.perf, cfg.ddp
-    if perf.precision not in PRECISIONS:
-        raise ConfigError(f"perf.precision={perf.precision} is unknown; use one of {', '.join(PRECISIONS)}.")
-    if perf.precision == "fp16" and not cuda:
-        raise ConfigError("perf.precision=fp16 needs a GPU (its gradient scaler is CUDA's); on CPU use "
-                          "perf.precision=bf16, which needs no scaler.")
-    if perf.sync_bn and not cuda:
-        raise ConfigError("perf.sync_bn=true needs GPUs (torch's SyncBatchNorm runs on CUDA only); on CPU leave it "
-                          "false.")
-    if ddp.comm_hook not in COMM_HOOKS:
-        raise ConfigError(f"ddp.comm_hook={ddp.comm_hook} is unknown; use null, fp16, bf16 or powersgd.")
-    if ddp.comm_hook == "powersgd" and (ddp.powersgd_rank < 1 or ddp.powersgd_start_step < 2):
-        raise ConfigError("ddp.powersgd_rank must be at least 1 and ddp.powersgd_start_step at least 2 (PowerSGD "
-                          "needs a few plain all-reduces first).")
-    if not isinstance(cfg.accumulate, int) or cfg.accumulate < 1:
-        raise ConfigError(f"accumulate={cfg.accumulate} is not valid; give a whole number of at least 1 "
-                          "(1: no gradient accumulation).")
 
 
 def prepare_model(model: nn.Module, cfg: DictConfig, distributed: bool) -> nn.Module:

@@ -10,8 +10,8 @@ restarted job also finds its old directory), and every rank reads that value.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from omegaconf import OmegaConf
 

@@ -5,20 +5,17 @@ non-final micro-steps run under no_sync). The model has no BatchNorm: BatchNorm'
 statistics differ between 4 batches of 8 and one of 32, accumulation or not.
 """
 
-from functools import partial
-from pathlib import Path
-
 import torch
-from omegaconf import OmegaConf
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from recog import dist, parallel
-from recog.data.stream import Batch, Normalize
+from recog.build import StepRecipe
+from recog.checkpoint import Position
+from recog.data.loader import Batch
 from recog.log import NullWriter
 from recog.loss import RecognitionLoss
 from recog.model import Output
-from recog.preempt import StopOnSignal
-from recog.train import Checkpoints, StepRecipe, train_one_epoch
+from recog.train import StepLog, train_one_epoch
 
 
 class TinyModel(nn.Module):
@@ -35,21 +32,12 @@ def one_optimizer_step(ctx, micro_batches: list[Batch], accumulate: int) -> dict
     """Train TinyModel (seed 0) on `micro_batches` with `accumulate`; return its weights after."""
     torch.manual_seed(0)
     model = TinyModel()
-    cfg = OmegaConf.create({"perf": {"precision": "fp32", "compile": False}, "accumulate": accumulate,
-                            "ddp": {"bucket_cap_mb": 25, "static_graph": False, "gradient_as_bucket_view": False,
-                                    "comm_hook": None},
-                            "checkpoint": {"keep": 1, "every_steps": 0, "every_minutes": 0}})
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    scaler = parallel.grad_scaler(cfg, ctx.device)
-    recipe = StepRecipe(parallel.wrap_model(model, cfg, ctx.is_distributed, ctx.device), Normalize([0.0], [1.0]),
-                        RecognitionLoss(), optimizer, scheduler, scaler, partial(parallel.autocast, cfg, ctx.device),
-                        accumulate)
-    checkpoints = Checkpoints(cfg, ctx, Path("unused"), model, optimizer, scheduler, scaler, len(micro_batches), {})
-    stop = StopOnSignal(dist.AnyRankFlag())  # the per-step stop-flag exchange, no handlers
-    stats = train_one_epoch(recipe, micro_batches, ctx, NullWriter(), 0, 10**6, 0, [0], len(micro_batches),
-                            checkpoints, stop)
-    stop.finish()
+    trained = DistributedDataParallel(model) if ctx.is_distributed else model
+    recipe = StepRecipe(trained, optimizer, RecognitionLoss(), accumulate=accumulate, module=model)
+    position = Position(batches_per_epoch=len(micro_batches))
+    stats = train_one_epoch(recipe, micro_batches, position, StepLog(NullWriter(), every=10**6),
+                            after_step=lambda position: False)
     assert stats.step == 1  # one optimizer step either way
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

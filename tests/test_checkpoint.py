@@ -6,7 +6,13 @@ import os
 import pytest
 import torch
 
-from recog.checkpoint import atomic_write, load_checkpoint, load_newest_checkpoint, save_checkpoint, save_step_checkpoint
+from recog.checkpoint import (
+    atomic_write,
+    load_checkpoint,
+    load_newest_checkpoint,
+    save_checkpoint,
+    save_step_checkpoint,
+)
 from recog.errors import ConfigError
 
 
@@ -75,36 +81,81 @@ def test_newest_readable_checkpoint_is_found_and_a_damaged_one_is_reported(tmp_p
         load_newest_checkpoint(tmp_path, log)
 
 
+def checkpoints_of(folder, recipe, every_steps=0, every_minutes=0, layout=None):
+    from omegaconf import OmegaConf
+
+    from recog.checkpoint import Checkpoints
+    from recog.dist import Dist
+
+    cfg = OmegaConf.create({"checkpoint": {"keep": 10, "every_steps": every_steps, "every_minutes": every_minutes}})
+    return Checkpoints(cfg, Dist(0, 0, 1, 1, torch.device("cpu"), None), folder, recipe,
+                       layout or {"world_size": 1})
+
+
+def linear_recipe(seed: int):
+    from recog.build import StepRecipe
+    from recog.loss import RecognitionLoss
+
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(3, 2)
+    return StepRecipe(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), RecognitionLoss(), lr=0.1)
+
+
 def test_mid_epoch_checkpoints_every_n_steps_and_every_t_minutes(tmp_path):
     import time
 
-    from omegaconf import OmegaConf
+    from recog.checkpoint import Position
 
-    from recog.dist import Dist
-    from recog.train import Checkpoints
-
-    model = torch.nn.Linear(3, 2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    ctx = Dist(0, 0, 1, 1, torch.device("cpu"), None)
-
-    def checkpoints(every_steps, every_minutes):
-        cfg = OmegaConf.create({"checkpoint": {"keep": 10, "every_steps": every_steps, "every_minutes": every_minutes}})
-        return Checkpoints(cfg, ctx, tmp_path / f"{every_steps}-{every_minutes}", model, optimizer, scheduler,
-                           torch.amp.GradScaler("cpu", enabled=False), batches_per_epoch=10, layout={"world_size": 1})
-
-    by_steps = checkpoints(4, 0)
+    recipe = linear_recipe(0)
+    by_steps = checkpoints_of(tmp_path / "4-0", recipe, every_steps=4)
     for step in range(1, 21):  # two epochs of 10 steps; consumed counts the epoch's batches
-        by_steps.maybe_save_mid_epoch(step // 10, step, [step % 10 or 10])
+        by_steps.maybe_save_mid_epoch(Position(step // 10, step, [step % 10 or 10], batches_per_epoch=10))
     # steps 4, 8, 12, 16: 20 is an epoch's last step, whose end-of-epoch checkpoint follows
     assert sorted(p.name for p in by_steps.folder.glob("step-*")) == [f"step-{s:09d}.pt" for s in (4, 8, 12, 16)]
     state = load_checkpoint(by_steps.folder / "step-000000012.pt")
     assert state["epoch"] == 1 and state["data"] == {"consumed": [2], "world_size": 1}
 
-    by_time = checkpoints(0, 1)  # every minute, by rank 0's clock
-    by_time.maybe_save_mid_epoch(0, 1, [1])
+    by_time = checkpoints_of(tmp_path / "0-1", recipe, every_minutes=1)  # every minute, by rank 0's clock
+    by_time.maybe_save_mid_epoch(Position(0, 1, [1], batches_per_epoch=10))
     assert not by_time.folder.exists()
     by_time.last_time = time.monotonic() - 61  # as if the last save were a minute ago
-    by_time.maybe_save_mid_epoch(0, 2, [2])
-    by_time.maybe_save_mid_epoch(0, 3, [3])  # the clock restarted at the save
+    by_time.maybe_save_mid_epoch(Position(0, 2, [2], batches_per_epoch=10))
+    by_time.maybe_save_mid_epoch(Position(0, 3, [3], batches_per_epoch=10))  # the clock restarted at the save
     assert [p.name for p in by_time.folder.glob("step-*")] == ["step-000000002.pt"]
+
+
+def test_restore_puts_back_everything_save_wrote(tmp_path):
+    from recog.checkpoint import Position
+
+    layout = {"world_size": 2, "workers": 2}
+    trained = linear_recipe(0)
+    loss = trained.model(torch.ones(4, 3)).sum()
+    loss.backward()
+    trained.optimizer.step()  # momentum buffers: optimizer state worth restoring
+    trained.scheduler.step()
+    saver = checkpoints_of(tmp_path, trained, layout=layout)
+    saver.save(Position(1, 7, [2, 3], batches_per_epoch=10), top1=0.5)
+    saver.save(Position(2, 9, [0, 0], batches_per_epoch=10), top1=0.25)  # a worse epoch: best stays 0.5
+    rng_after_save = torch.get_rng_state()
+
+    fresh = linear_recipe(1)  # other weights, no optimizer state
+    torch.manual_seed(123)
+    restorer = checkpoints_of(tmp_path, fresh, layout=layout)
+    state = load_checkpoint(tmp_path / "step-000000009.pt")
+    position = restorer.restore((str(tmp_path / "step-000000009.pt"), state),
+                               Position(consumed=[0, 0], batches_per_epoch=10))
+    assert (position.epoch, position.step, position.consumed) == (2, 9, [0, 0])
+    assert (restorer.best_top1, restorer.top1, restorer.last_step) == (0.5, 0.25, 9)
+    for key, value in trained.module.state_dict().items():
+        assert torch.equal(fresh.module.state_dict()[key], value)
+    momentum = fresh.optimizer.state_dict()["state"][0]["momentum_buffer"]
+    assert torch.equal(momentum, trained.optimizer.state_dict()["state"][0]["momentum_buffer"])
+    assert fresh.scheduler.last_epoch == trained.scheduler.last_epoch == 1
+    assert torch.equal(torch.get_rng_state(), rng_after_save)  # the RNG as it was at the save
+
+    # a mid-epoch position comes back only for the same data layout
+    mid = load_checkpoint(tmp_path / "step-000000007.pt")
+    again = restorer.restore(("mid", mid), Position(consumed=[0, 0], batches_per_epoch=10))
+    assert (again.epoch, again.consumed) == (1, [2, 3]) and again.mid_epoch
+    other = checkpoints_of(tmp_path, fresh, layout={"world_size": 4, "workers": 2})
+    assert other.restore(("mid", mid), Position(consumed=[0, 0], batches_per_epoch=10)).consumed == [0, 0]

@@ -1,22 +1,23 @@
 """Shard writing and streaming on real shards (written from the bundled Fashion-MNIST subset)."""
 
 import io
-from pathlib import Path
 import json
 import logging
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import BUNDLED, tiny_split
 from PIL import Image
 
-from conftest import BUNDLED, tiny_split
 from recog.data.__main__ import main as data_cli
 from recog.data.idx import find_idx_pair, read_idx
+from recog.data.loader import make_loader
 from recog.data.manifest import load_manifest
 from recog.data.plan import Piece, samples_per_rank
-from recog.data.stream import ShardStream, make_loader, read_pieces
+from recog.data.stream import ShardStream, read_pieces
 from recog.data.write import folder_records, write_shards
 from recog.errors import ConfigError, DataError
 
@@ -44,7 +45,8 @@ def test_folder_source_keeps_classes_and_bytes(tmp_path):
         for i in range(3):
             Image.new("RGB", (8, 6), (color, i, 0)).save(tmp_path / "src" / name / f"{i}.jpg")
     (tmp_path / "src" / "shoe" / "notes.txt").write_text("not an image")
-    assert data_cli(["write", "folder", str(tmp_path / "src"), str(tmp_path / "out"), "--shard-samples", "4"]) == 0
+    assert data_cli(["write", "folder", str(tmp_path / "src"), str(tmp_path / "out"), "--shard-samples", "4",
+                     "--no-shuffle"]) == 0  # the folder's order: the first sample is bag/0.jpg
     manifest = load_manifest(tmp_path / "out")
     assert manifest.classes == ["bag", "shoe"] and manifest.class_counts == [3, 3] and manifest.shard_sizes == [4, 2]
     first = next(read_pieces(manifest, [Piece(0, 0, 1)], strict=True))

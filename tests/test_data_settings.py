@@ -7,15 +7,15 @@ import json
 
 import numpy as np
 import pytest
+from conftest import BUNDLED, ROOT
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from conftest import BUNDLED, ROOT
+from recog.config import settle_data_settings
 from recog.data.idx import find_idx_pair, read_idx
 from recog.data.manifest import load_manifest
 from recog.data.write import folder_records, write_shards
 from recog.rundir import register_resolvers
-from recog.train import settle_data_settings
 
 
 def composed(*overrides: str):
@@ -55,9 +55,9 @@ def test_large_rgb_photos_get_imagenet_style_defaults(tmp_path):
     line = settle_data_settings(cfg, load_manifest(tmp_path / "shards"), None)
     assert cfg.data.channels == 3 and cfg.data.image_size == 224  # the median is 256: capped at 224
     assert list(cfg.data.mean) == stats["mean"] and list(cfg.data.std) == stats["std"] and len(stats["std"]) == 3
-    assert cfg.augment.name == "imagenet" and "augment=imagenet" in line and "for that size" in line
-    from hydra.utils import instantiate
+    assert cfg.augment.name == "imagenet" and "augment=imagenet (flip 0.5) for that size" in line
     import torch
+    from hydra.utils import instantiate
 
     image = torch.randint(0, 256, (3, 240, 300), dtype=torch.uint8)
     assert instantiate(cfg.augment.train)(image).shape == instantiate(cfg.augment.test)(image).shape == (3, 224, 224)

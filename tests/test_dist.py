@@ -35,7 +35,6 @@ def test_collectives_under_torchrun(tmp_path):
         assert rep["error"] == ("FileNotFoundError: no such file" if r == 0 else "ConfigError: reading weights failed "
                                 "on rank 0 (FileNotFoundError: no such file); see its traceback above.")
         assert rep["together"] == "only rank 1 sees this; fix it."  # rank 0 says rank 1's sentence
-        assert rep["all_ok_when_all_ok"] is True and rep["all_ok_when_rank1_fails"] is False
         assert rep["running_mean_after_broadcast"] == [1.0, 1.0, 1.0]
         assert rep["sum_of_ranks"] == 1.0
         assert rep["gather_equals_global"] and rep["grad_max_diff"] < 1e-12

@@ -1,4 +1,6 @@
-"""Nothing lost, nothing hangs, every mistake named: recog tried as a careless user and an adversary would.
+"""Nothing lost, nothing hangs, every mistake named: recog tried as a careless user and an adversary would,
+and its fault tolerance (a killed worker restarted, a preempted job continued, a torn checkpoint, a stopped
+rank) ending with the weights of an uninterrupted run.
 
 Each test runs train.py for real (mostly under torchrun with 2 processes and a data-loader worker each)
 and checks three things: the job ends within a bound after the failure, it says what went wrong in one
@@ -20,10 +22,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from conftest import ROOT, train_cmd, tiny_args
+from conftest import ROOT, run_train, tiny_args, train_cmd
 from http_server import CountingServer
+
 from recog.checkpoint import load_checkpoint
+from recog.preempt import EXIT_CODE
 
 pytestmark = pytest.mark.slow
 
@@ -336,9 +339,9 @@ def test_the_config_is_checked_by_every_check_in_one_place():
     """Every value checked before a process group exists; a table of bad values and what they must say."""
     from hydra import compose, initialize_config_dir
 
+    from recog.config import check_config
     from recog.errors import ConfigError
     from recog.rundir import register_resolvers
-    from recog.train import check_config
 
     register_resolvers()
     bad = {"optim.lr=-1": "optim.lr=-1", "optim.lr=abc": "optim.lr=abc", "data.shuffle_block=0": "shuffle_block=0",
@@ -350,3 +353,210 @@ def test_the_config_is_checked_by_every_check_in_one_place():
             cfg = compose("train", overrides=[override, "sampler=pk"] if "sampler" in override else [override])
             with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
                 check_config(cfg)
+
+
+# ---- fault tolerance: interrupted runs end with the weights of an uninterrupted one ----
+
+STEPS_PER_EPOCH = 16  # ceil(ceil(1000 / 2) / 32)
+
+
+def args(tiny_data, run_dir=None):
+    out = tiny_args(tiny_data, epochs=3, **{"checkpoint.every_steps": 5})
+    return out + ([f"hydra.run.dir={run_dir}"] if run_dir else [])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_data, tmp_path_factory) -> dict:
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    result = run_train(args(tiny_data, run_dir), cwd=run_dir.parent)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return load_checkpoint(run_dir / "checkpoints" / "last.pt")
+
+
+def assert_same_weights(run_dir: Path, reference: dict):
+    final = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert final["step"] == reference["step"] == 3 * STEPS_PER_EPOCH
+    assert final["model"].keys() == reference["model"].keys()
+    differ = [k for k in final["model"] if not torch.equal(final["model"][k], reference["model"][k])]
+    assert not differ, f"weights differ from the uninterrupted run's: {differ}"
+    assert all(torch.equal(a, b) for a, b in zip(final["optimizer"]["state"][0].values(),
+                                                   reference["optimizer"]["state"][0].values()))
+
+
+def start(cmd_args, cwd: Path, torchrun_flags=()) -> subprocess.Popen:
+    """torchrun with 2 processes in the background; its output goes to a file (see `finish`)."""
+    cmd = train_cmd(2)
+    cmd = cmd[:3] + list(torchrun_flags) + cmd[3:] + cmd_args
+    out = open(cwd / "torchrun.out", "w")
+    proc = subprocess.Popen(cmd, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=out,
+                            stderr=subprocess.STDOUT, text=True)
+    proc.out_path = Path(out.name)
+    return proc
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    """Wait for torchrun and return its output (from a file: a leftover process holding a pipe open
+    could not make this wait forever)."""
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        proc.kill()
+    return proc.out_path.read_text()
+
+
+def wait_for(pattern_dir: Path, name: str, proc: subprocess.Popen, timeout: float = 120) -> Path:
+    """Poll until a file `name` appears somewhere under `pattern_dir` (the run directory is made by the run)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = list(pattern_dir.glob(f"**/checkpoints/{name}"))
+        if found:
+            return found[0]
+        assert proc.poll() is None, finish(proc)
+        time.sleep(0.005)
+    proc.kill()
+    raise AssertionError(f"no {name} after {timeout} s: {finish(proc)}")
+
+
+def worker_pid(agent: int, rank: int) -> int:
+    """The pid of the training process of `rank` started by the torchrun agent `agent`."""
+    for child in Path(f"/proc/{agent}/task/{agent}/children").read_text().split():
+        environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return int(child)
+    raise AssertionError(f"no rank {rank} among the children of {agent}")
+
+
+def test_a_killed_worker_is_restarted_and_the_job_ends_as_if_nothing_happened(tiny_data, tmp_path, uninterrupted):
+    """torchrun --max-restarts=1; SIGKILL rank 1 in epoch 2. The run directory comes from ${launch_time:},
+    which the restarted workers find again in the agent's store."""
+    proc = start(args(tiny_data), tmp_path, ["--max-restarts=1"])
+    wait_for(tmp_path / "outputs", "step-000000020.pt", proc)  # epoch 2, 4 steps in
+    os.kill(worker_pid(proc.pid, 1), signal.SIGKILL)
+    out = finish(proc)
+    assert proc.returncode == 0, out
+    runs = list((tmp_path / "outputs").iterdir())
+    assert len(runs) == 1, runs  # the restarted workers went on in the same run directory
+    log = (runs[0] / "train.log").read_text()
+    resumed = [line for line in log.splitlines() if "resumed from" in line]
+    assert len(resumed) == 1, log
+    # from a mid-epoch checkpoint: step 20 or a later one written before the kill landed
+    step = int(resumed[0].split("step-")[1][:9])
+    assert step >= 20 and step % STEPS_PER_EPOCH and f"step {step}, 1 epoch(s) done and {step - 16} of 16" in resumed[0]
+    assert_same_weights(runs[0], uninterrupted)
+    # the killed worker's data-loader workers and fork server left too (they ignore SIGTERM, and watch
+    # the training process instead)
+    assert wait_for_no_orphans() == []
+
+
+def wait_for_no_orphans(timeout: float = 10) -> list[int]:
+    """Fork servers of recog's data loaders left without their training process (parent pid 1)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        orphans = []
+        for proc in Path("/proc").iterdir():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if ppid == 1 and b"multiprocessing.forkserver" in cmdline and b"recog.data.stream" in cmdline:
+                orphans.append(int(proc.name))
+        if not orphans or time.monotonic() > deadline:
+            return orphans
+        time.sleep(0.2)
+
+
+def test_sigterm_saves_at_the_next_step_and_the_same_command_continues(tiny_data, tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    proc = start(args(tiny_data, run_dir), tmp_path)
+    wait_for(run_dir, "step-000000020.pt", proc)
+    proc.send_signal(signal.SIGTERM)  # to torchrun, as Kubernetes or scancel would: it passes it on to the workers
+    out = finish(proc)
+    # the workers exit cleanly; the one traceback is torchrun's own, reporting the signal it got
+    assert "Error executing job" not in out and out.count("Traceback") == 1 and "SignalException" in out, out
+    assert "preempted: stopped on SIGTERM at step" in out and f"exit code {EXIT_CODE}" in out, out
+    saved = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    stopped_at = saved["step"]
+    assert 20 <= stopped_at < 3 * STEPS_PER_EPOCH, stopped_at
+    assert f"checkpoint {run_dir}/checkpoints/step-{stopped_at:09d}.pt written" in out
+    assert sum(saved["data"]["consumed"]) == stopped_at - STEPS_PER_EPOCH * saved["epoch"]
+
+    again = run_train(args(tiny_data, run_dir), cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"resumed from {run_dir}/checkpoints/step-{stopped_at:09d}.pt: step {stopped_at}" in again.stdout
+    assert_same_weights(run_dir, uninterrupted)
+
+
+def test_exit_code_75_when_the_workers_are_signalled_directly(tiny_data, tmp_path):
+    """SIGUSR1 (what SLURM sends before the time limit) to one worker only: both ranks stop at the same
+    step; without --max-restarts torchrun then reports the workers' exit code."""
+    run_dir = tmp_path / "run"
+    proc = start(args(tiny_data, run_dir), tmp_path)
+    wait_for(run_dir, "step-000000010.pt", proc)
+    os.kill(worker_pid(proc.pid, 1), signal.SIGUSR1)
+    out = finish(proc)
+    assert proc.returncode != 0 and f"exitcode  : {EXIT_CODE}" in out, out
+    assert "stopped on another rank's signal" in (run_dir / "train.log").read_text()  # rank 0 got none itself
+    assert load_checkpoint(run_dir / "checkpoints" / "last.pt")["step"] > 10
+
+
+def test_a_truncated_newest_checkpoint_is_reported_and_the_previous_one_used(tiny_data, tmp_path, uninterrupted):
+    run_dir = tmp_path / "run"
+    proc = start(args(tiny_data, run_dir), tmp_path)
+    wait_for(run_dir, "step-000000025.pt", proc)
+    proc.send_signal(signal.SIGTERM)
+    finish(proc)
+    newest = sorted((run_dir / "checkpoints").glob("step-*.pt"))[-1]
+    previous = sorted((run_dir / "checkpoints").glob("step-*.pt"))[-2]
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # as a crashed node's disk may leave it
+
+    again = run_train(args(tiny_data, run_dir), cwd=tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"checkpoint {newest} could not be read" in again.stdout and "Trying the one before it." in again.stdout
+    assert f"resumed from {previous}" in again.stdout
+    assert_same_weights(run_dir, uninterrupted)
+
+
+def test_a_stopped_rank_makes_the_other_fail_within_the_timeout(tiny_data, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # output to files: a leftover process holding a pipe open could make a read wait forever
+    out, err = open(tmp_path / "stdout", "w"), open(tmp_path / "stderr", "w")
+    proc = subprocess.Popen(train_cmd(2) + tiny_args(tiny_data, epochs=200, **{"dist.timeout_s": 8}) + [
+        f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, env=env, stdout=out, stderr=err, text=True)
+    ranks: dict[int, int] = {}  # rank -> pid
+    try:
+        deadline = time.time() + 120
+        while len(ranks) < 2 and time.time() < deadline:  # wait until training runs, then find the ranks
+            time.sleep(0.5)
+            if (tmp_path / "run" / "checkpoints").exists():
+                for child in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                            text=True).stdout.split():
+                    environ = open(f"/proc/{child}/environ", "rb").read()
+                    for rank in (0, 1):
+                        if f"RANK={rank}\0".encode() in environ and b"LOCAL_RANK" in environ:
+                            ranks.setdefault(rank, int(child))
+        assert len(ranks) == 2, "training never started"
+        os.kill(ranks[1], signal.SIGSTOP)  # rank 1 stops answering, without dying
+        start = time.time()
+        while alive(ranks[0]) and time.time() - start < 120:
+            time.sleep(0.2)
+        waited = time.time() - start  # until rank 0 gave up
+        proc.wait(timeout=180)  # torchrun gives the stopped rank 30 s after SIGTERM, then kills it
+        stderr = (tmp_path / "stderr").read_text()
+    finally:
+        for pid in ranks.values():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.kill()
+    assert proc.returncode != 0
+    assert "rank 0: another rank did not answer within dist.timeout_s=8 s" in stderr, stderr[-3000:]
+    assert 8 <= waited < 8 + 10  # the configured timeout, not the 30-minute default
+
+
+def alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

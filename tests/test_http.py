@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import run_train, tiny_args
 from http_server import CountingServer
+
 from recog.data.manifest import load_manifest
 from recog.data.source import FetchError, ShardSource
 from recog.data.stream import ShardStream

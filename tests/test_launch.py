@@ -13,12 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import ROOT, run_train, tiny_args
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import ROOT, run_train, tiny_args
 from recog.checkpoint import load_checkpoint
 from recog.dist import first_host, slurm_launch_env
-
 
 # --- SLURM's environment (pure) ---
 
@@ -187,7 +186,8 @@ def test_launch_scripts_parse():
     directives = [line.split()[1] for line in sbatch.splitlines() if line.startswith("#SBATCH")]
     assert "--requeue" in directives and any(d.startswith("--signal=B:USR1@") for d in directives)
     assert "--ntasks-per-node=1" in directives  # one torchrun agent per node
-    for needed in ("--rdzv-backend=c10d", "--rdzv-endpoint=", "--max-restarts=", "scontrol requeue", "trap requeue USR1"):
+    for needed in ("--rdzv-backend=c10d", "--rdzv-endpoint=", "--max-restarts=", "scontrol requeue",
+                   "trap requeue USR1"):
         assert needed in sbatch, needed
 
 

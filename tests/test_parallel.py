@@ -5,13 +5,13 @@ import json
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-
 from accumulation import accumulation_max_difference, one_optimizer_step
 from conftest import ROOT, run_train, tiny_args
+from hydra import compose, initialize_config_dir
+
 from recog import dist
+from recog.config import check_perf_config
 from recog.errors import ConfigError
-from recog.parallel import check_perf_config
 from recog.rundir import register_resolvers
 
 
@@ -26,9 +26,10 @@ def test_accumulating_4_batches_equals_one_step_on_the_4x_batch():
     assert accumulation_max_difference(ctx) < 1e-6
     # and the check can fail: without scaling each micro-step's loss by 1/accumulate the step is 4x too large
     g = torch.Generator().manual_seed(100)
-    from recog.data.stream import Batch
+    from recog.data.loader import Batch
 
-    images, labels = torch.randint(0, 256, (32, 1, 4, 4), dtype=torch.uint8, generator=g), torch.randint(0, 3, (32,), generator=g)
+    images = torch.randint(0, 256, (32, 1, 4, 4), dtype=torch.uint8, generator=g)
+    labels = torch.randint(0, 3, (32,), generator=g)
     one = one_optimizer_step(ctx, [Batch(images, labels, 0)], accumulate=1)
     summed = one_optimizer_step(ctx, [Batch(images, labels, 0)] * 4, accumulate=4)  # 4x the same batch, averaged
     assert max((one[k] - summed[k]).abs().max().item() for k in one) < 1e-6

@@ -28,7 +28,8 @@ def test_leave_one_out_by_hand():
 
 def test_separate_gallery_and_chunking_agree():
     torch.manual_seed(0)
-    q, g = torch.nn.functional.normalize(torch.randn(37, 8), dim=1), torch.nn.functional.normalize(torch.randn(50, 8), dim=1)
+    q = torch.nn.functional.normalize(torch.randn(37, 8), dim=1)
+    g = torch.nn.functional.normalize(torch.randn(50, 8), dim=1)
     ql, gl = torch.randint(0, 4, (37,)), torch.randint(0, 4, (50,))
     whole = retrieval_metrics(q, ql, g, gl, chunk=1000)
     assert whole == pytest.approx(retrieval_metrics(q, ql, g, gl, chunk=5))

@@ -11,9 +11,10 @@ import pytest
 from PIL import Image
 
 from recog.data.__main__ import main as data_cli
+from recog.data.decode import decode_sample
 from recog.data.manifest import load_manifest
 from recog.data.plan import Piece
-from recog.data.stream import decode_sample, read_pieces
+from recog.data.stream import read_pieces
 
 
 def make_images(src: Path, bad: bool = False) -> None:

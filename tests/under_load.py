@@ -1,7 +1,8 @@
 """Run tests again and again with every core busy: failure paths (error sentences, timeouts, restarts)
 must hold on a loaded machine, as in CI and on a shared node.
 
-    .venv/bin/python tests/under_load.py --times 30 "tests/test_failures.py::test_the_sentence_reaches_the_user_whichever_rank_finds_it_first"
+    .venv/bin/python tests/under_load.py --times 30 \
+        "tests/test_failures.py::test_the_sentence_reaches_the_user_whichever_rank_finds_it_first"
 
 Starts one busy process per core, runs pytest on the given test ids `--times` times in a row, and prints
 how many runs passed; exits 1 if any failed. Not part of the test suite (it takes minutes).

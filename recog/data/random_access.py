@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from recog.data.decode import decode_image
+from recog.data.loader import Batch, WorkerWarnings
 from recog.data.manifest import Manifest
 from recog.data.source import ShardSource, is_remote, join
-from recog.data.stream import Batch, WorkerWarnings, decode_image
 from recog.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)

@@ -326,7 +326,8 @@ def write_shards(
     if shuffle:  # so a shard holds a mix of classes even when the source is sorted by class
         random.Random(seed).shuffle(order)
     sample = set(order[::max(1, len(order) // STATS_SAMPLE)])  # spread over the data, the same for any workers
-    jobs = [(out_dir, f"{prefix}-{n:06d}.tar", chunk, reencode_to, quality, strict, frozenset(sample.intersection(chunk)))
+    jobs = [(out_dir, f"{prefix}-{n:06d}.tar", chunk, reencode_to, quality, strict,
+             frozenset(sample.intersection(chunk)))
             for n, chunk in enumerate(plan_shards(records, order, shard_samples, shard_mb))]
     inside = str(out_dir) + os.sep  # records' paths are resolved: a prefix test is exact, and fast for millions
     held = [Path(r.path) for r in records if r.path.startswith(inside)][:1]
@@ -379,15 +380,12 @@ def write_shards(
     return manifest
 
 
-def is_written(out_dir: str | Path) -> bool:
-    return (Path(out_dir) / MANIFEST).is_file()
-
-
 def measure_shards(manifest: Manifest, source=None, images: int = 1000, shards: int = 10) -> dict:
     """`data_stats` of shards whose manifest lacks them (written by another tool or an older recog): the
     first images of up to `shards` shards spread over the set. Unreadable samples are left out."""
+    from recog.data.decode import IMAGE_KEYS
     from recog.data.plan import Piece
-    from recog.data.stream import IMAGE_KEYS, read_pieces
+    from recog.data.stream import read_pieces
 
     chosen = list(range(len(manifest.shards)))[::max(1, len(manifest.shards) // shards)][:shards]
     per_shard = -(-images // len(chosen))

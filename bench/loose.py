@@ -14,7 +14,8 @@ from urllib.parse import urlparse
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from recog.data.stream import Batch, decode_image
+from recog.data.decode import decode_image
+from recog.data.loader import Batch
 from recog.data.write import IMAGE_EXTS
 
 

@@ -1,0 +1,193 @@
+"""What a training run is made of: its data (`build_data`) and its step recipe (`build_recipe`).
+
+Both run on every rank in the same order; what only rank 0 may do (write the shards once, read weights)
+goes through `recog.dist`'s helpers, which keep the ranks' collectives paired.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader
+
+from recog import dist, parallel
+from recog.checkpoint import Position, load_checkpoint
+from recog.config import settle_data_settings
+from recog.data.loader import Batch, make_loader
+from recog.data.manifest import load_manifest
+from recog.data.normalize import Normalize
+from recog.data.prepare import missing_splits, prepare_shards
+from recog.data.random_access import ShardRandomAccess, collate
+from recog.data.source import ShardSource
+from recog.data.stream import ShardStream
+from recog.errors import ConfigError
+from recog.model import load_weights
+from recog.sampler import DistributedBatchSampler
+
+log = logging.getLogger("recog")
+
+
+@dataclass
+class TrainData:
+    loader: DataLoader
+    epochs: ShardStream | DistributedBatchSampler  # set_epoch(e) before each epoch; len() = batches per epoch
+    test_loader: DataLoader
+    batch_size: int  # per rank
+    classes: list[str]
+    layout: dict  # what a mid-epoch data position is valid for: saved with it, compared on resume
+
+    def start(self) -> Position:
+        """A fresh run's position: no epoch done, no batch of the first one consumed."""
+        return Position(consumed=[0] * self.layout["workers"], batches_per_epoch=len(self.epochs))
+
+    def batches(self, position: Position) -> Iterator[Batch]:
+        """The batches of `position`'s epoch not yet trained on; the loader's workers start reading now."""
+        self.epochs.set_epoch(position.epoch, position.consumed)
+        return iter(self.loader)
+
+
+def shard_source(data_cfg: DictConfig) -> ShardSource:
+    return ShardSource(cache_dir=data_cfg.cache_dir, retries=data_cfg.http.retries, backoff_s=data_cfg.http.backoff_s,
+                       timeout_s=data_cfg.http.timeout_s, allowed_schemes=tuple(data_cfg.allowed_schemes))
+
+
+def build_data(cfg: DictConfig, ctx: dist.Dist) -> TrainData:
+    """Write missing shards (first use), read the manifests, settle data.*=auto, and make the loaders: a
+    stream of shuffled shard samples, or (sampler=pk) class-balanced P×K batches read by index."""
+    def write_missing_shards():  # first use: one process per node writes them, the others wait
+        if ctx.local_rank == 0 and missing_splits(cfg.data):
+            prepare_shards(cfg.data, progress=ctx.is_main)
+
+    source = shard_source(cfg.data)
+    pk = cfg.sampler.name == "pk"
+
+    def open_manifests():
+        train, test = load_manifest(cfg.data.train, source), load_manifest(cfg.data.test, source)
+        if train.classes != test.classes:
+            raise ConfigError(f"the train and test shards name different classes ({cfg.data.train} vs "
+                              f"{cfg.data.test}); write both from the same source.")
+        choices = settle_data_settings(cfg, train, source)  # the same on every rank: from the same manifest
+        if ctx.is_main:
+            log.info("%s", choices)
+        if not pk:
+            return train, test, None
+        p, k = cfg.sampler.p, cfg.sampler.k
+        if p > train.num_classes:
+            raise ConfigError(f"sampler.p={p} asks for more classes per batch than the {train.num_classes} of "
+                              f"{cfg.data.train}; use sampler.p={train.num_classes} or fewer.")
+        if p * k > train.num_samples:
+            raise ConfigError(f"sampler.p={p} x sampler.k={k} is a batch larger than the {train.num_samples} "
+                              f"training samples of {cfg.data.train}; make P x K smaller.")
+        return train, test, ShardRandomAccess(train, source, instantiate(cfg.augment.train), cfg.data.channels)
+
+    # Every rank makes both calls, whatever it finds on its own disk, so the collectives stay paired.
+    dist.fail_together(write_missing_shards, ctx, "writing the shards")
+    train_manifest, test_manifest, random_access = dist.fail_together(open_manifests, ctx, "opening the shards")
+    pin, workers = ctx.device.type == "cuda", cfg.data.num_workers
+    common = dict(rank=ctx.rank, world_size=ctx.world_size, batch_size=cfg.batch_size, channels=cfg.data.channels,
+                  seed=cfg.seed, strict=cfg.data.strict, source=source)
+    test_set = ShardStream(test_manifest, transform=instantiate(cfg.augment.test), train=False, **common)
+    test_loader = make_loader(test_set, workers, pin)
+    if pk:  # class-balanced P×K batches for metric learning: one sequence of batches, whatever the workers
+        epochs = DistributedBatchSampler(random_access.labels, cfg.sampler.p, cfg.sampler.k, rank=ctx.rank,
+                                         world_size=ctx.world_size, seed=cfg.seed)
+        loader = make_loader(random_access, workers, pin, batch_sampler=epochs, collate_fn=collate)
+        batch_size, positions = cfg.sampler.p * cfg.sampler.k, 1
+    else:  # each data-loader worker reads its own part of the epoch: a position per worker
+        epochs = ShardStream(train_manifest, transform=instantiate(cfg.augment.train), train=True,
+                             shuffle_block=cfg.data.shuffle_block, **common)
+        loader = make_loader(epochs, workers, pin)
+        batch_size, positions = cfg.batch_size, max(1, workers)
+    layout = {"world_size": ctx.world_size, "batch_size": batch_size, "sampler": cfg.sampler.name,
+              "workers": positions, "accumulate": cfg.accumulate}
+    return TrainData(loader, epochs, test_loader, batch_size, train_manifest.classes, layout)
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """LR multiplier: linear warmup to 1 over `warmup_steps`, then cosine decay to 0 at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _constant(step: int) -> float:
+    return 1.0
+
+
+@dataclass
+class StepRecipe:
+    """How one optimizer step is taken, besides the data (recog/parallel.py holds the speed knobs).
+
+    Built by `build_recipe` from the config; tests and benchmarks build one directly from a model and an
+    optimizer, the rest keeping plain defaults (fp32, no accumulation, a constant LR)."""
+
+    model: nn.Module  # what the loop calls: DDP-wrapped (and compiled) after distribute()
+    optimizer: torch.optim.Optimizer
+    loss_fn: Callable  # (output, labels) -> {"total": loss, ...}
+    normalize: Callable[[torch.Tensor], torch.Tensor] = field(default_factory=lambda: Normalize([0.0], [1.0]))
+    scheduler: LambdaLR | None = None  # stepped after every optimizer step (None: constant LR)
+    scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # forward precision
+    accumulate: int = 1  # micro-batches per optimizer step
+    channels_last: bool = False
+    device: torch.device = torch.device("cpu")
+    lr: float = 0.0  # the peak LR (after scaling to the global batch), and its schedule: what resuming re-applies
+    lr_factor: Callable[[int], float] = _constant
+    global_batch: int = 0  # the batch of one optimizer step over all ranks, which the LR was scaled for
+    module: nn.Module | None = None  # the model itself (saved, evaluated); None: `model`
+
+    def __post_init__(self):
+        self.module = self.module or self.model
+        self.scheduler = self.scheduler or LambdaLR(self.optimizer, self.lr_factor)
+
+    def inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        images = self.normalize(batch.images.to(self.device, non_blocking=True))
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, batch.labels.to(self.device, non_blocking=True)
+
+    def distribute(self, cfg: DictConfig, ctx: dist.Dist) -> None:
+        """DDP (and torch.compile) around the model: every rank now holds rank 0's weights."""
+        self.model = parallel.wrap_model(self.module, cfg, ctx.is_distributed, ctx.device)
+
+
+def build_recipe(cfg: DictConfig, ctx: dist.Dist, data: TrainData) -> StepRecipe:
+    """The model (with weights= read by rank 0 only), the optimizer at the LR scaled to the global batch,
+    warmup + cosine, the gradient scaler, the loss."""
+    model = instantiate(cfg.model, num_classes=len(data.classes), in_channels=cfg.data.channels)
+    if cfg.weights:  # only rank 0 reads the file; DDP copies rank 0's weights to every rank (distribute)
+        weights = dist.run_on_rank0(lambda: load_checkpoint(cfg.weights, "weights="), ctx, "reading model weights")
+        for note in load_weights(model, weights):
+            log.info("weights %s: %s", cfg.weights, note)
+    model = parallel.prepare_model(model, cfg, ctx.is_distributed)  # SyncBatchNorm, channels_last
+    model.to(ctx.device)  # before the optimizer exists: its state must live where the parameters live
+
+    steps_per_epoch = math.ceil(len(data.epochs) / cfg.accumulate)  # optimizer steps
+    global_batch = data.batch_size * ctx.world_size * cfg.accumulate
+    lr = cfg.optim.lr * global_batch / cfg.optim.reference_batch  # linear scaling rule (Goyal et al., 2017)
+    optimizer = instantiate(cfg.optim.optimizer)(model.parameters(), lr=lr)
+    lr_factor = partial(warmup_cosine, warmup_steps=round(cfg.schedule.warmup_epochs * steps_per_epoch),
+                        total_steps=cfg.epochs * steps_per_epoch)
+    loss_fn = instantiate(cfg.loss)
+    if loss_fn.cross_rank and ctx.is_distributed:
+        loss_fn.gather = dist.all_gather_with_grad
+    log.info("world size %d (%s on %s) | per-rank batch %d%s, global batch %d | %d steps per epoch, %d epochs | "
+             "lr %.4g = %.4g x %d / %d | %s", ctx.world_size, ctx.backend or "single process", ctx.device,
+             data.batch_size, f" x {cfg.accumulate} accumulated" if cfg.accumulate > 1 else "", global_batch,
+             steps_per_epoch, cfg.epochs, lr, cfg.optim.lr, global_batch, cfg.optim.reference_batch,
+             cfg.perf.precision)
+    return StepRecipe(model, optimizer, loss_fn, Normalize(cfg.data.mean, cfg.data.std, ctx.device),
+                      LambdaLR(optimizer, lr_factor), parallel.grad_scaler(cfg, ctx.device),
+                      partial(parallel.autocast, cfg, ctx.device), cfg.accumulate, cfg.perf.channels_last,
+                      ctx.device, lr, lr_factor, global_batch)

@@ -1,0 +1,146 @@
+"""Every check of the configuration, and the values recog settles for `auto` from the data.
+
+`check_config` runs on every rank before any process group exists, so a value that cannot work is one
+sentence on every rank and no rank is left waiting in a collective. `settle_data_settings` replaces the
+`auto` data settings by what the training shards' manifest says the images are.
+"""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from recog import parallel
+from recog.data.manifest import Manifest
+from recog.data.prepare import check_can_prepare
+from recog.data.source import ShardSource
+from recog.data.write import measure_shards
+from recog.errors import ConfigError
+from recog.model import check_backbone_name
+
+# Every number a user can set, and what it must be: (key, whole number?, smallest allowed, strictly above it?)
+NUMBERS = [
+    ("epochs", True, 1, False), ("batch_size", True, 1, False), ("accumulate", True, 1, False),
+    ("log_every", True, 1, False), ("seed", True, 0, False), ("eval.projector", True, 0, False),
+    ("checkpoint.keep", True, 1, False), ("checkpoint.every_steps", True, 0, False),
+    ("checkpoint.every_minutes", False, 0, False), ("schedule.warmup_epochs", False, 0, False),
+    ("optim.lr", False, 0, False), ("optim.reference_batch", True, 1, False),
+    ("data.num_workers", True, 0, False), ("data.shuffle_block", True, 1, False),
+    ("data.http.retries", True, 0, False), ("data.http.backoff_s", False, 0, False),
+    ("data.http.timeout_s", False, 0, True), ("dist.timeout_s", False, 0, True),
+    ("ddp.bucket_cap_mb", False, 0, True), ("loss.ce_weight", False, 0, False),
+    ("loss.metric_weight", False, 0, False), ("loss.label_smoothing", False, 0, False),
+]
+
+
+SAMPLERS = ("stream", "pk")  # conf/sampler: what recog/build.py builds
+
+
+def check_number(key: str, value, whole: bool, least: float, above: bool) -> None:
+    kind = "a whole number" if whole else "a number"
+    bound = f"above {least}" if above else f"at least {least}"
+    is_number = isinstance(value, int if whole else (int, float)) and not isinstance(value, bool)
+    if not is_number or value < least or (above and value == least):
+        raise ConfigError(f"{key}={value} is not valid; give {kind} {bound}.")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Values that cannot work, each as one sentence. Runs on every rank before any process group exists:
+    every check of a configured value is here (or called from here)."""
+    for key in ("train", "test"):
+        if OmegaConf.is_missing(cfg.data, key):
+            raise ConfigError(f"data.{key} is not set; give the folder of its shards, e.g. "
+                              f"data.{key}=/data/shards/{key}.")
+    for key, whole, least, above in NUMBERS:
+        check_number(key, OmegaConf.select(cfg, key), whole, least, above)
+    if cfg.data.channels not in ("auto", 1, 3):
+        raise ConfigError(f"data.channels={cfg.data.channels} is not valid; give 1 (grey), 3 (RGB) or auto.")
+    if cfg.data.image_size != "auto":
+        check_number("data.image_size", cfg.data.image_size, True, 8, False)
+    for key in ("mean", "std"):
+        values = cfg.data[key]
+        if values != "auto" and (not OmegaConf.is_list(values) or not values or not all(
+                isinstance(v, (int, float)) and (v > 0 or key == "mean") for v in values)):
+            raise ConfigError(f"data.{key}={values} is not valid; give a list of numbers, one per channel"
+                              f"{' (above 0)' if key == 'std' else ''}, e.g. data.{key}=[0.5], or auto.")
+    check_number("augment.flip", cfg.augment.flip, False, 0, False)
+    if cfg.augment.flip > 1:
+        raise ConfigError(f"augment.flip={cfg.augment.flip} is a probability; give a number from 0 to 1.")
+    if cfg.augment.get("pad", "auto") != "auto":
+        check_number("augment.pad", cfg.augment.pad, True, 0, False)
+    if cfg.sampler.get("name") not in SAMPLERS:
+        raise ConfigError(f"sampler.name={cfg.sampler.get('name')} is unknown; use sampler=stream or sampler=pk.")
+    pk = "p" in cfg.sampler  # P classes x K images per batch
+    if pk:
+        for key in ("sampler.p", "sampler.k"):
+            check_number(key, OmegaConf.select(cfg, key), True, 1, False)
+    check_backbone_name(cfg.model.backbone)
+    check_perf_config(cfg, cuda=torch.cuda.is_available() and cfg.dist.backend != "gloo")
+    if cfg.loss.get("cross_rank") and not pk:
+        raise ConfigError("loss.cross_rank=true needs equal batches on every rank; use sampler=pk.")
+    check_can_prepare(cfg.data)
+
+
+def check_perf_config(cfg: DictConfig, cuda: bool) -> None:
+    """`cuda`: whether this run will train on GPUs (NCCL) rather than CPUs (gloo)."""
+    perf, ddp = cfg.perf, cfg.ddp
+    if perf.precision not in parallel.PRECISIONS:
+        raise ConfigError(f"perf.precision={perf.precision} is unknown; use one of {', '.join(parallel.PRECISIONS)}.")
+    if perf.precision == "fp16" and not cuda:
+        raise ConfigError("perf.precision=fp16 needs a GPU (its gradient scaler is CUDA's); on CPU use "
+                          "perf.precision=bf16, which needs no scaler.")
+    if perf.sync_bn and not cuda:
+        raise ConfigError("perf.sync_bn=true needs GPUs (torch's SyncBatchNorm runs on CUDA only); on CPU leave it "
+                          "false.")
+    if ddp.comm_hook not in parallel.COMM_HOOKS:
+        raise ConfigError(f"ddp.comm_hook={ddp.comm_hook} is unknown; use null, fp16, bf16 or powersgd.")
+    if ddp.comm_hook == "powersgd" and (ddp.powersgd_rank < 1 or ddp.powersgd_start_step < 2):
+        raise ConfigError("ddp.powersgd_rank must be at least 1 and ddp.powersgd_start_step at least 2 (PowerSGD "
+                          "needs a few plain all-reduces first).")
+
+
+SMALL_IMAGES = 64  # px: up to this (median shorter side), augment=auto picks the `small` preset, above `imagenet`
+SMALLEST_AUTO_STD = 0.05  # data.std=auto: a channel's std (0..1 scale) below this is taken as this
+LARGEST_AUTO_SIZE = 224  # image_size=auto never trains above this: ImageNet's size, what pretrained models expect
+
+
+def settle_data_settings(cfg: DictConfig, manifest: Manifest, source: ShardSource | None) -> str:
+    """Replace every `auto` in data.channels / image_size / mean / std, and augment=auto, by what the training
+    manifest says the images are (measured on a sample now if the shards were written by another tool).
+    Returns the line that tells the user what was chosen and why."""
+    data = cfg.data
+    auto = [key for key in ("channels", "image_size", "mean", "std") if data[key] == "auto"]
+    stats = manifest.stats
+    if auto and not stats:
+        stats = measure_shards(manifest, source)
+    with open_dict(cfg):
+        if "channels" in auto:
+            data.channels = stats["channels"]
+        if "image_size" in auto:
+            data.image_size = min(stats["height"]["median"], stats["width"]["median"], LARGEST_AUTO_SIZE)
+        for key in ("mean", "std"):
+            if key in auto:  # a grey data set read as RGB (channels=3) repeats its one value, and the reverse
+                values = stats[key] * 3 if len(stats[key]) < data.channels else stats[key]
+                data[key] = [round(sum(values) / len(values), 4)] if data.channels == 1 else values[:3]
+        if "std" in auto:  # a channel that hardly varies (solid colours) is not blown up into noise
+            data.std = [max(value, SMALLEST_AUTO_STD) for value in data.std]
+        chose = cfg.augment.name == "auto"
+        if chose:
+            preset = OmegaConf.to_container(cfg.augment["small" if data.image_size <= SMALL_IMAGES else "imagenet"],
+                                            resolve=False)
+            # the overrides given to augment=auto, for the knobs the chosen preset has (imagenet has no pad)
+            preset.update({key: cfg.augment[key] for key in ("flip", "pad") if key in preset})
+            cfg.augment = preset
+        if cfg.augment.get("pad") == "auto":  # 4 px at 28-32 px, 1 at 8 px: the same share of the image
+            cfg.augment.pad = max(1, round(data.image_size / 8))
+    for key in ("mean", "std"):
+        if len(data[key]) != data.channels:
+            raise ConfigError(f"data.{key} has {len(data[key])} values for {data.channels} channel(s); give one "
+                              f"per channel, or data.{key}=auto.")
+    line = f"data: {data.channels} channel(s), {data.image_size} px, mean {list(data.mean)}, std {list(data.std)}"
+    if auto:
+        height, width = stats["height"], stats["width"]
+        line += (f" ({', '.join(auto)} from {stats['sampled']} images of {height['min']}-{height['max']} x "
+                 f"{width['min']}-{width['max']} px)")
+    knobs = ", ".join(f"{key} {cfg.augment[key]}" for key in ("pad", "flip") if key in cfg.augment)
+    return line + f" | augment={cfg.augment.name} ({knobs}){' for that size' if chose else ''}"

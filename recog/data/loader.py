@@ -1,0 +1,135 @@
+"""The data-loader's worker processes: started from a fork server, stopped with the training process.
+
+A batch (`Batch`) carries its images, labels, the count of samples that could not be read, the worker
+that made it (the training loop counts batches per worker: the mid-epoch position) and the warnings the
+worker logged since its last batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import signal
+import threading
+import time
+from functools import partial
+from typing import NamedTuple
+
+import torch
+from torch.utils.data import DataLoader, get_worker_info
+
+from recog.preempt import SIGNALS as STOP_SIGNALS  # the standard library's signal numbers, no more
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor  # (n, C, H, W) uint8, after the transform; see Normalize
+    labels: torch.Tensor  # (n,) int64
+    skipped: int  # slots of this batch whose sample could not be read or decoded
+    worker: int = 0  # the data-loader worker that made it: the training loop counts batches per worker
+    warnings: tuple[str, ...] = ()  # logged in a data-loader worker since the last batch: see WorkerWarnings
+
+
+class WorkerWarnings(logging.Handler):
+    """In a data-loader worker, collects recog's warnings (a skipped sample, a retried download) so that
+    they travel with the next batch to the training process, which logs them where its own messages go
+    (rank 0: the console and train.log). A worker has no log file of its own."""
+
+    _installed: WorkerWarnings | None = None  # one per worker process
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    @classmethod
+    def in_this_worker(cls) -> WorkerWarnings | None:
+        """The collector of this data-loader worker (installed on first use); None in the training process."""
+        if get_worker_info() is None:
+            return None
+        if cls._installed is None:
+            cls._installed = cls()
+            logger = logging.getLogger("recog")
+            logger.addHandler(cls._installed)
+            logger.setLevel(logging.WARNING)
+            logger.propagate = False
+        return cls._installed
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+    def take(self) -> tuple[str, ...]:
+        messages, self.messages = tuple(self.messages), []
+        return messages
+
+
+def worker_context() -> multiprocessing.context.BaseContext:
+    """Start workers from a fork server, not by forking the training process.
+
+    By the time a loader starts, the training process runs threads (gloo/NCCL,
+    TensorBoard's writer, OpenMP); forking it can copy a lock that one of them
+    holds, and the worker then hangs before its first batch (seen here within
+    a few epochs). The fork server is a clean, single-threaded process. A
+    worker started this way imports the main script again (seconds), so the
+    workers are kept for the whole run (persistent_workers) rather than
+    started anew each epoch.
+    """
+    context = multiprocessing.get_context("forkserver")
+    # With the main script preloaded too, a worker forked from the server need not import it again.
+    context.set_forkserver_preload(["__main__", "torch", "recog.data.stream"])
+    # The server, and every worker forked from it, ignores the stop signals: torchrun sends SIGTERM to the
+    # whole process group of a training process, and SLURM may signal every process of a job, but it is
+    # the training process that must act (save a checkpoint, then shut its workers down). An ignored
+    # signal stays ignored across the server's exec and its forks.
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+    try:
+        multiprocessing.forkserver.ensure_running()  # returns at once: the server imports while the model is built
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return context
+
+
+def start_data_worker(trainer_pid: int, _worker_id: int) -> None:
+    """worker_init_fn. The DataLoader gives its workers a SIGTERM handler that exits, but a stop signal sent to
+    the whole process group (torchrun does that) is for the training process, which saves a checkpoint and
+    then shuts its workers down itself: the workers ignore it. Instead they leave as soon as the training
+    process is gone (killed, say): their parent is the fork server, so the DataLoader's own check of the
+    parent would not see that, and worker and server would keep each other alive."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    threading.Thread(target=_exit_when_gone, args=(trainer_pid,), daemon=True, name="recog-watch-trainer").start()
+
+
+def stop_data_workers(timeout_s: float = 10.0) -> None:
+    """End this process's data-loader workers at once, for an exit other than the normal end of a run.
+
+    They ignore the stop signals (see start_data_worker), so Python's own exit, which sends them SIGTERM
+    and then waits for them, would wait forever. SIGKILL is safe here: a worker holds nothing that must be
+    saved. The fork server leaves by itself when this process ends.
+    """
+    workers = multiprocessing.active_children()  # this process's children: its data-loader workers
+    for worker in workers:
+        worker.kill()
+    for worker in workers:
+        worker.join(timeout_s)
+
+
+def _exit_when_gone(pid: int, every_s: float = 1.0) -> None:
+    while True:
+        time.sleep(every_s)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            os._exit(0)
+
+
+def make_loader(dataset, num_workers: int, pin_memory: bool, batch_sampler=None, collate_fn=None) -> DataLoader:
+    """A ShardStream forms its batches inside the workers (batch_size=None: one pickled tensor per batch);
+    a map-style data set gets its batches of indices from `batch_sampler`."""
+    batching = {"batch_sampler": batch_sampler, "collate_fn": collate_fn} if batch_sampler else {"batch_size": None}
+    if not num_workers:
+        return DataLoader(dataset, pin_memory=pin_memory, **batching)
+    return DataLoader(dataset, num_workers=num_workers, pin_memory=pin_memory, prefetch_factor=4,
+                      multiprocessing_context=worker_context(), persistent_workers=True,
+                      worker_init_fn=partial(start_data_worker, os.getpid()), **batching)

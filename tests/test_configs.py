@@ -1,0 +1,295 @@
+"""Every option of every config group in conf/, and every experiment, composed from the real `train` config,
+checked by check_config and built the way recog/train.py builds it: the model on a forward and backward pass,
+the optimizer for one step, the loss on a model's output, the augmentation on an image, the data and sampler
+groups on real (tiny) shards, each experiment for one training step, the Hydra launchers.
+
+The options are found by listing conf/ when the tests are collected: a file added there is covered with no change
+here, and a new group directory fails test_every_config_group_in_conf_is_covered_here until it has its test."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import ROOT
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from recog.build import build_data, build_recipe
+from recog.config import check_config, settle_data_settings
+from recog.data.idx import find_idx_pair
+from recog.data.manifest import load_manifest
+from recog.data.normalize import Normalize
+from recog.data.prepare import class_names
+from recog.data.random_access import ShardRandomAccess
+from recog.data.stream import ShardStream
+from recog.dist import Dist
+from recog.loss import RecognitionLoss
+from recog.model import Output
+from recog.rundir import register_resolvers
+from recog.sampler import DistributedBatchSampler
+
+CONF = ROOT / "conf"
+# The groups this file has a test for; conf/hydra/ holds Hydra's own groups (only its launcher is ours to test).
+COVERED_GROUPS = {"data", "augment", "model", "optim", "loss", "sampler", "experiment", "hydra"}
+COVERED_HYDRA_GROUPS = {"launcher"}
+# Files that are not options but pieces the options of their group include through their defaults list.
+FRAGMENTS = {"data": {"common"}}
+# The sampler names recog/train.py's build_data knows: `pk` builds P×K batches; any other name streams.
+SAMPLERS = {"pk": DistributedBatchSampler, "stream": ShardStream}
+# Hydra launcher configs that plugins provide (named in the defaults of ours), and the module each plugin installs.
+LAUNCHER_PLUGINS = {
+    "submitit_slurm": "hydra_plugins.hydra_submitit_launcher",
+    "submitit_local": "hydra_plugins.hydra_submitit_launcher",
+    "joblib": "hydra_plugins.hydra_joblib_launcher",
+    "ray": "hydra_plugins.hydra_ray_launcher",
+    "ray_aws": "hydra_plugins.hydra_ray_launcher",
+    "rq": "hydra_plugins.hydra_rq_launcher",
+}
+ONE_PROCESS = Dist(0, 0, 1, 1, torch.device("cpu"), None)  # build_data without a process group
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny batches: one thread is faster than several contending ones (and many times so on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def options(group: str) -> list[str]:
+    """The options of a config group: its conf/<group>/*.yaml files, shared fragments left out."""
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml") if p.stem not in FRAGMENTS.get(group, set()))
+
+
+def defaults_of(path: Path) -> list:
+    """A config file's defaults list, as written."""
+    return (yaml.safe_load(path.read_text()) or {}).get("defaults", [])
+
+
+def composed(*overrides: str, hydra: bool = False):
+    register_resolvers()
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=hydra)
+
+
+def tiny_paths(tiny_data) -> list[str]:
+    return [f"data.train={tiny_data['train']}", f"data.test={tiny_data['test']}"]
+
+
+def composed_on_tiny_data(tiny_data, *overrides: str):
+    """`train` with these overrides on the tiny shards, checked as train.py checks it, its `auto` values settled
+    from the manifest as train.py settles them (channels 1, 28 px, unless the overrides say otherwise)."""
+    cfg = composed(*tiny_paths(tiny_data), *overrides)
+    check_config(cfg)
+    settle_data_settings(cfg, load_manifest(tiny_data["train"]), None)
+    check_config(cfg)  # the settled values pass the same checks
+    return cfg
+
+
+def labelled_batch(cfg, n: int = 8, classes: int = 4):
+    """n normalised random images of the config's channels and size, two or more of each class (miners find pairs)."""
+    g = torch.Generator().manual_seed(0)
+    size = cfg.data.image_size
+    images = torch.randint(0, 256, (n, cfg.data.channels, size, size), dtype=torch.uint8, generator=g)
+    return Normalize(cfg.data.mean, cfg.data.std)(images), torch.arange(n) % classes
+
+
+def installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # its parent package is missing too
+        return False
+
+
+def parameters_of(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def test_every_config_group_in_conf_is_covered_here():
+    groups = {p.name for p in CONF.iterdir() if p.is_dir()}
+    assert groups == COVERED_GROUPS, f"config groups without a test in tests/test_configs.py: {groups - COVERED_GROUPS}"
+    hydra_groups = {p.name for p in (CONF / "hydra").iterdir() if p.is_dir()}
+    assert hydra_groups <= COVERED_HYDRA_GROUPS, f"hydra/ groups without a test: {hydra_groups - COVERED_HYDRA_GROUPS}"
+    for group in COVERED_GROUPS - {"hydra"}:
+        assert options(group), f"conf/{group}/ has no options"
+    assert options("hydra/launcher")
+
+
+@pytest.mark.parametrize("group,fragment", [(g, f) for g, fs in FRAGMENTS.items() for f in sorted(fs)])
+def test_the_files_left_out_as_fragments_are_included_by_an_option(group, fragment):
+    """A file is left out of the options only while another option of its group includes it."""
+    assert (CONF / group / f"{fragment}.yaml").is_file(), f"conf/{group}/{fragment}.yaml is gone: not a fragment"
+    including = [option for option in options(group) if fragment in defaults_of(CONF / group / f"{option}.yaml")]
+    assert including, f"no option of conf/{group}/ includes {fragment}.yaml: it is an option of its own, not a fragment"
+
+
+@pytest.mark.parametrize("name", options("data"))
+def test_every_data_config_composes_passes_the_checks_and_loads_a_batch_of_each_split(name, tiny_data):
+    cfg = composed(f"data={name}", *tiny_paths(tiny_data), "batch_size=8")
+    check_config(cfg)
+    cfg.data.num_workers = 0  # checked above as configured; batches are read here, in this process
+    data = build_data(cfg, ONE_PROCESS)  # settles the auto values from the manifest
+    assert len(data.classes) == 10
+    size = cfg.data.image_size
+    for batch in (next(data.batches(data.start())), next(iter(data.test_loader))):
+        assert batch.images.dtype == torch.uint8 and batch.images.shape[1:] == (cfg.data.channels, size, size)
+        assert len(batch.labels) == len(batch.images) > 0
+    # where the config writes shards on first use: its own train/test folders, from an idx_dir with both splits
+    shipped = composed(f"data={name}")
+    if shipped.data.get("prepare"):
+        prepare = shipped.data.prepare
+        assert {"out", "idx_dir"} <= set(prepare), f"data={name}: prepare needs out and idx_dir"
+        for split in ("train", "test"):
+            if not OmegaConf.is_missing(shipped.data, split):
+                assert Path(shipped.data[split]) == Path(prepare.out) / split, f"data={name}: prepare would never " \
+                    f"write data.{split}={shipped.data[split]} (it writes {prepare.out}/{split})"
+            if Path(prepare.idx_dir).resolve().is_relative_to(ROOT):  # bundled with recog: must be there
+                find_idx_pair(prepare.idx_dir, split)
+        names = class_names(prepare.get("class_names"))
+        assert names is None or len(names) >= 2
+
+
+@pytest.mark.parametrize("channels", [1, 3])  # the tiny shards are grey; data.channels=3 reads them as RGB
+@pytest.mark.parametrize("name", options("model"))
+def test_every_model_config_builds_and_runs_a_forward_pass(name, channels, tiny_data):
+    """Built as train.py builds it (num_classes from the data, in_channels from data.channels), at the tiny shards'
+    28 px; every parameter gets a gradient, as DDP (find_unused_parameters=False) requires."""
+    cfg = composed_on_tiny_data(tiny_data, f"model={name}", f"data.channels={channels}")
+    torch.manual_seed(0)
+    model = instantiate(cfg.model, num_classes=10, in_channels=cfg.data.channels)
+    images, labels = labelled_batch(cfg, n=2)
+    out = model(images)
+    assert isinstance(out, Output)
+    assert out.embeddings.shape == (2, cfg.model.embedding_dim) and out.logits.shape == (2, 10)
+    assert torch.isfinite(out.logits).all()
+    assert torch.allclose(out.embeddings.norm(dim=1), torch.ones(2), atol=1e-5)
+    torch.nn.functional.cross_entropy(out.logits, labels).backward()
+    unused = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not unused, f"model={name}: parameters that get no gradient (DDP fails on them): {unused[:5]}"
+
+
+@pytest.mark.parametrize("name", options("optim"))
+def test_every_optim_config_builds_its_optimizer_and_takes_a_step(name, tiny_data):
+    cfg = composed_on_tiny_data(tiny_data, f"optim={name}", "model.width=4", "model.embedding_dim=8")
+    torch.manual_seed(0)
+    model = instantiate(cfg.model, num_classes=10, in_channels=cfg.data.channels)
+    lr = cfg.optim.lr * 2 * cfg.batch_size / cfg.optim.reference_batch  # train.py's scaling, for 2 processes
+    optimizer = instantiate(cfg.optim.optimizer)(model.parameters(), lr=lr)
+    assert isinstance(optimizer, torch.optim.Optimizer) and optimizer.param_groups[0]["lr"] == pytest.approx(lr)
+    settings = OmegaConf.to_container(cfg.optim.optimizer)
+    for key, value in settings.items():  # what the config sets is what the optimizer uses
+        if not key.startswith("_"):
+            used = optimizer.defaults[key]
+            assert (list(used) if isinstance(used, tuple) else used) == value, f"optim={name}: {key}"
+    before = parameters_of(model)
+    images, labels = labelled_batch(cfg)
+    instantiate(cfg.loss)(model(images), labels)["total"].backward()
+    optimizer.step()
+    after = parameters_of(model)
+    assert all(torch.isfinite(p).all() for p in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before), f"optim={name}: the step changed nothing"
+
+
+@pytest.mark.parametrize("name", options("loss"))
+def test_every_loss_config_builds_and_gives_a_finite_total_with_gradients(name, tiny_data):
+    cross_rank = composed(f"loss={name}").loss.get("cross_rank")
+    cfg = composed_on_tiny_data(tiny_data, f"loss={name}", *(["sampler=pk"] if cross_rank else []),
+                                "model.width=4", "model.embedding_dim=8")
+    torch.manual_seed(0)
+    model = instantiate(cfg.model, num_classes=10, in_channels=cfg.data.channels)
+    loss_fn = instantiate(cfg.loss)
+    assert isinstance(loss_fn.cross_rank, bool)  # train.py reads it to hand the loss its all-gather
+    images, labels = labelled_batch(cfg)
+    terms = loss_fn(model(images), labels)
+    assert terms["total"].dim() == 0 and torch.isfinite(terms["total"])
+    if isinstance(loss_fn, RecognitionLoss) and loss_fn.metric is not None:
+        assert "metric" in terms and torch.isfinite(terms["metric"]), f"loss={name}: its metric term never runs " \
+            f"(metric_weight={cfg.loss.metric_weight})"
+    terms["total"].backward()
+    assert model.class_weights.grad.abs().sum() > 0 and model.embed.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("size", [28, 96])  # the `small` preset's sizes, and photos (augment=auto: imagenet)
+@pytest.mark.parametrize("name", options("augment"))
+def test_every_augment_preset_builds_train_and_test_transforms_giving_the_configured_size(name, size, tiny_data):
+    cfg = composed_on_tiny_data(tiny_data, f"augment={name}", f"data.image_size={size}")
+    assert cfg.augment.name != "auto" and cfg.augment.name in options("augment")  # auto picked a preset
+    train, test = instantiate(cfg.augment.train), instantiate(cfg.augment.test)
+    image = torch.randint(0, 256, (cfg.data.channels, 40, 52), dtype=torch.uint8)  # neither square nor `size`
+    torch.manual_seed(0)
+    for transform in (train, test):
+        out = transform(image)
+        assert out.dtype == torch.uint8 and out.shape == (cfg.data.channels, size, size)
+    assert all(torch.equal(test(image), test(image)) for _ in range(8)), f"augment={name}: a random test transform"
+
+
+@pytest.mark.parametrize("name", options("sampler"))
+def test_every_sampler_config_names_a_sampler_that_train_builds_and_batches_with(name, tiny_data):
+    cfg = composed(f"sampler={name}", *tiny_paths(tiny_data), "batch_size=8", "data.num_workers=0")
+    check_config(cfg)
+    assert cfg.sampler.name in SAMPLERS, f"sampler={name}: train.py knows no sampler named {cfg.sampler.name!r} " \
+        f"(it would stream silently); use one of {sorted(SAMPLERS)}"
+    data = build_data(cfg, ONE_PROCESS)
+    assert isinstance(data.epochs, SAMPLERS[cfg.sampler.name]) and len(data.epochs) >= 1
+    batch = next(data.batches(data.start()))
+    assert len(batch.labels) == data.batch_size == len(batch.images)
+    if cfg.sampler.name == "pk":  # P classes, K images of each
+        assert isinstance(data.loader.dataset, ShardRandomAccess)
+        assert sorted(torch.bincount(batch.labels).tolist())[-cfg.sampler.p:] == [cfg.sampler.k] * cfg.sampler.p
+        assert len(batch.labels.unique()) == cfg.sampler.p
+
+
+@pytest.mark.parametrize("name", options("experiment"))
+def test_every_experiment_composes_changes_the_defaults_and_trains_one_step(name, tiny_data):
+    cfg = composed(f"experiment={name}", *tiny_paths(tiny_data))
+    assert "experiment" not in cfg, f"experiment={name} landed under cfg.experiment: it needs `# @package _global_`"
+    assert cfg != composed(*tiny_paths(tiny_data)), f"experiment={name} changes nothing"
+    check_config(cfg)
+    cfg.data.num_workers = 0
+    # recog/train.py's train(), up to its first optimizer step, in this process
+    torch.manual_seed(cfg.seed)
+    data = build_data(cfg, ONE_PROCESS)
+    assert isinstance(data.epochs, SAMPLERS[cfg.sampler.name])
+    recipe = build_recipe(cfg, ONE_PROCESS, data)
+    before = parameters_of(recipe.module)
+    images, labels = recipe.inputs(next(data.batches(data.start())))
+    loss = recipe.loss_fn(recipe.model(images), labels)["total"]
+    assert torch.isfinite(loss)
+    loss.backward()
+    recipe.optimizer.step()
+    recipe.scheduler.step()
+    assert any(not torch.equal(before[k], p) for k, p in recipe.module.named_parameters())
+    recipe.module.eval()
+    with torch.no_grad():
+        out = recipe.module(recipe.inputs(next(iter(data.test_loader)))[0])
+    assert torch.isfinite(out.embeddings).all() and out.logits.shape[1] == len(data.classes)
+
+
+@pytest.mark.parametrize("name", options("hydra/launcher"))
+def test_every_hydra_launcher_config_composes_fits_its_plugin_and_instantiates(name, tiny_data):
+    own = set(options("hydra/launcher"))
+    bases = [entry for entry in defaults_of(CONF / "hydra" / "launcher" / f"{name}.yaml")
+             if isinstance(entry, str) and entry != "_self_" and entry not in own]
+    for base in bases:
+        assert base in LAUNCHER_PLUGINS, f"hydra/launcher={name} builds on {base!r}, a launcher of no plugin known " \
+            f"here: a typo, or add it to LAUNCHER_PLUGINS"
+        if not installed(LAUNCHER_PLUGINS[base]):
+            pytest.skip(f"hydra/launcher={name} needs the {LAUNCHER_PLUGINS[base]} plugin, not installed here")
+    from hydra.core.config_store import ConfigStore
+    from hydra.plugins.launcher import Launcher
+
+    cfg = composed(f"hydra/launcher={name}", *tiny_paths(tiny_data), hydra=True)
+    check_config(cfg)
+    settings = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    for base in bases:  # Hydra accepts keys its plugin's schema lacks; the plugin would fail on them at launch
+        OmegaConf.merge(ConfigStore.instance().load(f"hydra/launcher/{base}.yaml").node, settings)
+    launcher = instantiate(cfg.hydra.launcher)  # as Hydra instantiates it for `train.py -m`
+    assert isinstance(launcher, Launcher)
+    for callback in cfg.hydra.callbacks.values():  # and the callbacks train.yaml gives every sweep
+        instantiate(callback)

@@ -1,0 +1,106 @@
+"""The README's commands, run as written: taken from README.md itself (so an edit there is tested), with
+paths moved into a temporary folder and fewer epochs. The two fresh-machine commands are CI's (.ci/run)."""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, tiny_args
+
+README = (ROOT / "README.md").read_text()
+BIN = str(Path(sys.executable).parent)
+
+
+def bash_blocks() -> list[str]:
+    """The README's ```bash blocks, continuation lines joined."""
+    return [block.replace("\\\n", " ") for block in re.findall(r"```bash\n(.*?)```", README, re.S)]
+
+
+def commands() -> list[str]:
+    return [line.split("  #")[0].strip() for block in bash_blocks() for line in block.splitlines() if line.strip()]
+
+
+def command(pattern: str) -> str:
+    found = [c for c in commands() if re.search(pattern, c)]
+    assert len(found) == 1, f"README: {len(found)} commands match {pattern!r}: {found}"
+    return found[0]
+
+
+def here(cmd: str, tmp_path: Path) -> str:
+    """The command on this machine: this venv's programs, /tmp paths inside tmp_path."""
+    return cmd.replace(".venv/bin/", BIN + "/").replace("/tmp/", f"{tmp_path}/")
+
+
+def test_every_readme_command_is_run_by_ci_or_a_test():
+    ci = (ROOT / ".ci" / "run").read_text()
+    fresh, tests = bash_blocks()[:2]
+    assert fresh.strip() in ci and tests.strip() in ci  # CI runs the two commands exactly as written
+    covered = [fresh.strip(), tests.strip()] + [command(p) for p in (
+        r"tensorboard --logdir", r"recog\.data write folder", r"train\.py data=images",
+        r"experiment=retrieval_fashion", r"--nnodes=4")]
+    assert sorted(covered) == sorted(commands()), "a README command that no test runs"
+    # the multi-node command: tests/test_launch.py runs it on two hosts (network namespaces), 1 process each
+    launch_test = (ROOT / "tests" / "test_launch.py").read_text()
+    for flag in re.findall(r"--(rdzv-backend=c10d|rdzv-endpoint|rdzv-id)", command(r"--nnodes=4")):
+        assert f"--{flag}" in launch_test
+
+
+@pytest.mark.slow
+def test_your_own_data_commands_and_what_they_print(tmp_path):
+    """`bench/quality_data.py` (class folders of PNGs), the writer loop, then train.py with no flag but the
+    paths (and one epoch): what recog prints about its choices is the line the README shows."""
+    folders = re.search(r"`(\.venv/bin/python bench/quality_data\.py [^`]*)`", README).group(1)
+    train = here(command(r"train\.py data=images"), tmp_path) + f" epochs=1 hydra.run.dir={tmp_path / 'run'}"
+    script = "\n".join([here(folders, tmp_path), here(command(r"recog\.data write folder"), tmp_path), train])
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, capture_output=True, text=True,
+                            timeout=1200, env={"OMP_NUM_THREADS": "1", "PATH": f"{BIN}:/usr/bin:/bin"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    shown = re.search(r"```\n(data: .*?)\n```", README).group(1)
+    assert f"INFO] {shown}\n" in result.stdout
+    assert '"eval_samples": 2000' in (tmp_path / "run" / "metrics.json").read_text()
+
+
+@pytest.mark.slow
+def test_retrieval_command_runs(tiny_data, tmp_path):
+    cmd = here(command(r"experiment=retrieval_fashion"), tmp_path).split()
+    args = tiny_args(tiny_data, epochs=1) + ["sampler.p=3", "sampler.k=8", f"hydra.run.dir={tmp_path / 'run'}"]
+    result = subprocess.run(cmd + args, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={"OMP_NUM_THREADS": "1", "PATH": f"{BIN}:/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "recall@1" in (tmp_path / "run" / "metrics.json").read_text()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_tensorboard_command_serves_a_run(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tmp_path / "outputs" / "run1" / "tb")) as writer:
+        writer.add_scalar("eval/top1", 0.5, 1)
+    port = free_port()
+    cmd = here(command(r"tensorboard --logdir"), tmp_path).replace("--port 6006", f"--port {port}")
+    cmd = cmd.split() + ["--host", "127.0.0.1"]
+    server = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline, runs = time.monotonic() + 120, ""
+        while time.monotonic() < deadline and "run1" not in runs:
+            time.sleep(1)
+            try:
+                runs = urllib.request.urlopen(f"http://127.0.0.1:{port}/data/runs", timeout=5).read().decode()
+            except OSError:
+                assert server.poll() is None, server.stderr.read().decode()[-2000:]
+        assert "run1/tb" in runs
+    finally:
+        server.terminate()
+        server.wait(30)
