@@ -49,7 +49,10 @@ def main(cfg: DictConfig) -> float:
     except RecogError as e:  # unreadable data, a full disk, a lost rank: said by the rank that found it
         print(f"error: {sentence(e)}", file=sys.stderr, flush=True)
         sys.exit(2)
-    # Anything else is a programming error: Python prints its whole traceback (exit code 1).
+    except Exception as e:  # a programming error: its whole traceback, exit code 1
+        if getattr(e, "reported", False):  # printed already, before the other ranks were told (recog.dist)
+            sys.exit(1)
+        raise
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -273,6 +275,7 @@ def run_on_rank0(fn, ctx: Dist, what: str):
         except Exception as e:  # raised below, on every rank
             error = e
     if ctx.is_distributed:
+        _report_now(error)
         box = [(result, _describe(error))]
         dist.broadcast_object_list(box, src=0, device=ctx.device if ctx.backend == "nccl" else None)
         result, message = box[0]
@@ -298,6 +301,7 @@ def fail_together(fn, ctx: Dist, what: str):
     except Exception as e:  # re-raised below, on this rank and (as a message) on the others
         error = e
     if ctx.is_distributed:
+        _report_now(error)
         messages: list = [None] * ctx.world_size
         dist.all_gather_object(messages, _describe(error))
         failed = [(rank, m) for rank, m in enumerate(messages) if m is not None]
@@ -306,6 +310,16 @@ def fail_together(fn, ctx: Dist, what: str):
     if error is not None:
         raise error
     return result
+
+
+def _report_now(error: Exception | None) -> None:
+    """Print a programming error's traceback before the other ranks hear of it: once told, they stop, and
+    torchrun then stops this rank too (SIGTERM), possibly before Python's own printing at exit. Marked
+    `reported`, so that train.py does not print it a second time."""
+    if error is not None and not isinstance(error, RecogError):
+        traceback.print_exception(error, file=sys.stderr)
+        sys.stderr.flush()
+        error.reported = True
 
 
 def _describe(error: Exception | None) -> str | None:
