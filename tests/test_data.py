@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLED, tiny_split
+from conftest import BUNDLED, ROOT, tiny_split
 from PIL import Image
 
 from recog.data.__main__ import main as data_cli
@@ -306,3 +306,17 @@ def test_mid_epoch_resume_of_pk_batches_through_the_loader(tiny_data):
     assert len(uninterrupted) == 15 and len(resumed) == 9  # 1000 // (2 × 4 × 8) steps
     for got, want in zip(resumed, uninterrupted[6:]):
         assert torch.equal(got.images, want.images) and torch.equal(got.labels, want.labels)
+
+
+def test_the_data_layer_imports_nothing_of_torch_distributed():
+    """recog.data is pure data logic: none of its modules pulls in recog.dist (or the modules built on it)."""
+    import subprocess
+    import sys
+
+    modules = sorted(f"recog.data.{p.stem}" for p in (ROOT / "recog" / "data").glob("*.py") if p.stem != "__main__")
+    code = ("import importlib, sys\n"
+            f"for name in {modules!r}: importlib.import_module(name)\n"
+            "print(sorted(m for m in sys.modules if m.startswith('recog') and not m.startswith('recog.data')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "['recog', 'recog.errors', 'recog.preempt']"  # preempt: stdlib signal only
