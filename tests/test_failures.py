@@ -338,7 +338,7 @@ def test_the_sentence_reaches_the_user_whichever_rank_finds_it_first(tiny_data, 
 def test_a_programming_error_in_a_rank0_only_read_keeps_its_traceback(tiny_data, tmp_path):
     """weights= is read by rank 0 alone. An error there that is not a user's mistake (here injected from outside
     recog: an audit hook makes rank 0's open() of the file raise TypeError) keeps its whole traceback on rank 0
-    and exit code 1; rank 1 stops too (told in a sentence, which its node leaves unsaid: rank 0 there already
+    (exit code 1); rank 1 stops too (told in a sentence, which its node leaves unsaid: rank 0 there already
     showed the traceback). Nothing hangs."""
     weights = train_small(tiny_data, tmp_path, "weights")
     hook = tmp_path / "broken_open"
@@ -351,9 +351,12 @@ def test_a_programming_error_in_a_rank0_only_read_keeps_its_traceback(tiny_data,
         "sys.addaudithook(broken)\n")
     run = Run(tiny_args(tiny_data) + [f"weights={weights}", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path,
               env={"PYTHONPATH": f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}).finish()
-    assert run.returncode == 1 and "exitcode  : 1" in run.stderr, run.stderr[-3000:]
-    assert run.stderr.count("Traceback (most recent call last)") == 1  # once: printed before rank 1 was told
+    # rank 0 exits 1, or, when rank 1 stopped first and torchrun sent SIGTERM meanwhile, -15: either way the
+    # traceback is out first
+    assert run.returncode == 1 and ("exitcode  : 1" in run.stderr or "exitcode  : -15" in run.stderr)
+    # printed once (before rank 1 was told, not again at exit); torchrun's report has a traceback of its own
     assert "TypeError: injected programming error" in run.stderr
+    assert run.stderr.count(", in run_on_rank0\n") == 1, run.stderr[-3000:]
     assert run.recog_traceback() and 'recog/checkpoint.py", line' in run.stderr  # where it happened
     assert not run.errors(), run.stderr[-3000:]  # no sentence stands in for the traceback
 
