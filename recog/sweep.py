@@ -33,8 +33,8 @@ def read_jobs(sweep_dir: Path) -> list[dict]:
     """One entry per numbered job directory: its number, overrides (key -> value) and metrics (None: no
     metrics.json, the job failed or did not finish)."""
     jobs = []
-    jobs = (d for d in sweep_dir.iterdir() if d.is_dir() and d.name.isdigit())
-    for job_dir in sorted(jobs, key=lambda d: int(d.name)):
+    job_dirs = (d for d in sweep_dir.iterdir() if d.is_dir() and d.name.isdigit())
+    for job_dir in sorted(job_dirs, key=lambda d: int(d.name)):
         overrides_file = job_dir / ".hydra" / "overrides.yaml"
         overrides = [str(o) for o in OmegaConf.load(overrides_file)] if overrides_file.exists() else []
         metrics_file = job_dir / "metrics.json"

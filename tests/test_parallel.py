@@ -40,8 +40,7 @@ def test_accumulating_4_batches_equals_one_step_on_the_4x_batch():
     (["perf.precision=fp8"], "perf.precision=fp8 is unknown"),
     (["perf.sync_bn=true"], "perf.sync_bn=true needs GPUs"),
     (["ddp.comm_hook=zip"], "ddp.comm_hook=zip is unknown"),
-    (["accumulate=0"], "accumulate=0 is not valid"),
-])
+])  # accumulate=0 is one of check_config's numbers: tests/test_failures.py's table
 def test_combinations_that_cannot_work_on_cpu_are_one_sentence(overrides, message):
     with pytest.raises(ConfigError, match=message):
         check_perf_config(config(*overrides), cuda=False)

@@ -35,7 +35,7 @@ def command(pattern: str) -> str:
 
 def here(cmd: str, tmp_path: Path) -> str:
     """The command on this machine: this venv's programs, /tmp paths inside tmp_path."""
-    return cmd.replace(".venv/bin/", BIN + "/").replace("/tmp/", f"{tmp_path}/")
+    return cmd.replace("/tmp/", f"{tmp_path}/").replace(".venv/bin/", BIN + "/")  # BIN may lie under /tmp
 
 
 def test_every_readme_command_is_run_by_ci_or_a_test():
