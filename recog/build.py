@@ -185,8 +185,8 @@ def build_recipe(cfg: DictConfig, ctx: dist.Dist, data: TrainData) -> StepRecipe
     log.info("world size %d (%s on %s) | per-rank batch %d%s, global batch %d | %d steps per epoch, %d epochs | "
              "%s lr %.4g = %.4g x %d / %d | %s", ctx.world_size, ctx.backend or "single process", ctx.device,
              data.batch_size, f" x {cfg.accumulate} accumulated" if cfg.accumulate > 1 else "", global_batch,
-             steps_per_epoch, cfg.epochs, type(optimizer).__name__, lr, cfg.optim.lr, global_batch, cfg.optim.reference_batch,
-             cfg.perf.precision)
+             steps_per_epoch, cfg.epochs, type(optimizer).__name__, lr, cfg.optim.lr, global_batch,
+             cfg.optim.reference_batch, cfg.perf.precision)
     return StepRecipe(model, optimizer, loss_fn, Normalize(cfg.data.mean, cfg.data.std, ctx.device),
                       LambdaLR(optimizer, lr_factor), parallel.grad_scaler(cfg, ctx.device),
                       partial(parallel.autocast, cfg, ctx.device), cfg.accumulate, cfg.perf.channels_last,
