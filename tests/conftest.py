@@ -51,4 +51,4 @@ def tiny_args(tiny_data, **overrides) -> list[str]:
         "model.width": 16,  # half the default's width: a quarter of its compute, plenty for these checks
     }
     args.update(overrides)
-    return [f"{k}={v}" for k, v in args.items()]
+    return [f"{k}={v}" for k, v in args.items() if v is not None]  # None: leave that key out

@@ -195,7 +195,7 @@ def test_a_full_disk_during_a_checkpoint_stops_every_process_and_keeps_the_earli
 def test_a_programming_error_in_a_data_worker_shows_its_traceback_and_stops_every_process(tiny_data, tmp_path):
     # A crop larger than the 28x28 images fails inside the data-loader workers: not a mistake recog can name
     # in a sentence, so the traceback is shown; the job must still end, all of it.
-    crop = "augment.train.transforms=[{_target_: torchvision.transforms.v2.RandomCrop, size: 64}]"
+    crop = "augment.train={_target_: torchvision.transforms.v2.RandomCrop, size: 64}"
     run = Run(tiny_args(tiny_data, **{"data.num_workers": 1}) + ["augment=none", crop], tmp_path).finish(
         marker="larger than input image size")
     assert run.returncode != 0
@@ -268,11 +268,11 @@ def train_small(tiny_data, tmp_path, name: str, *extra: str) -> Path:
 
 def test_resuming_another_models_checkpoint_is_named(tiny_data, tmp_path):
     convnet = train_small(tiny_data, tmp_path, "convnet")
-    run = Run(tiny_args(tiny_data) + [f"resume={convnet}", "model=resnet18", f"hydra.run.dir={tmp_path / 'r18'}"],
-              tmp_path).finish()
+    resnet = tiny_args(tiny_data, **{"model.width": None}) + ["model=resnet18"]  # a ResNet has no width
+    run = Run(resnet + [f"resume={convnet}", f"hydra.run.dir={tmp_path / 'r18'}"], tmp_path).finish()
     one_sentence(run, f"{convnet} holds a convnet model")
     # the same through auto-resume: a run directory reused with another model
-    run = Run(tiny_args(tiny_data) + ["model=resnet18", f"hydra.run.dir={tmp_path / 'convnet'}"], tmp_path).finish()
+    run = Run(resnet + [f"hydra.run.dir={tmp_path / 'convnet'}"], tmp_path).finish()
     one_sentence(run, "holds a convnet model")
 
 
