@@ -174,9 +174,11 @@ def main() -> int:
             print(f"{name}: baseline", flush=True)
             base = timed(baseline, data_dir, args.epochs or 12, args.seed or 0,
                          not args.no_flip and name not in NO_FLIP)
+            print(f"{name}: baseline top-1 {base[0]:.4f} in {base[1]:.0f} s", flush=True)
         if args.only != "baseline":
             print(f"{name}: recog {' '.join(extra)}", flush=True)
             recog_result = timed(recog, data_dir, args.out / "recog" / name, extra)
+            print(f"{name}: recog top-1 {recog_result[0]:.4f} in {recog_result[1]:.0f} s", flush=True)
         rows.append((name, *base, *recog_result))
 
     def cell(value, spec):
