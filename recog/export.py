@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
-import json
 import sys
 from pathlib import Path
 
