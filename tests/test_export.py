@@ -116,6 +116,7 @@ def not_a_checkpoint(kind: str, folder, checkpoint):
     return path
 
 
+@pytest.mark.slow  # runs the CLI as a process
 @pytest.mark.parametrize("kind, message", [
     ("text", "is not a PyTorch checkpoint"),
     ("torchvision", "is not a recog checkpoint"),

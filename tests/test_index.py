@@ -111,6 +111,7 @@ def test_add_extends_the_index_as_if_built_from_both(tmp_path, shards):
     assert list(gallery.keys[[0, 1499, 1500, 2199]]) == ["k0", "k1499", "k1500", "k2199"]
 
 
+@pytest.mark.slow  # runs the CLI as a process
 def test_add_refuses_another_models_embeddings(tmp_path):
     build(write_embeddings(tmp_path / "a", clustered(300, dim=16), part_size=300), tmp_path / "index", log=quiet)
     write_embeddings(tmp_path / "other", clustered(50, dim=16, seed=1), part_size=50, sha256="b" * 64)
@@ -123,6 +124,7 @@ def test_add_refuses_another_models_embeddings(tmp_path):
     assert sorted((tmp_path / "index").iterdir()) == before and open_gallery(tmp_path / "index").info.count == 300
 
 
+@pytest.mark.slow  # runs the CLI as a process
 def test_build_cli_and_an_index_that_is_not_replaced_without_overwrite(tmp_path):
     emb = write_embeddings(tmp_path / "emb", clustered(500, dim=16), part_size=200, sha256="c" * 64)
     result = run_module("index", "build", emb, tmp_path / "index", "--kind", "hnsw", "--shards", "2")
