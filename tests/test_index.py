@@ -46,6 +46,16 @@ def test_flat_index_returns_the_brute_force_neighbours(tmp_path):
     assert (gallery.labels[ids] == expected_ids % 10).all()
 
 
+def test_float16_embeddings_are_searched_as_float32(tmp_path):
+    """Half the disk for the embedder's output; the index computes in float32 on the same (rounded) values."""
+    vectors, queries = np.split(clustered(1020, dim=32, seed=10), [1000])
+    emb = write_embeddings(tmp_path / "emb", vectors, part_size=300, dtype="float16")
+    assert np.load(tmp_path / "emb" / "part-00000.npy").dtype == np.float16
+    build(emb, tmp_path / "index", log=quiet)
+    _, ids = open_gallery(tmp_path / "index").search(queries, 5)
+    assert (ids == brute_force(vectors.astype(np.float16).astype(np.float32), queries, 5)[1]).all()
+
+
 @pytest.mark.parametrize("kind", ["flat", "ivfpq"])
 def test_sharded_index_returns_what_one_index_returns(tmp_path, kind):
     """Three shards of one trained index, searched through faiss.IndexShards, and built a chunk of 500 at a time
