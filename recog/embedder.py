@@ -8,6 +8,7 @@ program, so this module hands it uint8 pixels only.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,24 @@ def read_model_json(folder: str | Path) -> dict:
     return info
 
 
+@dataclass(frozen=True)
+class Preprocess:
+    """uint8 C×H×W -> uint8 C×S×S: shorter side resized to S, centre crop (model.json's `preprocess`). A plain
+    value, so that data-loader workers can apply it (recog.embed)."""
+
+    size: int
+    interpolation: InterpolationMode = InterpolationMode.BILINEAR
+
+    @classmethod
+    def of(cls, info: dict) -> Preprocess:
+        pre = info["preprocess"]
+        return cls(pre["size"], InterpolationMode(pre.get("interpolation", "bilinear")))
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        image = TF.resize(image, self.size, interpolation=self.interpolation, antialias=True)
+        return TF.center_crop(image, [self.size, self.size])
+
+
 class ExportedEmbedder:
     """embedder.pt2 with its model.json: `load_image` -> `preprocess` -> `embed`."""
 
@@ -48,9 +67,8 @@ class ExportedEmbedder:
         except Exception as e:  # a damaged or foreign file: torch raises many kinds
             raise ConfigError(f"{path} could not be loaded ({type(e).__name__}); export the checkpoint again "
                               f"into {folder}.") from None
-        pre = self.info["preprocess"]
-        self.channels, self.size = self.info["input"]["channels"], pre["size"]
-        self.interpolation = InterpolationMode(pre.get("interpolation", "bilinear"))
+        self.channels, self._preprocess = self.info["input"]["channels"], Preprocess.of(self.info)
+        self.size, self.interpolation = self._preprocess.size, self._preprocess.interpolation
 
     @property
     def sha256(self) -> str:
@@ -67,8 +85,7 @@ class ExportedEmbedder:
 
     def preprocess(self, image: torch.Tensor) -> torch.Tensor:
         """uint8 C×H×W -> uint8 C×S×S: shorter side resized to S, centre crop."""
-        image = TF.resize(image, self.size, interpolation=self.interpolation, antialias=True)
-        return TF.center_crop(image, [self.size, self.size])
+        return self._preprocess(image)
 
     def load_image(self, path: str | Path) -> torch.Tensor:
         """An image file, decoded and preprocessed; one sentence if it cannot be."""

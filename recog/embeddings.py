@@ -39,8 +39,9 @@ MANIFEST = "manifest.json"
 DTYPES = ("float16", "float32")
 
 
-def part_name(number: int) -> str:
-    return f"part-{number:05d}"
+def part_name(number: int, rank: int | None = None) -> str:
+    """`part-NNNNN`; a distributed writer's parts carry their rank: `part-RRRRR-NNNNN`."""
+    return f"part-{number:05d}" if rank is None else f"part-{rank:05d}-{number:05d}"
 
 
 def write_part(folder: str | Path, name: str, vectors: np.ndarray, keys, labels) -> dict:
@@ -55,10 +56,11 @@ def write_part(folder: str | Path, name: str, vectors: np.ndarray, keys, labels)
 
 
 def write_manifest(folder: str | Path, model_sha256: str, dim: int, dtype: str, parts: list[dict],
-                   classes: list[str]) -> Path:
-    """Last: once it is there, every part it lists is complete."""
+                   classes: list[str], **extra) -> Path:
+    """Last: once it is there, every part it lists is complete. `extra`: what the writer adds for the record
+    (readers ignore it)."""
     return write_json({"format": FORMAT, "model_sha256": model_sha256, "dim": dim, "dtype": dtype,
-                       "count": sum(p["count"] for p in parts), "classes": list(classes), "parts": parts},
+                       "count": sum(p["count"] for p in parts), "classes": list(classes), "parts": parts, **extra},
                       Path(folder) / MANIFEST)
 
 

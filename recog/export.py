@@ -62,12 +62,13 @@ def sha256_of(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """A checkpoint written by train.py, or one sentence saying why this file is not one."""
-    ckpt = load_checkpoint(path, "python -m recog.export")
+def read_checkpoint(path: str | Path, option: str = "python -m recog.export") -> dict:
+    """A checkpoint written by train.py, or one sentence saying why this file is not one. `option`: where the
+    path came from, for the message."""
+    ckpt = load_checkpoint(path, option)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or \
             not isinstance(ckpt.get("config"), dict):
-        raise ConfigError(f"{path} is not a recog checkpoint (it has no model and config); export a checkpoint "
+        raise ConfigError(f"{path} is not a recog checkpoint (it has no model and config); give a checkpoint "
                           "written by train.py, e.g. outputs/<run>/checkpoints/best.pt.")
     return ckpt
 
