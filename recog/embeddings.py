@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,8 +52,18 @@ def write_part(folder: str | Path, name: str, vectors: np.ndarray, keys, labels)
     if not len(vectors) == len(keys) == len(labels):
         raise ValueError(f"part {name}: {len(vectors)} vectors, {len(keys)} keys, {len(labels)} labels")
     atomic_write(folder / f"{name}.npy", lambda f: np.save(f, vectors))
-    atomic_write(folder / f"{name}.npz", lambda f: np.savez(f, keys=keys, labels=labels))
+    atomic_write(folder / f"{name}.npz", lambda f: save_npz(f, keys=keys, labels=labels))
     return {"name": name, "count": len(vectors)}
+
+
+def save_npz(file, **arrays: np.ndarray) -> None:
+    """np.savez, but the same arrays always give the same bytes (np.savez stamps each member with the time): a
+    restarted writer ends with files identical to an uninterrupted one's."""
+    with zipfile.ZipFile(file, "w", zipfile.ZIP_STORED) as archive:
+        for key, array in arrays.items():
+            member = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with archive.open(member, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
 
 
 def write_manifest(folder: str | Path, model_sha256: str, dim: int, dtype: str, parts: list[dict],
