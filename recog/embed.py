@@ -211,13 +211,16 @@ class RankParts:
                 for _, r in sorted(self.records.items())]
 
 
-def embed_batches(model, batches, parts: RankParts, device: torch.device, stop: StopOnSignal, progress) -> int:
-    """The loop: each batch through the model, each part written when complete. Returns the images embedded.
-    Reading, decoding and resizing happen in the data-loader workers; here, only the model call and the
-    bookkeeping of a few objects per batch."""
-    images = 0
+def embed_batches(model, batches, parts: RankParts, device: torch.device, stop: StopOnSignal,
+                  progress) -> tuple[int, float | None]:
+    """The loop: each batch through the model, each part written when complete. Reading, decoding and resizing
+    happen in the data-loader workers; here, only the model call and the bookkeeping of a few objects per batch.
+    Returns the images embedded and when the first batch arrived (the wait before it is the workers' start)."""
+    images, first = 0, None
     with torch.inference_mode():
         for batch in batches:
+            if first is None:
+                first = time.perf_counter()
             if stop.caught:
                 break
             for message in batch.warnings:  # what the data-loader workers logged (a skipped sample)
@@ -226,7 +229,7 @@ def embed_batches(model, batches, parts: RankParts, device: torch.device, stop: 
             parts.add(batch, model(batch.images.to(device, non_blocking=True)) if n else None)
             images += n
             progress.update(n + batch.skipped)
-    return images
+    return images, first
 
 
 def embed(cfg: DictConfig, stop: StopOnSignal) -> dict:
@@ -280,10 +283,11 @@ def embed_on_rank(cfg: DictConfig, ctx: dist.Dist, stop: StopOnSignal) -> dict:
                     file=sys.stderr, mininterval=2, smoothing=0.1)
     started = time.perf_counter()
     try:
-        images = embed_batches(model, batches, parts, ctx.device, stop, progress)
+        images, first = embed_batches(model, batches, parts, ctx.device, stop, progress)
     finally:
         progress.close()
-    seconds = time.perf_counter() - started
+    first = first or time.perf_counter()
+    startup, seconds = first - started, time.perf_counter() - first
     if stop.caught:
         raise Preempted(f"rank {ctx.rank} stopped on {stop.caught} with {len(work.records) + parts.written} of its "
                         f"{len(work.parts)} parts written in {out}; run the same command again to continue",
@@ -291,7 +295,7 @@ def embed_on_rank(cfg: DictConfig, ctx: dist.Dist, stop: StopOnSignal) -> dict:
 
     if len(parts.records) != len(work.parts):  # a programming error: every part must be complete here
         raise RuntimeError(f"rank {ctx.rank}: {len(parts.records)} of {len(work.parts)} parts written")
-    mine = {"parts": parts.listed(), "images": images, "seconds": seconds}
+    mine = {"parts": parts.listed(), "images": images, "seconds": seconds, "startup": startup}
     everyone = [None] * ctx.world_size
     if ctx.is_distributed:
         torch.distributed.all_gather_object(everyone, mine)
@@ -305,12 +309,13 @@ def embed_on_rank(cfg: DictConfig, ctx: dist.Dist, stop: StopOnSignal) -> dict:
                        work.manifest.classes, world_size=ctx.world_size, part_size=cfg.part_size, skipped=skipped)
     embedded, slowest = sum(r["images"] for r in everyone), max(r["seconds"] for r in everyone)
     result = {"count": sum(p["count"] for p in parts_listed), "parts": len(parts_listed), "skipped": skipped,
-              "images": embedded, "seconds": slowest, "images_per_s": embedded / slowest if slowest else 0.0}
+              "images": embedded, "seconds": slowest, "images_per_s": embedded / slowest if slowest else 0.0,
+              "startup_s": max(r["startup"] for r in everyone)}
     if ctx.is_main:
-        log.info("%s: %d %d-d %s embeddings in %d parts%s; %d embedded now in %.1f s (%.0f images/s)", out,
-                 result["count"], info["embedding_dim"], cfg.dtype, result["parts"],
-                 f", {skipped} unreadable samples skipped" if skipped else "", embedded, slowest,
-                 result["images_per_s"])
+        log.info("%s: %d %d-d %s embeddings in %d parts%s; %d embedded now in %.1f s (%.0f images/s, after %.1f s "
+                 "for the data-loader workers to start)", out, result["count"], info["embedding_dim"], cfg.dtype,
+                 result["parts"], f", {skipped} unreadable samples skipped" if skipped else "", embedded, slowest,
+                 result["images_per_s"], result["startup_s"])
     return result
 
 

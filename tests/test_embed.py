@@ -111,6 +111,11 @@ def test_two_processes_embed_each_sample_once_as_one_process_does(two_processes,
     assert (writer_keys == keys).all() and np.abs(writer_vectors - vectors).max() <= 1e-5
 
 
+def recog_traceback(stderr: str) -> bool:
+    """Whether recog's processes printed a traceback (torchrun's own report aside)."""
+    return any('File "' in line and "recog" in line and "torch/distributed" not in line for line in stderr.splitlines())
+
+
 def files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
@@ -134,7 +139,7 @@ def test_a_run_stopped_by_sigterm_continues_and_ends_with_the_same_files(two_pro
             proc.wait()
     stderr = (tmp_path / "stderr").read_text()
     assert proc.returncode != 0 and "preempted: rank" in stderr and "exit code 75" in stderr, stderr[-3000:]
-    assert "Traceback (most recent call last)" not in stderr.split("SignalException")[0], stderr[-3000:]
+    assert not recog_traceback(stderr), stderr[-3000:]  # the one traceback is torchrun's, reporting its signal
     written = len(list(out.glob("part-*.json")))
     assert 2 <= written < 26 and not (out / "manifest.json").exists(), written
 
@@ -178,7 +183,7 @@ def test_bad_input_is_one_sentence_and_exit_code_2_on_every_rank(tiny_data, mode
     assert result.returncode == 1 and set(re.findall(r"exitcode\s+: (-?\d+)", result.stderr)) == {"2"}, \
         result.stderr[-3000:]
     assert len(errors) == 1 and message in errors[0], result.stderr[-3000:]
-    assert 'File "' not in result.stderr.split("ChildFailedError")[0], result.stderr[-3000:]  # no traceback of ours
+    assert not recog_traceback(result.stderr), result.stderr[-3000:]
     assert not (tmp_path / "out").exists()  # nothing written
     print(f"{case}: {time.time() - started:.1f} s")
 
