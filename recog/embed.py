@@ -28,7 +28,9 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from collections import deque  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 from dataclasses import asdict, dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -176,21 +178,35 @@ def open_inputs(cfg: DictConfig, ctx: dist.Dist) -> RankWork:
 
 
 class RankParts:
-    """Collects a part's vectors, keys and labels batch by batch and writes the part at its last batch: its
-    two files, then its record."""
+    """Collects a part's vectors, keys and labels batch by batch and, at its last batch, writes the part: its two
+    files, then its record. The writing happens in a thread, so that the model calls go on meanwhile (a part's
+    copy off the GPU, its float16 conversion and three fsyncs); at most `ahead` parts wait to be written."""
 
-    def __init__(self, out: Path, rank: int, work: RankWork):
+    def __init__(self, out: Path, rank: int, work: RankWork, ahead: int = 2):
         self.out, self.rank, self.plan = out, rank, work.plan
-        self.parts, self.dim = work.parts, work.info["embedding_dim"]
+        self.parts, self.dim, self.ahead = work.parts, work.info["embedding_dim"], ahead
         self.pending: dict[int, list[tuple[PartBatch, torch.Tensor | None]]] = {}
         self.records = dict(work.records)  # part number -> record: complete on disk, or written by this run
-        self.written = 0
+        self.writer, self.writing = ThreadPoolExecutor(1, thread_name_prefix="recog-parts"), deque()
 
     def add(self, batch: PartBatch, vectors: torch.Tensor | None) -> None:
         self.pending.setdefault(batch.part, []).append((batch._replace(images=None), vectors))
         if batch.last:
-            self.write(batch.part, self.pending.pop(batch.part))
+            while len(self.writing) >= self.ahead or (self.writing and self.writing[0].done()):
+                self.writing.popleft().result()  # raises the writer's error here
+            self.writing.append(self.writer.submit(self.write, batch.part, self.pending.pop(batch.part)))
 
+    def finish(self) -> int:
+        """Wait until every complete part is written (also when stopping: they are kept); returns how many parts
+        are on disk. Parts still collecting batches are dropped: a restarted run embeds them again."""
+        try:
+            while self.writing:
+                self.writing.popleft().result()
+        finally:
+            self.writer.shutdown(wait=True)
+        return len(self.records)
+
+    @torch.inference_mode()
     def write(self, number: int, batches: list[tuple[PartBatch, torch.Tensor | None]]) -> None:
         found = [v for _, v in batches if v is not None]
         # one copy off the device per part, not per batch: the model calls are not held up waiting for it
@@ -198,12 +214,15 @@ class RankParts:
         keys = np.concatenate([b.keys for b, _ in batches])
         labels = torch.cat([b.labels for b, _ in batches]).numpy()
         name, part = part_name(number, self.rank), self.parts[number]
-        write_part(self.out, name, vectors.astype(self.plan.dtype), keys, labels)
         record = {"name": name, "count": len(keys), "skipped": sum(b.skipped for b, _ in batches),
                   "rank": self.rank, "number": number, "slots": [part.start, part.stop], "plan": asdict(self.plan)}
-        write_json(record, record_path(self.out, self.rank, number))  # last: the part is complete
+        try:
+            write_part(self.out, name, vectors.astype(self.plan.dtype), keys, labels)
+            write_json(record, record_path(self.out, self.rank, number))  # last: the part is complete
+        except OSError as e:  # a full disk, a quota: nothing half-written is left, the parts written are kept
+            raise RecogError(f"writing part {name} into {self.out} failed ({e.strerror or e}); free space there and "
+                             "run the same command again: it keeps the parts already written.") from None
         self.records[number] = record
-        self.written += 1
 
     def listed(self) -> list[dict]:
         """Every part of this rank in order, for the manifest (all are complete once the loop ran through)."""
@@ -279,22 +298,23 @@ def embed_on_rank(cfg: DictConfig, ctx: dist.Dist, stop: StopOnSignal) -> dict:
     model = work.model.to(ctx.device)
     parts = RankParts(out, ctx.rank, work)
     batches = make_loader(work.stream, cfg.num_workers if todo else 0, ctx.device.type == "cuda")
-    progress = tqdm(total=sum(p.stop - p.start for p in todo), unit="img", desc="rank 0", disable=not ctx.is_main,
-                    file=sys.stderr, mininterval=2, smoothing=0.1)
+    progress = tqdm(total=sum(p.stop - p.start for p in todo), unit="img", desc="rank 0", file=sys.stderr,
+                    disable=not (ctx.is_main and todo), mininterval=2, smoothing=0.1)
     started = time.perf_counter()
     try:
         images, first = embed_batches(model, batches, parts, ctx.device, stop, progress)
     finally:
         progress.close()
+        written = parts.finish()
     first = first or time.perf_counter()
     startup, seconds = first - started, time.perf_counter() - first
     if stop.caught:
-        raise Preempted(f"rank {ctx.rank} stopped on {stop.caught} with {len(work.records) + parts.written} of its "
+        raise Preempted(f"rank {ctx.rank} stopped on {stop.caught} with {written} of its "
                         f"{len(work.parts)} parts written in {out}; run the same command again to continue",
                         stop.caught)
 
-    if len(parts.records) != len(work.parts):  # a programming error: every part must be complete here
-        raise RuntimeError(f"rank {ctx.rank}: {len(parts.records)} of {len(work.parts)} parts written")
+    if written != len(work.parts):  # a programming error: every part must be complete here
+        raise RuntimeError(f"rank {ctx.rank}: {written} of {len(work.parts)} parts written")
     mine = {"parts": parts.listed(), "images": images, "seconds": seconds, "startup": startup}
     everyone = [None] * ctx.world_size
     if ctx.is_distributed:
@@ -312,10 +332,11 @@ def embed_on_rank(cfg: DictConfig, ctx: dist.Dist, stop: StopOnSignal) -> dict:
               "images": embedded, "seconds": slowest, "images_per_s": embedded / slowest if slowest else 0.0,
               "startup_s": max(r["startup"] for r in everyone)}
     if ctx.is_main:
-        log.info("%s: %d %d-d %s embeddings in %d parts%s; %d embedded now in %.1f s (%.0f images/s, after %.1f s "
-                 "for the data-loader workers to start)", out, result["count"], info["embedding_dim"], cfg.dtype,
-                 result["parts"], f", {skipped} unreadable samples skipped" if skipped else "", embedded, slowest,
-                 result["images_per_s"], result["startup_s"])
+        now = (f"{embedded} embedded now in {slowest:.1f} s ({result['images_per_s']:.0f} images/s, after "
+               f"{result['startup_s']:.1f} s for the data-loader workers to start)" if embedded else
+               "nothing left to embed")
+        log.info("%s: %d %d-d %s embeddings in %d parts%s; %s", out, result["count"], info["embedding_dim"], cfg.dtype,
+                 result["parts"], f", {skipped} unreadable samples skipped" if skipped else "", now)
     return result
 
 
