@@ -26,6 +26,7 @@ STOP = StopOnSignal().install()
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections import deque  # noqa: E402
@@ -52,7 +53,7 @@ from recog.embedder import ExportedEmbedder, Preprocess  # noqa: E402
 from recog.embeddings import DTYPES, MANIFEST, part_name, write_manifest, write_part  # noqa: E402
 from recog.errors import ConfigError, RecogError, sentence  # noqa: E402
 from recog.log import setup_logging  # noqa: E402
-from recog.preempt import Preempted  # noqa: E402
+from recog.preempt import SIGNALS, Preempted  # noqa: E402
 from recog.rundir import project_dir  # noqa: E402
 
 log = logging.getLogger("recog")
@@ -356,6 +357,15 @@ def register_config() -> None:
     ConfigStore.instance().store(name="embed", node=OmegaConf.load(Path(project_dir()) / "conf" / "embed.yaml"))
 
 
+def leave(code: int) -> None:
+    """Exit with `code`, ignoring the stop signals from here on. When one rank fails, torchrun sends SIGTERM to
+    the others; one that is already leaving with its own code would otherwise be killed by it during Python's
+    shutdown (which puts back the default action of every signal that had a handler) and report -15."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    sys.exit(code)
+
+
 @hydra.main(version_base="1.3", config_path=None, config_name="embed")
 def main(cfg: DictConfig) -> None:
     try:
@@ -363,16 +373,16 @@ def main(cfg: DictConfig) -> None:
     except Preempted as e:  # the parts written so far are kept: the same command continues
         print(f"{'interrupted' if e.interrupted else 'preempted'}: {e}; exit code {e.exit_code}", file=sys.stderr,
               flush=True)
-        sys.exit(e.exit_code)
+        leave(e.exit_code)
     except ConfigError as e:  # every rank found it (or was told of it): each node says it once
         dist.print_once_per_node(f"error: {sentence(e)}", file=sys.stderr)
-        sys.exit(2)
+        leave(2)
     except RecogError as e:  # unreadable data (strict), a full disk, a lost rank: said by the rank that found it
         print(f"error: {sentence(e)}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        leave(2)
     except Exception as e:  # a programming error: its whole traceback, exit code 1
         if getattr(e, "reported", False):
-            sys.exit(1)
+            leave(1)
         raise
 
 
