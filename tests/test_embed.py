@@ -188,6 +188,27 @@ def test_bad_input_is_one_sentence_and_exit_code_2_on_every_rank(tiny_data, mode
     print(f"{case}: {time.time() - started:.1f} s")
 
 
+@pytest.mark.slow  # starts processes
+def test_an_undecodable_sample_is_skipped_or_with_strict_stops_the_whole_job(damaged_shards, model, tmp_path):
+    """The damaged sample is in rank 0's slice: skipped and counted; with strict=true rank 0 stops with the
+    sentence, and rank 1, done with its slice and waiting for rank 0, stops too instead of hanging."""
+    args = [f"model={model['export']}", f"data={damaged_shards}", "num_workers=1", "part_size=4"]
+    result = run_embed(2, *args, f"out={tmp_path / 'out'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    emb = open_embeddings(tmp_path / "out")
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert emb.count == 19 and manifest["skipped"] == 1 and "skipping undecodable sample" in result.stdout
+    assert "1 unreadable samples skipped" in result.stdout
+
+    strict = run_embed(2, *args, f"out={tmp_path / 'strict'}", "strict=true", cwd=tmp_path, timeout=120)
+    errors = [line for line in strict.stderr.splitlines() if line.startswith("error:")]
+    assert strict.returncode == 1 and "exitcode  : 2" in strict.stderr, strict.stderr[-3000:]
+    # rank 0's sentence; rank 1 (if it got there before torchrun stopped it) says that rank 0 went away
+    decoding = [e for e in errors if "could not be decoded" in e and "set strict=false" in e]
+    assert len(decoding) == 1 and all(e in decoding or "another rank went away" in e for e in errors), errors
+    assert not (tmp_path / "strict" / "manifest.json").exists()
+
+
 # --- without processes: the parts plan and the stream of one rank's batches ---
 
 def test_parts_cover_a_ranks_samples_once_and_workers_take_contiguous_blocks():
