@@ -282,11 +282,7 @@ def embed_on_rank(cfg: DictConfig, ctx: dist.Dist, stop: StopOnSignal) -> dict:
     work = dist.fail_together(lambda: open_inputs(cfg, ctx), ctx, "opening the model and the shards")
     out, info = Path(cfg.out), work.info
     todo = work.stream.parts
-    counts = [None] * ctx.world_size
-    if ctx.is_distributed:
-        torch.distributed.all_gather_object(counts, (len(work.parts), len(todo)))
-    else:
-        counts = [(len(work.parts), len(todo))]
+    counts = dist.all_gather_object((len(work.parts), len(todo)))
     if ctx.is_main:
         total, left = sum(c[0] for c in counts), sum(c[1] for c in counts)
         log.info("embedding %d samples of %s with %s (%d-d, %s) on %d process(es) into %s: %d parts of up to %d "
@@ -316,12 +312,14 @@ def embed_on_rank(cfg: DictConfig, ctx: dist.Dist, stop: StopOnSignal) -> dict:
 
     if written != len(work.parts):  # a programming error: every part must be complete here
         raise RuntimeError(f"rank {ctx.rank}: {written} of {len(work.parts)} parts written")
-    mine = {"parts": parts.listed(), "images": images, "seconds": seconds, "startup": startup}
-    everyone = [None] * ctx.world_size
-    if ctx.is_distributed:
-        torch.distributed.all_gather_object(everyone, mine)
-    else:
-        everyone = [mine]
+    return finish(cfg, ctx, work, parts.listed(), {"images": images, "seconds": seconds, "startup": startup})
+
+
+def finish(cfg: DictConfig, ctx: dist.Dist, work: RankWork, mine: list[dict], timing: dict) -> dict:
+    """Every rank is done: rank 0 writes the manifest, listing every rank's parts in rank order (the shards'
+    order). Returns its figures and the throughput, the same on every rank."""
+    out, info = Path(cfg.out), work.info
+    everyone = dist.all_gather_object({"parts": mine, **timing})
     listed = [p for rank in everyone for p in rank["parts"]]
     skipped = sum(p["skipped"] for p in listed)
     parts_listed = [{"name": p["name"], "count": p["count"]} for p in listed if p["count"]]
