@@ -18,10 +18,11 @@ SIGTERM, SIGUSR1 or Ctrl-C stop each rank after its current batch (exit code 75,
 written so far are kept. Bad input is one sentence and exit code 2, before any rank waits for another.
 """
 
-# First, before the slow imports: catch the stop signals (see train.py).
+# Run as a program: catch the stop signals first, before the slow imports (see train.py). Imported (by a test, or
+# as a data-loader worker's main module), it leaves the signal handlers alone.
 from recog.preempt import StopOnSignal
 
-STOP = StopOnSignal().install()
+STOP = StopOnSignal().install() if __name__ == "__main__" else None
 
 import hashlib  # noqa: E402
 import json  # noqa: E402
@@ -367,7 +368,7 @@ def leave(code: int) -> None:
 @hydra.main(version_base="1.3", config_path=None, config_name="embed")
 def main(cfg: DictConfig) -> None:
     try:
-        run(cfg, STOP)
+        run(cfg, STOP or StopOnSignal().install())
     except Preempted as e:  # the parts written so far are kept: the same command continues
         print(f"{'interrupted' if e.interrupted else 'preempted'}: {e}; exit code {e.exit_code}", file=sys.stderr,
               flush=True)

@@ -5,6 +5,7 @@ batches' stream are tested without processes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -27,9 +28,10 @@ from recog.data.manifest import load_manifest
 from recog.data.plan import Piece, rank_pieces
 from recog.data.stream import read_pieces
 from recog.data.write import FASHION_MNIST_CLASSES, Record, idx_records, write_shards
+from recog.embed import Plan, read_records
 from recog.embedder import Preprocess
 from recog.embeddings import embed_shards, open_embeddings
-from recog.errors import DataError
+from recog.errors import ConfigError, DataError
 from recog.export import export
 
 # small batches and parts, so that a run has many of each (2 × 13 parts of the 1,000 tiny training images)
@@ -148,9 +150,15 @@ def test_a_run_stopped_by_sigterm_continues_and_ends_with_the_same_files(two_pro
     assert f"26 parts of up to 40 samples, {written} written already" in again.stdout, again.stdout
     assert files(out) == files(two_processes)  # every part, record and the manifest: byte for byte
 
-    changed = run_embed(2, *args[:-3], "part_size=50", "num_workers=1", cwd=tmp_path)
-    assert changed.returncode != 0
-    assert "holds parts of another embedding run (part_size 40 (this run: 50))" in changed.stderr, changed.stderr
+
+@pytest.mark.slow  # the 2-process run
+def test_parts_of_another_plan_are_refused_and_complete_parts_found(two_processes):
+    """What a restarted rank reads from the out folder (in this process: the folder of the 2-process run)."""
+    record = json.loads((two_processes / "part-00001-00003.json").read_text())
+    plan, parts = Plan(**record["plan"]), rank_parts(500, 40)
+    assert sorted(read_records(two_processes, plan, 1, parts)) == list(range(13))
+    with pytest.raises(ConfigError, match=r"holds parts of another embedding run \(part_size 40 \(this run: 50\)\)"):
+        read_records(two_processes, dataclasses.replace(plan, part_size=50), 1, rank_parts(500, 50))
 
 
 def colour_shards(tiny_data, folder: Path) -> Path:
