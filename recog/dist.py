@@ -223,6 +223,15 @@ def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def all_gather_object(value) -> list:
+    """Every rank's picklable `value`, in rank order (`[value]` without a process group)."""
+    if not dist.is_initialized():
+        return [value]
+    values = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def all_gather_with_grad(local: torch.Tensor) -> torch.Tensor:
     """Every rank's `local` (same shape on every rank), concatenated in rank order.
 

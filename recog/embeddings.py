@@ -1,0 +1,254 @@
+"""The embeddings format: what an embedder writes and `python -m recog.index` reads.
+
+A folder of parts, each written whole by one writer (so many ranks or machines can each write their own),
+and a `manifest.json` written last, whose presence means the folder is complete:
+
+    manifest.json     {"format": "recog-embeddings/1", "model_sha256": the export's checkpoint sha256 (model.json),
+                       "dim": D, "dtype": "float16" | "float32", "count": N, "classes": [names of the labels],
+                       "parts": [{"name": "part-00000", "count": n0}, ...]}
+    part-00000.npy    n0×D vectors, unit length, in `dtype`
+    part-00000.npz    "keys": n0 strings (the samples' keys in their shards), "labels": n0 int64 (-1: none)
+
+Vectors are read part by part, a chunk at a time, memory-mapped: a reader's memory is bounded by a chunk.
+
+`python -m recog.embeddings EXPORT_DIR SHARDS OUT_DIR` writes one from an export and a folder of shards, in
+one process; the distributed embedder writes the same format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from recog.checkpoint import atomic_write, write_json
+from recog.data.decode import decode_sample
+from recog.data.manifest import load_manifest
+from recog.data.plan import Piece
+from recog.data.stream import read_pieces
+from recog.errors import ConfigError, RecogError
+
+FORMAT = "recog-embeddings/1"
+MANIFEST = "manifest.json"
+DTYPES = ("float16", "float32")
+
+
+def part_name(number: int, rank: int | None = None) -> str:
+    """`part-NNNNN`; a distributed writer's parts carry their rank: `part-RRRRR-NNNNN`."""
+    return f"part-{number:05d}" if rank is None else f"part-{rank:05d}-{number:05d}"
+
+
+def write_part(folder: str | Path, name: str, vectors: np.ndarray, keys, labels) -> dict:
+    """One part's two files, each atomically; returns its manifest entry."""
+    folder = Path(folder)
+    keys, labels = np.asarray(keys, dtype=str), np.asarray(labels, dtype=np.int64)
+    if not len(vectors) == len(keys) == len(labels):
+        raise ValueError(f"part {name}: {len(vectors)} vectors, {len(keys)} keys, {len(labels)} labels")
+    atomic_write(folder / f"{name}.npy", lambda f: np.save(f, vectors))
+    atomic_write(folder / f"{name}.npz", lambda f: save_npz(f, keys=keys, labels=labels))
+    return {"name": name, "count": len(vectors)}
+
+
+def save_npz(file, **arrays: np.ndarray) -> None:
+    """np.savez, but the same arrays always give the same bytes (np.savez stamps each member with the time): a
+    restarted writer ends with files identical to an uninterrupted one's."""
+    with zipfile.ZipFile(file, "w", zipfile.ZIP_STORED) as archive:
+        for key, array in arrays.items():
+            member = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            with archive.open(member, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
+
+
+def write_manifest(folder: str | Path, model_sha256: str, dim: int, dtype: str, parts: list[dict],
+                   classes: list[str], **extra) -> Path:
+    """Last: once it is there, every part it lists is complete. `extra`: what the writer adds for the record
+    (readers ignore it)."""
+    return write_json({"format": FORMAT, "model_sha256": model_sha256, "dim": dim, "dtype": dtype,
+                       "count": sum(p["count"] for p in parts), "classes": list(classes), "parts": parts, **extra},
+                      Path(folder) / MANIFEST)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    start: int  # the id of the first vector: its position in the whole set
+    vectors: np.ndarray  # float32, C-contiguous (what faiss takes)
+    keys: np.ndarray
+    labels: np.ndarray
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    folder: Path
+    model_sha256: str
+    dim: int
+    dtype: str
+    count: int
+    classes: list[str]
+    parts: list[dict]
+
+    def vectors(self, part: dict) -> np.ndarray:
+        """A part's vectors, memory-mapped (nothing is read until used)."""
+        path = self.folder / f"{part['name']}.npy"
+        try:
+            vectors = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path} cannot be read ({e}); write the embeddings again.") from None
+        if vectors.shape != (part["count"], self.dim):
+            raise ConfigError(f"{path} holds {vectors.shape} vectors where {self.folder / MANIFEST} says "
+                              f"({part['count']}, {self.dim}); write the embeddings again.")
+        return vectors
+
+    def keys_labels(self, part: dict) -> tuple[np.ndarray, np.ndarray]:
+        path = self.folder / f"{part['name']}.npz"
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                keys, labels = npz["keys"], npz["labels"]
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"{path} cannot be read ({e}); write the embeddings again.") from None
+        if not len(keys) == len(labels) == part["count"]:
+            raise ConfigError(f"{path} does not hold {part['count']} keys and labels as {self.folder / MANIFEST} "
+                              "says; write the embeddings again.")
+        return keys, labels
+
+    def chunks(self, size: int = 65536) -> Iterator[Chunk]:
+        """Every vector in id order, `size` at a time (and never across a part's end)."""
+        start = 0
+        for part in self.parts:
+            vectors, (keys, labels) = self.vectors(part), self.keys_labels(part)
+            for lo in range(0, part["count"], size):
+                hi = min(lo + size, part["count"])
+                yield Chunk(start + lo, np.ascontiguousarray(vectors[lo:hi], dtype=np.float32), keys[lo:hi],
+                            labels[lo:hi])
+            start += part["count"]
+
+    def sample(self, n: int, seed: int = 0) -> np.ndarray:
+        """`n` vectors drawn at random without replacement (all of them if there are fewer), float32."""
+        if n >= self.count:
+            return np.concatenate([c.vectors for c in self.chunks()])
+        chosen = np.sort(np.random.default_rng(seed).choice(self.count, n, replace=False))
+        out, start = [], 0
+        for part in self.parts:
+            mine = chosen[(chosen >= start) & (chosen < start + part["count"])] - start
+            out.append(np.asarray(self.vectors(part)[mine], dtype=np.float32))
+            start += part["count"]
+        return np.concatenate(out)
+
+
+def open_embeddings(folder: str | Path) -> Embeddings:
+    """Read and check a folder's manifest; every problem is one sentence."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not path.is_file():
+        raise ConfigError(f"no {MANIFEST} in {folder}; give a folder of embeddings (python -m recog.embeddings "
+                          "writes one), or wait until its writer has finished.")
+    try:
+        raw = json.loads(path.read_text())
+        if raw.get("format") != FORMAT or raw["dtype"] not in DTYPES:
+            raise ValueError(f"format {raw.get('format')}, dtype {raw.get('dtype')}")
+        emb = Embeddings(folder, str(raw["model_sha256"]), int(raw["dim"]), raw["dtype"], int(raw["count"]),
+                         list(raw.get("classes") or []), [{"name": str(p["name"]), "count": int(p["count"])}
+                                                          for p in raw["parts"]])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ConfigError(f"{path} is not a recog embeddings manifest ({e}); write the embeddings again.") from None
+    if emb.count != sum(p["count"] for p in emb.parts):
+        raise ConfigError(f"{path} counts {emb.count} vectors but its parts hold "
+                          f"{sum(p['count'] for p in emb.parts)}; write the embeddings again.")
+    return emb
+
+
+class PartWriter:
+    """Collects vectors and writes a part of `part_size` each time there are that many (the rest at `flush`)."""
+
+    def __init__(self, folder: Path, part_size: int, dtype: str, first_part: int = 0):
+        self.folder, self.part_size, self.dtype = folder, part_size, dtype
+        self.number, self.parts = first_part, []
+        self.vectors, self.keys, self.labels = [], [], []
+
+    def add(self, vectors: np.ndarray, keys: list[str], labels: list[int]) -> None:
+        self.vectors.append(vectors.astype(self.dtype))
+        self.keys += keys
+        self.labels += labels
+        while len(self.keys) >= self.part_size:
+            self._write(self.part_size)
+
+    def flush(self) -> None:
+        if self.keys:
+            self._write(len(self.keys))
+
+    def _write(self, n: int) -> None:
+        vectors = np.concatenate(self.vectors)
+        self.parts.append(write_part(self.folder, part_name(self.number), vectors[:n], self.keys[:n],
+                                     self.labels[:n]))
+        self.number, self.vectors, self.keys, self.labels = self.number + 1, [vectors[n:]], self.keys[n:], \
+            self.labels[n:]
+
+
+def embed_shards(export_dir: str | Path, shards: str | Path, out_dir: str | Path, part_size: int = 10000,
+                 batch_size: int = 256, dtype: str = "float32") -> Embeddings:
+    """Embed every readable sample of a folder of shards, in order, with an export; unreadable ones are skipped."""
+    from recog.embedder import ExportedEmbedder  # loads torch.export: not needed to read embeddings
+
+    out_dir = Path(out_dir)
+    if (out_dir / MANIFEST).exists():
+        raise ConfigError(f"{out_dir} already holds embeddings; choose another folder.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    embedder, manifest = ExportedEmbedder(export_dir), load_manifest(shards)
+    pieces = [Piece(i, 0, s.samples) for i, s in enumerate(manifest.shards)]
+    writer = PartWriter(out_dir, part_size, dtype)
+    images, keys, labels, skipped = [], [], [], 0
+
+    def embed_batch():
+        writer.add(embedder.embed(torch.stack(images)), keys[:], labels[:])
+        for pending in (images, keys, labels):
+            pending.clear()
+
+    for sample in read_pieces(manifest, pieces, strict=False):
+        try:
+            image, label = decode_sample(sample, embedder.channels)
+        except Exception:  # None (an unreadable shard's samples) or undecodable: as training skips them
+            skipped += 1
+            continue
+        images.append(embedder.preprocess(image))
+        keys.append(sample["__key__"])
+        labels.append(label)
+        if len(images) == batch_size:
+            embed_batch()
+    if images:
+        embed_batch()
+    writer.flush()
+    if not writer.parts:
+        raise ConfigError(f"no image of {shards} could be read; write the shards again.")
+    write_manifest(out_dir, embedder.sha256, embedder.dim, dtype, writer.parts, manifest.classes)
+    if skipped:
+        print(f"skipped {skipped} unreadable sample(s) of {shards}", file=sys.stderr)
+    return open_embeddings(out_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m recog.embeddings", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("export_dir", help="a folder written by python -m recog.export")
+    parser.add_argument("shards", help="a folder of shards (its manifest.json)")
+    parser.add_argument("out_dir", help="the embeddings folder to write")
+    parser.add_argument("--part-size", type=int, default=10000, help="vectors per part file (10000)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--dtype", choices=DTYPES, default="float32")
+    args = parser.parse_args(argv)
+    try:
+        emb = embed_shards(args.export_dir, args.shards, args.out_dir, args.part_size, args.batch_size, args.dtype)
+    except RecogError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.out_dir}: {emb.count} {emb.dim}-d {emb.dtype} embeddings in {len(emb.parts)} part(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Export a trained model's embedder for serving: `python -m recog.export CHECKPOINT OUT_DIR`.
+
+Writes into OUT_DIR, each file atomically, `model.json` last (its presence means the export is complete):
+
+- `embedder.pt2`: `torch.export` program, uint8 images N×C×S×S in (any N), L2-normalised float32 embeddings
+  N×D out. The normalisation `(x / 255 - mean) / std` is inside the graph, so a consumer needs only to decode,
+  resize and crop (model.json says how) and cannot get the statistics wrong. The classifier is left out.
+- `embedder.onnx`: the same program in ONNX (dynamic batch axis), when `onnx` and `onnxscript` are installed
+  (`pip install 'recog[onnx]'`).
+- `model.json`: what the program expects and gives: channels, image size, the resize/crop rule, mean and std,
+  embedding width, class names, the checkpoint's sha256 (which embeddings and indexes made with this export
+  carry, so that vectors of different models are never mixed) and the recog version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import recog
+from recog.checkpoint import atomic_write, load_checkpoint, write_json
+from recog.data.manifest import load_manifest
+from recog.data.prepare import class_names as preset_class_names
+from recog.data.source import is_remote
+from recog.errors import ConfigError, RecogError
+from recog.model import RecognitionModel, state_mismatch
+
+FORMAT = "recog-embedder/1"
+MODEL_JSON, PT2, ONNX = "model.json", "embedder.pt2", "embedder.onnx"
+MAX_BATCH = 1 << 16  # the export's batch dimension ranges over 1..MAX_BATCH
+# the resize/crop rule of every augment preset's `test` transform (conf/augment/*.yaml): what serving repeats
+PREPROCESS = {"resize": "shorter_side", "interpolation": "bilinear", "antialias": True, "crop": "center"}
+
+
+class Embedder(nn.Module):
+    """uint8 images -> L2-normalised embeddings: the model's backbone and embedding head, with the training
+    run's normalisation in front (the same arithmetic as recog.data.normalize.Normalize) and no classifier."""
+
+    def __init__(self, model: RecognitionModel, mean: list[float], std: list[float]):
+        super().__init__()
+        self.backbone, self.embed = model.backbone, model.embed
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() - self.mean) / self.std
+        return F.normalize(self.embed(self.backbone(x)), dim=1)
+
+
+def sha256_of(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_checkpoint(path: str | Path, option: str = "python -m recog.export") -> dict:
+    """A checkpoint written by train.py, or one sentence saying why this file is not one. `option`: where the
+    path came from, for the message."""
+    ckpt = load_checkpoint(path, option)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or \
+            not isinstance(ckpt.get("config"), dict):
+        raise ConfigError(f"{path} is not a recog checkpoint (it has no model and config); give a checkpoint "
+                          "written by train.py, e.g. outputs/<run>/checkpoints/best.pt.")
+    return ckpt
+
+
+def data_settings(config: dict, path: str | Path) -> dict:
+    """channels, image_size, mean, std as the run settled them (train.py saves the config after data.*=auto)."""
+    data = config.get("data", {})
+    settings = {key: data.get(key) for key in ("channels", "image_size", "mean", "std")}
+    unsettled = [key for key, value in settings.items() if value in (None, "auto")]
+    if unsettled:
+        raise ConfigError(f"the config in {path} does not say data.{unsettled[0]}; export a checkpoint written by "
+                          "a run of this recog version, which saves the values it chose.")
+    return settings
+
+
+def rebuild_model(ckpt: dict, path: str | Path) -> RecognitionModel:
+    """The model the checkpoint's config describes, with its weights. Built directly rather than through Hydra's
+    `_target_`: a checkpoint's config must not name arbitrary code to run."""
+    config = ckpt["config"]
+    spec = dict(config.get("model", {}))
+    target = spec.pop("_target_", "recog.model.RecognitionModel")
+    if target != "recog.model.RecognitionModel":
+        raise ConfigError(f"{path} holds a {target} model; recog.export exports recog.model.RecognitionModel only.")
+    state = ckpt["model"]
+    if "class_weights" not in state:
+        raise ConfigError(f"{path} holds no recog model weights (no class_weights); export a checkpoint written "
+                          "by train.py.")
+    try:
+        model = RecognitionModel(num_classes=state["class_weights"].shape[0],
+                                 in_channels=data_settings(config, path)["channels"], **spec)
+    except TypeError as e:
+        raise ConfigError(f"the model settings in {path} do not fit this recog version ({e}); export it with "
+                          "the recog version that trained it.") from None
+    problem = state_mismatch(model.state_dict(), state)
+    if problem:
+        raise ConfigError(f"the weights in {path} do not fit the model its config describes ({problem}); "
+                          "the checkpoint is damaged: export another one.")
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def class_names(ckpt: dict, num_classes: int) -> tuple[list[str], str]:
+    """The training classes' names, and where they came from: the checkpoint, the training shards' manifest
+    (a local folder that still exists), the data config's named preset, else '0', '1', ..."""
+    if len(ckpt.get("classes") or []) == num_classes:
+        return list(ckpt["classes"]), "checkpoint"
+    data = ckpt["config"].get("data", {})
+    train = data.get("train")
+    if isinstance(train, str) and not is_remote(train) and "{" not in train:
+        try:
+            names = load_manifest(train, check_files=False).classes
+            if len(names) == num_classes:
+                return names, f"manifest of {train}"
+        except ConfigError:  # moved or deleted since training: try the next source
+            pass
+    names = preset_class_names((data.get("prepare") or {}).get("class_names"))
+    if names and len(names) == num_classes:
+        return list(names), "data.prepare.class_names"
+    return [str(i) for i in range(num_classes)], "class indices (no names found)"
+
+
+def describe(ckpt: dict, path: Path, model: RecognitionModel, classes: list[str]) -> dict:
+    settings = data_settings(ckpt["config"], path)
+    return {
+        "format": FORMAT,
+        "recog_version": recog.__version__,
+        "checkpoint": {"name": path.name, "sha256": sha256_of(path), "step": ckpt.get("step"),
+                       "epoch": ckpt.get("epoch")},
+        "backbone": ckpt["config"]["model"].get("backbone"),
+        "input": {"dtype": "uint8", "layout": "NCHW", "channels": settings["channels"],
+                  "image_size": settings["image_size"], "normalized_inside": True},
+        "preprocess": {"size": settings["image_size"], **PREPROCESS},
+        "mean": list(settings["mean"]),
+        "std": list(settings["std"]),
+        "embedding_dim": model.embed.out_features,
+        "output": {"dtype": "float32", "l2_normalized": True},
+        "classes": classes,
+        "files": {"pt2": PT2},
+    }
+
+
+def export_program(embedder: Embedder, channels: int, size: int) -> torch.export.ExportedProgram:
+    example = torch.zeros(2, channels, size, size, dtype=torch.uint8)  # 2: a batch of 1 would be specialised
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    with torch.no_grad():
+        return torch.export.export(embedder, (example,), dynamic_shapes=({0: batch},))
+
+
+def onnx_available() -> bool:
+    """torch's ONNX exporter needs onnx and onnxscript."""
+    return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxscript"))
+
+
+def save_onnx(program: torch.export.ExportedProgram, path: Path) -> None:
+    onnx_program = torch.onnx.export(program, input_names=["images"], output_names=["embeddings"],
+                                     dynamo=True, verbose=False)
+    # One file, weights inside (recog's models are far below protobuf's 2 GB limit).
+    atomic_write(path, lambda f: f.write(onnx_program.model_proto.SerializeToString()))
+
+
+def check_out_dir(out_dir: Path, checkpoint: Path, overwrite: bool) -> None:
+    """Refuse to replace an earlier export unless asked; files of other names in OUT_DIR are left alone."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{out_dir} is a file; give an output folder.")
+    if (out_dir / MODEL_JSON).exists() and not overwrite:
+        raise ConfigError(f"{out_dir} already holds an export ({MODEL_JSON}); choose another folder or pass "
+                          "--overwrite to replace it.")
+    if checkpoint.resolve().parent == out_dir.resolve() and checkpoint.name in (PT2, ONNX, MODEL_JSON):
+        raise ConfigError(f"the checkpoint {checkpoint} would be overwritten by the export; choose another folder.")
+
+
+def export(checkpoint: str | Path, out_dir: str | Path, onnx: bool = True, overwrite: bool = False) -> dict:
+    """Write the export of `checkpoint` into `out_dir`; returns what model.json says."""
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    check_out_dir(out_dir, checkpoint, overwrite)
+    ckpt = read_checkpoint(checkpoint)
+    model = rebuild_model(ckpt, checkpoint)
+    classes, classes_from = class_names(ckpt, model.class_weights.shape[0])
+    info = describe(ckpt, checkpoint, model, classes) | {"classes_from": classes_from}
+    embedder = Embedder(model, info["mean"], info["std"]).eval()
+    program = export_program(embedder, info["input"]["channels"], info["input"]["image_size"])
+    (out_dir / MODEL_JSON).unlink(missing_ok=True)  # an earlier export (--overwrite) is incomplete from here on
+    atomic_write(out_dir / PT2, lambda f: torch.export.save(program, f))
+    if onnx and onnx_available():
+        save_onnx(program, out_dir / ONNX)
+        info["files"]["onnx"] = ONNX
+    write_json(info, out_dir / MODEL_JSON)
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m recog.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="a checkpoint written by train.py (e.g. outputs/<run>/checkpoints/best.pt)")
+    parser.add_argument("out_dir", help="folder for embedder.pt2, embedder.onnx and model.json")
+    parser.add_argument("--no-onnx", action="store_true", help="write embedder.pt2 and model.json only")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT_DIR")
+    args = parser.parse_args(argv)
+    try:
+        info = export(args.checkpoint, args.out_dir, onnx=not args.no_onnx, overwrite=args.overwrite)
+    except RecogError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    files = ", ".join(info["files"].values())
+    print(f"{args.out_dir}: {files}, {MODEL_JSON} | {info['backbone']}, {info['input']['channels']} channel(s), "
+          f"{info['input']['image_size']} px, {info['embedding_dim']}-d embeddings, {len(info['classes'])} classes "
+          f"(names from {info['classes_from']})")
+    if not args.no_onnx and "onnx" not in info["files"]:
+        print(f"{ONNX} not written: install onnx and onnxscript (pip install 'recog[onnx]')", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Identify images: their nearest gallery items and a class vote.
+
+    python -m recog.identify --model EXPORT_DIR --index INDEX_DIR [-k 5] [--json] IMAGE...
+
+Each image is decoded, resized and cropped as the export's model.json says, embedded, and searched in the index
+(built with python -m recog.index from embeddings of the same export). The vote weighs each of the k matches'
+labels by its score (cosine similarity), so one very close match outweighs two distant ones of another class;
+it is the label with the largest sum, named by the gallery's class names. `--json` prints one list with one
+object per image: {"image": path, "vote": class name, "matches": [{"key", "label", "class", "score"}, ...]}
+(label: the gallery item's class index, class: its name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+
+import torch
+
+from recog.embedder import ExportedEmbedder
+from recog.errors import ConfigError, RecogError
+from recog.index import Gallery, open_gallery
+
+
+def check_match(embedder: ExportedEmbedder, gallery: Gallery, model_dir: str, index_dir: str) -> None:
+    """Vectors of different models are not comparable, even at the same width: refuse the pair."""
+    if embedder.dim != gallery.info.dim:
+        raise ConfigError(f"the export in {model_dir} gives {embedder.dim}-d embeddings and the index in {index_dir} "
+                          f"holds {gallery.info.dim}-d ones; give the export the index was built with.")
+    if embedder.sha256 != gallery.info.model_sha256:
+        raise ConfigError(f"the index in {index_dir} was built from another model's embeddings (checkpoint sha256 "
+                          f"{gallery.info.model_sha256[:12]}, the export in {model_dir} is "
+                          f"{embedder.sha256[:12]}); give the export the index was built with, or embed the "
+                          "gallery again with this one.")
+
+
+def vote(labels: list[int], scores: list[float]) -> int | None:
+    """The label with the largest summed score (ties: the one of the best match); None without matches."""
+    totals: dict[int, float] = defaultdict(float)
+    for label, score in zip(labels, scores):
+        totals[label] += score
+    return max(totals, key=lambda label: (totals[label], -labels.index(label))) if totals else None
+
+
+def class_name(label: int | None, classes: list[str]) -> str | None:
+    if label is None:
+        return None
+    return classes[label] if 0 <= label < len(classes) else str(label)
+
+
+def identify(model_dir: str, index_dir: str, images: list[str], k: int = 5) -> list[dict]:
+    """One result per image, in order: {"image", "vote", "matches": [{"key", "label", "class", "score"}, ...]}."""
+    if k < 1:
+        raise ConfigError(f"-k {k} asks for no match; give -k 1 or more.")
+    embedder, gallery = ExportedEmbedder(model_dir), open_gallery(index_dir)
+    check_match(embedder, gallery, model_dir, index_dir)
+    pixels = torch.stack([embedder.load_image(path) for path in images])  # every image read before any search
+    scores, ids = gallery.search(embedder.embed(pixels), k)
+    classes = gallery.info.classes or embedder.classes  # the gallery's labels: its own names first
+    results = []
+    for path, row_scores, row_ids in zip(images, scores, ids):
+        found = row_ids >= 0  # faiss pads with -1 when the gallery holds fewer than k items
+        labels = [int(x) for x in gallery.labels[row_ids[found]]]
+        matches = [{"key": str(gallery.keys[i]), "label": label, "class": class_name(label, classes),
+                    "score": round(float(s), 6)} for i, label, s in zip(row_ids[found], labels, row_scores[found])]
+        results.append({"image": path, "vote": class_name(vote(labels, list(row_scores[found])), classes),
+                        "matches": matches})
+    return results
+
+
+def print_table(results: list[dict]) -> None:
+    for result in results:
+        print(f"{result['image']}: {result['vote']}")
+        for rank, m in enumerate(result["matches"], 1):
+            print(f"  {rank:>3}. {m['score']:.4f}  {m['class']}  {m['key']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m recog.identify", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a folder written by python -m recog.export")
+    parser.add_argument("--index", required=True, help="a folder written by python -m recog.index build")
+    parser.add_argument("-k", type=int, default=5, help="matches per image, and the votes (5)")
+    parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
+    parser.add_argument("images", nargs="+", metavar="IMAGE")
+    args = parser.parse_args(argv)
+    try:
+        results = identify(args.model, args.index, args.images, args.k)
+    except RecogError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(results, indent=1))
+    else:
+        print_table(results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""A searchable gallery: faiss indexes over a folder of embeddings (recog.embeddings).
+
+    python -m recog.index build EMBEDDINGS OUT_DIR [--kind auto|flat|ivfpq|hnsw] [--shards N]
+    python -m recog.index add INDEX_DIR NEW_EMBEDDINGS
+
+Embeddings are unit length, so the inner product is the cosine similarity, and the score identify reports.
+`--kind auto` picks an exact flat index for galleries up to FLAT_UP_TO vectors and IVF-PQ above (nlist about
+4·sqrt(n) lists, PQ codes of m bytes with m dividing the width); `hnsw` is a graph index (fast, all vectors
+kept). IVF-PQ is trained on a random sample of at most `--train-size` vectors; vectors are then added a chunk at
+a time, so the vectors in memory are bounded by a chunk, and the index files by a shard.
+
+OUT_DIR holds faiss's own files (`faiss.write_index`), one per shard, `ids-*.npz` (each id's key and label, in id
+order) and `index.json`, which names them and is replaced last: a reader sees the old index or the new one.
+With `--shards N` the ids are split into N contiguous ranges, one index each, every shard a copy of the same
+trained index, searched as one through `faiss.IndexShards`; flat and IVF-PQ then give exactly the results of one
+index (an HNSW graph per shard differs from one graph over all). `add` appends to the last shard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+import recog
+from recog.checkpoint import atomic_write, write_json
+from recog.embeddings import Embeddings, open_embeddings
+from recog.errors import ConfigError, RecogError
+
+FORMAT = "recog-index/1"
+INDEX_JSON = "index.json"
+KINDS = ("auto", "flat", "ivfpq", "hnsw")
+# Up to this many vectors an exact search costs a few milliseconds per query on one CPU core and holds n×D
+# floats (100 MB at D=128); above it IVF-PQ holds m bytes per vector and probes a few lists instead of all.
+FLAT_UP_TO = 200_000
+NPROBE_SHARE = 16  # IVF-PQ probes 1/16 of its lists by default (recall against flat: tests/test_index.py)
+HNSW_EF_SEARCH = 64
+
+
+def import_faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise ConfigError("faiss is not installed; pip install 'recog[identify]' (faiss-cpu).") from None
+    return faiss
+
+
+def pq_bytes(dim: int) -> int:
+    """PQ sub-vectors per vector (a byte each): the largest divisor of `dim` up to dim/8, so each sub-quantizer
+    covers 8 dimensions or more (faiss's usual choice: 16 bytes at D=128). Narrower sub-vectors code more
+    accurately but train far more slowly (4 dimensions: over 10x on a CPU)."""
+    return max([m for m in range(1, dim // 8 + 1) if dim % m == 0] or [1])
+
+
+def choose_kind(kind: str, count: int, dim: int) -> tuple[dict, str]:
+    """The index's parameters for `count` vectors, and one line saying what was chosen and why."""
+    if kind == "auto":
+        kind = "flat" if count <= FLAT_UP_TO else "ivfpq"
+        why = f" ({'at most' if kind == 'flat' else 'more than'} {FLAT_UP_TO:,} vectors)"
+    else:
+        why = ""
+    if kind == "flat":
+        return {"kind": "flat", "factory": "Flat"}, f"index: exact (flat) for {count:,} vectors{why}"
+    if kind == "hnsw":
+        params = {"kind": "hnsw", "factory": "HNSW32,Flat", "search": {"efSearch": HNSW_EF_SEARCH}}
+        return params, f"index: HNSW (32 links, efSearch {HNSW_EF_SEARCH}) for {count:,} vectors{why}"
+    nlist = max(1, min(round(4 * math.sqrt(count)), count // 39))  # faiss's k-means wants ≥ 39 points per list
+    if count < 256:
+        raise ConfigError(f"IVF-PQ needs at least 256 vectors to train its codebooks and the gallery has {count}; "
+                          "use --kind flat.")
+    m, nprobe = pq_bytes(dim), max(1, nlist // NPROBE_SHARE)
+    # np: no polysemous training (a code reordering for Hamming filtering, which search does not use, and which
+    # takes minutes)
+    params = {"kind": "ivfpq", "factory": f"IVF{nlist},PQ{m}np", "search": {"nprobe": nprobe}}
+    return params, (f"index: IVF-PQ, {nlist} lists (nprobe {nprobe}), {m}-byte codes, for {count:,} vectors{why}")
+
+
+def new_index(params: dict, dim: int):
+    faiss = import_faiss()
+    return faiss.index_factory(dim, params["factory"], faiss.METRIC_INNER_PRODUCT)
+
+
+def set_search_params(index, params: dict) -> None:
+    faiss = import_faiss()
+    for name, value in params.get("search", {}).items():
+        faiss.ParameterSpace().set_index_parameter(index, name, value)
+
+
+def shard_ranges(count: int, shards: int) -> list[tuple[int, int]]:
+    """[start, stop) of each shard's ids: contiguous, as equal as can be."""
+    bounds = [round(i * count / shards) for i in range(shards + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def add_range(index, emb: Embeddings, start: int, stop: int, chunk: int) -> None:
+    """Add the vectors with ids [start, stop) to `index`, a chunk at a time."""
+    for c in emb.chunks(chunk):
+        lo, hi = max(start, c.start), min(stop, c.start + len(c.vectors))
+        if lo < hi:
+            index.add(c.vectors[lo - c.start : hi - c.start])
+
+
+def ids_of(emb: Embeddings) -> tuple[np.ndarray, np.ndarray]:
+    keys, labels = zip(*(emb.keys_labels(part) for part in emb.parts))
+    return np.concatenate(keys), np.concatenate(labels)
+
+
+def write_ids(folder: Path, name: str, keys: np.ndarray, labels: np.ndarray) -> None:
+    atomic_write(folder / name, lambda f: np.savez(f, keys=keys, labels=labels))
+
+
+def write_faiss(index, path: Path) -> None:
+    faiss = import_faiss()
+    atomic_write(path, lambda f: f.write(faiss.serialize_index(index).tobytes()))
+
+
+@dataclass
+class IndexInfo:
+    """What index.json says: the model, the width, the labels' names, the kind, and the files of this version."""
+
+    folder: Path
+    raw: dict
+
+    @property
+    def model_sha256(self) -> str:
+        return self.raw["model_sha256"]
+
+    @property
+    def dim(self) -> int:
+        return self.raw["dim"]
+
+    @property
+    def count(self) -> int:
+        return self.raw["count"]
+
+    @property
+    def classes(self) -> list[str]:
+        return self.raw["classes"]
+
+    def files(self) -> list[str]:
+        return [*self.raw["shards"], self.raw["ids"]]
+
+
+def read_index_info(folder: str | Path) -> IndexInfo:
+    folder = Path(folder)
+    path = folder / INDEX_JSON
+    if not path.is_file():
+        raise ConfigError(f"no {INDEX_JSON} in {folder}; give a folder written by python -m recog.index build.")
+    try:
+        raw = json.loads(path.read_text())
+        if raw.get("format") != FORMAT:
+            raise ValueError(f"format {raw.get('format')}")
+        info = IndexInfo(folder, raw)
+        _ = (info.model_sha256, info.dim, info.count, info.classes, info.files(), raw["params"], raw["generation"])
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ConfigError(f"{path} is not a recog index description ({e}); build the index again.") from None
+    return info
+
+
+def commit(folder: Path, raw: dict, old: IndexInfo | None) -> IndexInfo:
+    """Replace index.json (the switch from the old version's files to the new), then remove the old files that
+    the new version does not use: only files an index.json of ours named."""
+    write_json(raw, folder / INDEX_JSON)
+    new = IndexInfo(folder, raw)
+    for name in set(old.files() if old else ()) - set(new.files()):
+        (folder / name).unlink(missing_ok=True)
+    return new
+
+
+def check_out_dir(out_dir: Path, overwrite: bool) -> IndexInfo | None:
+    """An index there is replaced only with --overwrite; files of other names are never touched."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{out_dir} is a file; give a folder for the index.")
+    if not (out_dir / INDEX_JSON).exists():
+        return None
+    if not overwrite:
+        raise ConfigError(f"{out_dir} already holds an index; add to it with `python -m recog.index add`, choose "
+                          "another folder, or pass --overwrite to replace it.")
+    return read_index_info(out_dir)
+
+
+def build(embeddings: str | Path, out_dir: str | Path, kind: str = "auto", shards: int = 1,
+          train_size: int = 100_000, chunk: int = 65536, overwrite: bool = False, log=print) -> IndexInfo:
+    """Build the index of a folder of embeddings in `out_dir`."""
+    out_dir = Path(out_dir)
+    old = check_out_dir(out_dir, overwrite)
+    emb = open_embeddings(embeddings)
+    if not 1 <= shards <= emb.count:
+        raise ConfigError(f"--shards {shards} does not fit {emb.count} vectors; give 1 to {emb.count}.")
+    params, line = choose_kind(kind, emb.count, emb.dim)
+    log(line + (f", in {shards} shards" if shards > 1 else ""))
+    empty = new_index(params, emb.dim)
+    if not empty.is_trained:
+        empty.train(emb.sample(train_size))
+    generation = old.raw["generation"] + 1 if old else 0
+    names = []
+    for number, (start, stop) in enumerate(shard_ranges(emb.count, shards)):
+        index = import_faiss().clone_index(empty)  # every shard: the same trained quantizer and codebooks
+        add_range(index, emb, start, stop, chunk)
+        names.append(f"shard-{number:05d}.g{generation}.faiss")
+        write_faiss(index, out_dir / names[-1])
+        del index  # one shard in memory at a time
+    keys, labels = ids_of(emb)
+    write_ids(out_dir, f"ids.g{generation}.npz", keys, labels)
+    raw = {"format": FORMAT, "recog_version": recog.__version__, "model_sha256": emb.model_sha256,
+           "dim": emb.dim, "count": emb.count, "classes": emb.classes, "metric": "inner_product", "params": params,
+           "shards": names, "ids": f"ids.g{generation}.npz", "generation": generation}
+    return commit(out_dir, raw, old)
+
+
+def add(index_dir: str | Path, embeddings: str | Path, chunk: int = 65536) -> IndexInfo:
+    """Append a folder of embeddings (of the same model and classes) to the index's last shard."""
+    old = read_index_info(index_dir)
+    emb = open_embeddings(embeddings)
+    if emb.model_sha256 != old.model_sha256:
+        raise ConfigError(f"the embeddings in {embeddings} come from another model (sha256 {emb.model_sha256[:12]}) "
+                          f"than the index in {index_dir} ({old.model_sha256[:12]}); embed the new images with the "
+                          "export the index was built from, or build a new index.")
+    if emb.dim != old.dim or emb.classes != old.classes:
+        raise ConfigError(f"the embeddings in {embeddings} have other {'widths' if emb.dim != old.dim else 'classes'} "
+                          f"than the index in {index_dir}; build a new index from both.")
+    folder, generation = old.folder, old.raw["generation"] + 1
+    last = read_shard(folder / old.raw["shards"][-1])
+    add_range(last, emb, 0, emb.count, chunk)
+    last_name = f"shard-{len(old.raw['shards']) - 1:05d}.g{generation}.faiss"
+    write_faiss(last, folder / last_name)
+    keys, labels = ids_of(emb)
+    with np.load(folder / old.raw["ids"], allow_pickle=False) as npz:
+        keys, labels = np.concatenate([npz["keys"], keys]), np.concatenate([npz["labels"], labels])
+    write_ids(folder, f"ids.g{generation}.npz", keys, labels)
+    raw = {**old.raw, "count": old.count + emb.count, "shards": [*old.raw["shards"][:-1], last_name],
+           "ids": f"ids.g{generation}.npz", "generation": generation}
+    return commit(folder, raw, old)
+
+
+def read_shard(path: Path):
+    faiss = import_faiss()
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing; build the index in {path.parent} again.")
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as e:  # faiss reports a damaged file as a RuntimeError
+        raise ConfigError(f"{path} is not a readable faiss index ({str(e).splitlines()[0][:80]}); build the index "
+                          "again.") from None
+
+
+@dataclass
+class Gallery:
+    """An index opened for search: `search` gives each query's top-k (scores, ids); ids index `keys`/`labels`."""
+
+    info: IndexInfo
+    index: object
+    keys: np.ndarray
+    labels: np.ndarray
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+
+def open_gallery(folder: str | Path) -> Gallery:
+    faiss = import_faiss()
+    info = read_index_info(folder)
+    shards = [read_shard(info.folder / name) for name in info.raw["shards"]]
+    for shard in shards:
+        set_search_params(shard, info.raw["params"])
+    if len(shards) == 1:
+        index = shards[0]
+    else:  # successive ids: shard i's local ids are offset by the sizes of the shards before it
+        index = faiss.IndexShards(info.dim, False, True)
+        for shard in shards:
+            index.add_shard(shard)
+    with np.load(info.folder / info.raw["ids"], allow_pickle=False) as npz:
+        keys, labels = npz["keys"], npz["labels"]
+    if not index.ntotal == len(keys) == info.count:
+        raise ConfigError(f"the index in {folder} holds {index.ntotal} vectors and {len(keys)} ids where "
+                          f"{INDEX_JSON} says {info.count}; build the index again.")
+    return Gallery(info, index, keys, labels)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m recog.index", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    b = commands.add_parser("build", help="build an index from a folder of embeddings")
+    b.add_argument("embeddings")
+    b.add_argument("out_dir")
+    b.add_argument("--kind", choices=KINDS, default="auto")
+    b.add_argument("--shards", type=int, default=1, help="split the ids into this many indexes (1)")
+    b.add_argument("--train-size", type=int, default=100_000, help="IVF-PQ trains on at most this many vectors")
+    b.add_argument("--overwrite", action="store_true", help="replace an index already in OUT_DIR")
+    a = commands.add_parser("add", help="add a folder of embeddings of the same model to an index")
+    a.add_argument("index_dir")
+    a.add_argument("embeddings")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "build":
+            info = build(args.embeddings, args.out_dir, args.kind, args.shards, args.train_size,
+                         overwrite=args.overwrite)
+        else:
+            info = add(args.index_dir, args.embeddings)
+    except RecogError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{info.folder}: {info.count:,} {info.dim}-d vectors, {info.raw['params']['factory']}, "
+          f"{len(info.raw['shards'])} shard(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""python -m recog.export: the exported embedder computes what the trained model computes, from a classifier
+and from a retrieval checkpoint; a file that is not a recog checkpoint is one sentence and exit code 2."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from identify_setup import random_checkpoint, run_module
+
+from recog.data.normalize import Normalize
+from recog.data.write import FASHION_MNIST_CLASSES
+from recog.export import export, sha256_of
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory, tiny_data):
+    """The default job's config (trained on the tiny shards), random weights, exported with ONNX."""
+    folder = tmp_path_factory.mktemp("classifier")
+    model = random_checkpoint(folder / "last.pt", f"data.train={tiny_data['train']}")
+    info = export(folder / "last.pt", folder / "export")
+    return model, info, folder
+
+
+def eager_embeddings(model, info, images: torch.Tensor) -> np.ndarray:
+    """What training and evaluation compute: Normalize, then the model's embeddings."""
+    with torch.no_grad():
+        return model(Normalize(info["mean"], info["std"])(images)).embeddings.numpy()
+
+
+def random_images(n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("batch", [1, 37])
+def test_pt2_and_onnx_equal_the_eager_model(classifier, batch):
+    model, info, folder = classifier
+    images = random_images(batch, batch)
+    expected = eager_embeddings(model, info, images)
+    program = torch.export.load(folder / "export" / "embedder.pt2").module()
+    with torch.no_grad():
+        exported = program(images).numpy()
+    assert exported.shape == (batch, info["embedding_dim"])
+    assert np.abs(exported - expected).max() <= 1e-5
+    assert np.allclose(np.linalg.norm(exported, axis=1), 1, atol=1e-5)
+
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(folder / "export" / "embedder.onnx"),
+                                           providers=["CPUExecutionProvider"])
+    (from_onnx,) = session.run(None, {"images": images.numpy()})
+    assert np.abs(from_onnx - expected).max() <= 1e-4
+
+
+def test_model_json_says_what_the_embedder_expects(classifier, tiny_data):
+    model, info, folder = classifier
+    written = json.loads((folder / "export" / "model.json").read_text())
+    assert written == json.loads(json.dumps(info))
+    assert written["checkpoint"]["sha256"] == sha256_of(folder / "last.pt")
+    assert written["input"] == {"dtype": "uint8", "layout": "NCHW", "channels": 1, "image_size": 28,
+                                "normalized_inside": True}
+    assert written["preprocess"]["resize"] == "shorter_side" and written["preprocess"]["crop"] == "center"
+    assert written["mean"] == [0.2853] and written["std"] == [0.3541]
+    assert written["embedding_dim"] == model.embed.out_features
+    assert written["classes"] == FASHION_MNIST_CLASSES  # from the training shards' manifest
+    assert written["classes_from"] == f"manifest of {tiny_data['train']}"
+    assert written["files"] == {"pt2": "embedder.pt2", "onnx": "embedder.onnx"}
+
+
+def test_retrieval_checkpoint_exports(tmp_path):
+    """experiment=retrieval_fashion (P×K, triplet loss); its shards are not there: names from the data preset."""
+    model = random_checkpoint(tmp_path / "best.pt", "experiment=retrieval_fashion", "data.train=/nonexistent/train",
+                              "model.embedding_dim=64")
+    info = export(tmp_path / "best.pt", tmp_path / "export", onnx=False)
+    assert info["classes"] == FASHION_MNIST_CLASSES and info["classes_from"] == "data.prepare.class_names"
+    assert info["embedding_dim"] == 64 and info["files"] == {"pt2": "embedder.pt2"}
+    assert not (tmp_path / "export" / "embedder.onnx").exists()
+    images = random_images(5, 0)
+    with torch.no_grad():
+        exported = torch.export.load(tmp_path / "export" / "embedder.pt2").module()(images).numpy()
+    assert np.abs(exported - eager_embeddings(model, info, images)).max() <= 1e-5
+
+
+def test_an_earlier_export_is_replaced_only_when_asked(classifier, capsys):
+    from recog.export import main
+
+    _, _, folder = classifier
+    (folder / "export" / "notes.txt").write_text("mine")
+    assert main([str(folder / "last.pt"), str(folder / "export"), "--no-onnx"]) == 2
+    assert "already holds an export" in capsys.readouterr().err
+    assert main([str(folder / "last.pt"), str(folder / "export"), "--overwrite", "--no-onnx"]) == 0
+    assert (folder / "export" / "notes.txt").read_text() == "mine"  # not the export's: left alone
+
+
+def not_a_checkpoint(kind: str, folder, checkpoint):
+    """A file a user might give by mistake: text, torchvision weights, a checkpoint cut short."""
+    path = folder / {"text": "notes.txt", "torchvision": "squeezenet.pth", "truncated": "cut.pt"}[kind]
+    if kind == "text":
+        path.write_text("not a checkpoint\n")
+    elif kind == "torchvision":
+        torch.save(torchvision.models.get_model("squeezenet1_1", weights=None).state_dict(), path)
+    elif kind == "truncated":
+        data = checkpoint.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+@pytest.mark.slow  # runs the CLI as a process
+@pytest.mark.parametrize("kind, message", [
+    ("text", "is not a PyTorch checkpoint"),
+    ("torchvision", "is not a recog checkpoint"),
+    ("truncated", "is damaged or cut short"),
+])
+def test_not_a_recog_checkpoint_is_one_sentence_and_exit_code_2(classifier, tmp_path, kind, message):
+    path = not_a_checkpoint(kind, tmp_path, classifier[2] / "last.pt")
+    result = run_module("export", path, tmp_path / "out")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert message in result.stderr and str(path) in result.stderr
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_a_missing_checkpoint_is_named(tmp_path, capsys):
+    from recog.export import main
+
+    assert main([str(tmp_path / "none.pt"), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == f"error: checkpoint {tmp_path / 'none.pt'} does not exist; check the path " \
+                                      "given to python -m recog.export\n"
