@@ -146,8 +146,8 @@ def test_restore_puts_back_everything_save_wrote(tmp_path):
                                Position(consumed=[0, 0], batches_per_epoch=10))
     assert (position.epoch, position.step, position.consumed) == (2, 9, [0, 0])
     assert (restorer.best_top1, restorer.top1, restorer.last_step) == (0.5, 0.25, 9)
-    for key, value in trained.module.state_dict().items():
-        assert torch.equal(fresh.module.state_dict()[key], value)
+    for key, value in trained.model.state_dict().items():
+        assert torch.equal(fresh.model.state_dict()[key], value)
     momentum = fresh.optimizer.state_dict()["state"][0]["momentum_buffer"]
     assert torch.equal(momentum, trained.optimizer.state_dict()["state"][0]["momentum_buffer"])
     assert fresh.scheduler.last_epoch == trained.scheduler.last_epoch == 1
