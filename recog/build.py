@@ -169,7 +169,8 @@ class StepRecipe:
 
 def build_loss(cfg: DictConfig, num_classes: int) -> RecognitionLoss:
     """The loss of `cfg.loss`, told what only the data knows: a proxy loss's `num_classes: auto` becomes the
-    training shards' number of classes (written into `cfg`, so the saved config holds the number)."""
+    training shards' number of classes (written into `cfg`, so the saved config holds the number). The same on
+    every rank: a loss that cannot work is the same sentence everywhere."""
     metric = cfg.loss.get("metric")
     if metric is not None and "num_classes" in metric:
         if metric.num_classes == "auto":
@@ -178,7 +179,13 @@ def build_loss(cfg: DictConfig, num_classes: int) -> RecognitionLoss:
         elif metric.num_classes != num_classes:
             raise ConfigError(f"loss.metric.num_classes={metric.num_classes} but the training shards have "
                               f"{num_classes} classes; leave it at auto.")
-    return instantiate(cfg.loss)
+    loss_fn = instantiate(cfg.loss)
+    if loss_fn.cross_rank and any(p.requires_grad for p in loss_fn.parameters()):
+        # every rank would compute the global batch's whole gradient for them: DDP's average would be world size x it
+        raise ConfigError(f"loss.cross_rank=true mines over all ranks' embeddings, which does not work for a loss "
+                          f"with parameters of its own ({type(loss_fn.metric).__name__}); set loss.cross_rank=false "
+                          "(a proxy loss compares each embedding with the proxies, not with other embeddings).")
+    return loss_fn
 
 
 def parameter_groups(model: nn.Module, loss_fn: nn.Module, lr: float) -> list[dict]:

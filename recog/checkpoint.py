@@ -282,7 +282,6 @@ def find_resume_point(cfg: DictConfig, run_dir: Path, ctx: dist.Dist, model,
                           f"{cfg.model.backbone} model of this run ({problem}); {fix}.")
     problem = state_mismatch(loss_fn.state_dict(), ckpt["loss"]) if loss_fn is not None and "loss" in ckpt else None
     if problem:  # a proxy loss's proxies against none, or proxies for another number of classes or dimensions
-        metric = (ckpt.get("config", {}).get("loss", {}).get("metric") or {}).get("_target_", "none")
-        raise ConfigError(f"{path} was trained with another loss (metric term {metric}: {problem}); resume with the "
-                          "loss it was trained with, or start from its weights with weights= instead of resume=.")
+        raise ConfigError(f"{path} was trained with another loss (its state: {problem}); resume with the loss it "
+                          "was trained with, or start from its weights with weights= instead of resume=.")
     return found

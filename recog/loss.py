@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recog.errors import ConfigError
 from recog.model import Output
 
 
@@ -50,11 +49,6 @@ class RecognitionLoss(nn.Module):
         self.cross_rank = cross_rank
         self.arc_margin, self.logit_scale = arc_margin, logit_scale
         self.lr_scale = lr_scale  # the LR of the metric term's own parameters, as a multiple of the model's
-        if cross_rank and any(p.requires_grad for p in self.parameters()):
-            # every rank would compute the global batch's whole gradient for them, × the world size
-            raise ConfigError(f"loss.cross_rank=true mines over all ranks' embeddings, which does not work for a loss "
-                              f"with parameters of its own ({type(metric).__name__}); set loss.cross_rank=false (a "
-                              "proxy loss compares each embedding with the proxies, not with other embeddings).")
         # With cross_rank, the training loop sets this to a function that concatenates a tensor over all
         # ranks, keeping the gradient of this rank's part (recog.dist.all_gather_with_grad).
         self.gather: Callable[[torch.Tensor], torch.Tensor] | None = None

@@ -110,7 +110,8 @@ def test_arc_margin_moves_only_the_target_logit_and_its_gradient_stays_finite():
     shifted = additive_angular_margin(logits, labels, 0.5, 16.0)
     others = torch.ones_like(cos, dtype=torch.bool).scatter(1, labels[:, None], False)
     assert torch.equal(shifted[others], logits[others])
-    assert shifted[0, 0].item() == pytest.approx(16 * math.cos(0.5), rel=1e-4)  # s·cos(0 + m)
+    # s·cos(0 + m), up to the clamp of cos θ to 1 - 1e-6 (acos' slope is infinite at 1)
+    assert shifted[0, 0].item() == pytest.approx(16 * math.cos(0.5), rel=1e-3)
     assert shifted[1, 1].item() == pytest.approx(16 * (-1 - 0.5 * math.sin(0.5)), rel=1e-4)  # beyond π - m: s·(cos θ - m sin m)
     shifted.sum().backward()
     assert torch.isfinite(logits.grad).all()
@@ -156,7 +157,7 @@ def test_a_proxy_losss_parameters_change_in_one_step_at_their_own_lr(tiny_data):
 
 
 def test_a_proxy_loss_refuses_cross_rank_mining_and_a_zero_weight_drops_the_term():
-    with pytest.raises(ConfigError, match="loss.cross_rank=true .* ProxyAnchorLoss"):
+    with pytest.raises(ConfigError, match="loss.cross_rank=true .*ProxyAnchorLoss"):
         loss_from_config("ce_proxyanchor", "loss.cross_rank=true")
     # weight 0: no term, no parameters (DDP would wait forever for their gradients)
     assert not list(loss_from_config("ce_proxyanchor", "loss.metric_weight=0").parameters())
