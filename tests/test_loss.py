@@ -81,7 +81,8 @@ def _euclidean():
 
 
 def test_semi_hard_triplets_by_override():
-    loss_fn = loss_from_config("ce_triplet", "loss.metric.miner._target_=pytorch_metric_learning.miners.TripletMarginMiner",
+    loss_fn = loss_from_config("ce_triplet",
+                               "loss.metric.miner._target_=pytorch_metric_learning.miners.TripletMarginMiner",
                                "+loss.metric.miner.type_of_triplets=semihard", "+loss.metric.miner.margin=0.2")
     assert loss_fn.metric.miner.type_of_triplets == "semihard"
     out, labels = batch()
@@ -94,7 +95,8 @@ def test_arc_margin_equals_pytorch_metric_learnings_arcface_on_the_same_class_ve
     from pytorch_metric_learning.losses import ArcFaceLoss
 
     torch.manual_seed(0)
-    emb, weights, labels = torch.nn.functional.normalize(torch.randn(12, 8), dim=1), torch.randn(3, 8), torch.arange(12) % 3
+    emb, weights = torch.nn.functional.normalize(torch.randn(12, 8), dim=1), torch.randn(3, 8)
+    labels = torch.arange(12) % 3
     logits = 16 * emb @ torch.nn.functional.normalize(weights, dim=1).t()  # what RecognitionModel computes, s = 16
     ours = RecognitionLoss(arc_margin=0.3, logit_scale=16.0)(Output(emb, logits), labels)["ce"]
     theirs = ArcFaceLoss(num_classes=3, embedding_size=8, margin=math.degrees(0.3), scale=16)
@@ -112,7 +114,8 @@ def test_arc_margin_moves_only_the_target_logit_and_its_gradient_stays_finite():
     assert torch.equal(shifted[others], logits[others])
     # s·cos(0 + m), up to the clamp of cos θ to 1 - 1e-6 (acos' slope is infinite at 1)
     assert shifted[0, 0].item() == pytest.approx(16 * math.cos(0.5), rel=1e-3)
-    assert shifted[1, 1].item() == pytest.approx(16 * (-1 - 0.5 * math.sin(0.5)), rel=1e-4)  # beyond π - m: s·(cos θ - m sin m)
+    # beyond π - m: s·(cos θ - m sin m)
+    assert shifted[1, 1].item() == pytest.approx(16 * (-1 - 0.5 * math.sin(0.5)), rel=1e-4)
     shifted.sum().backward()
     assert torch.isfinite(logits.grad).all()
     assert torch.equal(additive_angular_margin(logits, labels, 0.0, 16.0)[others], logits[others])
@@ -133,8 +136,8 @@ def test_bad_loss_values_are_one_sentence(override, message):
 # ---- a loss with parameters of its own: trained, equal on every rank, checkpointed ----
 
 def test_a_proxy_losss_parameters_change_in_one_step_at_their_own_lr(tiny_data):
-    """build_recipe as train.py calls it: the proxies are in the optimizer (before recog 0.x they were not, and a
-    proxy loss never learned), at loss.lr_scale × the model's LR; the model's state_dict stays free of them."""
+    """build_recipe as train.py calls it: the proxies are in the optimizer (before, they were not: a proxy loss
+    never learned), at loss.lr_scale × the model's LR; the model's state_dict stays free of them."""
     one = Dist(0, 0, 1, 1, torch.device("cpu"), None)
     cfg = composed(f"data.train={tiny_data['train']}", f"data.test={tiny_data['test']}", "data.num_workers=0",
                    "loss=ce_proxyanchor", "model.width=4", "batch_size=16")
