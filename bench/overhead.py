@@ -27,18 +27,21 @@ from recog.checkpoint import Position
 from recog.data.loader import Batch
 from recog.data.normalize import Normalize
 from recog.log import NullWriter
-from recog.loss import RecognitionLoss
+from recog.loss import ModelWithLoss, RecognitionLoss
 from recog.model import RecognitionModel
 from recog.preempt import StopOnSignal
 from recog.train import StepLog, train_one_epoch
 
 
-def make_model(ctx, args):
+def make_model(ctx, args, loss_fn=None):
+    """The model (with `loss_fn`: model and loss as one module, as recog trains them), DDP-wrapped when
+    distributed, and its optimizer."""
     torch.manual_seed(0)
     model = RecognitionModel(args.backbone, num_classes=10, in_channels=1, width=args.width,
                              small_input=args.backbone != "convnet").to(ctx.device)
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-    ddp = DDP(model, device_ids=device_ids) if ctx.is_distributed else model
+    trained = ModelWithLoss(model, loss_fn) if loss_fn is not None else model
+    ddp = DDP(trained, device_ids=device_ids) if ctx.is_distributed else trained
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
     return ddp, optimizer
 
@@ -86,11 +89,13 @@ def measure(ctx, args) -> tuple[list[float], list[float]]:
     images_per_round = args.steps * args.batch_size * ctx.world_size
 
     bare_model, bare_opt = make_model(ctx, args)
-    recog_model, recog_opt = make_model(ctx, args)
+    loss_fn = RecognitionLoss()
+    recog_trained, recog_opt = make_model(ctx, args, loss_fn)
+    recog_model = getattr(recog_trained, "module", recog_trained).model
     # the default job's settings: fp32, no accumulation, warmup + cosine, scalars every 10 steps, no checkpoint
     # within the epoch, and the per-step stop-flag exchange (no signal handlers installed)
-    recipe = StepRecipe(recog_model, recog_opt, RecognitionLoss(), Normalize([0.286], [0.353], ctx.device),
-                        device=ctx.device, lr_factor=partial(warmup_cosine, warmup_steps=10, total_steps=10**9))
+    recipe = StepRecipe(recog_model, recog_opt, loss_fn, Normalize([0.286], [0.353], ctx.device), device=ctx.device,
+                        lr_factor=partial(warmup_cosine, warmup_steps=10, total_steps=10**9), trained=recog_trained)
     stop = StopOnSignal(dist.AnyRankFlag())
 
     def run_recog():

@@ -1,4 +1,5 @@
-"""What a training run is made of: its data (`build_data`) and its step recipe (`build_recipe`).
+"""What a training run is made of: its data (`build_data`) and its step recipe (`build_recipe`: model, loss,
+optimizer, LR schedule).
 
 Both run on every rank in the same order; what only rank 0 may do (write the shards once, read weights)
 goes through `recog.dist`'s helpers, which keep the ranks' collectives paired.
@@ -15,7 +16,7 @@ from functools import partial
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
@@ -31,6 +32,7 @@ from recog.data.random_access import ShardRandomAccess, collate
 from recog.data.source import ShardSource
 from recog.data.stream import ShardStream
 from recog.errors import ConfigError
+from recog.loss import ModelWithLoss, RecognitionLoss
 from recog.model import load_weights
 from recog.sampler import DistributedBatchSampler
 
@@ -129,12 +131,12 @@ def _constant(step: int) -> float:
 class StepRecipe:
     """How one optimizer step is taken, besides the data (recog/parallel.py holds the speed knobs).
 
-    Built by `build_recipe` from the config; tests and benchmarks build one directly from a model and an
-    optimizer, the rest keeping plain defaults (fp32, no accumulation, a constant LR)."""
+    Built by `build_recipe` from the config; tests and benchmarks build one directly from a model, a loss and
+    an optimizer, the rest keeping plain defaults (fp32, no accumulation, a constant LR)."""
 
-    model: nn.Module  # what the loop calls: DDP-wrapped (and compiled) after distribute()
-    optimizer: torch.optim.Optimizer
-    loss_fn: Callable  # (output, labels) -> {"total": loss, ...}
+    model: nn.Module  # the model itself: saved, evaluated, exported (never DDP-wrapped)
+    optimizer: torch.optim.Optimizer  # over the model's parameters and the loss's own, if it has any
+    loss_fn: nn.Module  # (output, labels) -> {"total": loss, ...}; saved beside the model when it has a state
     normalize: Callable[[torch.Tensor], torch.Tensor] = field(default_factory=lambda: Normalize([0.0], [1.0]))
     scheduler: LambdaLR | None = None  # stepped after every optimizer step (None: constant LR)
     scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))
@@ -145,10 +147,12 @@ class StepRecipe:
     lr: float = 0.0  # the peak LR (after scaling to the global batch), and its schedule: what resuming re-applies
     lr_factor: Callable[[int], float] = _constant
     global_batch: int = 0  # the batch of one optimizer step over all ranks, which the LR was scaled for
-    module: nn.Module | None = None  # the model itself (saved, evaluated); None: `model`
+    # What the loop calls, (images, labels) -> the loss's terms: model and loss as one module, DDP-wrapped (and
+    # compiled) after distribute(), so the loss's parameters are kept equal on every rank as the model's are.
+    trained: nn.Module | None = None  # None: ModelWithLoss(model, loss_fn)
 
     def __post_init__(self):
-        self.module = self.module or self.model
+        self.trained = self.trained or ModelWithLoss(self.model, self.loss_fn)
         self.scheduler = self.scheduler or LambdaLR(self.optimizer, self.lr_factor)
 
     def inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,13 +162,45 @@ class StepRecipe:
         return images, batch.labels.to(self.device, non_blocking=True)
 
     def distribute(self, cfg: DictConfig, ctx: dist.Dist) -> None:
-        """DDP (and torch.compile) around the model: every rank now holds rank 0's weights."""
-        self.model = parallel.wrap_model(self.module, cfg, ctx.is_distributed, ctx.device)
+        """DDP (and torch.compile) around model + loss: every rank now holds rank 0's weights and loss parameters."""
+        self.trained = parallel.wrap_model(ModelWithLoss(self.model, self.loss_fn), cfg, ctx.is_distributed,
+                                           ctx.device)
+
+
+def build_loss(cfg: DictConfig, num_classes: int) -> RecognitionLoss:
+    """The loss of `cfg.loss`, told what only the data knows: a proxy loss's `num_classes: auto` becomes the
+    training shards' number of classes (written into `cfg`, so the saved config holds the number). The same on
+    every rank: a loss that cannot work is the same sentence everywhere."""
+    metric = cfg.loss.get("metric")
+    if metric is not None and "num_classes" in metric:
+        if metric.num_classes == "auto":
+            with open_dict(cfg):
+                metric.num_classes = num_classes
+        elif metric.num_classes != num_classes:
+            raise ConfigError(f"loss.metric.num_classes={metric.num_classes} but the training shards have "
+                              f"{num_classes} classes; leave it at auto.")
+    loss_fn = instantiate(cfg.loss)
+    if loss_fn.cross_rank and any(p.requires_grad for p in loss_fn.parameters()):
+        # every rank would compute the global batch's whole gradient for them: DDP's average would be world size x it
+        raise ConfigError(f"loss.cross_rank=true mines over all ranks' embeddings, which does not work for a loss "
+                          f"with parameters of its own ({type(loss_fn.metric).__name__}); set loss.cross_rank=false "
+                          "(a proxy loss compares each embedding with the proxies, not with other embeddings).")
+    return loss_fn
+
+
+def parameter_groups(model: nn.Module, loss_fn: nn.Module, lr: float) -> list[dict]:
+    """The optimizer's parameter groups: the model's at `lr`, and the loss's own (proxies, ...) at
+    `lr` × `loss_fn.lr_scale`. Each group keeps its `lr_scale`, which resuming re-applies."""
+    groups = [{"params": list(model.parameters()), "lr": lr, "lr_scale": 1.0}]
+    own = [p for p in loss_fn.parameters() if p.requires_grad]
+    if own:  # no second group for a loss without parameters: checkpoints of those keep one group, as before
+        groups.append({"params": own, "lr": lr * loss_fn.lr_scale, "lr_scale": loss_fn.lr_scale})
+    return groups
 
 
 def build_recipe(cfg: DictConfig, ctx: dist.Dist, data: TrainData) -> StepRecipe:
-    """The model (with weights= read by rank 0 only), the optimizer at the LR scaled to the global batch,
-    warmup + cosine, the gradient scaler, the loss."""
+    """The model (with weights= read by rank 0 only), the loss, the optimizer over both at the LR scaled to the
+    global batch (the loss's parameters at loss.lr_scale times it), warmup + cosine, the gradient scaler."""
     model = instantiate(cfg.model, num_classes=len(data.classes), in_channels=cfg.data.channels)
     if cfg.weights:  # only rank 0 reads the file; DDP copies rank 0's weights to every rank (distribute)
         weights = dist.run_on_rank0(lambda: load_checkpoint(cfg.weights, "weights="), ctx, "reading model weights")
@@ -172,21 +208,23 @@ def build_recipe(cfg: DictConfig, ctx: dist.Dist, data: TrainData) -> StepRecipe
             log.info("weights %s: %s", cfg.weights, note)
     model = parallel.prepare_model(model, cfg, ctx.is_distributed)  # SyncBatchNorm, channels_last
     model.to(ctx.device)  # before the optimizer exists: its state must live where the parameters live
+    loss_fn = build_loss(cfg, len(data.classes)).to(ctx.device)
+    if loss_fn.cross_rank and ctx.is_distributed:
+        loss_fn.gather = dist.all_gather_with_grad
 
     steps_per_epoch = math.ceil(len(data.epochs) / cfg.accumulate)  # optimizer steps
     global_batch = data.batch_size * ctx.world_size * cfg.accumulate
     lr = cfg.optim.lr * global_batch / cfg.optim.reference_batch  # linear scaling rule (Goyal et al., 2017)
-    optimizer = instantiate(cfg.optim.optimizer)(model.parameters(), lr=lr)
+    optimizer = instantiate(cfg.optim.optimizer)(parameter_groups(model, loss_fn, lr), lr=lr)
     lr_factor = partial(warmup_cosine, warmup_steps=round(cfg.schedule.warmup_epochs * steps_per_epoch),
                         total_steps=cfg.epochs * steps_per_epoch)
-    loss_fn = instantiate(cfg.loss)
-    if loss_fn.cross_rank and ctx.is_distributed:
-        loss_fn.gather = dist.all_gather_with_grad
+    own = sum(p.numel() for p in loss_fn.parameters() if p.requires_grad)
     log.info("world size %d (%s on %s) | per-rank batch %d%s, global batch %d | %d steps per epoch, %d epochs | "
-             "%s lr %.4g = %.4g x %d / %d | %s", ctx.world_size, ctx.backend or "single process", ctx.device,
+             "%s lr %.4g = %.4g x %d / %d%s | %s", ctx.world_size, ctx.backend or "single process", ctx.device,
              data.batch_size, f" x {cfg.accumulate} accumulated" if cfg.accumulate > 1 else "", global_batch,
              steps_per_epoch, cfg.epochs, type(optimizer).__name__, lr, cfg.optim.lr, global_batch,
-             cfg.optim.reference_batch, cfg.perf.precision)
+             cfg.optim.reference_batch, f" (the loss's {own} parameters: x {loss_fn.lr_scale:g})" if own else "",
+             cfg.perf.precision)
     return StepRecipe(model, optimizer, loss_fn, Normalize(cfg.data.mean, cfg.data.std, ctx.device),
                       LambdaLR(optimizer, lr_factor), parallel.grad_scaler(cfg, ctx.device),
                       partial(parallel.autocast, cfg, ctx.device), cfg.accumulate, cfg.perf.channels_last,

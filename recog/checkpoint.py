@@ -188,7 +188,7 @@ class Checkpoints:
             return None
         r = self.recipe
         state = {
-            "model": r.module.state_dict(), "optimizer": r.optimizer.state_dict(),
+            "model": r.model.state_dict(), "loss": r.loss_fn.state_dict(), "optimizer": r.optimizer.state_dict(),
             "scheduler": r.scheduler.state_dict(), "scaler": r.scaler.state_dict(), "epoch": position.epoch,
             "step": position.step, "data": {"consumed": list(position.consumed), **self.layout}, "top1": top1,
             "best_top1": self.best_top1, "config": self.config, "rng": torch.get_rng_state(),
@@ -213,15 +213,23 @@ class Checkpoints:
             return position
         path, ckpt = found
         r = self.recipe
-        r.module.load_state_dict(ckpt["model"])
-        r.optimizer.load_state_dict(ckpt["optimizer"])
+        r.model.load_state_dict(ckpt["model"])
+        optimizer_state = ckpt["optimizer"]
+        if "loss" in ckpt:
+            r.loss_fn.load_state_dict(ckpt["loss"])
+        elif r.loss_fn.state_dict():  # written before recog saved the loss: its parameters never trained then
+            log.warning("%s holds no state of the loss (it was written before recog saved it): the loss's "
+                        "parameters start fresh, the rest continues", path)
+            optimizer_state = with_fresh_groups(optimizer_state, r.optimizer)
+        scales = [group.get("lr_scale", 1.0) for group in r.optimizer.param_groups]  # this run's, kept
+        r.optimizer.load_state_dict(optimizer_state)
         r.scheduler.load_state_dict(ckpt["scheduler"])
         if "scaler" in ckpt:
             r.scaler.load_state_dict(ckpt["scaler"])
         # This run's LR, which differs from the checkpoint's if the world size or the number of epochs changed.
-        r.scheduler.base_lrs = [r.lr] * len(r.optimizer.param_groups)
-        for group in r.optimizer.param_groups:
-            group["lr"] = r.lr * r.lr_factor(r.scheduler.last_epoch)
+        r.scheduler.base_lrs = [r.lr * scale for scale in scales]
+        for group, scale in zip(r.optimizer.param_groups, scales):
+            group["lr_scale"], group["lr"] = scale, r.lr * scale * r.lr_factor(r.scheduler.last_epoch)
         torch.set_rng_state(ckpt["rng"])
         if "cuda_rng" in ckpt and self.device.type == "cuda":
             torch.cuda.set_rng_state(ckpt["cuda_rng"])
@@ -241,13 +249,21 @@ class Checkpoints:
         return position
 
 
-def find_resume_point(cfg: DictConfig, run_dir: Path, ctx: dist.Dist, model) -> tuple[str, dict] | None:
+def with_fresh_groups(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """An optimizer state saved with fewer parameter groups (the model's only), with `optimizer`'s later groups
+    (the loss's) added as they are now: no state yet. The model's parameters come first in both."""
+    groups = optimizer.state_dict()["param_groups"]
+    return {"state": saved["state"], "param_groups": saved["param_groups"] + groups[len(saved["param_groups"]):]}
+
+
+def find_resume_point(cfg: DictConfig, run_dir: Path, ctx: dist.Dist, model,
+                      loss_fn: torch.nn.Module | None = None) -> tuple[str, dict] | None:
     """The checkpoint to continue from, read on rank 0 and handed to every rank.
 
     First this run directory's own newest readable checkpoint (a restarted or requeued
     run continues where it stopped, with no flag; `checkpoint.auto_resume=false` turns
     that off), else the file given as `resume=`, else none: a fresh start. Every rank
-    checks that it fits `model` (the same answer everywhere: no rank is left waiting).
+    checks that it fits `model` and `loss_fn` (the same answer everywhere: no rank is left waiting).
     """
     def read():
         if cfg.checkpoint.auto_resume:
@@ -274,4 +290,8 @@ def find_resume_point(cfg: DictConfig, run_dir: Path, ctx: dist.Dist, model) -> 
                "instead of resume=")
         raise ConfigError(f"{path} holds a {saved.get('backbone', 'different')} model that does not fit the "
                           f"{cfg.model.backbone} model of this run ({problem}); {fix}.")
+    problem = state_mismatch(loss_fn.state_dict(), ckpt["loss"]) if loss_fn is not None and "loss" in ckpt else None
+    if problem:  # a proxy loss's proxies against none, or proxies for another number of classes or dimensions
+        raise ConfigError(f"{path} was trained with another loss (its state: {problem}); resume with the loss it "
+                          "was trained with, or start from its weights with weights= instead of resume=.")
     return found

@@ -30,6 +30,7 @@ NUMBERS = [
     ("data.http.timeout_s", False, 0, True), ("dist.timeout_s", False, 0, True),
     ("ddp.bucket_cap_mb", False, 0, True), ("loss.ce_weight", False, 0, False),
     ("loss.metric_weight", False, 0, False), ("loss.label_smoothing", False, 0, False),
+    ("loss.arc_margin", False, 0, False), ("loss.lr_scale", False, 0, False),
 ]
 
 
@@ -76,6 +77,9 @@ def check_config(cfg: DictConfig) -> None:
             check_number(key, OmegaConf.select(cfg, key), True, 1, False)
     check_backbone_name(cfg.model.backbone)
     check_perf_config(cfg, cuda=torch.cuda.is_available() and cfg.dist.backend != "gloo")
+    if cfg.loss.arc_margin >= 1.5:  # radians: at π/2 every target logit would be at most 0
+        raise ConfigError(f"loss.arc_margin={cfg.loss.arc_margin} is an angle in radians; give one below 1.5 "
+                          "(ArcFace uses 0.5, 0.2-0.3 suits small logit scales).")
     if cfg.loss.get("cross_rank") and not pk:
         raise ConfigError("loss.cross_rank=true needs equal batches on every rank; use sampler=pk.")
     check_can_prepare(cfg.data)

@@ -1,7 +1,8 @@
-"""Losses: tensors in, tensors out."""
+"""Losses: tensors in, tensors out. `ModelWithLoss` is the model and its loss as the one module DDP wraps."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -16,8 +17,18 @@ class RecognitionLoss(nn.Module):
 
     `metric` is any callable (embeddings, labels) -> scalar tensor, set in
     `conf/loss/` with Hydra's `_target_`; None (the default) trains on
-    cross-entropy alone. With `cross_rank`, the metric term sees the whole
+    cross-entropy alone. A metric loss may have parameters of its own (a proxy
+    loss's proxies): they are this module's, trained with the model's (see
+    `ModelWithLoss`). With `cross_rank`, the metric term sees the whole
     global batch (every rank's embeddings), so negatives are mined across ranks.
+
+    `arc_margin` > 0 adds ArcFace's additive angular margin (radians) to the
+    model's cosine classifier: the target class's logit s·cos θ becomes
+    s·cos(θ + m) in training (`additive_angular_margin`); `logit_scale` is
+    the model's s. Evaluation reads the model's logits without it.
+
+    `lr_scale`: the optimizer trains the loss's own parameters at this multiple
+    of the model's LR (recog.build.parameter_groups).
     """
 
     def __init__(
@@ -27,22 +38,33 @@ class RecognitionLoss(nn.Module):
         metric: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         metric_weight: float = 0.0,
         cross_rank: bool = False,
+        arc_margin: float = 0.0,
+        logit_scale: float = 16.0,
+        lr_scale: float = 1.0,
     ):
         super().__init__()
         self.ce_weight, self.label_smoothing = ce_weight, label_smoothing
-        self.metric, self.metric_weight = metric, metric_weight
+        # a term weighted 0 is no term: its parameters, if any, would get no gradient (DDP fails on those)
+        self.metric, self.metric_weight = (metric, metric_weight) if metric_weight else (None, 0.0)
         self.cross_rank = cross_rank
+        self.arc_margin, self.logit_scale = arc_margin, logit_scale
+        self.lr_scale = lr_scale  # the LR of the metric term's own parameters, as a multiple of the model's
         # With cross_rank, the training loop sets this to a function that concatenates a tensor over all
         # ranks, keeping the gradient of this rank's part (recog.dist.all_gather_with_grad).
         self.gather: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, output: Output, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         if len(labels) == 0:  # a batch whose samples were all unreadable: zero loss, zero gradients
-            return {"total": output.logits.sum() * 0.0}
-        terms = {"ce": F.cross_entropy(output.logits, labels, label_smoothing=self.label_smoothing)}
+            # for every parameter, the loss's own too: DDP waits for a gradient of each
+            return {"total": sum((p.sum() for p in self.parameters()), output.logits.sum()) * 0.0}
+        logits = output.logits.float()  # the loss in fp32 under bf16/fp16 autocast too
+        if self.arc_margin:
+            logits = additive_angular_margin(logits, labels, self.arc_margin, self.logit_scale)
+        terms = {"ce": F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)}
         total = self.ce_weight * terms["ce"]
-        if self.metric is not None and self.metric_weight:
-            embeddings = output.embeddings
+        if self.metric is not None:
+            # fp32: pytorch-metric-learning casts its parameters to the embeddings' dtype, in place
+            embeddings = output.embeddings.float()
             if self.gather is not None:  # mine over the global batch (equal batch sizes on every rank)
                 embeddings, labels = self.gather(embeddings), self.gather(labels)
             terms["metric"] = self.metric(embeddings, labels)
@@ -51,6 +73,35 @@ class RecognitionLoss(nn.Module):
             total = total + self.metric_weight * terms["metric"] * ranks
         terms["total"] = total
         return terms
+
+
+def additive_angular_margin(logits: torch.Tensor, labels: torch.Tensor, margin: float, scale: float) -> torch.Tensor:
+    """ArcFace (Deng et al., 2019) on a cosine classifier's logits s·cos θ: the target class's becomes s·cos(θ + m).
+
+    Where θ + m would pass π (cos(θ + m) rises again there), it is s·(cos θ − m·sin m) instead, which keeps the
+    logit falling as θ grows (as insightface and pytorch-metric-learning's ArcFaceLoss do)."""
+    target = labels[:, None]
+    cos = (logits.gather(1, target) / scale).clamp(-1 + 1e-6, 1 - 1e-6)  # acos' slope is infinite at ±1
+    theta = torch.acos(cos)
+    shifted = torch.where(theta <= math.pi - margin, torch.cos(theta + margin), cos - margin * math.sin(margin))
+    return logits.scatter(1, target, scale * shifted)
+
+
+class ModelWithLoss(nn.Module):
+    """The model and its loss as one module, (images, labels) -> the loss's terms: what DDP wraps.
+
+    A loss with parameters of its own (a proxy loss's proxies) then has them broadcast from rank 0 when
+    DDP starts and their gradients averaged with the model's after every step, so they stay the same on
+    every rank, with no code of their own. The model's state_dict stays free of them: checkpoints save the
+    loss's apart (under "loss"), and what weights= and exports read is the model alone.
+    """
+
+    def __init__(self, model: nn.Module, loss: nn.Module):
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.loss(self.model(images), labels)
 
 
 class MinedLoss(nn.Module):

@@ -78,13 +78,13 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, stop: StopOnSignal) ->
     data = build_data(cfg, ctx)
     recipe = build_recipe(cfg, ctx, data)
     checkpoints = Checkpoints(cfg, ctx, run_dir / "checkpoints", recipe, data.layout)
-    position = checkpoints.restore(find_resume_point(cfg, run_dir, ctx, recipe.module), data.start())
+    position = checkpoints.restore(find_resume_point(cfg, run_dir, ctx, recipe.model, recipe.loss_fn), data.start())
     if position.epoch >= cfg.epochs and not position.mid_epoch:  # started again after it had finished
         log.info("nothing to train: %s holds all %d epochs (give a larger epochs= to train on)",
                  position.resumed_from, cfg.epochs)
         return {"epoch": position.epoch, "step": position.step, "top1": checkpoints.top1,
                 "best_top1": checkpoints.best_top1}
-    recipe.distribute(cfg, ctx)  # DDP: every rank now holds rank 0's weights
+    recipe.distribute(cfg, ctx)  # DDP: every rank now holds rank 0's weights (the loss's too)
 
     def after_step(position: Position) -> bool:  # True: every rank stops after this step
         if stop.agreed():
@@ -105,8 +105,8 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, stop: StopOnSignal) ->
         position.next_epoch()
         if position.epoch < cfg.epochs:  # the workers fill their queue with the next epoch while we evaluate
             batches = data.batches(position)
-        dist.broadcast_buffers(recipe.module)  # rank 0's BatchNorm statistics everywhere: one model is evaluated
-        result = evaluate(recipe.module, data.test_loader, recipe.normalize, ctx, retrieval=cfg.eval.retrieval,
+        dist.broadcast_buffers(recipe.model)  # rank 0's BatchNorm statistics everywhere: one model is evaluated
+        result = evaluate(recipe.model, data.test_loader, recipe.normalize, ctx, retrieval=cfg.eval.retrieval,
                           keep_images=cfg.eval.projector if position.epoch == cfg.epochs else 0)
         report_epoch(writer, cfg.epochs, position, stats, result, data.classes)
         checkpoints.save(position, result.top1)
@@ -188,7 +188,7 @@ def train_one_epoch(recipe: StepRecipe, batches: Iterable[Batch], position: Posi
     of them only (no_sync), and the epoch's last group may be shorter. `after_step` decides checkpoints and
     stops (True: leave the epoch now; every rank gets the same answer)."""
     r, stopped = recipe, False
-    r.model.train()
+    r.trained.train()
     window, epoch = Meter("loss", "images", "skipped", "wait"), Meter("loss", "images", "skipped", "wait")
     batch_index = sum(position.consumed)  # accumulation groups count from the epoch's first batch
     for batch, waited in timed(batches):
@@ -203,9 +203,9 @@ def train_one_epoch(recipe: StepRecipe, batches: Iterable[Batch], position: Posi
         images, labels = r.inputs(batch)
         batch_index += 1
         ends_group = batch_index % r.accumulate == 0 or batch_index == position.batches_per_epoch
-        with parallel.no_sync(r.model, sync=ends_group):
+        with parallel.no_sync(r.trained, sync=ends_group):
             with r.autocast():
-                loss = r.loss_fn(r.model(images), labels)["total"]
+                loss = r.trained(images, labels)["total"]  # model and loss: one DDP module
             r.scaler.scale(loss / r.accumulate).backward()
         position.consumed[batch.worker] += 1
         for meter in (window, epoch):

@@ -13,7 +13,7 @@ from recog.build import StepRecipe
 from recog.checkpoint import Position
 from recog.data.loader import Batch
 from recog.log import NullWriter
-from recog.loss import RecognitionLoss
+from recog.loss import ModelWithLoss, RecognitionLoss
 from recog.model import Output
 from recog.train import StepLog, train_one_epoch
 
@@ -33,8 +33,9 @@ def one_optimizer_step(ctx, micro_batches: list[Batch], accumulate: int) -> dict
     torch.manual_seed(0)
     model = TinyModel()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-    trained = DistributedDataParallel(model) if ctx.is_distributed else model
-    recipe = StepRecipe(trained, optimizer, RecognitionLoss(), accumulate=accumulate, module=model)
+    loss_fn = RecognitionLoss()
+    trained = DistributedDataParallel(ModelWithLoss(model, loss_fn)) if ctx.is_distributed else None
+    recipe = StepRecipe(model, optimizer, loss_fn, accumulate=accumulate, trained=trained)
     position = Position(batches_per_epoch=len(micro_batches))
     stats = train_one_epoch(recipe, micro_batches, position, StepLog(NullWriter(), every=10**6),
                             after_step=lambda position: False)

@@ -146,8 +146,8 @@ def test_restore_puts_back_everything_save_wrote(tmp_path):
                                Position(consumed=[0, 0], batches_per_epoch=10))
     assert (position.epoch, position.step, position.consumed) == (2, 9, [0, 0])
     assert (restorer.best_top1, restorer.top1, restorer.last_step) == (0.5, 0.25, 9)
-    for key, value in trained.module.state_dict().items():
-        assert torch.equal(fresh.module.state_dict()[key], value)
+    for key, value in trained.model.state_dict().items():
+        assert torch.equal(fresh.model.state_dict()[key], value)
     momentum = fresh.optimizer.state_dict()["state"][0]["momentum_buffer"]
     assert torch.equal(momentum, trained.optimizer.state_dict()["state"][0]["momentum_buffer"])
     assert fresh.scheduler.last_epoch == trained.scheduler.last_epoch == 1
@@ -159,3 +159,75 @@ def test_restore_puts_back_everything_save_wrote(tmp_path):
     assert (again.epoch, again.consumed) == (1, [2, 3]) and again.mid_epoch
     other = checkpoints_of(tmp_path, fresh, layout={"world_size": 4, "workers": 2})
     assert other.restore(("mid", mid), Position(consumed=[0, 0], batches_per_epoch=10)).consumed == [0, 0]
+
+
+def proxy_recipe(seed: int, model_only_optimizer: bool = False):
+    """A linear model with a proxy loss (2 classes, 2 dimensions), its optimizer over both unless asked not to
+    (what recog did before it trained a loss's parameters), after one step."""
+    from pytorch_metric_learning.losses import ProxyAnchorLoss
+
+    from recog.build import StepRecipe, parameter_groups
+    from recog.loss import RecognitionLoss
+    from recog.model import Output
+
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(3, 2)
+    loss_fn = RecognitionLoss(metric=ProxyAnchorLoss(num_classes=2, embedding_size=2), metric_weight=1.0, lr_scale=10.0)
+    params = model.parameters() if model_only_optimizer else parameter_groups(model, loss_fn, lr=0.1)
+    recipe = StepRecipe(model, torch.optim.SGD(params, lr=0.1, momentum=0.9), loss_fn, lr=0.1)
+    out = model(torch.randn(6, 3))
+    loss_fn(Output(out, out), torch.arange(6) % 2)["total"].backward()
+    recipe.optimizer.step()
+    return recipe
+
+
+def test_a_losss_parameters_and_their_optimizer_state_are_saved_and_restored(tmp_path):
+    from recog.checkpoint import Position
+
+    trained = proxy_recipe(0)
+    checkpoints_of(tmp_path, trained).save(Position(0, 1, [1], batches_per_epoch=10))
+    state = load_checkpoint(tmp_path / "step-000000001.pt")
+    assert list(state["loss"]) == ["metric.proxies"] and list(state["model"]) == ["weight", "bias"]
+
+    fresh = proxy_recipe(1)
+    checkpoints_of(tmp_path, fresh).restore(("ck", state), Position(consumed=[0], batches_per_epoch=10))
+    assert torch.equal(fresh.loss_fn.metric.proxies, trained.loss_fn.metric.proxies)
+    momentum = [s["momentum_buffer"] for s in fresh.optimizer.state_dict()["state"].values()]
+    assert all(torch.equal(a, s["momentum_buffer"]) for a, s in zip(momentum,
+                                                                   trained.optimizer.state_dict()["state"].values()))
+    assert [g["lr"] for g in fresh.optimizer.param_groups] == [0.1, 1.0]  # each group at its own scale
+    assert fresh.scheduler.base_lrs == [0.1, 1.0]
+
+
+def test_a_checkpoint_without_the_losss_state_loads_with_a_note_and_fresh_proxies(tmp_path, caplog):
+    """Written before recog saved the loss: no "loss", one optimizer group (the model's)."""
+    from recog.checkpoint import Position
+
+    old = proxy_recipe(0, model_only_optimizer=True)
+    checkpoints_of(tmp_path, old).save(Position(0, 1, [1], batches_per_epoch=10))
+    state = load_checkpoint(tmp_path / "step-000000001.pt")
+    del state["loss"]
+    fresh = proxy_recipe(1)
+    proxies = fresh.loss_fn.metric.proxies.detach().clone()
+    with caplog.at_level(logging.WARNING, logger="recog"):
+        checkpoints_of(tmp_path, fresh).restore(("old.pt", state), Position(consumed=[0], batches_per_epoch=10))
+    assert "old.pt holds no state of the loss" in caplog.text and "start fresh" in caplog.text
+    assert torch.equal(fresh.model.weight, old.model.weight) and torch.equal(fresh.loss_fn.metric.proxies, proxies)
+    assert len(fresh.optimizer.param_groups) == 2 and fresh.optimizer.param_groups[1]["lr"] == 1.0
+    assert set(fresh.optimizer.state_dict()["state"]) == {0, 1}  # the model's momentum; none yet for the proxies
+
+
+def test_resuming_with_another_loss_is_one_sentence(tmp_path):
+    from omegaconf import OmegaConf
+
+    from recog.checkpoint import Position, find_resume_point
+    from recog.dist import Dist
+    from recog.loss import RecognitionLoss
+
+    trained = proxy_recipe(0)
+    path = checkpoints_of(tmp_path, trained).save(Position(0, 1, [1], batches_per_epoch=10))
+    cfg = OmegaConf.create({"checkpoint": {"auto_resume": False}, "resume": str(path), "model": {"backbone": "x"}})
+    one = Dist(0, 0, 1, 1, torch.device("cpu"), None)
+    assert find_resume_point(cfg, tmp_path, one, trained.model, trained.loss_fn)[0] == str(path)
+    with pytest.raises(ConfigError, match="was trained with another loss .*metric.proxies not in this"):
+        find_resume_point(cfg, tmp_path, one, trained.model, RecognitionLoss())

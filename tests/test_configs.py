@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from recog.build import build_data, build_recipe
+from recog.build import build_data, build_loss, build_recipe
 from recog.config import check_config, settle_data_settings
 from recog.data.idx import find_idx_pair
 from recog.data.manifest import load_manifest
@@ -189,7 +189,7 @@ def test_every_optim_config_builds_its_optimizer_and_takes_a_step(name, tiny_dat
             assert (list(used) if isinstance(used, tuple) else used) == value, f"optim={name}: {key}"
     before = parameters_of(model)
     images, labels = labelled_batch(cfg)
-    instantiate(cfg.loss)(model(images), labels)["total"].backward()
+    build_loss(cfg, 10)(model(images), labels)["total"].backward()
     optimizer.step()
     after = parameters_of(model)
     assert all(torch.isfinite(p).all() for p in after.values())
@@ -203,7 +203,7 @@ def test_every_loss_config_builds_and_gives_a_finite_total_with_gradients(name, 
                                 "model.width=4", "model.embedding_dim=8")
     torch.manual_seed(0)
     model = instantiate(cfg.model, num_classes=10, in_channels=cfg.data.channels)
-    loss_fn = instantiate(cfg.loss)
+    loss_fn = build_loss(cfg, num_classes=10)  # as train.py builds it (a proxy loss's num_classes from the data)
     assert isinstance(loss_fn.cross_rank, bool)  # train.py reads it to hand the loss its all-gather
     images, labels = labelled_batch(cfg)
     terms = loss_fn(model(images), labels)
@@ -213,6 +213,8 @@ def test_every_loss_config_builds_and_gives_a_finite_total_with_gradients(name, 
             f"(metric_weight={cfg.loss.metric_weight})"
     terms["total"].backward()
     assert model.class_weights.grad.abs().sum() > 0 and model.embed.weight.grad.abs().sum() > 0
+    unused = [n for n, p in loss_fn.named_parameters() if p.grad is None or not p.grad.abs().sum()]
+    assert not unused, f"loss={name}: its own parameters get no gradient (they would never train): {unused}"
 
 
 @pytest.mark.parametrize("size", [28, 96])  # the `small` preset's sizes, and photos (augment=auto: imagenet)
@@ -257,17 +259,18 @@ def test_every_experiment_composes_changes_the_defaults_and_trains_one_step(name
     data = build_data(cfg, ONE_PROCESS)
     assert isinstance(data.epochs, SAMPLERS[cfg.sampler.name])
     recipe = build_recipe(cfg, ONE_PROCESS, data)
-    before = parameters_of(recipe.module)
+    before = parameters_of(recipe.trained)  # the model's and the loss's own
     images, labels = recipe.inputs(next(data.batches(data.start())))
-    loss = recipe.loss_fn(recipe.model(images), labels)["total"]
+    loss = recipe.trained(images, labels)["total"]
     assert torch.isfinite(loss)
     loss.backward()
     recipe.optimizer.step()
     recipe.scheduler.step()
-    assert any(not torch.equal(before[k], p) for k, p in recipe.module.named_parameters())
-    recipe.module.eval()
+    moved = {k.split(".")[0] for k, p in recipe.trained.named_parameters() if not torch.equal(before[k], p)}
+    assert moved == ({"model", "loss"} if list(recipe.loss_fn.parameters()) else {"model"}), moved
+    recipe.model.eval()
     with torch.no_grad():
-        out = recipe.module(recipe.inputs(next(iter(data.test_loader)))[0])
+        out = recipe.model(recipe.inputs(next(iter(data.test_loader)))[0])
     assert torch.isfinite(out.embeddings).all() and out.logits.shape[1] == len(data.classes)
 
 

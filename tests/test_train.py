@@ -192,3 +192,37 @@ def test_pk_retrieval_under_torchrun(tiny_data, tmp_path):
     assert scalars["eval/recall@1"][-1] == pytest.approx(metrics["recall@1"])
     projector = list((tmp_path / "run" / "tb").rglob("projector_config.pbtxt"))
     assert projector and list((tmp_path / "run" / "tb").rglob("sprite.png"))  # embeddings with thumbnails
+
+
+def test_a_proxy_loss_survives_a_killed_worker_bit_exactly(tiny_data, tmp_path):
+    """loss=ce_proxyanchor under torchrun --max-restarts=1, rank 1 SIGKILLed in epoch 2: the restarted job resumes
+    from a mid-epoch checkpoint and ends with the model, the proxies and both optimizer groups' state of an
+    uninterrupted run, bit for bit."""
+    import os
+    import signal
+
+    from test_failures import finish, start, wait_for, worker_pid
+
+    args = tiny_args(tiny_data, epochs=2, batch_size=64, **{"loss": "ce_proxyanchor", "model.width": 8,
+                                                             "checkpoint.every_steps": 2, "checkpoint.keep": 20})
+    whole = run_train(args + [f"hydra.run.dir={tmp_path / 'whole'}"], cwd=tmp_path)
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    assert "(the loss's 1280 parameters: x 100)" in whole.stdout  # 10 proxies of 128
+
+    (tmp_path / "killed").mkdir()
+    proc = start(args, tmp_path / "killed", ["--max-restarts=1"])
+    wait_for(tmp_path / "killed" / "outputs", "step-000000010.pt", proc)  # epoch 2 (of 8 steps), 2 steps in
+    os.kill(worker_pid(proc.pid, 1), signal.SIGKILL)
+    out = finish(proc)
+    assert proc.returncode == 0 and "resumed from" in out, out
+    a = load_checkpoint(tmp_path / "whole" / "checkpoints" / "last.pt")
+    b = load_checkpoint(next((tmp_path / "killed" / "outputs").iterdir()) / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == 16
+    assert list(a["loss"]) == ["metric.proxies"] and "metric.proxies" not in a["model"]
+    assert torch.equal(a["loss"]["metric.proxies"], b["loss"]["metric.proxies"])
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    for i, state in a["optimizer"]["state"].items():  # the proxies' momentum is the last entry
+        assert torch.equal(state["momentum_buffer"], b["optimizer"]["state"][i]["momentum_buffer"])
+    assert [g["lr_scale"] for g in b["optimizer"]["param_groups"]] == [1.0, 100.0]
+    first = load_checkpoint(tmp_path / "whole" / "checkpoints" / "step-000000002.pt")
+    assert not torch.equal(first["loss"]["metric.proxies"], a["loss"]["metric.proxies"])  # they trained
