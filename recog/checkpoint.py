@@ -57,7 +57,17 @@ def atomic_write(path: str | Path, write) -> Path:
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    return atomic_write(path, lambda f: torch.save(state, f))
+    """torch.save through atomic_write. A failed write (a full disk) raises its OSError: torch's zip writer,
+    closing after the failure, raises a RuntimeError of its own with the OSError hidden in its context."""
+    try:
+        return atomic_write(path, lambda f: torch.save(state, f))
+    except RuntimeError as e:
+        cause = e.__context__
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
 
 
 def _link_atomically(src: Path, dst: Path) -> None:
@@ -68,24 +78,14 @@ def _link_atomically(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def _os_error(e: BaseException | None) -> OSError | None:
-    """The OSError behind `e`, if any: torch.save's zip writer, closing after a failed write (a full disk),
-    raises a RuntimeError of its own that hides the OSError in its context."""
-    while e is not None and not isinstance(e, OSError):
-        e = e.__cause__ or e.__context__
-    return e
-
-
 def save_step_checkpoint(state: dict[str, Any], folder: str | Path, step: int, keep: int, is_best: bool) -> Path:
     """Write `step-NNNNNNNNN.pt`, point `last.pt` (and `best.pt` when `is_best`) at it, keep the newest `keep`."""
     folder = Path(folder)
     path = folder / f"step-{step:09d}.pt"
     try:
         save_checkpoint(state, path)
-    except Exception as e:  # a full disk, a quota, a read-only file system: nothing half-written is left
-        if (cause := _os_error(e)) is None:
-            raise
-        raise RecogError(f"writing checkpoint {path} failed ({cause.strerror or cause}); the earlier checkpoints in "
+    except OSError as e:  # a full disk, a quota, a read-only file system: nothing half-written is left
+        raise RecogError(f"writing checkpoint {path} failed ({e.strerror or e}); the earlier checkpoints in "
                          f"{folder} are intact: free space there, or move the run directory, and run the same "
                          "command again to continue from them.") from None
     _link_atomically(path, folder / "last.pt")
