@@ -26,7 +26,6 @@ from recog.dist import adopt_slurm_env, env_rank, print_once_per_node  # noqa: E
 from recog.errors import ConfigError, RecogError, sentence  # noqa: E402
 from recog.preempt import Preempted  # noqa: E402
 from recog.rundir import register_resolvers  # noqa: E402
-from recog.train import run  # noqa: E402
 
 adopt_slurm_env()  # `srun python train.py`: torchrun's variables from SLURM's (before Hydra resolves the run dir)
 register_resolvers()
@@ -34,6 +33,11 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
+    # Imported here, not above: every data-loader worker imports this script again (CPython's fork server
+    # never preloads __main__: it is given no main path), and recog.train pulls in the model, torchvision,
+    # TensorBoard: ~4 s of CPU per worker, taken from training. A worker needs none of it.
+    from recog.train import run
+
     try:
         return run(cfg, stop=STOP)["top1"]
     except Preempted as e:  # a stop signal: a checkpoint was written; the same command continues the run

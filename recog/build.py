@@ -30,7 +30,7 @@ from recog.data.normalize import Normalize
 from recog.data.prepare import missing_splits, prepare_shards
 from recog.data.random_access import ShardRandomAccess, collate
 from recog.data.source import ShardSource
-from recog.data.stream import ShardStream
+from recog.data.stream import ShardStream, fits_in_memory
 from recog.errors import ConfigError
 from recog.loss import ModelWithLoss, RecognitionLoss
 from recog.model import load_weights
@@ -98,7 +98,8 @@ def build_data(cfg: DictConfig, ctx: dist.Dist) -> TrainData:
     pin, workers = ctx.device.type == "cuda", cfg.data.num_workers
     common = dict(rank=ctx.rank, world_size=ctx.world_size, batch_size=cfg.batch_size, channels=cfg.data.channels,
                   seed=cfg.seed, strict=cfg.data.strict, source=source)
-    test_set = ShardStream(test_manifest, transform=instantiate(cfg.augment.test), train=False, **common)
+    test_set = ShardStream(test_manifest, transform=instantiate(cfg.augment.test), train=False,
+                           keep_decoded=fits_in_memory(test_manifest, cfg.data.keep_decoded_mb), **common)
     test_loader = make_loader(test_set, workers, pin)
     if pk:  # class-balanced P×K batches for metric learning: one sequence of batches, whatever the workers
         epochs = DistributedBatchSampler(random_access.labels, cfg.sampler.p, cfg.sampler.k, rank=ctx.rank,
@@ -107,7 +108,8 @@ def build_data(cfg: DictConfig, ctx: dist.Dist) -> TrainData:
         batch_size, positions = cfg.sampler.p * cfg.sampler.k, 1
     else:  # each data-loader worker reads its own part of the epoch: a position per worker
         epochs = ShardStream(train_manifest, transform=instantiate(cfg.augment.train), train=True,
-                             shuffle_block=cfg.data.shuffle_block, **common)
+                             shuffle_block=cfg.data.shuffle_block,
+                             keep_decoded=fits_in_memory(train_manifest, cfg.data.keep_decoded_mb), **common)
         loader = make_loader(epochs, workers, pin)
         batch_size, positions = cfg.batch_size, max(1, workers)
     layout = {"world_size": ctx.world_size, "batch_size": batch_size, "sampler": cfg.sampler.name,

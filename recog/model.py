@@ -7,6 +7,7 @@ The torchvision head is removed; its input width becomes the feature width.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -26,16 +27,18 @@ def conv_block(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
 
-def convnet(in_channels: int, width: int = 32) -> tuple[nn.Module, int]:
-    """A VGG-style CNN: 28×28 -> 14 -> 7 -> global pool. About 0.3 M parameters at width 32."""
-    w = width
-    body = nn.Sequential(
-        conv_block(in_channels, w), conv_block(w, w), nn.MaxPool2d(2),
-        conv_block(w, 2 * w), conv_block(2 * w, 2 * w), nn.MaxPool2d(2),
-        conv_block(2 * w, 4 * w), conv_block(4 * w, 4 * w),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-    )
-    return body, 4 * w
+def convnet(in_channels: int, width: int = 32, blocks: Sequence[int] = (2, 2, 2)) -> tuple[nn.Module, int]:
+    """A VGG-style CNN: three stages of `blocks` 3×3 conv-BN-ReLU layers, `width`, 2× and 4× wide, each
+    stage but the last followed by a 2×2 max-pool (28×28 -> 14 -> 7), then a global average pool."""
+    layers, c_in = [], in_channels
+    for stage, n in enumerate(blocks):
+        c_out = width * 2 ** stage
+        for _ in range(n):
+            layers.append(conv_block(c_in, c_out))
+            c_in = c_out
+        if stage < len(blocks) - 1:
+            layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), c_in
 
 
 OWN_BACKBONES = {"convnet": convnet}
@@ -99,11 +102,12 @@ class RecognitionModel(nn.Module):
         small_input: bool = False,
         width: int = 32,
         logit_scale: float = 16.0,
+        blocks: Sequence[int] = (2, 2, 2),
     ):
         super().__init__()
         check_backbone_name(backbone)
         if backbone in OWN_BACKBONES:
-            self.backbone, features = OWN_BACKBONES[backbone](in_channels, width)
+            self.backbone, features = OWN_BACKBONES[backbone](in_channels, width, blocks)
         else:
             self.backbone, features = torchvision_backbone(backbone, in_channels, small_input)
         self.embed = nn.Linear(features, embedding_dim)

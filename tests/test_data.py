@@ -17,7 +17,7 @@ from recog.data.idx import find_idx_pair, read_idx
 from recog.data.loader import make_loader
 from recog.data.manifest import load_manifest
 from recog.data.plan import Piece, samples_per_rank
-from recog.data.stream import ShardStream, read_pieces
+from recog.data.stream import ShardStream, fits_in_memory, read_pieces
 from recog.data.write import folder_records, write_shards
 from recog.errors import ConfigError, DataError
 
@@ -115,6 +115,37 @@ def test_undecodable_sample_is_skipped_and_counted(tmp_path, caplog):
     assert "undecodable" in caplog.text and "000000003" in caplog.text
     with pytest.raises(DataError, match="could not be decoded"):
         list(ShardStream(manifest, rank=0, world_size=1, batch_size=16, train=False, strict=True))
+
+
+def test_kept_decoded_epochs_equal_read_ones_without_reading_the_shards(tmp_path, caplog):
+    """keep_decoded (small data sets): from the second epoch on, the same batches (images, labels, skipped
+    counts) come from memory; the shards are not read, even when they are gone."""
+    import shutil
+
+    manifest = tiny_split(tmp_path / "s", "train", 200, 64)
+    shard = tmp_path / "s" / "train-000001.tar"
+    corrupt_copy(shard, tmp_path / "bad.tar", {"000000070"})
+    (tmp_path / "bad.tar").replace(shard)
+    assert fits_in_memory(manifest, 1) and not fits_in_memory(manifest, 0.1)  # 200 x 784 bytes: 0.15 MB
+
+    def epochs(stream, remove_shards_after_first):
+        for epoch in range(3):
+            stream.set_epoch(epoch)
+            yield list(stream)
+            if remove_shards_after_first and epoch == 0:  # only a stream that kept every image can go on
+                shutil.move(tmp_path / "s", tmp_path / "gone")
+
+    kw = dict(rank=0, world_size=1, batch_size=32, seed=5, train=True, transform=lambda x: x.flip(-1))
+    read = list(epochs(ShardStream(manifest, **kw), False))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        kept = list(epochs(ShardStream(manifest, keep_decoded=True, **kw), True))
+    assert caplog.text.count("skipping undecodable sample") == 1 and "read failed" not in caplog.text
+    for a, b in zip(read, kept, strict=True):
+        assert [x.skipped for x in a] == [x.skipped for x in b] and sum(x.skipped for x in a) == 1
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x.images, y.images) and torch.equal(x.labels, y.labels)
+    assert not torch.equal(torch.cat([x.labels for x in kept[0]]), torch.cat([x.labels for x in kept[1]]))
 
 
 def test_truncated_shard_is_skipped_and_counted(tmp_path):
@@ -320,3 +351,17 @@ def test_the_data_layer_imports_nothing_of_torch_distributed():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "['recog', 'recog.errors', 'recog.preempt']"  # preempt: stdlib signal only
+
+
+def test_a_data_loader_worker_imports_train_py_without_the_model():
+    """Each worker imports the main script again (as __mp_main__, see loader.worker_context): train.py must leave
+    the model, TensorBoard and the training loop to main(), or every worker spends seconds importing them."""
+    import subprocess
+    import sys
+
+    code = ("import runpy, sys\n"
+            "runpy.run_path('train.py', run_name='__mp_main__')\n"
+            "print(sorted(m for m in ('recog.train', 'recog.model', 'torch.utils.tensorboard') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "[]"

@@ -75,8 +75,11 @@ def worker_context() -> multiprocessing.context.BaseContext:
     started anew each epoch.
     """
     context = multiprocessing.get_context("forkserver")
-    # With the main script preloaded too, a worker forked from the server need not import it again.
-    context.set_forkserver_preload(["__main__", "torch", "recog.data.stream"])
+    # What a worker needs, imported once by the server, so that each worker forked from it starts at once:
+    # the data pipeline and its transforms (torchvision). The main script is not on the list: CPython never
+    # preloads it (3.10-3.13 pass the server no main path), so each worker imports it again (train.py keeps
+    # that import light).
+    context.set_forkserver_preload(["torch", "torchvision", "recog.data.stream", "recog.data.augment"])
     # The server, and every worker forked from it, ignores the stop signals: torchrun sends SIGTERM to the
     # whole process group of a training process, and SLURM may signal every process of a job, but it is
     # the training process that must act (save a checkpoint, then shut its workers down). An ignored

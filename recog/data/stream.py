@@ -33,6 +33,17 @@ from recog.errors import DataError
 log = logging.getLogger(__name__)
 
 MAX_WORKERS = 256  # data-loader workers per process that a mid-epoch position can describe
+UNDECODABLE = object()  # kept in place of a sample that could not be decoded (ShardStream.keep_decoded)
+
+
+def fits_in_memory(manifest: Manifest, budget_mb: float) -> bool:
+    """Whether every image of these shards, decoded (uint8, at the largest recorded size), fits in `budget_mb`.
+    False when the manifest records no sizes (shards written by other tools)."""
+    stats = manifest.stats
+    if not stats or budget_mb <= 0:
+        return False
+    largest = stats["channels"] * stats["height"]["max"] * stats["width"]["max"]
+    return manifest.num_samples * largest <= budget_mb * 2**20
 
 
 def read_pieces(manifest: Manifest, pieces: list[Piece], strict: bool,
@@ -104,6 +115,7 @@ class ShardStream(IterableDataset):
         shuffle_block: int = 1000,
         strict: bool = False,
         source: ShardSource | None = None,
+        keep_decoded: bool = False,
     ):
         self.manifest, self.rank, self.world_size = manifest, rank, world_size
         self.batch_size, self.transform, self.channels = batch_size, transform, channels
@@ -113,6 +125,12 @@ class ShardStream(IterableDataset):
         self._epoch = multiprocessing.RawValue("q", 0)
         self._consumed = multiprocessing.RawArray("q", MAX_WORKERS)
         self._image_shape: tuple[int, ...] | None = None  # of the last decoded image, for empty batches
+        # keep_decoded: each decoded image (before the transform) is kept in this process's memory, so that
+        # later epochs read no shard and decode nothing again. For data sets that fit in memory many times over
+        # (see fits_in_memory): each worker may end up holding all of it. Keyed by (shard, index in shard);
+        # UNDECODABLE for a sample that could not be decoded (skipped and counted every epoch, logged once).
+        self.keep_decoded = keep_decoded
+        self._decoded: dict[tuple[int, int], tuple[torch.Tensor, int] | object] = {}
 
     @property
     def epoch(self) -> int:
@@ -147,12 +165,11 @@ class ShardStream(IterableDataset):
         if self.train:
             rng = random.Random(f"samples/{stream_id}")
             pieces, skip = skip_whole_blocks(pieces, skip, self.shuffle_block, rng)
-            items = shuffled_blocks(read_pieces(self.manifest, pieces, self.strict, self.source),
-                                    self.shuffle_block, rng)
+            items = shuffled_blocks(self._read(pieces), self.shuffle_block, rng)
         else:
             total = sum(len(p) for p in pieces)
             pieces, skip = slice_pieces(pieces, min(skip, total), total), 0
-            items = read_pieces(self.manifest, pieces, self.strict, self.source)
+            items = self._read(pieces)
         items = islice(items, skip, None)  # read, never decoded
         warnings = WorkerWarnings.in_this_worker()
         for index in itertools.count(done):
@@ -165,20 +182,42 @@ class ShardStream(IterableDataset):
                 batch = self._collate(slots)
             yield batch._replace(worker=worker, warnings=warnings.take() if warnings else ())
 
-    def _collate(self, slots: list[dict | None]) -> Batch:
+    def _read(self, pieces: list[Piece]) -> Iterator[tuple[tuple[int, int], dict | None]]:
+        """(shard, index) and the raw sample (None: unreadable) of each planned sample; a piece whose samples
+        are all kept decoded is not read at all (its raw samples are None: _decode finds them kept)."""
+        for piece in pieces:
+            keys = [(piece.shard, i) for i in range(piece.start, piece.stop)]
+            if self.keep_decoded and all(key in self._decoded for key in keys):
+                yield from ((key, None) for key in keys)
+            else:
+                yield from zip(keys, read_pieces(self.manifest, [piece], self.strict, self.source))
+
+    def _decode(self, key: tuple[int, int], sample: dict | None) -> tuple[torch.Tensor, int] | None:
+        """The decoded image and label, or None for a sample to skip (unreadable or undecodable)."""
+        if key in self._decoded:
+            kept = self._decoded[key]
+            return None if kept is UNDECODABLE else kept
+        if sample is None:
+            return None
+        try:
+            decoded = decode_sample(sample, self.channels)
+        except Exception as e:
+            where = f"{sample.get('__url__')}:{sample.get('__key__')}"
+            if self.strict:
+                raise DataError(f"sample {where} could not be decoded ({e}); fix it or set "
+                                "data.strict=false.") from e
+            log.warning("skipping undecodable sample %s (%s)", where, e)
+            decoded = None
+        if self.keep_decoded:
+            self._decoded[key] = UNDECODABLE if decoded is None else decoded
+        return decoded
+
+    def _collate(self, slots: list[tuple[tuple[int, int], dict | None]]) -> Batch:
         images, labels = [], []
-        for sample in slots:
-            if sample is None:
+        for key, sample in slots:
+            if (decoded := self._decode(key, sample)) is None:
                 continue
-            try:
-                image, label = decode_sample(sample, self.channels)
-            except Exception as e:
-                where = f"{sample.get('__url__')}:{sample.get('__key__')}"
-                if self.strict:
-                    raise DataError(f"sample {where} could not be decoded ({e}); fix it or set "
-                                    "data.strict=false.") from e
-                log.warning("skipping undecodable sample %s (%s)", where, e)
-                continue
+            image, label = decoded
             images.append(self.transform(image) if self.transform else image)
             labels.append(label)
         if images:
