@@ -47,6 +47,7 @@ class TrainData:
     batch_size: int  # per rank
     classes: list[str]
     layout: dict  # what a mid-epoch data position is valid for: saved with it, compared on resume
+    gallery_loader: DataLoader | None = None  # eval.gallery's images (each once over the ranks); None: leave-one-out
 
     def start(self) -> Position:
         """A fresh run's position: no epoch done, no batch of the first one consumed."""
@@ -72,17 +73,26 @@ def build_data(cfg: DictConfig, ctx: dist.Dist) -> TrainData:
 
     source = shard_source(cfg.data)
     pk = cfg.sampler.name == "pk"
+    gallery_path = {"train": cfg.data.train, "test": None, None: None}.get(cfg.eval.gallery, cfg.eval.gallery)
+    if not cfg.eval.retrieval:
+        gallery_path = None
 
     def open_manifests():
         train, test = load_manifest(cfg.data.train, source), load_manifest(cfg.data.test, source)
         if train.classes != test.classes:
             raise ConfigError(f"the train and test shards name different classes ({cfg.data.train} vs "
                               f"{cfg.data.test}); write both from the same source.")
+        gallery = None
+        if gallery_path:
+            gallery = train if gallery_path == cfg.data.train else load_manifest(gallery_path, source)
+            if gallery.classes != test.classes:
+                raise ConfigError(f"eval.gallery={gallery_path} names other classes than the test shards; write "
+                                  "both from the same source.")
         choices = settle_data_settings(cfg, train, source)  # the same on every rank: from the same manifest
         if ctx.is_main:
             log.info("%s", choices)
         if not pk:
-            return train, test, None
+            return train, test, gallery, None
         p, k = cfg.sampler.p, cfg.sampler.k
         if p > train.num_classes:
             raise ConfigError(f"sampler.p={p} asks for more classes per batch than the {train.num_classes} of "
@@ -90,17 +100,24 @@ def build_data(cfg: DictConfig, ctx: dist.Dist) -> TrainData:
         if p * k > train.num_samples:
             raise ConfigError(f"sampler.p={p} x sampler.k={k} is a batch larger than the {train.num_samples} "
                               f"training samples of {cfg.data.train}; make P x K smaller.")
-        return train, test, ShardRandomAccess(train, source, instantiate(cfg.augment.train), cfg.data.channels)
+        return train, test, gallery, ShardRandomAccess(train, source, instantiate(cfg.augment.train),
+                                                       cfg.data.channels)
 
     # Every rank makes both calls, whatever it finds on its own disk, so the collectives stay paired.
     dist.fail_together(write_missing_shards, ctx, "writing the shards")
-    train_manifest, test_manifest, random_access = dist.fail_together(open_manifests, ctx, "opening the shards")
+    train_manifest, test_manifest, gallery_manifest, random_access = dist.fail_together(open_manifests, ctx,
+                                                                                        "opening the shards")
     pin, workers = ctx.device.type == "cuda", cfg.data.num_workers
     common = dict(rank=ctx.rank, world_size=ctx.world_size, batch_size=cfg.batch_size, channels=cfg.data.channels,
                   seed=cfg.seed, strict=cfg.data.strict, source=source)
     test_set = ShardStream(test_manifest, transform=instantiate(cfg.augment.test), train=False,
                            keep_decoded=fits_in_memory(test_manifest, cfg.data.keep_decoded_mb), **common)
     test_loader = make_loader(test_set, workers, pin)
+    gallery_loader = None
+    if gallery_manifest:  # embedded like the test images: each rank its own slice, each image once
+        gallery_set = ShardStream(gallery_manifest, transform=instantiate(cfg.augment.test), train=False,
+                                  keep_decoded=fits_in_memory(gallery_manifest, cfg.data.keep_decoded_mb), **common)
+        gallery_loader = make_loader(gallery_set, workers, pin)
     if pk:  # class-balanced P×K batches for metric learning: one sequence of batches, whatever the workers
         epochs = DistributedBatchSampler(random_access.labels, cfg.sampler.p, cfg.sampler.k, rank=ctx.rank,
                                          world_size=ctx.world_size, seed=cfg.seed)
@@ -114,7 +131,7 @@ def build_data(cfg: DictConfig, ctx: dist.Dist) -> TrainData:
         batch_size, positions = cfg.batch_size, max(1, workers)
     layout = {"world_size": ctx.world_size, "batch_size": batch_size, "sampler": cfg.sampler.name,
               "workers": positions, "accumulate": cfg.accumulate}
-    return TrainData(loader, epochs, test_loader, batch_size, train_manifest.classes, layout)
+    return TrainData(loader, epochs, test_loader, batch_size, train_manifest.classes, layout, gallery_loader)
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:

@@ -250,8 +250,13 @@ def all_gather_with_grad(local: torch.Tensor) -> torch.Tensor:
 
 def all_gather_uneven(local: torch.Tensor) -> torch.Tensor:
     """Every rank's `local`, concatenated in rank order, when ranks hold different numbers of rows."""
+    return all_gather_rows(local)[0]
+
+
+def all_gather_rows(local: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """`all_gather_uneven`, and where this rank's rows start in it."""
     if not dist.is_initialized():
-        return local
+        return local, 0
     sizes = [torch.zeros(1, dtype=torch.int64, device=local.device) for _ in range(dist.get_world_size())]
     dist.all_gather(sizes, torch.tensor([len(local)], device=local.device))
     sizes = [int(s.item()) for s in sizes]
@@ -259,7 +264,7 @@ def all_gather_uneven(local: torch.Tensor) -> torch.Tensor:
     padded[: len(local)] = local
     parts = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(parts, padded)
-    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)]), sum(sizes[: dist.get_rank()])
 
 
 def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:

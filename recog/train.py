@@ -24,8 +24,9 @@ from recog.config import check_config
 from recog.data.loader import Batch, stop_data_workers
 from recog.errors import DataError
 from recog.log import make_writer, setup_logging
+from recog.model import Output
 from recog.preempt import Preempted, StopOnSignal
-from recog.retrieval import retrieval_metrics
+from recog.retrieval import metrics_from_sums, retrieval_sums
 
 log = logging.getLogger("recog")
 
@@ -107,7 +108,8 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, stop: StopOnSignal) ->
             batches = data.batches(position)
         dist.broadcast_buffers(recipe.model)  # rank 0's BatchNorm statistics everywhere: one model is evaluated
         result = evaluate(recipe.model, data.test_loader, recipe.normalize, ctx, retrieval=cfg.eval.retrieval,
-                          keep_images=cfg.eval.projector if position.epoch == cfg.epochs else 0)
+                          keep_images=cfg.eval.projector if position.epoch == cfg.epochs else 0,
+                          gallery_loader=data.gallery_loader)
         report_epoch(writer, cfg.epochs, position, stats, result, data.classes)
         checkpoints.save(position, result.top1)
     return finish(cfg, ctx, run_dir, writer, recipe, position, stats, result, totals.sums, checkpoints.best_top1)
@@ -239,18 +241,16 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(model, loader, normalize, ctx: dist.Dist, retrieval: bool = False, keep_images: int = 0) -> Evaluation:
-    """Top-1 over the test split, and optionally retrieval metrics with each test image queried against
-    all the others. Each rank holds a disjoint slice (no padding), so every test image counts exactly once."""
+def evaluate(model, loader, normalize, ctx: dist.Dist, retrieval: bool = False, keep_images: int = 0,
+             gallery_loader=None) -> Evaluation:
+    """Top-1 over the test split, and optionally retrieval metrics: each test image queried against the
+    others, or against `gallery_loader`'s images (eval.gallery). Each rank holds a disjoint slice of the test
+    images (no padding), so every one counts exactly once; for retrieval, each rank searches only its own
+    slice against the whole gallery, and the per-query sums are added up over the ranks."""
     model.eval()
     counts = torch.zeros(2, device=ctx.device, dtype=torch.int64)  # [correct, seen]
     embeddings, labels_seen, images = [], [], []
-    for batch in loader:
-        relay_warnings(batch)
-        if len(batch.labels) == 0:  # all of its samples unreadable (counted by the loader)
-            continue
-        labels = batch.labels.to(ctx.device, non_blocking=True)
-        out = model(normalize(batch.images.to(ctx.device, non_blocking=True)))
+    for batch, labels, out in forward(model, loader, normalize, ctx.device):
         correct = (out.logits.argmax(dim=1) == labels).sum()
         counts += torch.stack([correct, torch.tensor(len(labels), device=ctx.device)])
         if retrieval:
@@ -258,16 +258,35 @@ def evaluate(model, loader, normalize, ctx: dist.Dist, retrieval: bool = False, 
             labels_seen.append(labels)
             if sum(len(x) for x in images) < keep_images:
                 images.append(batch.images)
+    if retrieval and gallery_loader is not None:
+        gallery_parts = [(out.embeddings, labels) for _, labels, out in forward(model, gallery_loader, normalize,
+                                                                                ctx.device)]
     model.train()
     correct, seen = dist.all_reduce_sum(counts).tolist()
     result = Evaluation(correct / max(seen, 1), seen, {})
     if retrieval:
         result.embeddings, result.labels = torch.cat(embeddings), torch.cat(labels_seen)
         result.images = torch.cat(images)[:keep_images] if images else None
-        # every rank gathers the whole test set (slices of unequal size) and computes the same figures
-        result.retrieval = retrieval_metrics(dist.all_gather_uneven(result.embeddings),
-                                             dist.all_gather_uneven(result.labels))
+        if gallery_loader is None:  # leave-one-out: the gallery is the whole test split, in rank order
+            gallery, offset = dist.all_gather_rows(result.embeddings)
+            gallery_labels, _ = dist.all_gather_rows(result.labels)
+        else:
+            gallery, offset = dist.all_gather_uneven(torch.cat([e for e, _ in gallery_parts])), None
+            gallery_labels = dist.all_gather_uneven(torch.cat([lab for _, lab in gallery_parts]))
+        sums = retrieval_sums(result.embeddings, result.labels, gallery, gallery_labels, query_offset=offset)
+        result.retrieval = metrics_from_sums(dist.all_reduce_sum(sums))
     return result
+
+
+def forward(model, loader, normalize, device: torch.device) -> Iterator[tuple[Batch, torch.Tensor, Output]]:
+    """Each batch of an evaluation loader, its labels and the model's output (batches left empty by unreadable
+    samples, counted by the loader, are passed over)."""
+    for batch in loader:
+        relay_warnings(batch)
+        if len(batch.labels) == 0:
+            continue
+        yield batch, batch.labels.to(device, non_blocking=True), model(normalize(batch.images.to(device,
+                                                                                                non_blocking=True)))
 
 
 def preempted(checkpoints: Checkpoints, position: Position, signal_name: str | None, writer) -> Preempted:

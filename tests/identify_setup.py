@@ -74,13 +74,14 @@ def clustered(count: int, dim: int = 128, clusters: int = 100, rank: int = 8, se
 
 
 def write_embeddings(folder: Path, vectors: np.ndarray, part_size: int, sha256: str = "a" * 64,
-                     first_key: int = 0, classes: int = 10, dtype: str = "float32") -> Path:
-    """An embeddings folder of `vectors` (stored as `dtype`), keys 'k<id>' and labels id % `classes`."""
+                     first_key: int = 0, classes: int = 10, dtype: str = "float32", labels=None) -> Path:
+    """An embeddings folder of `vectors` (stored as `dtype`), keys 'k<id>' and `labels` (default id % `classes`)."""
     parts = []
     for number, start in enumerate(range(0, len(vectors), part_size)):
         ids = np.arange(start, min(start + part_size, len(vectors))) + first_key
+        mine = ids % classes if labels is None else np.asarray(labels)[start : start + part_size]
         parts.append(write_part(folder, part_name(number), vectors[start : start + part_size].astype(dtype),
-                                [f"k{i}" for i in ids], ids % classes))
+                                [f"k{i}" for i in ids], mine))
     write_manifest(folder, sha256, vectors.shape[1], dtype, parts, [f"class{i}" for i in range(classes)])
     return folder
 

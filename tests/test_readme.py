@@ -44,7 +44,8 @@ def test_every_readme_command_is_run_by_ci_or_a_test():
     assert fresh.strip() in ci and tests.strip() in ci  # CI runs the two commands exactly as written
     covered = [fresh.strip(), tests.strip()] + [command(p) for p in (
         r"tensorboard --logdir", r"recog\.data write folder", r"train\.py data=images",
-        r"experiment=retrieval_fashion", r"--nnodes=4")]
+        r"experiment=retrieval_fashion", r"--nnodes=4", r"recog\.export ", r"recog\.embed .*/train ",
+        r"recog\.index build", r"recog\.identify ", r"recog\.embed .*/test ", r"recog\.evaluate ")]
     assert sorted(covered) == sorted(commands()), "a README command that no test runs"
     # the multi-node command: tests/test_launch.py runs it on two hosts (network namespaces), 1 process each
     launch_test = (ROOT / "tests" / "test_launch.py").read_text()
@@ -68,13 +69,29 @@ def test_your_own_data_commands_and_what_they_print(tmp_path):
 
 
 @pytest.mark.slow
-def test_retrieval_command_runs(tiny_data, tmp_path):
-    cmd = here(command(r"experiment=retrieval_fashion"), tmp_path).split()
-    args = tiny_args(tiny_data, epochs=1) + ["sampler.p=3", "sampler.k=8", f"hydra.run.dir={tmp_path / 'run'}"]
-    result = subprocess.run(cmd + args, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env={"OMP_NUM_THREADS": "1", "PATH": f"{BIN}:/usr/bin:/bin"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "recall@1" in (tmp_path / "run" / "metrics.json").read_text()
+def test_retrieval_and_identify_commands_run_in_order(tiny_data, tmp_path):
+    """The Retrieval and Identify sections' commands, one after the other as a user runs them (tiny shards, one
+    epoch): train, export, embed the gallery on 2 processes, index it, identify a photo, embed the queries and
+    evaluate them against the gallery on 2 processes."""
+    import json
+
+    from identify_setup import fashion_test_images
+
+    photo = fashion_test_images(tmp_path / "photos", 1)[0][0]
+    shards = "data/shards/fashion-mnist-small/"
+    steps = [here(command(r"experiment=retrieval_fashion"), tmp_path) + " " + " ".join(
+        tiny_args(tiny_data, epochs=1) + ["sampler.p=3", "sampler.k=8"])]
+    steps += [here(command(p), tmp_path) for p in (r"recog\.export ", r"recog\.embed .*/train ", r"recog\.index build",
+                                                     r"recog\.identify ", r"recog\.embed .*/test ", r"recog\.evaluate ")]
+    script = "\n".join(step.replace("outputs/retrieval", str(tmp_path / "retrieval")).replace(
+        shards, f"{tiny_data['train'].parent}/").replace("photo.png", str(photo)) for step in steps)
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, capture_output=True, text=True,
+                            timeout=1200, env={"OMP_NUM_THREADS": "1", "PATH": f"{BIN}:/usr/bin:/bin"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "recall@1" in (tmp_path / "retrieval" / "metrics.json").read_text()
+    assert "vote: " in result.stdout or '"vote"' in result.stdout
+    metrics = json.loads(result.stdout.strip().splitlines()[-1])
+    assert metrics["queries"] == 301 and 0 < metrics["vote_top1"] <= 1 and 0 < metrics["recall@1"] <= 1
 
 
 def free_port() -> int:

@@ -179,7 +179,7 @@ def test_pk_retrieval_under_torchrun(tiny_data, tmp_path):
     ranks, retrieval metrics, projector."""
     result = run_train(tiny_args(tiny_data, epochs=1) + ["experiment=retrieval_fashion", "sampler.p=3", "sampler.k=8",
                                                          "loss.cross_rank=true", "eval.projector=20",
-                                                         f"hydra.run.dir={tmp_path / 'run'}"],
+                                                         "eval.gallery=train", f"hydra.run.dir={tmp_path / 'run'}"],
                        cwd=tmp_path, nproc=2)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "per-rank batch 24, global batch 48 | 20 steps per epoch" in result.stdout  # 1000 // (2 x 3 x 8)
@@ -188,6 +188,11 @@ def test_pk_retrieval_under_torchrun(tiny_data, tmp_path):
     for name in ("recall@1", "recall@5", "recall@10", "map@r"):
         assert 0 < metrics[name] <= 1
     assert metrics["recall@1"] <= metrics["recall@5"] <= metrics["recall@10"]
+    # eval.gallery=train: each rank searched its own test images against the 1,000 training images; one process
+    # embedding both splits with the saved weights finds the same figures (up to near-ties: embeddings computed
+    # in other batches differ in the last bits)
+    want = one_process_retrieval(tmp_path / "run" / "checkpoints" / "last.pt", tiny_data)
+    assert {k: metrics[k] for k in want} == pytest.approx(want, abs=2 / 301)
     scalars = read_scalars(tmp_path / "run" / "tb")
     assert scalars["eval/recall@1"][-1] == pytest.approx(metrics["recall@1"])
     projector = list((tmp_path / "run" / "tb").rglob("projector_config.pbtxt"))
@@ -226,3 +231,23 @@ def test_a_proxy_loss_survives_a_killed_worker_bit_exactly(tiny_data, tmp_path):
     assert [g["lr_scale"] for g in b["optimizer"]["param_groups"]] == [1.0, 100.0]
     first = load_checkpoint(tmp_path / "whole" / "checkpoints" / "step-000000002.pt")
     assert not torch.equal(first["loss"]["metric.proxies"], a["loss"]["metric.proxies"])  # they trained
+
+
+def one_process_retrieval(checkpoint, tiny_data) -> dict[str, float]:
+    """Test images queried against the training images, embedded in this process from a checkpoint."""
+    from recog.data.manifest import load_manifest
+    from recog.data.stream import ShardStream
+    from recog.export import Embedder, data_settings, read_checkpoint, rebuild_model
+    from recog.retrieval import retrieval_metrics
+
+    ckpt = read_checkpoint(checkpoint)
+    settings = data_settings(ckpt["config"], checkpoint)
+    embedder = Embedder(rebuild_model(ckpt, checkpoint), settings["mean"], settings["std"]).eval()
+
+    def embed(split):
+        stream = ShardStream(load_manifest(tiny_data[split]), rank=0, world_size=1, batch_size=64, train=False)
+        with torch.no_grad():
+            batches = [(embedder(b.images), b.labels) for b in stream]
+        return torch.cat([e for e, _ in batches]), torch.cat([lab for _, lab in batches])
+
+    return retrieval_metrics(*embed("test"), *embed("train"))
