@@ -18,6 +18,18 @@ def test_outputs(backbone, channels, size, small):
     assert torch.allclose(out.embeddings.norm(dim=1), torch.ones(3), atol=1e-5)
 
 
+def test_convnet_blocks_set_the_layers_per_stage_and_keep_the_default_s_weight_names():
+    def convs(model):
+        return [x for x in model.backbone.modules() if isinstance(x, torch.nn.Conv2d)]
+
+    default, lighter = RecognitionModel("convnet", 10, 1), RecognitionModel("convnet", 10, 1, blocks=[1, 2, 2])
+    assert [c.out_channels for c in convs(default)] == [32, 32, 64, 64, 128, 128]
+    assert [c.out_channels for c in convs(lighter)] == [32, 64, 64, 128, 128]
+    # the layout of the checkpoints written before `blocks` existed: conv-BN-ReLU blocks, max-pools between stages
+    assert "backbone.7.0.weight" in default.state_dict() and "backbone.3.0.weight" in default.state_dict()
+    assert lighter(torch.randn(2, 1, 28, 28)).embeddings.shape == (2, 128)
+
+
 def test_unknown_backbone_names_the_fix():
     with pytest.raises(ConfigError, match="unknown model 'resnet1000'.*model=resnet18"):
         RecognitionModel("resnet1000", num_classes=3)
