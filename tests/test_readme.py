@@ -81,8 +81,9 @@ def test_retrieval_and_identify_commands_run_in_order(tiny_data, tmp_path):
     shards = "data/shards/fashion-mnist-small/"
     steps = [here(command(r"experiment=retrieval_fashion"), tmp_path) + " " + " ".join(
         tiny_args(tiny_data, epochs=1) + ["sampler.p=3", "sampler.k=8"])]
-    steps += [here(command(p), tmp_path) for p in (r"recog\.export ", r"recog\.embed .*/train ", r"recog\.index build",
-                                                     r"recog\.identify ", r"recog\.embed .*/test ", r"recog\.evaluate ")]
+    identify = (r"recog\.export ", r"recog\.embed .*/train ", r"recog\.index build", r"recog\.identify ",
+                r"recog\.embed .*/test ", r"recog\.evaluate ")
+    steps += [here(command(p), tmp_path) for p in identify]
     script = "\n".join(step.replace("outputs/retrieval", str(tmp_path / "retrieval")).replace(
         shards, f"{tiny_data['train'].parent}/").replace("photo.png", str(photo)) for step in steps)
     result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, capture_output=True, text=True,
