@@ -90,7 +90,7 @@ def test_retrieval_and_identify_commands_run_in_order(tiny_data, tmp_path):
                             timeout=1200, env={"OMP_NUM_THREADS": "1", "PATH": f"{BIN}:/usr/bin:/bin"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "recall@1" in (tmp_path / "retrieval" / "metrics.json").read_text()
-    assert "vote: " in result.stdout or '"vote"' in result.stdout
+    assert f"{photo}: " in result.stdout and "1. " in result.stdout  # its vote, then its top matches
     metrics = json.loads(result.stdout.strip().splitlines()[-1])
     assert metrics["queries"] == 301 and 0 < metrics["vote_top1"] <= 1 and 0 < metrics["recall@1"] <= 1
 
