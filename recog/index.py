@@ -6,8 +6,9 @@
 Embeddings are unit length, so the inner product is the cosine similarity, and the score identify reports.
 `--kind auto` picks an exact flat index for galleries up to FLAT_UP_TO vectors and IVF-PQ above (nlist about
 4·sqrt(n) lists, PQ codes of m bytes with m dividing the width); `hnsw` is a graph index (fast, all vectors
-kept). IVF-PQ is trained on a random sample of at most `--train-size` vectors; vectors are then added a chunk at
-a time, so the vectors in memory are bounded by a chunk, and the index files by a shard.
+kept). IVF-PQ is trained on a random sample of `--train-size` vectors (or 39 per list, faiss's minimum, if
+that is more); vectors are then added a chunk at a time, so the vectors in memory are bounded by a chunk, and
+the index files by a shard.
 
 OUT_DIR holds faiss's own files (`faiss.write_index`), one per shard, `ids-*.npz` (each id's key and label, in id
 order) and `index.json`, which names them and is replaced last: a reader sees the old index or the new one.
@@ -76,7 +77,7 @@ def choose_kind(kind: str, count: int, dim: int) -> tuple[dict, str]:
     m, nprobe = pq_bytes(dim), max(1, nlist // NPROBE_SHARE)
     # np: no polysemous training (a code reordering for Hamming filtering, which search does not use, and which
     # takes minutes)
-    params = {"kind": "ivfpq", "factory": f"IVF{nlist},PQ{m}np", "search": {"nprobe": nprobe}}
+    params = {"kind": "ivfpq", "factory": f"IVF{nlist},PQ{m}np", "nlist": nlist, "search": {"nprobe": nprobe}}
     return params, (f"index: IVF-PQ, {nlist} lists (nprobe {nprobe}), {m}-byte codes, for {count:,} vectors{why}")
 
 
@@ -196,7 +197,8 @@ def build(embeddings: str | Path, out_dir: str | Path, kind: str = "auto", shard
     log(line + (f", in {shards} shards" if shards > 1 else ""))
     empty = new_index(params, emb.dim)
     if not empty.is_trained:
-        empty.train(emb.sample(train_size))
+        # faiss's k-means wants at least 39 training points per list: a large gallery's many lists get more
+        empty.train(emb.sample(max(train_size, 39 * params.get("nlist", 0))))
     generation = old.raw["generation"] + 1 if old else 0
     names = []
     for number, (start, stop) in enumerate(shard_ranges(emb.count, shards)):
@@ -291,7 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("out_dir")
     b.add_argument("--kind", choices=KINDS, default="auto")
     b.add_argument("--shards", type=int, default=1, help="split the ids into this many indexes (1)")
-    b.add_argument("--train-size", type=int, default=100_000, help="IVF-PQ trains on at most this many vectors")
+    b.add_argument("--train-size", type=int, default=100_000,
+                   help="IVF-PQ trains on this many vectors (at least 39 per list)")
     b.add_argument("--overwrite", action="store_true", help="replace an index already in OUT_DIR")
     a = commands.add_parser("add", help="add a folder of embeddings of the same model to an index")
     a.add_argument("index_dir")
