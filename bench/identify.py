@@ -135,15 +135,16 @@ class initialize_data:
         return self.context.__exit__(*exc)
 
 
-def synthetic(count: int, dim: int = 128, clusters: int = 100, rank: int = 8, seed: int = 0,
+def synthetic(count: int, first: int = 0, dim: int = 128, clusters: int = 100, rank: int = 8, seed: int = 0,
               chunk: int = 100_000):
-    """Chunks of unit vectors near `clusters` centres, each cluster spread over its own `rank`-dimensional
-    subspace; the same vectors for the same seed, whatever the chunk size."""
+    """Vectors first .. first + count - 1 of one distribution, a chunk at a time: unit vectors near `clusters`
+    centres, each cluster spread over its own `rank`-dimensional subspace (the centres and subspaces come from
+    `seed`; each chunk's draws from its position)."""
     rng = np.random.default_rng(seed)
     centres = rng.standard_normal((clusters, dim)).astype(np.float32)
     bases = rng.standard_normal((clusters, rank, dim)).astype(np.float32) * (0.7 / np.sqrt(rank))
-    for start in range(0, count, chunk):
-        n = min(chunk, count - start)
+    for start in range(first, first + count, chunk):
+        n = min(chunk, first + count - start)
         part = np.random.default_rng([seed, start])
         which = part.integers(0, clusters, n)
         x = centres[which] + np.einsum("kr,krd->kd", part.standard_normal((n, rank)).astype(np.float32),
@@ -163,7 +164,7 @@ def write_gallery(folder: Path, count: int) -> np.ndarray:
         parts.append(write_part(folder, part_name(number), vectors, keys, labels % 10))
         start += len(vectors)
     write_manifest(folder, "b" * 64, 128, "float32", parts, [f"class{i}" for i in range(10)])
-    return next(synthetic(QUERIES, seed=1))[0]
+    return next(synthetic(QUERIES, first=count))[0]  # held out: drawn like the gallery, not in it
 
 
 def index_worker(kind: str, gallery: Path, work: Path) -> dict:
