@@ -52,3 +52,15 @@ def tiny_args(tiny_data, **overrides) -> list[str]:
     }
     args.update(overrides)
     return [f"{k}={v}" for k, v in args.items() if v is not None]  # None: leave that key out
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny batches: one thread is faster than several contending ones (and many times so on a busy machine).
+    A test module asks for it with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -53,13 +53,7 @@ LAUNCHER_PLUGINS = {
 ONE_PROCESS = Dist(0, 0, 1, 1, torch.device("cpu"), None)  # build_data without a process group
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny batches: one thread is faster than several contending ones (and many times so on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def options(group: str) -> list[str]:

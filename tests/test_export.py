@@ -15,13 +15,7 @@ from recog.data.normalize import Normalize
 from recog.data.write import FASHION_MNIST_CLASSES
 from recog.export import export, sha256_of
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
