@@ -234,7 +234,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--vectors", type=int, default=1_000_000)
-    p.add_argument("--kinds", default="flat,ivfpq,hnsw")
+    p.add_argument("--kinds", default="flat,ivfsq,ivfpq,hnsw")
     p.add_argument("--skip-embed", action="store_true")
     p.add_argument("--skip-index", action="store_true")
     p.add_argument("--index-worker", nargs=3, metavar=("KIND", "GALLERY", "WORK"), help=argparse.SUPPRESS)

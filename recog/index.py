@@ -1,19 +1,20 @@
 """A searchable gallery: faiss indexes over a folder of embeddings (recog.embeddings).
 
-    python -m recog.index build EMBEDDINGS OUT_DIR [--kind auto|flat|ivfpq|hnsw] [--shards N]
+    python -m recog.index build EMBEDDINGS OUT_DIR [--kind auto|flat|ivfsq|ivfpq|hnsw] [--shards N]
     python -m recog.index add INDEX_DIR NEW_EMBEDDINGS
 
 Embeddings are unit length, so the inner product is the cosine similarity, and the score identify reports.
-`--kind auto` picks an exact flat index for galleries up to FLAT_UP_TO vectors and IVF-PQ above (nlist about
-4·sqrt(n) lists, PQ codes of m bytes with m dividing the width); `hnsw` is a graph index (fast, all vectors
-kept). IVF-PQ is trained on a random sample of `--train-size` vectors (or 39 per list, faiss's minimum, if
+`--kind auto` picks an exact flat index for galleries up to FLAT_UP_TO vectors and IVF-SQ8 above (nlist about
+4·sqrt(n) lists, a byte per dimension); `ivfpq` takes PQ codes of m bytes (m dividing the width: 8x smaller,
+far less accurate) for galleries that would not fit otherwise; `hnsw` is a graph index (fast, all vectors
+kept). IVF indexes are trained on a random sample of `--train-size` vectors (or 39 per list, faiss's minimum, if
 that is more); vectors are then added a chunk at a time, so the vectors in memory are bounded by a chunk, and
 the index files by a shard.
 
 OUT_DIR holds faiss's own files (`faiss.write_index`), one per shard, `ids-*.npz` (each id's key and label, in id
 order) and `index.json`, which names them and is replaced last: a reader sees the old index or the new one.
 With `--shards N` the ids are split into N contiguous ranges, one index each, every shard a copy of the same
-trained index, searched as one through `faiss.IndexShards`; flat and IVF-PQ then give exactly the results of one
+trained index, searched as one through `faiss.IndexShards`; flat and IVF then give exactly the results of one
 index (an HNSW graph per shard differs from one graph over all). `add` appends to the last shard.
 """
 
@@ -35,9 +36,10 @@ from recog.errors import ConfigError, RecogError
 
 FORMAT = "recog-index/1"
 INDEX_JSON = "index.json"
-KINDS = ("auto", "flat", "ivfpq", "hnsw")
+KINDS = ("auto", "flat", "ivfsq", "ivfpq", "hnsw")
 # Up to this many vectors an exact search costs a few milliseconds per query on one CPU core and holds n×D
-# floats (100 MB at D=128); above it IVF-PQ holds m bytes per vector and probes a few lists instead of all.
+# floats (100 MB at D=128); above it IVF-SQ8 holds D bytes per vector and probes a few lists instead of all
+# (at 1,000,000 clustered vectors: R@10 1.000, against 0.633 for 16-byte PQ codes; bench/identify.py).
 FLAT_UP_TO = 200_000
 NPROBE_SHARE = 16  # IVF-PQ probes 1/16 of its lists by default (recall against flat: tests/test_index.py)
 HNSW_EF_SEARCH = 64
@@ -61,7 +63,7 @@ def pq_bytes(dim: int) -> int:
 def choose_kind(kind: str, count: int, dim: int) -> tuple[dict, str]:
     """The index's parameters for `count` vectors, and one line saying what was chosen and why."""
     if kind == "auto":
-        kind = "flat" if count <= FLAT_UP_TO else "ivfpq"
+        kind = "flat" if count <= FLAT_UP_TO else "ivfsq"
         why = f" ({'at most' if kind == 'flat' else 'more than'} {FLAT_UP_TO:,} vectors)"
     else:
         why = ""
@@ -75,6 +77,10 @@ def choose_kind(kind: str, count: int, dim: int) -> tuple[dict, str]:
         raise ConfigError(f"IVF-PQ needs at least 256 vectors to train its codebooks and the gallery has {count}; "
                           "use --kind flat.")
     m, nprobe = pq_bytes(dim), max(1, nlist // NPROBE_SHARE)
+    if kind == "ivfsq":  # 8-bit scalar codes: a byte per dimension, near-exact scores
+        params = {"kind": "ivfsq", "factory": f"IVF{nlist},SQ8", "nlist": nlist, "search": {"nprobe": nprobe}}
+        return params, (f"index: IVF-SQ8, {nlist} lists (nprobe {nprobe}), {dim}-byte codes, for {count:,} "
+                        f"vectors{why}")
     # np: no polysemous training (a code reordering for Hamming filtering, which search does not use, and which
     # takes minutes)
     params = {"kind": "ivfpq", "factory": f"IVF{nlist},PQ{m}np", "nlist": nlist, "search": {"nprobe": nprobe}}
