@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import require
+from _common import medians, require, rounds, timed
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -43,20 +42,26 @@ sys.path.insert(0, str(ROOT))
 QUERIES = 1000
 
 
-def random_checkpoint(path: Path) -> Path:
-    """The default train config's model with random weights, saved as train.py saves a checkpoint."""
+def train_config(*overrides: str):
+    """The train config of conf/, composed as train.py composes it (resolved when read)."""
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
-    from recog.checkpoint import save_checkpoint
-    from recog.model import RecognitionModel
     from recog.rundir import register_resolvers
 
     register_resolvers()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["data.channels=1", "data.image_size=28", "data.mean=[0.286]",
-                                          "data.std=[0.353]"])
-    cfg = OmegaConf.to_container(cfg, resolve=True)
+        return compose("train", overrides=list(overrides))
+
+
+def random_checkpoint(path: Path) -> Path:
+    """The default train config's model with random weights, saved as train.py saves a checkpoint."""
+    from omegaconf import OmegaConf
+
+    from recog.checkpoint import save_checkpoint
+    from recog.model import RecognitionModel
+
+    cfg = OmegaConf.to_container(train_config("data.channels=1", "data.image_size=28", "data.mean=[0.286]",
+                                              "data.std=[0.353]"), resolve=True)
     spec = {k: v for k, v in cfg["model"].items() if k != "_target_"}
     torch.manual_seed(0)
     model = RecognitionModel(num_classes=10, in_channels=1, **spec)
@@ -64,7 +69,7 @@ def random_checkpoint(path: Path) -> Path:
     return path
 
 
-def bench_embedding(model_path: str | None, rounds: int, batch_size: int) -> None:
+def bench_embedding(model_path: str | None, count: int, batch_size: int) -> None:
     from omegaconf import OmegaConf
     from tqdm import tqdm
 
@@ -77,8 +82,7 @@ def bench_embedding(model_path: str | None, rounds: int, batch_size: int) -> Non
         tmp = Path(tmp)
         shards = ROOT / "data" / "shards" / "fashion-mnist-small"
         if not (shards / "train" / "manifest.json").is_file():
-            with initialize_data() as data_cfg:
-                prepare_shards(data_cfg, progress=True)
+            prepare_shards(train_config().data, progress=True)
         cfg = OmegaConf.create({"model": model_path or str(random_checkpoint(tmp / "model.pt")),
                                 "data": str(shards / "train"), "out": str(tmp / "out"), "batch_size": batch_size,
                                 "num_workers": 0, "dtype": "float16", "strict": False, "part_size": 2000})
@@ -104,35 +108,14 @@ def bench_embedding(model_path: str | None, rounds: int, batch_size: int) -> Non
             for f in out.iterdir():  # the next round writes them again (files of this benchmark's own folder)
                 f.unlink()
 
+        def rate(loop) -> float:
+            return images / timed(loop)[1]
+
         bare(), recog_loop()  # warm-up: allocator, thread pools
-        rates = {"bare": [], "recog": []}
-        for r in range(rounds):
-            order = [("bare", bare), ("recog", recog_loop)]
-            for name, fn in order if r % 2 == 0 else order[::-1]:
-                start = time.perf_counter()
-                fn()
-                rates[name].append(images / (time.perf_counter() - start))
-        bare_rate, recog_rate = statistics.median(rates["bare"]), statistics.median(rates["recog"])
-        print(f"| loop | images/s (median of {rounds}) |\n|---|---:|\n| bare model calls | {bare_rate:.0f} |\n"
-              f"| recog.embed's loop (parts written) | {recog_rate:.0f} |\n\nrecog / bare: {recog_rate / bare_rate:.3f}"
-              " (target >= 0.95)\n", flush=True)
-
-
-class initialize_data:
-    """The bundled data config, composed (to write the shards on first use)."""
-
-    def __enter__(self):
-        from hydra import compose, initialize_config_dir
-
-        from recog.rundir import register_resolvers
-
-        register_resolvers()
-        self.context = initialize_config_dir(str(ROOT / "conf"), version_base="1.3")
-        self.context.__enter__()
-        return compose("train").data
-
-    def __exit__(self, *exc):
-        return self.context.__exit__(*exc)
+        figures = medians(rounds({"bare": lambda _: rate(bare), "recog": lambda _: rate(recog_loop)}, count))
+        print(f"| loop | images/s (median of {count}) |\n|---|---:|\n| bare model calls | {figures['bare']:.0f} |\n"
+              f"| recog.embed's loop (parts written) | {figures['recog']:.0f} |\n\nrecog / bare: "
+              f"{figures['recog'] / figures['bare']:.3f} (target >= 0.95)\n", flush=True)
 
 
 def synthetic(count: int, first: int = 0, dim: int = 128, clusters: int = 100, rank: int = 8, seed: int = 0,

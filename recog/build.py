@@ -73,9 +73,9 @@ def build_data(cfg: DictConfig, ctx: dist.Dist) -> TrainData:
 
     source = shard_source(cfg.data)
     pk = cfg.sampler.name == "pk"
-    gallery_path = {"train": cfg.data.train, "test": None, None: None}.get(cfg.eval.gallery, cfg.eval.gallery)
-    if not cfg.eval.retrieval:
-        gallery_path = None
+    gallery_path = None  # eval.gallery's shards; None: leave-one-out on the test split
+    if cfg.eval.retrieval and cfg.eval.gallery not in (None, "test"):
+        gallery_path = cfg.data.train if cfg.eval.gallery == "train" else cfg.eval.gallery
 
     def open_manifests():
         train, test = load_manifest(cfg.data.train, source), load_manifest(cfg.data.test, source)

@@ -72,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         ctx = dist.setup(backend="gloo")  # tensors stay on the CPU: gloo all-reduces them
         sums = dist.fail_together(lambda: evaluate(args.queries, args.gallery, ctx.rank, ctx.world_size,
                                                    args.chunk), ctx, "evaluating")
-        metrics = metrics_from_sums(dist.all_reduce_sum(sums))
+        total = dist.all_reduce_sum(sums)  # its last entry: the queries searched, over all ranks
         if ctx.is_main:
-            print(json.dumps({"queries": open_embeddings(args.queries).count, **metrics}))
+            print(json.dumps({"queries": int(total[-1]), **metrics_from_sums(total)}))
         return 0
     except ConfigError as e:
         dist.print_once_per_node(f"error: {sentence(e)}", file=sys.stderr)

@@ -269,9 +269,10 @@ def evaluate(model, loader, normalize, ctx: dist.Dist, retrieval: bool = False, 
         result.images = torch.cat(images)[:keep_images] if images else None
         if gallery_loader is None:  # leave-one-out: the gallery is the whole test split, in rank order
             gallery, offset = dist.all_gather_rows(result.embeddings)
-            gallery_labels, _ = dist.all_gather_rows(result.labels)
+            gallery_labels = dist.all_gather_uneven(result.labels)
         else:
-            gallery, offset = dist.all_gather_uneven(torch.cat([e for e, _ in gallery_parts])), None
+            offset = None
+            gallery = dist.all_gather_uneven(torch.cat([e for e, _ in gallery_parts]))
             gallery_labels = dist.all_gather_uneven(torch.cat([lab for _, lab in gallery_parts]))
         sums = retrieval_sums(result.embeddings, result.labels, gallery, gallery_labels, query_offset=offset)
         result.retrieval = metrics_from_sums(dist.all_reduce_sum(sums))
