@@ -136,8 +136,9 @@ def synthetic(count: int, first: int = 0, dim: int = 128, clusters: int = 100, r
         yield (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), which
 
 
-def write_gallery(folder: Path, count: int) -> np.ndarray:
-    """The gallery as an embeddings folder (parts of 100,000), and QUERIES held-out queries."""
+def write_gallery(folder: Path, count: int, model_sha256: str = "b" * 64) -> np.ndarray:
+    """The gallery as an embeddings folder (parts of 100,000), labelled as embeddings of the model whose checkpoint
+    has `model_sha256`, and QUERIES held-out queries."""
     from recog.embeddings import part_name, write_manifest, write_part
 
     folder.mkdir(parents=True)
@@ -146,7 +147,7 @@ def write_gallery(folder: Path, count: int) -> np.ndarray:
         keys = [f"k{i}" for i in range(start, start + len(vectors))]
         parts.append(write_part(folder, part_name(number), vectors, keys, labels % 10))
         start += len(vectors)
-    write_manifest(folder, "b" * 64, 128, "float32", parts, [f"class{i}" for i in range(10)])
+    write_manifest(folder, model_sha256, 128, "float32", parts, [f"class{i}" for i in range(10)])
     return next(synthetic(QUERIES, first=count))[0]  # held out: drawn like the gallery, not in it
 
 

@@ -39,18 +39,20 @@ def make_model(ctx, args, loss_fn=None):
     torch.manual_seed(0)
     model = RecognitionModel(args.backbone, num_classes=10, in_channels=1, width=args.width,
                              small_input=args.backbone != "convnet").to(ctx.device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
     trained = ModelWithLoss(model, loss_fn) if loss_fn is not None else model
     ddp = DDP(trained, device_ids=device_ids) if ctx.is_distributed else trained
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=3e-3, weight_decay=0.05)  # the convnet's default
     return ddp, optimizer
 
 
-def bare_epoch(model, batches, optimizer):
+def bare_epoch(model, batches, optimizer, memory_format):
     for images, labels, *_ in batches:
         device = model_device(model)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        images = (images.float() / 255 - 0.286) / 0.353
+        images = ((images.float() / 255 - 0.286) / 0.353).contiguous(memory_format=memory_format)
         loss = F.cross_entropy(model(images).logits, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -74,8 +76,10 @@ def slowest_seconds(fn, ctx) -> float:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="convnet")
-    p.add_argument("--width", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=256, help="per process (the default job uses 256)")
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=64, help="per process (the default job's)")
+    p.add_argument("--contiguous", dest="channels_last", action="store_false",
+                   help="NCHW model and batches (the default job, perf.channels_last=true, uses NHWC)")
     p.add_argument("--steps", type=int, default=30, help="steps per timed round")
     p.add_argument("--rounds", type=int, default=6)
     return p
@@ -95,7 +99,8 @@ def measure(ctx, args) -> tuple[list[float], list[float]]:
     # the default job's settings: fp32, no accumulation, warmup + cosine, scalars every 10 steps, no checkpoint
     # within the epoch, and the per-step stop-flag exchange (no signal handlers installed)
     recipe = StepRecipe(recog_model, recog_opt, loss_fn, Normalize([0.286], [0.353], ctx.device), device=ctx.device,
-                        lr_factor=partial(warmup_cosine, warmup_steps=10, total_steps=10**9), trained=recog_trained)
+                        channels_last=args.channels_last, trained=recog_trained,
+                        lr_factor=partial(warmup_cosine, warmup_steps=10, total_steps=10**9))
     stop = StopOnSignal(dist.AnyRankFlag())
 
     def run_recog():
@@ -103,7 +108,8 @@ def measure(ctx, args) -> tuple[list[float], list[float]]:
                         after_step=lambda position: stop.agreed())
 
     def run_bare():
-        bare_epoch(bare_model, batches, bare_opt)
+        bare_epoch(bare_model, batches, bare_opt,
+                   torch.channels_last if args.channels_last else torch.contiguous_format)
 
     run_bare(), run_recog()  # warm-up: allocator, DDP buckets, thread pools
     # rounds alternate which goes first, so that neither always runs on a warmer machine
@@ -118,7 +124,8 @@ def main() -> None:
     ctx = dist.setup()
     bare, ours = measure(ctx, args)
     if ctx.is_main:
-        print(f"{args.backbone} batch {args.batch_size}/process x {ctx.world_size} process(es) on {ctx.device}, "
+        print(f"{args.backbone} width {args.width}, {'channels_last' if args.channels_last else 'NCHW'}, "
+              f"batch {args.batch_size}/process x {ctx.world_size} process(es) on {ctx.device}, "
               f"{args.steps} steps per round, {args.rounds} rounds")
         columns = [("round", ">5"), ("bare img/s", ">11.0f"), ("recog img/s", ">12.0f"), ("ratio", ">6.3f")]
         print(header(columns))

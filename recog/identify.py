@@ -58,16 +58,23 @@ def identify(model_dir: str, index_dir: str, images: list[str], k: int = 5) -> l
     check_match(embedder, gallery, model_dir, index_dir)
     pixels = torch.stack([embedder.load_image(path) for path in images])  # every image read before any search
     scores, ids = gallery.search(embedder.embed(pixels), k)
-    classes = gallery.info.classes or embedder.classes  # the gallery's labels: its own names first
-    results = []
-    for path, row_scores, row_ids in zip(images, scores, ids):
-        found = row_ids >= 0  # faiss pads with -1 when the gallery holds fewer than k items
-        labels = [int(x) for x in gallery.labels[row_ids[found]]]
-        matches = [{"key": str(gallery.keys[i]), "label": label, "class": class_name(label, classes),
-                    "score": round(float(s), 6)} for i, label, s in zip(row_ids[found], labels, row_scores[found])]
-        results.append({"image": path, "vote": class_name(vote(labels, list(row_scores[found])), classes),
-                        "matches": matches})
-    return results
+    classes = class_names(embedder, gallery)
+    return [{"image": path, **answer(gallery, classes, row_scores, row_ids)}
+            for path, row_scores, row_ids in zip(images, scores, ids)]
+
+
+def class_names(embedder: ExportedEmbedder, gallery: Gallery) -> list[str]:
+    return gallery.info.classes or embedder.classes  # the gallery's labels: its own names first
+
+
+def answer(gallery: Gallery, classes: list[str], scores, ids) -> dict:
+    """One query's search result (a row of scores and ids) as {"vote", "matches": [{"key", "label", "class",
+    "score"}, ...]}: what recog.identify --json and recog.serve's POST /identify both answer."""
+    found = ids >= 0  # faiss pads with -1 when the gallery holds fewer than k items
+    labels = [int(x) for x in gallery.labels[ids[found]]]
+    matches = [{"key": str(gallery.keys[i]), "label": label, "class": class_name(label, classes),
+                "score": round(float(s), 6)} for i, label, s in zip(ids[found], labels, scores[found])]
+    return {"vote": class_name(vote(labels, list(scores[found])), classes), "matches": matches}
 
 
 def print_table(results: list[dict]) -> None:

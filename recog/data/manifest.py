@@ -13,7 +13,7 @@ from recog.data.source import ShardSource, is_remote, join
 from recog.errors import ConfigError
 
 MANIFEST = "manifest.json"
-INDEX = "index.npz"  # per sample: shard, offset and size of the image in the tar, label (random access)
+INDEX = "index.npz"  # per sample: shard, offset and size of the image in the tar, label, key (random access)
 FORMAT = "recog-shards/1"
 
 

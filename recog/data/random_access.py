@@ -3,12 +3,16 @@
 `index.npz`, written with the shards, gives each sample's shard and the offset
 and size of its image inside the tar, so a read is one seek and one read, with
 no tar parsing. Remote shards are read from the node cache (fetched on first use).
+It also records each sample's key (what `recog.serve` looks gallery images up
+by); for an index written before it did, `keys()` reads them from the tar headers.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import os
+import tarfile
 import zlib
 from collections.abc import Callable
 
@@ -48,6 +52,7 @@ class ShardRandomAccess(Dataset):
         keep = shard >= 0
         self.shard, self.offset, self.size = shard[keep], index["offset"][keep], index["size"][keep]
         self.labels = index["label"][keep]
+        self._keys = index["key"][keep] if "key" in index else None
         self.transform, self.channels = transform, channels
         self._files: dict[int, object] = {}
 
@@ -71,12 +76,32 @@ class ShardRandomAccess(Dataset):
             torch.manual_seed(zlib.crc32(np.asarray(indices, dtype=np.int64).tobytes()))
             return [self[i] for i in indices]
 
+    def keys(self) -> np.ndarray:
+        """Every sample's key (its name in the shard, without the extension), in item order."""
+        if self._keys is None:  # an index written before it recorded them: the tar headers, in the same order
+            names: dict[int, list[str]] = {}
+            for shard in np.unique(self.shard).tolist():
+                f = self._file(shard)
+                f.seek(0)
+                with tarfile.open(fileobj=f, mode="r:") as tar:
+                    names[shard] = [m.name.split(".", 1)[0] for m in tar if not m.name.endswith(".cls")]
+            taken = dict.fromkeys(names, 0)
+            keys = []
+            for shard in self.shard.tolist():
+                keys.append(names[shard][taken[shard]])
+                taken[shard] += 1
+            self._keys = np.asarray(keys, dtype=str)
+        return self._keys
+
+    def read_bytes(self, i: int) -> bytes:
+        """Item i's encoded image, as stored in its shard (one positioned read: safe from several threads)."""
+        f = self._file(int(self.shard[i]))
+        return os.pread(f.fileno(), int(self.size[i]), int(self.offset[i]))
+
     def __getitem__(self, i: int):
         shard = int(self.shard[i])
         try:
-            f = self._file(shard)
-            f.seek(int(self.offset[i]))
-            image = decode_image(f.read(int(self.size[i])), self.channels)
+            image = decode_image(self.read_bytes(i), self.channels)
         except (OSError, ValueError) as e:
             log.warning("skipping unreadable sample %d of %s (%s)", i, self.manifest.url(shard), e)
             return None

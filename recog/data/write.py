@@ -236,7 +236,7 @@ def data_stats(measured: list[tuple]) -> dict:
 
 def _write_shard(job: tuple[Path, str, list[int], str | None, int, bool, frozenset]):
     """Write one shard; return its ShardInfo (None if no image was readable), its labels,
-    (offset, size) of each image inside the tar, (file, reason) of each image skipped, and the
+    (key, offset, size) of each image inside the tar, (file, reason) of each image skipped, and the
     measurements of the images in `sample` (see check_image)."""
     out_dir, name, indices, fmt, quality, strict, sample = job
     tmp = out_dir / f".{name}.tmp"
@@ -269,19 +269,20 @@ def _write_shard(job: tuple[Path, str, list[int], str | None, int, bool, frozens
         tmp.unlink()
         return None, labels, [], skipped, measured
     with tarfile.open(tmp, "r:") as written:  # where each image's bytes landed: the random-access index
-        places = [(m.offset_data, m.size) for m in written if not m.name.endswith(".cls")]
+        places = [(m.name.split(".", 1)[0], m.offset_data, m.size) for m in written if not m.name.endswith(".cls")]
     os.replace(tmp, out_dir / name)
     info = ShardInfo(name, len(labels), (out_dir / name).stat().st_size, sha256_of(out_dir / name))
     return info, labels, places, skipped, measured
 
 
 def write_index(out_dir: Path, shards: list[ShardInfo], labels: list[list[int]], places: list[list[tuple]]) -> str:
-    """index.npz: for every sample, its shard, the offset and size of its image in the tar, and its label."""
+    """index.npz: for every sample, its shard, the offset and size of its image in the tar, its label and key."""
     counts = [len(x) for x in labels]
     np.savez(out_dir / INDEX,
              shard=np.repeat(np.arange(len(shards), dtype=np.int32), counts),
-             offset=np.array([o for p in places for o, _ in p], dtype=np.int64),
-             size=np.array([n for p in places for _, n in p], dtype=np.int64),
+             offset=np.array([o for p in places for _, o, _ in p], dtype=np.int64),
+             size=np.array([n for p in places for _, _, n in p], dtype=np.int64),
+             key=np.array([k for p in places for k, _, _ in p], dtype=str),
              label=np.array([x for per_shard in labels for x in per_shard], dtype=np.int64),
              shard_names=np.array([s.name for s in shards]))
     return INDEX

@@ -1,0 +1,433 @@
+"""Identify over HTTP: what `recog.identify` answers, for many clients at once, and a page to try it on.
+
+    python -m recog.serve --model EXPORT_DIR --index INDEX_DIR [--shards GALLERY_SHARDS] [--port 8000]
+
+    POST /identify?k=5        an image, as the request body or a multipart file field -> {"vote", "matches":
+                              [{"key", "label", "class", "score"}, ...], "timing_ms": {"decode", "model",
+                              "search"}, "batch"}: recog.identify --json's fields, and where the time went
+    GET  /items/{key}/image   a gallery item's image, read from --shards (the shards the gallery was embedded from)
+    GET  /healthz             what is served, and the requests in flight
+    GET  /                    a page: choose or drop a photo, see its nearest gallery items
+
+Concurrent requests are embedded and searched together: a batch closes at --max-batch images, or --max-wait-ms
+after its first one arrived (while a batch runs, the next one fills). At most --max-inflight requests are held
+at once; past that the answer is 503 at once (a client retries, a load balancer tries another replica) instead
+of a queue that grows without end. Bad input is a 4xx with {"error": one sentence}, and the next request is
+served as if it had not happened. SIGTERM: no new connections, the requests in flight are finished (at most
+--grace-s seconds), then the process exits.
+
+One process serves one export and one index, loaded once. More traffic: more replicas behind a load balancer;
+a gallery larger than one machine's memory: an index built with --shards, each shard served by its own
+process (README, "Serving").
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import logging
+import signal
+import socket
+import sys
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from recog.data.decode import decode_image
+from recog.errors import ConfigError, RecogError
+from recog.identify import answer, check_match, class_names
+
+try:  # the serve extra (module level: FastAPI reads the endpoints' annotations from this module's names)
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.responses import HTMLResponse, JSONResponse, Response
+    from starlette.datastructures import UploadFile
+except ImportError:
+    FastAPI = None
+
+log = logging.getLogger("recog.serve")
+
+PAGE = "serve_page.html"
+MAX_K = 100
+
+
+class BadRequest(Exception):
+    """A request this service refuses: its HTTP status and one sentence for the client."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+def image_kind(data: bytes) -> str:
+    """The media type of an encoded image, from its first bytes."""
+    if data.startswith(b"\x89PNG"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8"):
+        return "image/jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return "application/octet-stream"
+
+
+def decode_upload(data: bytes, channels: int, preprocess, max_pixels: int) -> torch.Tensor:
+    """An uploaded file -> the model's uint8 C×S×S input (grey or RGB as the model wants), or a BadRequest.
+    The image's size is read from its header before anything is decoded: a decompression bomb costs nothing."""
+    if not data:
+        raise BadRequest(400, "the request holds no image; send the image file as the body or as a multipart file "
+                              "field.")
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            width, height = probe.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise BadRequest(413, "the image has more pixels than Pillow's decompression-bomb limit; send a smaller "
+                              "image.") from None
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise BadRequest(415, "the upload is not an image this service can decode; send a PNG, JPEG or WebP "
+                              "file.") from None
+    if width * height > max_pixels:
+        raise BadRequest(413, f"the image is {width}×{height} pixels, more than the {max_pixels:,} this service "
+                              "decodes (--max-pixels); send a smaller image.")
+    try:
+        image = decode_image(data, channels)
+    except Exception as e:  # a truncated or damaged file: PIL raises many kinds
+        reason = str(e).split("\n")[0][:80] or type(e).__name__
+        raise BadRequest(400, f"the image could not be decoded ({reason}); send the whole file, undamaged.") from None
+    return preprocess(image)
+
+
+def parse_k(value: str | None, default: int, limit: int) -> int:
+    if value is None:
+        return default
+    try:
+        k = int(value)
+    except ValueError:
+        k = 0
+    if not 1 <= k <= limit:
+        raise BadRequest(400, f"k={value[:20]} is not a number of matches from 1 to {limit}; give k in that range.")
+    return k
+
+
+@dataclass
+class Query:
+    pixels: torch.Tensor
+    k: int
+    done: asyncio.Future
+
+
+class Batcher:
+    """Requests' images embedded and searched together. The first waiting request opens a batch; it closes at
+    `max_batch` images or `max_wait_s` later, and runs on one worker thread (the model and faiss use their own
+    threads inside), while the event loop goes on taking requests for the next batch."""
+
+    def __init__(self, compute, max_batch: int, max_wait_s: float):
+        self.compute, self.max_batch, self.max_wait_s = compute, max_batch, max_wait_s
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="recog-batch")
+        self.queue: asyncio.Queue[Query] | None = None
+        self.task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.queue = asyncio.Queue()
+        self.task = asyncio.get_running_loop().create_task(self._run(), name="recog-batcher")
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+        self.executor.shutdown(wait=True)
+
+    async def submit(self, pixels: torch.Tensor, k: int):
+        query = Query(pixels, k, asyncio.get_running_loop().create_future())
+        await self.queue.put(query)
+        return await query.done
+
+    async def _next_batch(self) -> list[Query]:
+        loop = asyncio.get_running_loop()
+        batch = [await self.queue.get()]
+        deadline = loop.time() + self.max_wait_s
+        while len(batch) < self.max_batch:
+            try:
+                batch.append(self.queue.get_nowait())
+                continue
+            except asyncio.QueueEmpty:
+                pass
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self.queue.get(), left))
+            except asyncio.TimeoutError:
+                break
+        return [query for query in batch if not query.done.done()]  # a client that went away: left out
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            if not batch:
+                continue
+            try:
+                results = await loop.run_in_executor(self.executor, self.compute, batch)
+            except Exception as e:  # noqa: BLE001 - every waiting request learns of it; the service stays up
+                log.exception("a batch of %d failed", len(batch))
+                results = [e] * len(batch)
+            for query, result in zip(batch, results):
+                if query.done.done():
+                    continue
+                if isinstance(result, Exception):
+                    query.done.set_exception(result)
+                else:
+                    query.done.set_result(result)
+
+
+class Service:
+    """An export and an index, loaded once; optionally the gallery's shards, to show the matches' images."""
+
+    def __init__(self, model_dir: str, index_dir: str, shards: str | None = None, *, max_batch: int = 32,
+                 max_wait_ms: float = 5.0, max_inflight: int = 256, max_bytes: int = 20 << 20,
+                 max_pixels: int = Image.MAX_IMAGE_PIXELS, default_k: int = 5):
+        from recog.embedder import ExportedEmbedder
+        from recog.index import open_gallery
+
+        for name, value in (("--max-batch", max_batch), ("--max-inflight", max_inflight), ("-k", default_k)):
+            if value < 1:
+                raise ConfigError(f"{name} {value} must be 1 or more.")
+        self.embedder, self.gallery = ExportedEmbedder(model_dir), open_gallery(index_dir)
+        check_match(self.embedder, self.gallery, model_dir, index_dir)
+        self.classes = class_names(self.embedder, self.gallery)
+        self.items = GalleryImages(shards, self.gallery.keys) if shards else None
+        self.max_k = min(MAX_K, self.gallery.info.count)
+        self.default_k = min(default_k, self.max_k)
+        self.max_inflight, self.max_bytes, self.max_pixels = max_inflight, max_bytes, max_pixels
+        self.inflight, self.served = 0, 0
+        self.batcher = Batcher(self.compute, max_batch, max_wait_ms / 1000)
+        params = self.gallery.info.raw["params"]
+        self.description = {
+            "model_sha256": self.embedder.sha256, "embedding_dim": self.embedder.dim,
+            "input": {"channels": self.embedder.channels, "size": self.embedder.size},
+            "index": {"kind": params["kind"], "factory": params["factory"], "count": self.gallery.info.count,
+                      "shards": len(self.gallery.info.raw["shards"])},
+            "gallery_images": self.items is not None, "classes": self.classes, "max_k": self.max_k,
+            "default_k": self.default_k,
+        }
+
+    def compute(self, batch: list[Query]) -> list[dict]:
+        """On the batch thread: one model call for the batch, one search per distinct k."""
+        started = time.perf_counter()
+        vectors = self.embedder.embed(torch.stack([query.pixels for query in batch]))
+        embedded = time.perf_counter()
+        answers: list[dict] = [{}] * len(batch)
+        for k in sorted({query.k for query in batch}):
+            rows = [i for i, query in enumerate(batch) if query.k == k]
+            scores, ids = self.gallery.search(vectors[rows], k)
+            for row, i in enumerate(rows):
+                answers[i] = answer(self.gallery, self.classes, scores[row], ids[row])
+        searched = time.perf_counter()
+        timing = {"model": round(1000 * (embedded - started), 3), "search": round(1000 * (searched - embedded), 3)}
+        return [{**a, "timing_ms": dict(timing), "batch": len(batch)} for a in answers]
+
+    def decode(self, data: bytes) -> torch.Tensor:
+        return decode_upload(data, self.embedder.channels, self.embedder.preprocess, self.max_pixels)
+
+
+class GalleryImages:
+    """The gallery items' encoded images, looked up by key in the shards' index (never joined into a path)."""
+
+    def __init__(self, location: str, gallery_keys: np.ndarray):
+        from recog.data.manifest import load_manifest
+        from recog.data.random_access import ShardRandomAccess
+
+        self.location = location
+        self.shards = ShardRandomAccess(load_manifest(location))
+        self.position = {str(key): i for i, key in enumerate(self.shards.keys().tolist())}
+        sample = [str(key) for key in gallery_keys[:: max(1, len(gallery_keys) // 100)]]
+        missing = [key for key in sample if key not in self.position]
+        if missing:
+            raise ConfigError(f"the shards at {location} do not hold the gallery's items ({len(missing)} of "
+                              f"{len(sample)} sampled keys missing, first {missing[0]!r}); give the shards the "
+                              "gallery was embedded from.")
+
+    def __len__(self) -> int:
+        return len(self.position)
+
+    def read(self, key: str) -> bytes | None:
+        i = self.position.get(key)
+        return None if i is None else self.shards.read_bytes(i)
+
+
+def create_app(service: Service) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app):
+        service.batcher.start()
+        yield
+        await service.batcher.stop()
+        log.info("stopped after %d requests answered", service.served)
+
+    app = FastAPI(title="recog identify", lifespan=lifespan, docs_url=None, redoc_url=None)
+    page = files("recog").joinpath(PAGE).read_text()
+
+    @app.exception_handler(BadRequest)
+    async def refused(request: Request, e: BadRequest):
+        return JSONResponse({"error": e.message}, status_code=e.status)
+
+    async def read_upload(request: Request) -> bytes:
+        """The request's image bytes, from its body or its multipart file field, refused past max_bytes."""
+        too_big = BadRequest(413, f"the upload is larger than {service.max_bytes:,} bytes (--max-mb); send a "
+                                  "smaller file.")
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > service.max_bytes + 65536:  # room for multipart headers
+            raise too_big
+        body, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > service.max_bytes + 65536:
+                raise too_big
+            body.append(chunk)
+        data = b"".join(body)
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            async def replay():
+                return {"type": "http.request", "body": data, "more_body": False}
+
+            try:
+                form = await Request(request.scope, replay).form(max_files=1, max_fields=8)
+            except Exception as e:  # a malformed form: Starlette raises several kinds
+                raise BadRequest(400, f"the multipart form could not be read ({str(e)[:80]}); send the image as "
+                                      "one file field (curl -F image=@photo.jpg).") from None
+            uploads = [value for value in form.values() if isinstance(value, UploadFile)]
+            if not uploads:
+                raise BadRequest(400, "the multipart form holds no file; send the image as a file field "
+                                      "(curl -F image=@photo.jpg).")
+            data = await uploads[0].read()
+        if len(data) > service.max_bytes:
+            raise too_big
+        return data
+
+    @app.post("/identify")
+    async def identify(request: Request, k: str | None = None):
+        if service.inflight >= service.max_inflight:
+            return JSONResponse({"error": f"the service is answering {service.inflight} requests already "
+                                          "(--max-inflight); try again shortly."},
+                                status_code=503, headers={"Retry-After": "1"})
+        service.inflight += 1
+        try:
+            top = parse_k(k, service.default_k, service.max_k)
+            data = await read_upload(request)
+            started = time.perf_counter()
+            pixels = await run_in_threadpool(service.decode, data)
+            decoded = time.perf_counter()
+            result = await service.batcher.submit(pixels, top)
+            result["timing_ms"]["decode"] = round(1000 * (decoded - started), 3)
+            service.served += 1
+            return result
+        finally:
+            service.inflight -= 1
+
+    @app.get("/items/{key}/image")
+    async def item_image(key: str):
+        if service.items is None:
+            raise BadRequest(404, "this service was started without --shards, so it serves no gallery images; "
+                                  "start it with --shards GALLERY_SHARDS.")
+        data = await run_in_threadpool(service.items.read, key)
+        if data is None:
+            raise BadRequest(404, f"no gallery item has the key {key[:40]!r}.")
+        return Response(data, media_type=image_kind(data), headers={"Cache-Control": "public, max-age=3600"})
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok", **service.description, "inflight": service.inflight,
+                "max_inflight": service.max_inflight, "served": service.served}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index_page():
+        return page
+
+    return app
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so that a taken port is one sentence (and port 0 gets a free one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port or "
+                          "--host.") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m recog.serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="a folder written by python -m recog.export")
+    p.add_argument("--index", required=True, help="a folder written by python -m recog.index build")
+    p.add_argument("--shards", help="the shards the gallery was embedded from: GET /items/{key}/image reads them")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="0: any free port (the log names it)")
+    p.add_argument("-k", type=int, default=5, help="matches per request when it gives no k= (5)")
+    p.add_argument("--max-batch", type=int, default=32, help="images per model call (32)")
+    p.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long a batch waits for more requests after its first (5 ms)")
+    p.add_argument("--max-inflight", type=int, default=256, help="requests held at once; past it: 503 (256)")
+    p.add_argument("--max-mb", type=float, default=20.0, help="largest upload accepted, in MB (20)")
+    p.add_argument("--max-pixels", type=int, default=Image.MAX_IMAGE_PIXELS,
+                   help="largest image decoded, width × height (Pillow's decompression-bomb limit)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads for the model (0: torch's default)")
+    p.add_argument("--grace-s", type=float, default=30.0, help="on SIGTERM, how long requests in flight may take")
+    p.add_argument("--access-log", action="store_true", help="log every request")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if FastAPI is None:
+        print("error: recog.serve needs FastAPI and uvicorn: pip install -e '.[serve]'.", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(levelname)s] %(message)s", datefmt="%H:%M:%S")
+    # Pillow only warns between its limit and twice it; here every image over it is refused (413)
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        service = Service(args.model, args.index, args.shards, max_batch=args.max_batch,
+                          max_wait_ms=args.max_wait_ms, max_inflight=args.max_inflight,
+                          max_bytes=int(args.max_mb * (1 << 20)), max_pixels=args.max_pixels, default_k=args.k)
+        sock = bind(args.host, args.port)
+    except RecogError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    d = service.description
+    log.info("model %s: sha256 %s, %d-d embeddings of %d×%d px, %d channel(s)", Path(args.model).resolve(),
+             d["model_sha256"], d["embedding_dim"], d["input"]["size"], d["input"]["size"], d["input"]["channels"])
+    log.info("index %s: %s (%s), %s vectors in %d shard(s)%s", Path(args.index).resolve(), d["index"]["kind"],
+             d["index"]["factory"], f"{d['index']['count']:,}", d["index"]["shards"],
+             f"; gallery images from {args.shards} ({len(service.items):,} items)" if service.items else
+             "; no gallery images (no --shards)")
+    host, port = sock.getsockname()[:2]
+    log.info("listening on http://%s:%d (batches of up to %d, %g ms wait, %d requests in flight at most)",
+             host, port, args.max_batch, args.max_wait_ms, args.max_inflight)
+    config = uvicorn.Config(create_app(service), log_level="warning", access_log=args.access_log,
+                            timeout_graceful_shutdown=args.grace_s, lifespan="on")
+    # uvicorn finishes the requests in flight on SIGTERM/SIGINT, then raises the signal again for the handler it
+    # found: this one, so that a clean stop exits with status 0 rather than dying of the signal
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda number, frame: None)
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

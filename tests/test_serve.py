@@ -1,0 +1,263 @@
+"""python -m recog.serve, started for real on 127.0.0.1 (a subprocess, as a user starts it), asked over HTTP: its
+answers against recog.identify's, bad input, the in-flight bound, SIGTERM during requests, and its page in a
+real browser (Debian's chromium, driven by Playwright)."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import signal
+import struct
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT
+from identify_setup import fashion_test_images, random_checkpoint
+from PIL import Image
+
+from recog.data.manifest import INDEX, load_manifest
+from recog.data.random_access import ShardRandomAccess
+from recog.data.write import FASHION_MNIST_CLASSES
+from recog.embeddings import embed_shards
+from recog.export import export
+from recog.identify import identify
+from recog.index import build
+from recog.testing import ServeProcess
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+ARTIFACTS = Path(os.environ.get("RECOG_TEST_ARTIFACTS", ROOT / "outputs" / "test-artifacts"))
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_data):
+    """An export of a random-weight model, the 1,000 tiny training images embedded and indexed, 12 held-out
+    test images as PNG files."""
+    root = tmp_path_factory.mktemp("serve")
+    random_checkpoint(root / "model.pt")
+    export(root / "model.pt", root / "export", onnx=False)
+    embed_shards(root / "export", tiny_data["train"], root / "embeddings", part_size=400)
+    build(root / "embeddings", root / "index", log=lambda line: None)
+    return {"root": root, "export": root / "export", "index": root / "index", "shards": tiny_data["train"],
+            "images": fashion_test_images(root / "test", 12)}
+
+
+class Server(ServeProcess):
+    """recog.serve on the `served` fixture's export and index (and shards), one torch thread; an HTTP client."""
+
+    def __init__(self, served: dict, *args: str, shards: bool = True):
+        more = ["--shards", served["shards"]] if shards else []
+        super().__init__("--model", served["export"], "--index", served["index"], "--threads", "1", *more, *args)
+        self.client = httpx.Client(base_url=self.url, timeout=60)
+
+    def stop(self):
+        if hasattr(self, "client"):
+            self.client.close()
+        super().stop()
+
+
+def png(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format="PNG")
+    return out.getvalue()
+
+
+def jpeg(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width × height grey pixels (a decompression bomb's header: tiny file, huge
+    image), with valid chunk checksums and no pixel data worth the name."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 1024)) + chunk(b"IEND", b""))
+
+
+def post_image(client, path_or_bytes, k: int | None = None, multipart: bool = False):
+    data = Path(path_or_bytes).read_bytes() if isinstance(path_or_bytes, Path) else path_or_bytes
+    params = {} if k is None else {"k": k}
+    if multipart:
+        return client.post("/identify", params=params, files={"image": ("photo.png", data, "image/png")})
+    return client.post("/identify", params=params, content=data)
+
+
+@pytest.mark.slow  # starts a server process
+def test_answers_equal_recog_identify_and_concurrent_requests_share_batches(served):
+    paths = [path for path, _ in served["images"]]
+    expected = identify(str(served["export"]), str(served["index"]), [str(p) for p in paths], k=7)
+    with Server(served, "--max-wait-ms", "300") as server:
+        with ThreadPoolExecutor(len(paths)) as pool:  # all at once: the service batches them
+            answers = list(pool.map(lambda p: post_image(httpx.Client(base_url=server.url, timeout=60), p, 7,
+                                                         multipart=paths.index(p) % 2 == 1), paths))
+        for response, want in zip(answers, expected):
+            assert response.status_code == 200, response.text
+            got = response.json()
+            assert got["vote"] == want["vote"]
+            assert [(m["key"], m["label"], m["class"]) for m in got["matches"]] == \
+                   [(m["key"], m["label"], m["class"]) for m in want["matches"]]
+            np.testing.assert_allclose([m["score"] for m in got["matches"]], [m["score"] for m in want["matches"]],
+                                       atol=1e-5)
+            assert set(got["timing_ms"]) == {"decode", "model", "search"}
+        batches = [r.json()["batch"] for r in answers]
+        print(f"batch sizes seen by 12 concurrent requests: {batches}")
+        assert max(batches) > 1
+        health = server.client.get("/healthz").json()
+        assert health["status"] == "ok" and health["index"]["count"] == 1000 and health["gallery_images"]
+        assert health["model_sha256"] in server.log and "flat" in server.log  # the start log names both
+
+
+@pytest.mark.slow  # starts a server process
+def test_every_bad_input_gets_its_4xx_sentence_and_the_next_request_is_served(served):
+    good = served["images"][0][0]
+    rng = np.random.default_rng(0)
+    photo = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
+    cases = [
+        ("empty body", dict(content=b""), 400, "holds no image"),
+        ("not an image", dict(content=b"hello, this is text\n" * 20), 415, "not an image"),
+        ("truncated JPEG", dict(content=jpeg(photo)[:3000]), 400, "could not be decoded"),
+        ("over the size limit", dict(content=rng.bytes(1_300_000)), 413, "larger than"),
+        ("decompression bomb (over twice Pillow's limit)", dict(content=png_header_only(20000, 20000)), 413,
+         "decompression-bomb"),
+        ("decompression bomb (between Pillow's limit and twice it)", dict(content=png_header_only(10000, 10000)), 413,
+         "decompression-bomb"),
+        ("multipart without a file", dict(content=b'--b\r\nContent-Disposition: form-data; name="note"\r\n\r\nhi\r\n'
+                                                  b"--b--\r\n",
+                                          headers={"content-type": "multipart/form-data; boundary=b"}), 400, "no file"),
+        ("k=0", dict(content=good.read_bytes(), params={"k": 0}), 400, "from 1 to 100"),
+        ("k too large", dict(content=good.read_bytes(), params={"k": 101}), 400, "from 1 to 100"),
+        ("k not a number", dict(content=good.read_bytes(), params={"k": "five"}), 400, "from 1 to 100"),
+    ]
+    with Server(served, "--max-mb", "1") as server:
+        reference = post_image(server.client, good).json()
+        for name, request, status, phrase in cases:
+            response = server.client.post("/identify", **request)
+            assert response.status_code == status, f"{name}: {response.status_code} {response.text}"
+            error = response.json()["error"]
+            assert phrase in error and error.count(". ") == 0 and error.endswith("."), f"{name}: {error}"
+            after = post_image(server.client, good)
+            assert after.status_code == 200 and after.json()["matches"] == reference["matches"], name
+        # an RGB photo for this grey model is converted, not refused
+        assert post_image(server.client, png(photo)).status_code == 200
+        # gallery images: looked up by key, never a path
+        key = reference["matches"][0]["key"]
+        image = server.client.get(f"/items/{key}/image")
+        assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+        assert Image.open(io.BytesIO(image.content)).size == (28, 28)
+        for bad_key in ["nope", "..", "..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", "000000001.png"]:
+            response = server.client.get(f"/items/{bad_key}/image")
+            assert response.status_code == 404, bad_key
+            assert b"root:" not in response.content
+        assert server.process.poll() is None
+
+
+def test_a_grey_upload_is_converted_for_an_rgb_model_and_an_rgb_one_for_a_grey_model():
+    from recog.serve import decode_upload
+
+    def preprocess(x):
+        return x
+
+    grey, rgb = np.full((20, 30), 77, np.uint8), np.zeros((20, 30, 3), np.uint8)
+    assert decode_upload(png(grey), 3, preprocess, 10**6).shape == (3, 20, 30)
+    assert decode_upload(png(rgb), 1, preprocess, 10**6).shape == (1, 20, 30)
+    assert decode_upload(jpeg(rgb), 1, preprocess, 10**6).shape == (1, 20, 30)
+
+
+@pytest.mark.slow  # starts a server process
+def test_past_max_inflight_the_answer_is_503_at_once(served):
+    path = served["images"][0][0]
+    with Server(served, "--max-inflight", "2", "--max-wait-ms", "1500") as server:
+        def timed_post(_):
+            started = time.perf_counter()
+            response = post_image(httpx.Client(base_url=server.url, timeout=60), path)
+            return response.status_code, time.perf_counter() - started, response
+        with ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(timed_post, range(6)))
+        codes = sorted(code for code, _, _ in results)
+        assert codes.count(200) >= 2 and codes.count(503) >= 1 and set(codes) <= {200, 503}, codes
+        slowest_refusal = max(s for code, s, _ in results if code == 503)
+        quickest_answer = min(s for code, s, _ in results if code == 200)
+        assert slowest_refusal < quickest_answer  # refused at once, while the batch was still waiting
+        refusal = next(r for code, _, r in results if code == 503)
+        assert refusal.headers["retry-after"] == "1" and "--max-inflight" in refusal.json()["error"]
+        assert post_image(server.client, path).status_code == 200  # served again once the others are done
+
+
+@pytest.mark.slow  # starts a server process
+def test_sigterm_finishes_the_requests_in_flight_then_exits(served):
+    paths = [path for path, _ in served["images"][:4]]
+    with Server(served, "--max-wait-ms", "3000") as server:
+        with ThreadPoolExecutor(len(paths)) as pool:
+            futures = [pool.submit(post_image, httpx.Client(base_url=server.url, timeout=60), p) for p in paths]
+            deadline = time.monotonic() + 30
+            while server.client.get("/healthz").json()["inflight"] < len(paths):
+                assert time.monotonic() < deadline, "the requests never arrived"
+                time.sleep(0.05)
+            server.process.send_signal(signal.SIGTERM)
+            responses = [f.result(timeout=60) for f in futures]
+        assert [r.status_code for r in responses] == [200] * len(paths), [r.text for r in responses]
+        assert server.process.wait(60) == 0, server.log
+        assert "stopped after 4 requests answered" in server.log
+
+
+def test_gallery_keys_are_read_from_the_tar_headers_when_the_index_predates_them(tiny_data, tmp_path):
+    folder = tmp_path / "shards"
+    shutil.copytree(tiny_data["train"], folder)
+    with np.load(folder / INDEX) as npz:
+        arrays = {name: npz[name] for name in npz.files}
+    recorded = arrays.pop("key")
+    np.savez(folder / INDEX, **arrays)
+    old = ShardRandomAccess(load_manifest(folder))
+    new = ShardRandomAccess(load_manifest(tiny_data["train"]))
+    assert old.keys().tolist() == recorded.tolist() == new.keys().tolist()
+    assert len(set(recorded.tolist())) == 1000
+    assert Image.open(io.BytesIO(old.read_bytes(5))).size == (28, 28)
+
+
+def browser_path() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.slow  # starts a server process and a browser
+def test_the_page_shows_a_test_images_matches_in_a_real_browser(served):
+    playwright = pytest.importorskip("playwright.sync_api")
+    executable = browser_path()
+    if executable is None:
+        if os.environ.get("RECOG_REQUIRE_BROWSER"):
+            pytest.fail("no chromium on this machine, and RECOG_REQUIRE_BROWSER is set: apt-get install chromium")
+        pytest.skip("no chromium on this machine (Debian: apt-get install chromium)")
+    path, label = served["images"][3]
+    with Server(served) as server:
+        api = post_image(server.client, path).json()
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=executable, args=["--no-sandbox"])
+            try:
+                page = browser.new_page(viewport={"width": 1100, "height": 700})
+                page.goto(server.url + "/")
+                page.wait_for_function("document.getElementById('about').textContent.includes('1,000 items')")
+                page.set_input_files("#file", str(path))
+                page.wait_for_selector("#matches li.match >> nth=4")
+                page.wait_for_function("[...document.querySelectorAll('#matches img')]"
+                                       ".every((img) => img.complete && img.naturalWidth === 28)")
+                labels = page.locator("#matches .label").all_inner_texts()
+                vote = page.inner_text("#vote")
+                ARTIFACTS.mkdir(parents=True, exist_ok=True)
+                page.screenshot(path=str(ARTIFACTS / "serve_page.png"), full_page=True)
+            finally:
+                browser.close()
+    assert labels == [m["class"] for m in api["matches"]] and len(labels) == 5
+    assert all(name in FASHION_MNIST_CLASSES for name in labels)
+    assert vote == api["vote"]
+    assert (ARTIFACTS / "serve_page.png").stat().st_size > 10_000
+    print(f"page screenshot: {ARTIFACTS / 'serve_page.png'}; true class {FASHION_MNIST_CLASSES[label]}, "
+          f"vote {vote}")
