@@ -45,7 +45,8 @@ def test_every_readme_command_is_run_by_ci_or_a_test():
     covered = [fresh.strip(), tests.strip()] + [command(p) for p in (
         r"tensorboard --logdir", r"recog\.data write folder", r"train\.py data=images",
         r"experiment=retrieval_fashion", r"--nnodes=4", r"recog\.export ", r"recog\.embed .*/train ",
-        r"recog\.index build", r"recog\.identify ", r"recog\.embed .*/test ", r"recog\.evaluate ")]
+        r"recog\.index build", r"recog\.identify ", r"recog\.embed .*/test ", r"recog\.evaluate ", r"recog\.serve ",
+        r"curl -F ")]
     assert sorted(covered) == sorted(commands()), "a README command that no test runs"
     # the multi-node command: tests/test_launch.py runs it on two hosts (network namespaces), 1 process each
     launch_test = (ROOT / "tests" / "test_launch.py").read_text()
@@ -69,10 +70,11 @@ def test_your_own_data_commands_and_what_they_print(tmp_path):
 
 
 @pytest.mark.slow
-def test_retrieval_and_identify_commands_run_in_order(tiny_data, tmp_path):
-    """The Retrieval and Identify sections' commands, one after the other as a user runs them (tiny shards, one
-    epoch): train, export, embed the gallery on 2 processes, index it, identify a photo, embed the queries and
-    evaluate them against the gallery on 2 processes."""
+def test_retrieval_identify_and_serve_commands_run_in_order(tiny_data, tmp_path):
+    """The Retrieval, Identify and Serve sections' commands, one after the other as a user runs them (tiny
+    shards, one epoch): train, export, embed the gallery on 2 processes, index it, identify a photo, embed the
+    queries and evaluate them against the gallery on 2 processes; then serve the export and index, and ask it
+    about the photo with curl: the same answer as recog.identify's."""
     import json
 
     from identify_setup import fashion_test_images
@@ -93,6 +95,26 @@ def test_retrieval_and_identify_commands_run_in_order(tiny_data, tmp_path):
     assert f"{photo}: " in result.stdout and "1. " in result.stdout  # its vote, then its top matches
     metrics = json.loads(result.stdout.strip().splitlines()[-1])
     assert metrics["queries"] == 301 and 0 < metrics["vote_top1"] <= 1 and 0 < metrics["recall@1"] <= 1
+
+    port = str(free_port())
+    serve, curl = (here(command(p), tmp_path).replace(shards, f"{tiny_data['train'].parent}/").replace(
+        "8000", port).replace("photo.png", str(photo)) for p in (r"recog\.serve ", r"curl -F "))
+    server = subprocess.Popen(["bash", "-c", f"exec {serve}"], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env={"OMP_NUM_THREADS": "1",
+                                                                         "PATH": f"{BIN}:/usr/bin:/bin"})
+    try:
+        for line in server.stdout:  # its log, until it listens
+            if "listening on" in line:
+                break
+        answer = json.loads(subprocess.run(["bash", "-c", curl], capture_output=True, text=True, timeout=60,
+                                           check=True).stdout)
+    finally:
+        server.terminate()
+        server.wait(60)
+    assert server.returncode == 0
+    shown = result.stdout[result.stdout.index(f"{photo}: "):]
+    assert shown.startswith(f"{photo}: {answer['vote']}\n")
+    assert [m["key"] for m in answer["matches"]] == re.findall(r"\d\. \S+  .*  (\S+)\n", shown)[:5]
 
 
 def free_port() -> int:
