@@ -356,7 +356,9 @@ def create_app(service: Service) -> FastAPI:
 def bind(host: str, port: int) -> socket.socket:
     """The listening socket, bound here so that a taken port is one sentence (and port 0 gets a free one)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto given: asyncio turns Nagle's algorithm off only on sockets that say TCP, and accepted connections
+    # inherit this one's (with proto 0, every keep-alive answer waited ~40 ms for the client's delayed ACK)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
@@ -397,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: recog.serve needs FastAPI and uvicorn: pip install -e '.[serve]'.", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(levelname)s] %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # which of its builds it loaded
     # Pillow only warns between its limit and twice it; here every image over it is refused (413)
     warnings.simplefilter("error", Image.DecompressionBombWarning)
     if args.threads:

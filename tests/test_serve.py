@@ -261,3 +261,31 @@ def test_the_page_shows_a_test_images_matches_in_a_real_browser(served):
     assert (ARTIFACTS / "serve_page.png").stat().st_size > 10_000
     print(f"page screenshot: {ARTIFACTS / 'serve_page.png'}; true class {FASHION_MNIST_CLASSES[label]}, "
           f"vote {vote}")
+
+
+def test_the_listening_socket_gives_connections_without_nagles_delay():
+    """bind() makes the socket uvicorn serves on; asyncio turns Nagle's algorithm off only for connections whose
+    socket says TCP (a socket made with proto 0 gave every keep-alive answer ~40 ms of delayed-ACK wait)."""
+    import asyncio
+    import socket
+
+    from recog.serve import bind
+
+    async def accepted_nodelay() -> int:
+        found = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport):
+                sock = transport.get_extra_info("socket")
+                found.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        listener = bind("127.0.0.1", 0)
+        server = await asyncio.get_running_loop().create_server(Probe, sock=listener)
+        _, writer = await asyncio.open_connection(*listener.getsockname()[:2])
+        value = await asyncio.wait_for(found, 30)
+        writer.close()
+        server.close()
+        return value
+
+    assert asyncio.run(accepted_nodelay()) != 0
