@@ -16,9 +16,8 @@ of a queue that grows without end. Bad input is a 4xx with {"error": one sentenc
 served as if it had not happened. SIGTERM: no new connections, the requests in flight are finished (at most
 --grace-s seconds), then the process exits.
 
-One process serves one export and one index, loaded once. More traffic: more replicas behind a load balancer;
-a gallery larger than one machine's memory: an index built with --shards, each shard served by its own
-process (README, "Serving").
+One process serves one export and one index (all its shards), loaded once. More traffic: more replicas behind a
+load balancer (README, "Serve").
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ import argparse
 import asyncio
 import io
 import logging
+import os
 import signal
 import socket
 import sys
@@ -52,6 +52,8 @@ try:  # the serve extra (module level: FastAPI reads the endpoints' annotations 
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from starlette.datastructures import UploadFile
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+    from starlette.requests import ClientDisconnect
 except ImportError:
     FastAPI = None
 
@@ -59,6 +61,8 @@ log = logging.getLogger("recog.serve")
 
 PAGE = "serve_page.html"
 MAX_K = 100
+MAX_SIDE_RATIO = 20  # a thinner image would be enormous once its shorter side is resized to the model's size
+ENDPOINTS = "POST /identify, GET /items/{key}/image, GET /healthz and GET /"
 
 
 class BadRequest(Exception):
@@ -90,20 +94,22 @@ def decode_upload(data: bytes, channels: int, preprocess, max_pixels: int) -> to
         with Image.open(io.BytesIO(data)) as probe:
             width, height = probe.size
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise BadRequest(413, "the image has more pixels than Pillow's decompression-bomb limit; send a smaller "
-                              "image.") from None
+        raise BadRequest(413, f"the image has more pixels than the {Image.MAX_IMAGE_PIXELS:,} of the "
+                              "decompression-bomb limit (--max-pixels); send a smaller image.") from None
     except (UnidentifiedImageError, OSError, ValueError):
         raise BadRequest(415, "the upload is not an image this service can decode; send a PNG, JPEG or WebP "
                               "file.") from None
     if width * height > max_pixels:
         raise BadRequest(413, f"the image is {width}×{height} pixels, more than the {max_pixels:,} this service "
                               "decodes (--max-pixels); send a smaller image.")
+    if max(width, height) > MAX_SIDE_RATIO * max(1, min(width, height)):
+        raise BadRequest(400, f"the image is {width}×{height} pixels, too thin to resize (its sides differ by more "
+                              f"than {MAX_SIDE_RATIO}:1); send a photo of the object.")
     try:
-        image = decode_image(data, channels)
+        return preprocess(decode_image(data, channels))
     except Exception as e:  # a truncated or damaged file: PIL raises many kinds
         reason = str(e).split("\n")[0][:80] or type(e).__name__
         raise BadRequest(400, f"the image could not be decoded ({reason}); send the whole file, undamaged.") from None
-    return preprocess(image)
 
 
 def parse_k(value: str | None, default: int, limit: int) -> int:
@@ -114,7 +120,7 @@ def parse_k(value: str | None, default: int, limit: int) -> int:
     except ValueError:
         k = 0
     if not 1 <= k <= limit:
-        raise BadRequest(400, f"k={value[:20]} is not a number of matches from 1 to {limit}; give k in that range.")
+        raise BadRequest(400, f"k={value[:20]!r} is not a number of matches from 1 to {limit}; give k in that range.")
     return k
 
 
@@ -123,6 +129,7 @@ class Query:
     pixels: torch.Tensor
     k: int
     done: asyncio.Future
+    arrived: float  # the event loop's clock: a batch closes max_wait after its first query arrived
 
 
 class Batcher:
@@ -139,6 +146,17 @@ class Batcher:
     def start(self) -> None:
         self.queue = asyncio.Queue()
         self.task = asyncio.get_running_loop().create_task(self._run(), name="recog-batcher")
+        self.task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task) -> None:
+        """The batcher only ends when the service stops; if a bug ended it, no request may wait for it in vain."""
+        if task.cancelled():
+            return
+        log.error("the batcher stopped (%r); failing the requests that wait", task.exception())
+        while not self.queue.empty():
+            query = self.queue.get_nowait()
+            if not query.done.done():
+                query.done.set_exception(RuntimeError("the batcher stopped"))
 
     async def stop(self) -> None:
         self.task.cancel()
@@ -146,14 +164,17 @@ class Batcher:
         self.executor.shutdown(wait=True)
 
     async def submit(self, pixels: torch.Tensor, k: int):
-        query = Query(pixels, k, asyncio.get_running_loop().create_future())
+        loop = asyncio.get_running_loop()
+        if self.task.done():
+            raise RuntimeError("the batcher stopped")
+        query = Query(pixels, k, loop.create_future(), loop.time())
         await self.queue.put(query)
         return await query.done
 
     async def _next_batch(self) -> list[Query]:
         loop = asyncio.get_running_loop()
         batch = [await self.queue.get()]
-        deadline = loop.time() + self.max_wait_s
+        deadline = batch[0].arrived + self.max_wait_s
         while len(batch) < self.max_batch:
             try:
                 batch.append(self.queue.get_nowait())
@@ -167,7 +188,7 @@ class Batcher:
                 batch.append(await asyncio.wait_for(self.queue.get(), left))
             except asyncio.TimeoutError:
                 break
-        return [query for query in batch if not query.done.done()]  # a client that went away: left out
+        return [query for query in batch if not query.done.done()]  # cancelled (at the shutdown's end): left out
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -194,7 +215,8 @@ class Service:
 
     def __init__(self, model_dir: str, index_dir: str, shards: str | None = None, *, max_batch: int = 32,
                  max_wait_ms: float = 5.0, max_inflight: int = 256, max_bytes: int = 20 << 20,
-                 max_pixels: int = Image.MAX_IMAGE_PIXELS, default_k: int = 5):
+                 max_pixels: int = Image.MAX_IMAGE_PIXELS, default_k: int = 5, read_timeout_s: float = 30.0,
+                 cache_dir: str | None = None):
         from recog.embedder import ExportedEmbedder
         from recog.index import open_gallery
 
@@ -204,11 +226,14 @@ class Service:
         self.embedder, self.gallery = ExportedEmbedder(model_dir), open_gallery(index_dir)
         check_match(self.embedder, self.gallery, model_dir, index_dir)
         self.classes = class_names(self.embedder, self.gallery)
-        self.items = GalleryImages(shards, self.gallery.keys) if shards else None
+        self.items = GalleryImages(shards, self.gallery.keys, cache_dir) if shards else None
         self.max_k = min(MAX_K, self.gallery.info.count)
         self.default_k = min(default_k, self.max_k)
         self.max_inflight, self.max_bytes, self.max_pixels = max_inflight, max_bytes, max_pixels
+        self.read_timeout_s = read_timeout_s
         self.inflight, self.served = 0, 0
+        # images decoded at once: one per core (a decoded image at the pixel limit takes hundreds of MB)
+        self.decoding = asyncio.Semaphore(os.cpu_count() or 1)
         self.batcher = Batcher(self.compute, max_batch, max_wait_ms / 1000)
         params = self.gallery.info.raw["params"]
         self.description = {
@@ -242,12 +267,13 @@ class Service:
 class GalleryImages:
     """The gallery items' encoded images, looked up by key in the shards' index (never joined into a path)."""
 
-    def __init__(self, location: str, gallery_keys: np.ndarray):
+    def __init__(self, location: str, gallery_keys: np.ndarray, cache_dir: str | None = None):
         from recog.data.manifest import load_manifest
         from recog.data.random_access import ShardRandomAccess
+        from recog.data.source import ShardSource
 
-        self.location = location
-        self.shards = ShardRandomAccess(load_manifest(location))
+        self.location, source = location, ShardSource(cache_dir=cache_dir)
+        self.shards = ShardRandomAccess(load_manifest(location, source), source)
         self.position = {str(key): i for i, key in enumerate(self.shards.keys().tolist())}
         sample = [str(key) for key in gallery_keys[:: max(1, len(gallery_keys) // 100)]]
         missing = [key for key in sample if key not in self.position]
@@ -255,9 +281,15 @@ class GalleryImages:
             raise ConfigError(f"the shards at {location} do not hold the gallery's items ({len(missing)} of "
                               f"{len(sample)} sampled keys missing, first {missing[0]!r}); give the shards the "
                               "gallery was embedded from.")
+        self.open_all()
 
     def __len__(self) -> int:
         return len(self.position)
+
+    def open_all(self) -> None:
+        """Open (and, for remote shards, fetch into the cache) every shard now, not from several threads later."""
+        for shard in np.unique(self.shards.shard).tolist():
+            self.shards.read_bytes(int(np.flatnonzero(self.shards.shard == shard)[0]))
 
     def read(self, key: str) -> bytes | None:
         i = self.position.get(key)
@@ -278,6 +310,19 @@ def create_app(service: Service) -> FastAPI:
     @app.exception_handler(BadRequest)
     async def refused(request: Request, e: BadRequest):
         return JSONResponse({"error": e.message}, status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def no_route(request: Request, e: StarletteHTTPException):  # an unknown path or method: one sentence too
+        what = f"{request.method} {request.url.path[:60]}"
+        message = (f"there is no {what}; the endpoints are {ENDPOINTS}." if e.status_code == 404 else
+                   f"{what} is refused ({e.detail}); the endpoints are {ENDPOINTS}.")
+        return JSONResponse({"error": message}, status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, e: Exception):  # a bug or a failed batch: logged whole, said in a sentence
+        log.error("%s %s failed", request.method, request.url.path, exc_info=e)
+        return JSONResponse({"error": f"the service failed on this request ({type(e).__name__}); its log has the "
+                                      "details."}, status_code=500)
 
     async def read_upload(request: Request) -> bytes:
         """The request's image bytes, from its body or its multipart file field, refused past max_bytes."""
@@ -300,13 +345,16 @@ def create_app(service: Service) -> FastAPI:
             try:
                 form = await Request(request.scope, replay).form(max_files=1, max_fields=8)
             except Exception as e:  # a malformed form: Starlette raises several kinds
-                raise BadRequest(400, f"the multipart form could not be read ({str(e)[:80]}); send the image as "
+                raise BadRequest(400, f"the multipart form could not be read ({str(e)[:80]!r}); send the image as "
                                       "one file field (curl -F image=@photo.jpg).") from None
-            uploads = [value for value in form.values() if isinstance(value, UploadFile)]
-            if not uploads:
-                raise BadRequest(400, "the multipart form holds no file; send the image as a file field "
-                                      "(curl -F image=@photo.jpg).")
-            data = await uploads[0].read()
+            try:
+                uploads = [value for value in form.values() if isinstance(value, UploadFile)]
+                if not uploads:
+                    raise BadRequest(400, "the multipart form holds no file; send the image as a file field "
+                                          "(curl -F image=@photo.jpg).")
+                data = await uploads[0].read()
+            finally:
+                await form.close()
         if len(data) > service.max_bytes:
             raise too_big
         return data
@@ -320,10 +368,17 @@ def create_app(service: Service) -> FastAPI:
         service.inflight += 1
         try:
             top = parse_k(k, service.default_k, service.max_k)
-            data = await read_upload(request)
-            started = time.perf_counter()
-            pixels = await run_in_threadpool(service.decode, data)
-            decoded = time.perf_counter()
+            try:
+                data = await asyncio.wait_for(read_upload(request), service.read_timeout_s)
+            except asyncio.TimeoutError:
+                raise BadRequest(408, f"the upload took longer than {service.read_timeout_s:g} s "
+                                      "(--read-timeout-s); send it again.") from None
+            except ClientDisconnect:
+                raise BadRequest(400, "the client went away before its upload ended.") from None
+            async with service.decoding:
+                started = time.perf_counter()
+                pixels = await run_in_threadpool(service.decode, data)
+                decoded = time.perf_counter()
             result = await service.batcher.submit(pixels, top)
             result["timing_ms"]["decode"] = round(1000 * (decoded - started), 3)
             service.served += 1
@@ -386,7 +441,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-inflight", type=int, default=256, help="requests held at once; past it: 503 (256)")
     p.add_argument("--max-mb", type=float, default=20.0, help="largest upload accepted, in MB (20)")
     p.add_argument("--max-pixels", type=int, default=Image.MAX_IMAGE_PIXELS,
-                   help="largest image decoded, width × height (Pillow's decompression-bomb limit)")
+                   help="largest image decoded, width × height (default: Pillow's decompression-bomb limit)")
+    p.add_argument("--read-timeout-s", type=float, default=30.0,
+                   help="an upload that takes longer is refused (408), freeing its in-flight place")
+    p.add_argument("--cache-dir", default=os.environ.get("RECOG_CACHE_DIR", "/tmp/recog-cache"),
+                   help="where remote (http) --shards are fetched to, as training's data.cache_dir")
     p.add_argument("--threads", type=int, default=0, help="torch threads for the model (0: torch's default)")
     p.add_argument("--grace-s", type=float, default=30.0, help="on SIGTERM, how long requests in flight may take")
     p.add_argument("--access-log", action="store_true", help="log every request")
@@ -400,14 +459,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(levelname)s] %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("faiss").setLevel(logging.WARNING)  # which of its builds it loaded
-    # Pillow only warns between its limit and twice it; here every image over it is refused (413)
+    # Pillow's bomb check follows --max-pixels; it only warns between its limit and twice it: here that is a 413
+    Image.MAX_IMAGE_PIXELS = args.max_pixels
     warnings.simplefilter("error", Image.DecompressionBombWarning)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         service = Service(args.model, args.index, args.shards, max_batch=args.max_batch,
                           max_wait_ms=args.max_wait_ms, max_inflight=args.max_inflight,
-                          max_bytes=int(args.max_mb * (1 << 20)), max_pixels=args.max_pixels, default_k=args.k)
+                          max_bytes=int(args.max_mb * (1 << 20)), max_pixels=args.max_pixels, default_k=args.k,
+                          read_timeout_s=args.read_timeout_s, cache_dir=args.cache_dir)
         sock = bind(args.host, args.port)
     except RecogError as e:
         print(f"error: {e}", file=sys.stderr)

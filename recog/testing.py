@@ -25,10 +25,11 @@ class ServeProcess:
         self.lines: list[str] = []
         self._listening = threading.Event()
         threading.Thread(target=self._read, daemon=True, name="recog-serve-log").start()
-        if not self._listening.wait(start_timeout_s) or self.process.poll() is not None:
+        found = re.search(r"listening on (http://\S+)", self.log) if self._listening.wait(start_timeout_s) else None
+        if found is None or self.process.poll() is not None:
             self.stop()
             raise RuntimeError("recog.serve did not start:\n" + self.log)
-        self.url = re.search(r"listening on (http://\S+)", self.log).group(1)
+        self.url = found.group(1)
 
     def _read(self) -> None:
         for line in self.process.stdout:

@@ -97,9 +97,12 @@ def test_answers_equal_recog_identify_and_concurrent_requests_share_batches(serv
     paths = [path for path, _ in served["images"]]
     expected = identify(str(served["export"]), str(served["index"]), [str(p) for p in paths], k=7)
     with Server(served, "--max-wait-ms", "300") as server:
+        clients = [httpx.Client(base_url=server.url, timeout=60) for _ in paths]
         with ThreadPoolExecutor(len(paths)) as pool:  # all at once: the service batches them
-            answers = list(pool.map(lambda p: post_image(httpx.Client(base_url=server.url, timeout=60), p, 7,
-                                                         multipart=paths.index(p) % 2 == 1), paths))
+            answers = list(pool.map(lambda i: post_image(clients[i], paths[i], 7, multipart=i % 2 == 1),
+                                    range(len(paths))))
+        for client in clients:
+            client.close()
         for response, want in zip(answers, expected):
             assert response.status_code == 200, response.text
             got = response.json()
@@ -114,7 +117,8 @@ def test_answers_equal_recog_identify_and_concurrent_requests_share_batches(serv
         assert max(batches) > 1
         health = server.client.get("/healthz").json()
         assert health["status"] == "ok" and health["index"]["count"] == 1000 and health["gallery_images"]
-        assert health["model_sha256"] in server.log and "flat" in server.log  # the start log names both
+        assert f"sha256 {health['model_sha256']}, 128-d embeddings of 28×28 px, 1 channel(s)" in server.log
+        assert ": flat (Flat), 1,000 vectors in 1 shard(s); gallery images from " in server.log
 
 
 @pytest.mark.slow  # starts a server process
@@ -137,6 +141,7 @@ def test_every_bad_input_gets_its_4xx_sentence_and_the_next_request_is_served(se
         ("k=0", dict(content=good.read_bytes(), params={"k": 0}), 400, "from 1 to 100"),
         ("k too large", dict(content=good.read_bytes(), params={"k": 101}), 400, "from 1 to 100"),
         ("k not a number", dict(content=good.read_bytes(), params={"k": "five"}), 400, "from 1 to 100"),
+        ("a 1×2000 image", dict(content=png(np.zeros((2000, 1), np.uint8))), 400, "too thin"),
     ]
     with Server(served, "--max-mb", "1") as server:
         reference = post_image(server.client, good).json()
@@ -154,10 +159,12 @@ def test_every_bad_input_gets_its_4xx_sentence_and_the_next_request_is_served(se
         image = server.client.get(f"/items/{key}/image")
         assert image.status_code == 200 and image.headers["content-type"] == "image/png"
         assert Image.open(io.BytesIO(image.content)).size == (28, 28)
-        for bad_key in ["nope", "..", "..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", "000000001.png"]:
+        for bad_key in ["nope", "..", "..%2F..%2Fetc%2Fpasswd", "%2Fetc%2Fpasswd", "000000001.png", "%2E%2E"]:
             response = server.client.get(f"/items/{bad_key}/image")
             assert response.status_code == 404, bad_key
-            assert b"root:" not in response.content
+            assert response.json()["error"].endswith("."), bad_key  # a key not found, or no such path
+        unknown = server.client.delete("/identify")
+        assert unknown.status_code == 405 and "the endpoints are" in unknown.json()["error"]
         assert server.process.poll() is None
 
 
@@ -177,12 +184,16 @@ def test_a_grey_upload_is_converted_for_an_rgb_model_and_an_rgb_one_for_a_grey_m
 def test_past_max_inflight_the_answer_is_503_at_once(served):
     path = served["images"][0][0]
     with Server(served, "--max-inflight", "2", "--max-wait-ms", "1500") as server:
-        def timed_post(_):
+        clients = [httpx.Client(base_url=server.url, timeout=60) for _ in range(6)]
+
+        def timed_post(client):
             started = time.perf_counter()
-            response = post_image(httpx.Client(base_url=server.url, timeout=60), path)
+            response = post_image(client, path)
             return response.status_code, time.perf_counter() - started, response
         with ThreadPoolExecutor(6) as pool:
-            results = list(pool.map(timed_post, range(6)))
+            results = list(pool.map(timed_post, clients))
+        for client in clients:
+            client.close()
         codes = sorted(code for code, _, _ in results)
         assert codes.count(200) >= 2 and codes.count(503) >= 1 and set(codes) <= {200, 503}, codes
         slowest_refusal = max(s for code, s, _ in results if code == 503)
@@ -197,14 +208,17 @@ def test_past_max_inflight_the_answer_is_503_at_once(served):
 def test_sigterm_finishes_the_requests_in_flight_then_exits(served):
     paths = [path for path, _ in served["images"][:4]]
     with Server(served, "--max-wait-ms", "3000") as server:
+        clients = [httpx.Client(base_url=server.url, timeout=60) for _ in paths]
         with ThreadPoolExecutor(len(paths)) as pool:
-            futures = [pool.submit(post_image, httpx.Client(base_url=server.url, timeout=60), p) for p in paths]
+            futures = [pool.submit(post_image, client, p) for client, p in zip(clients, paths)]
             deadline = time.monotonic() + 30
             while server.client.get("/healthz").json()["inflight"] < len(paths):
                 assert time.monotonic() < deadline, "the requests never arrived"
                 time.sleep(0.05)
             server.process.send_signal(signal.SIGTERM)
             responses = [f.result(timeout=60) for f in futures]
+        for client in clients:
+            client.close()
         assert [r.status_code for r in responses] == [200] * len(paths), [r.text for r in responses]
         assert server.process.wait(60) == 0, server.log
         assert "stopped after 4 requests answered" in server.log
