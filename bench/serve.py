@@ -13,7 +13,7 @@ The model: --checkpoint (a train.py checkpoint), or the default convnet with ran
 depend on the weights). Queries: the bundled test images as PNG files, sent as request bodies.
 
 Each gallery is served by two `python -m recog.serve` processes at once, on 127.0.0.1: batched (its defaults,
---max-batch 32 --max-wait-ms 5) and one request at a time (--max-batch 1); the two alternate round by round (this
+--max-batch 32 --max-wait-ms 0) and one request at a time (--max-batch 1); the two alternate round by round (this
 machine is shared and noisy). The clients are asyncio tasks in this process, each sending its next request when
 its last one is answered, for --seconds. Printed per case: requests/s, p50/p95/p99 latency, errors (answers
 other than 200: there must be none, the clients stay below --max-inflight) and the mean number of requests that

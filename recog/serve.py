@@ -9,12 +9,12 @@
     GET  /healthz             what is served, and the requests in flight
     GET  /                    a page: choose or drop a photo, see its nearest gallery items
 
-Concurrent requests are embedded and searched together: a batch closes at --max-batch images, or --max-wait-ms
-after its first one arrived (while a batch runs, the next one fills). At most --max-inflight requests are held
-at once; past that the answer is 503 at once (a client retries, a load balancer tries another replica) instead
-of a queue that grows without end. Bad input is a 4xx with {"error": one sentence}, and the next request is
-served as if it had not happened. SIGTERM: no new connections, the requests in flight are finished (at most
---grace-s seconds), then the process exits.
+Concurrent requests are embedded and searched together: a batch is every image that arrived while the previous
+batch ran, up to --max-batch (--max-wait-ms > 0 also waits that long after a batch's first image for more). At
+most --max-inflight requests are held at once; past that the answer is 503 at once (a client retries, a load
+balancer tries another replica) instead of a queue that grows without end. Bad input is a 4xx with {"error": one
+sentence}, and the next request is served as if it had not happened. SIGTERM: no new connections, the requests
+in flight are finished (at most --grace-s seconds), then the process exits with status 0.
 
 One process serves one export and one index (all its shards), loaded once. More traffic: more replicas behind a
 load balancer (README, "Serve").
@@ -133,9 +133,9 @@ class Query:
 
 
 class Batcher:
-    """Requests' images embedded and searched together. The first waiting request opens a batch; it closes at
-    `max_batch` images or `max_wait_s` later, and runs on one worker thread (the model and faiss use their own
-    threads inside), while the event loop goes on taking requests for the next batch."""
+    """Requests' images embedded and searched together. A batch is every query waiting when the last one ended, up
+    to `max_batch` (and, with `max_wait_s` > 0, those arriving that long after its first). It runs on one thread
+    (the model and faiss use their own threads inside), while the event loop takes requests for the next batch."""
 
     def __init__(self, compute, max_batch: int, max_wait_s: float):
         self.compute, self.max_batch, self.max_wait_s = compute, max_batch, max_wait_s
@@ -214,9 +214,9 @@ class Service:
     """An export and an index, loaded once; optionally the gallery's shards, to show the matches' images."""
 
     def __init__(self, model_dir: str, index_dir: str, shards: str | None = None, *, max_batch: int = 32,
-                 max_wait_ms: float = 5.0, max_inflight: int = 256, max_bytes: int = 20 << 20,
+                 max_wait_ms: float = 0.0, max_inflight: int = 256, max_bytes: int = 20 << 20,
                  max_pixels: int = Image.MAX_IMAGE_PIXELS, default_k: int = 5, read_timeout_s: float = 30.0,
-                 cache_dir: str | None = None):
+                 cache_dir: str | None = None, decode_threads: int = 0):
         from recog.embedder import ExportedEmbedder
         from recog.index import open_gallery
 
@@ -232,8 +232,8 @@ class Service:
         self.max_inflight, self.max_bytes, self.max_pixels = max_inflight, max_bytes, max_pixels
         self.read_timeout_s = read_timeout_s
         self.inflight, self.served = 0, 0
-        # images decoded at once: one per core (a decoded image at the pixel limit takes hundreds of MB)
-        self.decoding = asyncio.Semaphore(os.cpu_count() or 1)
+        # images decoded at once (a decoded image at the pixel limit takes hundreds of MB): one per core by default
+        self.decoding = asyncio.Semaphore(decode_threads or os.cpu_count() or 1)
         self.batcher = Batcher(self.compute, max_batch, max_wait_ms / 1000)
         params = self.gallery.info.raw["params"]
         self.description = {
@@ -436,8 +436,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="0: any free port (the log names it)")
     p.add_argument("-k", type=int, default=5, help="matches per request when it gives no k= (5)")
     p.add_argument("--max-batch", type=int, default=32, help="images per model call (32)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0,
-                   help="how long a batch waits for more requests after its first (5 ms)")
+    # 0, measured (bench/serve.py, 2 cores): as many requests/s as a 5 ms wait at 8 clients (139 and 142), and one
+    # client's answers 5 ms sooner (p50 15.2 against 20.3 ms): under load, batches fill while the last one runs
+    p.add_argument("--max-wait-ms", type=float, default=0.0,
+                   help="how long a batch waits for more requests after its first (0: it takes what has arrived)")
     p.add_argument("--max-inflight", type=int, default=256, help="requests held at once; past it: 503 (256)")
     p.add_argument("--max-mb", type=float, default=20.0, help="largest upload accepted, in MB (20)")
     p.add_argument("--max-pixels", type=int, default=Image.MAX_IMAGE_PIXELS,
@@ -446,6 +448,7 @@ def parser() -> argparse.ArgumentParser:
                    help="an upload that takes longer is refused (408), freeing its in-flight place")
     p.add_argument("--cache-dir", default=os.environ.get("RECOG_CACHE_DIR", "/tmp/recog-cache"),
                    help="where remote (http) --shards are fetched to, as training's data.cache_dir")
+    p.add_argument("--decode-threads", type=int, default=0, help="images decoded at once (0: one per core)")
     p.add_argument("--threads", type=int, default=0, help="torch threads for the model (0: torch's default)")
     p.add_argument("--grace-s", type=float, default=30.0, help="on SIGTERM, how long requests in flight may take")
     p.add_argument("--access-log", action="store_true", help="log every request")
@@ -468,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
         service = Service(args.model, args.index, args.shards, max_batch=args.max_batch,
                           max_wait_ms=args.max_wait_ms, max_inflight=args.max_inflight,
                           max_bytes=int(args.max_mb * (1 << 20)), max_pixels=args.max_pixels, default_k=args.k,
-                          read_timeout_s=args.read_timeout_s, cache_dir=args.cache_dir)
+                          read_timeout_s=args.read_timeout_s, cache_dir=args.cache_dir,
+                          decode_threads=args.decode_threads)
         sock = bind(args.host, args.port)
     except RecogError as e:
         print(f"error: {e}", file=sys.stderr)
