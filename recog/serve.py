@@ -16,8 +16,9 @@ balancer tries another replica) instead of a queue that grows without end. Bad i
 sentence}, and the next request is served as if it had not happened. SIGTERM: no new connections, the requests
 in flight are finished (at most --grace-s seconds), then the process exits with status 0.
 
-One process serves one export and one index (all its shards), loaded once. More traffic: more replicas behind a
-load balancer (README, "Serve").
+One process serves one export and one index, loaded once: all its shards, or (--shard-servers) none of them, each
+searched by its own `python -m recog.index serve-shard` process, on any machine. More traffic: more replicas
+behind a load balancer (README, "Serve").
 """
 
 from __future__ import annotations
@@ -216,14 +217,15 @@ class Service:
     def __init__(self, model_dir: str, index_dir: str, shards: str | None = None, *, max_batch: int = 32,
                  max_wait_ms: float = 0.0, max_inflight: int = 256, max_bytes: int = 20 << 20,
                  max_pixels: int = Image.MAX_IMAGE_PIXELS, default_k: int = 5, read_timeout_s: float = 30.0,
-                 cache_dir: str | None = None, decode_threads: int = 0):
+                 cache_dir: str | None = None, decode_threads: int = 0,
+                 shard_servers: list[tuple[str, int]] | None = None):
         from recog.embedder import ExportedEmbedder
         from recog.index import open_gallery
 
         for name, value in (("--max-batch", max_batch), ("--max-inflight", max_inflight), ("-k", default_k)):
             if value < 1:
                 raise ConfigError(f"{name} {value} must be 1 or more.")
-        self.embedder, self.gallery = ExportedEmbedder(model_dir), open_gallery(index_dir)
+        self.embedder, self.gallery = ExportedEmbedder(model_dir), open_gallery(index_dir, shard_servers)
         check_match(self.embedder, self.gallery, model_dir, index_dir)
         self.classes = class_names(self.embedder, self.gallery)
         self.items = GalleryImages(shards, self.gallery.keys, cache_dir) if shards else None
@@ -240,7 +242,8 @@ class Service:
             "model_sha256": self.embedder.sha256, "embedding_dim": self.embedder.dim,
             "input": {"channels": self.embedder.channels, "size": self.embedder.size},
             "index": {"kind": params["kind"], "factory": params["factory"], "count": self.gallery.info.count,
-                      "shards": len(self.gallery.info.raw["shards"])},
+                      "shards": len(self.gallery.info.raw["shards"]),
+                      "shard_servers": [f"{host}:{port}" for host, port in shard_servers or []]},
             "gallery_images": self.items is not None, "classes": self.classes, "max_k": self.max_k,
             "default_k": self.default_k,
         }
@@ -426,12 +429,24 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def addresses(text: str) -> list[tuple[str, int]]:
+    out = []
+    for item in text.split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not host or not port.isdigit():
+            raise argparse.ArgumentTypeError(f"{item!r} is not HOST:PORT")
+        out.append((host.strip("[]"), int(port)))
+    return out
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m recog.serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a folder written by python -m recog.export")
     p.add_argument("--index", required=True, help="a folder written by python -m recog.index build")
     p.add_argument("--shards", help="the shards the gallery was embedded from: GET /items/{key}/image reads them")
+    p.add_argument("--shard-servers", type=addresses, metavar="HOST:PORT,...",
+                   help="search the index's shards in their serve-shard processes (one per shard, in order)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="0: any free port (the log names it)")
     p.add_argument("-k", type=int, default=5, help="matches per request when it gives no k= (5)")
@@ -472,7 +487,7 @@ def main(argv: list[str] | None = None) -> int:
                           max_wait_ms=args.max_wait_ms, max_inflight=args.max_inflight,
                           max_bytes=int(args.max_mb * (1 << 20)), max_pixels=args.max_pixels, default_k=args.k,
                           read_timeout_s=args.read_timeout_s, cache_dir=args.cache_dir,
-                          decode_threads=args.decode_threads)
+                          decode_threads=args.decode_threads, shard_servers=args.shard_servers)
         sock = bind(args.host, args.port)
     except RecogError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -480,8 +495,9 @@ def main(argv: list[str] | None = None) -> int:
     d = service.description
     log.info("model %s: sha256 %s, %d-d embeddings of %d×%d px, %d channel(s)", Path(args.model).resolve(),
              d["model_sha256"], d["embedding_dim"], d["input"]["size"], d["input"]["size"], d["input"]["channels"])
-    log.info("index %s: %s (%s), %s vectors in %d shard(s)%s", Path(args.index).resolve(), d["index"]["kind"],
+    log.info("index %s: %s (%s), %s vectors in %d shard(s)%s%s", Path(args.index).resolve(), d["index"]["kind"],
              d["index"]["factory"], f"{d['index']['count']:,}", d["index"]["shards"],
+             f" searched by {', '.join(d['index']['shard_servers'])}" if args.shard_servers else "",
              f"; gallery images from {args.shards} ({len(service.items):,} items)" if service.items else
              "; no gallery images (no --shards)")
     host, port = sock.getsockname()[:2]

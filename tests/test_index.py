@@ -162,3 +162,30 @@ def test_ivfsq_recall_against_flat_at_the_default_settings(tmp_path):
     _, found = open_gallery(tmp_path / "ivfsq").search(queries, 10)
     nearest, overlap = recall_at_10(found, exact)
     assert nearest >= 0.95 and overlap >= 0.9
+
+
+@pytest.mark.slow  # starts two shard-server processes
+@pytest.mark.parametrize("kind", ["flat", "ivfsq"])
+def test_shards_searched_by_their_servers_give_the_local_indexs_results(tmp_path, kind):
+    """Each shard held by its own `python -m recog.index serve-shard` process (as on its own machine), searched
+    over faiss's RPC and merged per query: the same ids and scores as the index opened in one process."""
+    from recog.testing import ServeProcess
+
+    vectors, queries = np.split(clustered(12_050, dim=64, seed=3), [12_000])
+    build(write_embeddings(tmp_path / "emb", vectors, part_size=5000), tmp_path / "index", kind=kind, shards=3,
+          log=quiet)
+    local = open_gallery(tmp_path / "index")
+    servers = [ServeProcess("serve-shard", tmp_path / "index", "--shard", str(n), module="recog.index")
+               for n in range(3)]
+    try:
+        addresses = [(server.url.rsplit(":", 1)[0], int(server.url.rsplit(":", 1)[1])) for server in servers]
+        remote = open_gallery(tmp_path / "index", shard_servers=addresses)
+        want_scores, want_ids = local.search(queries, 10)
+        got_scores, got_ids = remote.search(queries, 10)
+        assert (got_ids == want_ids).all() and want_ids.max() >= 8000  # the last shard's ids are offset too
+        np.testing.assert_allclose(got_scores, want_scores, rtol=0, atol=1e-6)
+        with pytest.raises(ConfigError, match="3 shard\\(s\\) and 2 shard server\\(s\\)"):
+            open_gallery(tmp_path / "index", shard_servers=addresses[:2])
+    finally:
+        for server in servers:
+            server.stop()

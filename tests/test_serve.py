@@ -303,3 +303,36 @@ def test_the_listening_socket_gives_connections_without_nagles_delay():
         return value
 
     assert asyncio.run(accepted_nodelay()) != 0
+
+
+@pytest.mark.slow  # starts a server and two shard servers
+def test_an_index_sharded_over_shard_servers_answers_as_the_local_index(served, tmp_path):
+    """The gallery indexed in 2 shards, each held by its own `recog.index serve-shard` process (as on two
+    machines); recog.serve searches both and merges: the same answers as recog.identify on the one-shard index."""
+    build(served["root"] / "embeddings", tmp_path / "index2", shards=2, log=lambda line: None)
+    paths = [path for path, _ in served["images"]]
+    expected = identify(str(served["export"]), str(served["index"]), [str(p) for p in paths], k=7)
+    shard_servers = [ServeProcess("serve-shard", tmp_path / "index2", "--shard", str(n), module="recog.index")
+                     for n in (0, 1)]
+    try:
+        assert "500 vectors" in shard_servers[0].log and "500 vectors" in shard_servers[1].log
+        sharded = {**served, "index": tmp_path / "index2"}
+        addresses = ",".join(server.url for server in shard_servers)
+        with Server(sharded, "--shard-servers", addresses) as server:
+            for path, want in zip(paths, expected):
+                got = post_image(server.client, path, 7).json()["matches"]
+                np.testing.assert_allclose([m["score"] for m in got], [m["score"] for m in want["matches"]],
+                                           atol=1e-5)
+                # a random-weight model gives many equal scores: equal items may come in another order, and at
+                # the k-th score either of them may be cut; above it, the same items
+                above = want["matches"][-1]["score"] + 1e-5
+                assert {m["key"] for m in got if m["score"] > above} == \
+                       {m["key"] for m in want["matches"] if m["score"] > above}
+            assert f"searched by {addresses.replace(',', ', ')}" in server.log
+        # the servers in the wrong order: one sentence, before serving anything
+        swapped = ",".join(server.url for server in reversed(shard_servers))
+        with pytest.raises(RuntimeError, match="serves shard 1 .* not shard 0 .* give the servers in shard order"):
+            Server(sharded, "--shard-servers", swapped)
+    finally:
+        for shard_server in shard_servers:
+            shard_server.stop()
