@@ -14,10 +14,10 @@ depend on the weights). Queries: the bundled test images as PNG files, sent as r
 
 Each gallery is served by two `python -m recog.serve` processes at once, on 127.0.0.1: batched (its defaults,
 --max-batch 32 --max-wait-ms 0) and one request at a time (--max-batch 1); the two alternate round by round (this
-machine is shared and noisy). The clients are asyncio tasks in this process, each sending its next request when
-its last one is answered, for --seconds. Printed per case: requests/s, p50/p95/p99 latency, errors (answers
-other than 200: there must be none, the clients stay below --max-inflight) and the mean number of requests that
-shared a model call; then the gain of batching.
+machine is shared and noisy). The clients are threads in this process with a keep-alive connection each, each
+sending its next request when its last one is answered, for --seconds. Printed per case: requests/s, p50/p95/p99
+latency, errors (answers other than 200: there must be none, the clients stay below --max-inflight) and the mean
+number of requests that shared a model call; then the gain of batching.
 Everything (clients, event loop, model, faiss) shares this machine's cores: on 2 cores the figures say what one
 small machine serves, and the clients' own CPU time is part of what they measure.
 """
@@ -25,11 +25,12 @@ small machine serves, and the clients' own CPU time is part of what they measure
 from __future__ import annotations
 
 import argparse
-import asyncio
+import http.client
 import json
 import shutil
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -81,28 +82,36 @@ def query_images(count: int = 200) -> list[bytes]:
     return [record.read() for record in records[:count]]
 
 
-async def load(url: str, clients: int, seconds: float, images: list[bytes], k: int) -> dict:
-    """`clients` closed-loop clients for `seconds`: each request's latency and status."""
-    import httpx
-
-    latencies, statuses, batches = [], [], []
+def load(url: str, clients: int, seconds: float, images: list[bytes], k: int) -> dict:
+    """`clients` closed-loop clients for `seconds`, a thread and a keep-alive connection each (the standard
+    library's http.client: an asyncio client in this process cost so much CPU on 2 cores that it, not the service,
+    set the tail at 32 clients): each request's latency and status, and the batch it shared."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    latencies, statuses, batches, lock = [], [], [], threading.Lock()
     deadline = time.perf_counter() + seconds
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
-        async def one_client(c: int):
-            i = c
-            while time.perf_counter() < deadline:
-                started = time.perf_counter()
-                response = await client.post("/identify", params={"k": k}, content=images[i % len(images)])
-                latencies.append(time.perf_counter() - started)
-                statuses.append(response.status_code)
-                if response.status_code == 200:
-                    batches.append(response.json()["batch"])
-                i += clients
 
-        started = time.perf_counter()
-        await asyncio.gather(*(one_client(c) for c in range(clients)))
-        elapsed = time.perf_counter() - started
+    def one_client(c: int):
+        connection, i = http.client.HTTPConnection(host, int(port), timeout=60), c
+        while time.perf_counter() < deadline:
+            started = time.perf_counter()
+            connection.request("POST", f"/identify?k={k}", body=images[i % len(images)])
+            response = connection.getresponse()
+            body = response.read()
+            with lock:
+                latencies.append(time.perf_counter() - started)
+                statuses.append(response.status)
+                if response.status == 200:
+                    batches.append(json.loads(body)["batch"])
+            i += clients
+        connection.close()
+
+    threads = [threading.Thread(target=one_client, args=(c,)) for c in range(clients)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - started
     return {"rate": len(statuses) / elapsed, "latencies": latencies, "errors": sum(s != 200 for s in statuses),
             "batches": batches}
 
@@ -114,7 +123,7 @@ def side_by_side(servers: dict, clients: int, args, images: list[bytes]) -> tupl
 
     def case(mode):
         def one_round(_round):
-            results[mode].append(asyncio.run(load(servers[mode].url, clients, args.seconds, images, args.k)))
+            results[mode].append(load(servers[mode].url, clients, args.seconds, images, args.k))
             return results[mode][-1]["rate"]
         return one_round
 
@@ -135,7 +144,7 @@ def main() -> int:
     p.add_argument("--checkpoint", help="a train.py checkpoint (default: the default convnet, random weights)")
     p.add_argument("--work", default="/tmp/recog-bench-serve", help="export, embeddings and indexes (kept)")
     args = p.parse_args()
-    require("httpx", "fastapi", "uvicorn", "faiss", extra="serve,bench")
+    require("fastapi", "uvicorn", "faiss", extra="serve,bench")
     from recog.testing import ServeProcess
 
     setup = prepare(Path(args.work), args.checkpoint, args.galleries)
