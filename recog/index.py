@@ -43,6 +43,7 @@ import recog
 from recog.checkpoint import atomic_write, write_json
 from recog.embeddings import Embeddings, open_embeddings
 from recog.errors import ConfigError, RecogError
+from recog.listen import bind
 
 FORMAT = "recog-index/1"
 INDEX_JSON = "index.json"
@@ -333,13 +334,7 @@ def serve_shard(folder: str | Path, number: int, host: str = "0.0.0.0", port: in
         def describe(self) -> dict:
             return described
 
-    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        listener.bind((host, port))
-    except OSError as e:
-        raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port.") from None
-    listener.listen(64)
+    listener = bind(host, port)
     bound = listener.getsockname()
     log(f"shard {number} of {info.folder} ({described['file']}, {index.ntotal:,} vectors): listening on "
         f"{bound[0]}:{bound[1]}")
