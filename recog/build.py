@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -24,7 +25,7 @@ from torch.utils.data import DataLoader
 from recog import dist, parallel
 from recog.checkpoint import Position, load_checkpoint
 from recog.config import settle_data_settings
-from recog.data.loader import Batch, make_loader
+from recog.data.loader import Batch, loader_workers, make_loader
 from recog.data.manifest import load_manifest
 from recog.data.normalize import Normalize
 from recog.data.prepare import missing_splits, prepare_shards
@@ -73,6 +74,7 @@ def build_data(cfg: DictConfig, ctx: dist.Dist) -> TrainData:
 
     source = shard_source(cfg.data)
     pk = cfg.sampler.name == "pk"
+    workers = loader_workers(cfg.data.num_workers, ctx.local_world_size)
     gallery_path = None  # eval.gallery's shards; None: leave-one-out on the test split
     if cfg.eval.retrieval and cfg.eval.gallery not in (None, "test"):
         gallery_path = cfg.data.train if cfg.eval.gallery == "train" else cfg.eval.gallery
@@ -90,7 +92,8 @@ def build_data(cfg: DictConfig, ctx: dist.Dist) -> TrainData:
                                   "both from the same source.")
         choices = settle_data_settings(cfg, train, source)  # the same on every rank: from the same manifest
         if ctx.is_main:
-            log.info("%s", choices)
+            log.info("%s | %d loader worker(s) per rank%s", choices, workers, f" (auto: {len(os.sched_getaffinity(0))} "
+                     f"cores, {ctx.local_world_size} rank(s) on this node)" if cfg.data.num_workers == "auto" else "")
         if not pk:
             return train, test, gallery, None
         p, k = cfg.sampler.p, cfg.sampler.k
@@ -107,7 +110,7 @@ def build_data(cfg: DictConfig, ctx: dist.Dist) -> TrainData:
     dist.fail_together(write_missing_shards, ctx, "writing the shards")
     train_manifest, test_manifest, gallery_manifest, random_access = dist.fail_together(open_manifests, ctx,
                                                                                         "opening the shards")
-    pin, workers = ctx.device.type == "cuda", cfg.data.num_workers
+    pin = ctx.device.type == "cuda"
     common = dict(rank=ctx.rank, world_size=ctx.world_size, batch_size=cfg.batch_size, channels=cfg.data.channels,
                   seed=cfg.seed, strict=cfg.data.strict, source=source)
     test_set = ShardStream(test_manifest, transform=instantiate(cfg.augment.test), train=False,

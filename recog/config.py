@@ -25,7 +25,7 @@ NUMBERS = [
     ("checkpoint.keep", True, 1, False), ("checkpoint.every_steps", True, 0, False),
     ("checkpoint.every_minutes", False, 0, False), ("schedule.warmup_epochs", False, 0, False),
     ("optim.lr", False, 0, False), ("optim.reference_batch", True, 1, False),
-    ("data.num_workers", True, 0, False), ("data.shuffle_block", True, 1, False),
+    ("data.shuffle_block", True, 1, False),
     ("data.http.retries", True, 0, False), ("data.http.backoff_s", False, 0, False),
     ("data.http.timeout_s", False, 0, True), ("dist.timeout_s", False, 0, True),
     ("ddp.bucket_cap_mb", False, 0, True), ("loss.ce_weight", False, 0, False),
@@ -54,6 +54,8 @@ def check_config(cfg: DictConfig) -> None:
                               f"data.{key}=/data/shards/{key}.")
     for key, whole, least, above in NUMBERS:
         check_number(key, OmegaConf.select(cfg, key), whole, least, above)
+    if cfg.data.num_workers != "auto":
+        check_number("data.num_workers", cfg.data.num_workers, True, 0, False)
     if cfg.data.channels not in ("auto", 1, 3):
         raise ConfigError(f"data.channels={cfg.data.channels} is not valid; give 1 (grey), 3 (RGB) or auto.")
     if cfg.data.image_size != "auto":

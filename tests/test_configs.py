@@ -28,6 +28,7 @@ from recog.data.prepare import class_names
 from recog.data.random_access import ShardRandomAccess
 from recog.data.stream import ShardStream
 from recog.dist import Dist
+from recog.errors import ConfigError
 from recog.loss import RecognitionLoss
 from recog.model import Output
 from recog.rundir import register_resolvers
@@ -290,3 +291,9 @@ def test_every_hydra_launcher_config_composes_fits_its_plugin_and_instantiates(n
     assert isinstance(launcher, Launcher)
     for callback in cfg.hydra.callbacks.values():  # and the callbacks train.yaml gives every sweep
         instantiate(callback)
+
+
+@pytest.mark.parametrize("value", ["-1", "many", "1.5"])
+def test_bad_worker_count_is_one_sentence(value, tiny_data):
+    with pytest.raises(ConfigError, match=rf"data.num_workers={value} is not valid; give a whole number at least 0"):
+        check_config(composed(*tiny_paths(tiny_data), f"data.num_workers={value}"))

@@ -14,12 +14,21 @@ from PIL import Image
 
 from recog.data.__main__ import main as data_cli
 from recog.data.idx import find_idx_pair, read_idx
-from recog.data.loader import make_loader
+from recog.data.loader import loader_workers, make_loader
 from recog.data.manifest import load_manifest
 from recog.data.plan import Piece, samples_per_rank
 from recog.data.stream import ShardStream, fits_in_memory, read_pieces
 from recog.data.write import folder_records, write_shards
 from recog.errors import ConfigError, DataError
+
+
+def test_auto_workers_share_the_cores_among_the_ranks():
+    assert loader_workers("auto", local_world_size=2, cores=2) == 1  # this machine: 2 ranks on 2 cores
+    assert loader_workers("auto", local_world_size=4, cores=2) == 1  # never none
+    assert loader_workers("auto", local_world_size=8, cores=96) == 8  # a GPU node: capped
+    assert loader_workers("auto", local_world_size=8, cores=48) == 6
+    assert loader_workers(0, local_world_size=2, cores=2) == 0  # a number is kept, 0 too
+    assert loader_workers(12, local_world_size=1, cores=2) == 12
 
 
 def test_idx_round_trip_through_shards(tmp_path):

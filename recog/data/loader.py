@@ -127,6 +127,19 @@ def _exit_when_gone(pid: int, every_s: float = 1.0) -> None:
             os._exit(0)
 
 
+MAX_AUTO_WORKERS = 8  # num_workers=auto never starts more per rank: beyond it, more processes mostly cost memory
+
+
+def loader_workers(setting: int | str, local_world_size: int, cores: int | None = None) -> int:
+    """data.num_workers: a number as given, or for `auto` this node's cores (the CPUs this process may run on)
+    shared out among its ranks, 1 to MAX_AUTO_WORKERS per rank. 2 cores, 2 ranks: 1 worker each (4 per rank, with
+    a train and a test loader, would be 16 processes on 2 cores, each importing the main script as it starts)."""
+    if setting != "auto":
+        return int(setting)
+    cores = cores or len(os.sched_getaffinity(0))
+    return max(1, min(MAX_AUTO_WORKERS, cores // max(1, local_world_size)))
+
+
 def make_loader(dataset, num_workers: int, pin_memory: bool, batch_sampler=None, collate_fn=None) -> DataLoader:
     """A ShardStream forms its batches inside the workers (batch_size=None: one pickled tensor per batch);
     a map-style data set gets its batches of indices from `batch_sampler`."""
