@@ -19,7 +19,8 @@ is trained twice:
   and RUN/metrics.json's top1. Its seconds include writing the shards.
 
 Both report top-1 on the test folder after the last epoch, and wall seconds.
-`--epochs N` / `--seed N` go to both sides (recog keeps its own defaults, 12 and 0, unless given).
+`--epochs N` / `--seed N` go to both sides (unless given, the baseline trains 12 epochs
+and recog its own default, 10; both seed 0).
 
 data=images takes channels, size and mean/std from the shards' manifest (data.*=auto); before that,
 the grey 28 px figures were measured with
@@ -156,7 +157,7 @@ def main() -> int:
     p.add_argument("--sets", default="fashion-small",
                    help=f"comma-separated, or 'all' (those on this machine): {', '.join(quality_data.SETS)}")
     p.add_argument("--only", choices=["baseline", "recog"], help="run one side only")
-    p.add_argument("--epochs", type=int, help="both sides (default: 12, recog's own default)")
+    p.add_argument("--epochs", type=int, help="both sides (default: the baseline 12, recog its own default, 10)")
     p.add_argument("--seed", type=int, help="both sides (default: 0, recog's own default)")
     p.add_argument("--no-flip", action="store_true", help="no horizontal flips on any set, both sides")
     p.add_argument("--recog-args", default="", help="extra train.py overrides, e.g. \"optim=adamw epochs=20\"")

@@ -3,6 +3,7 @@ paths moved into a temporary folder and fewer epochs. The two fresh-machine comm
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, tiny_args
+
+from recog.data.loader import loader_workers
 
 README = (ROOT / "README.md").read_text()
 BIN = str(Path(sys.executable).parent)
@@ -65,6 +68,10 @@ def test_your_own_data_commands_and_what_they_print(tmp_path):
                             timeout=1200, env={"OMP_NUM_THREADS": "1", "PATH": f"{BIN}:/usr/bin:/bin"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     shown = re.search(r"```\n(data: .*?)\n```", README).group(1)
+    # The README's line is from a 2-core machine; the worker count is this machine's (2 ranks share its cores).
+    cores = len(os.sched_getaffinity(0))
+    shown = re.sub(r"\d+ loader worker\(s\) per rank \(auto: \d+ cores",
+                   f"{loader_workers('auto', 2, cores)} loader worker(s) per rank (auto: {cores} cores", shown)
     assert f"INFO] {shown}\n" in result.stdout
     assert '"eval_samples": 2000' in (tmp_path / "run" / "metrics.json").read_text()
 
