@@ -48,6 +48,7 @@ def tiny_args(tiny_data, **overrides) -> list[str]:
     args = {
         "data.train": str(tiny_data["train"]), "data.test": str(tiny_data["test"]), "data.prepare": "null",
         "epochs": 1, "batch_size": 32, "log_every": 5,
+        "data.num_workers": 1,  # fixed, not auto: runs compared across layouts (hosts, ranks) read the same plan
         "model.width": 16,  # half the default's width: a quarter of its compute, plenty for these checks
     }
     args.update(overrides)
