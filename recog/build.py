@@ -74,7 +74,8 @@ def build_data(cfg: DictConfig, ctx: dist.Dist) -> TrainData:
 
     source = shard_source(cfg.data)
     pk = cfg.sampler.name == "pk"
-    workers = loader_workers(cfg.data.num_workers, ctx.local_world_size)
+    cores = len(os.sched_getaffinity(0))  # the CPUs this process may run on, shared by the node's ranks
+    workers = loader_workers(cfg.data.num_workers, ctx.local_world_size, cores)
     gallery_path = None  # eval.gallery's shards; None: leave-one-out on the test split
     if cfg.eval.retrieval and cfg.eval.gallery not in (None, "test"):
         gallery_path = cfg.data.train if cfg.eval.gallery == "train" else cfg.eval.gallery
@@ -92,7 +93,7 @@ def build_data(cfg: DictConfig, ctx: dist.Dist) -> TrainData:
                                   "both from the same source.")
         choices = settle_data_settings(cfg, train, source)  # the same on every rank: from the same manifest
         if ctx.is_main:
-            log.info("%s | %d loader worker(s) per rank%s", choices, workers, f" (auto: {len(os.sched_getaffinity(0))} "
+            log.info("%s | %d loader worker(s) per rank%s", choices, workers, f" (auto: {cores} "
                      f"cores, {ctx.local_world_size} rank(s) on this node)" if cfg.data.num_workers == "auto" else "")
         if not pk:
             return train, test, gallery, None
