@@ -12,11 +12,14 @@ import torch
 from conftest import BUNDLED, ROOT, tiny_split
 from PIL import Image
 
+from recog.data import offsets as offsets_module
 from recog.data.__main__ import main as data_cli
 from recog.data.idx import find_idx_pair, read_idx
 from recog.data.loader import loader_workers, make_loader
 from recog.data.manifest import load_manifest
+from recog.data.offsets import ShardOffsets
 from recog.data.plan import Piece, samples_per_rank
+from recog.data.source import ShardSource
 from recog.data.stream import ShardStream, fits_in_memory, read_pieces
 from recog.data.write import folder_records, write_shards
 from recog.errors import ConfigError, DataError
@@ -167,6 +170,65 @@ def test_truncated_shard_is_skipped_and_counted(tmp_path):
     assert 5 <= skipped < 20 and sum(len(b.labels) for b in batches) == 40 - skipped
     with pytest.raises(DataError):
         list(ShardStream(manifest, rank=0, world_size=1, batch_size=16, train=False, strict=True))
+
+
+@pytest.mark.parametrize("chunk", [16 << 20, 3000, 1])  # one read per piece, a few samples per read, one each
+def test_shards_read_by_their_index_give_what_the_tar_headers_give(tiny_data, monkeypatch, chunk, caplog):
+    monkeypatch.setattr(offsets_module, "CHUNK", chunk)
+    manifest = load_manifest(tiny_data["train"])
+    offsets = ShardOffsets.load(manifest, ShardSource())
+    pieces = [Piece(0, 0, 384), Piece(1, 100, 300), Piece(2, 231, 232), Piece(1, 0, 1)]
+    with caplog.at_level(logging.WARNING):
+        indexed = list(read_pieces(manifest, pieces, True, offsets=offsets))
+    assert indexed == list(read_pieces(manifest, pieces, strict=True)) and len(indexed) == 586
+    assert not caplog.text and all(offsets.of(s) for s in range(3))  # no shard fell back to its tar headers
+
+
+def test_a_shard_rewritten_after_its_index_is_read_through_its_tar_headers(tmp_path, caplog):
+    """PAX headers (as another tar tool may write) move every member: the headers at the indexed offsets no
+    longer match, the shard is read through its tar headers with one warning, and nothing is lost."""
+    manifest = tiny_split(tmp_path / "s", "test", 60, 30)
+    expected = list(read_pieces(manifest, [Piece(0, 0, 30), Piece(1, 0, 30)], strict=True))
+    shard = tmp_path / "s" / "test-000001.tar"
+    with tarfile.open(shard) as tin, tarfile.open(tmp_path / "pax.tar", "w", format=tarfile.PAX_FORMAT) as tout:
+        for member in tin.getmembers():
+            member.pax_headers = {"comment": "rewritten"}
+            tout.addfile(member, tin.extractfile(member))
+    (tmp_path / "pax.tar").replace(shard)
+    offsets = ShardOffsets.load(manifest, ShardSource())
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):  # the second pass goes straight to the tar headers
+            samples = list(read_pieces(manifest, [Piece(0, 0, 30), Piece(1, 0, 30)], True, offsets=offsets))
+            assert [s["__key__"] for s in samples] == [s["__key__"] for s in expected]
+            assert [s["png"] for s in samples] == [s["png"] for s in expected]
+    assert caplog.text.count("does not match its index") == 1 and "test-000001.tar" in caplog.text
+    assert offsets.of(0) and offsets.of(1) is None
+
+
+def test_shards_without_an_index_are_read_through_their_tar_headers(tmp_path, caplog):
+    tiny_split(tmp_path / "s", "test", 40, 20)
+    raw = json.loads((tmp_path / "s" / "manifest.json").read_text())
+    (tmp_path / "s" / "manifest.json").write_text(json.dumps({**raw, "index": ""}))  # as other tools write them
+    manifest = load_manifest(tmp_path / "s")
+    offsets = ShardOffsets.load(manifest, ShardSource())
+    with caplog.at_level(logging.WARNING):
+        samples = list(read_pieces(manifest, [Piece(0, 0, 20), Piece(1, 3, 9)], True, offsets=offsets))
+    assert offsets.of(0) is None and not caplog.text and len(samples) == 26 and all(s["png"] for s in samples)
+
+
+def test_a_truncated_shard_read_by_its_index_keeps_the_samples_before_the_cut(tmp_path):
+    manifest = tiny_split(tmp_path / "s", "test", 40, 20)
+    whole = list(read_pieces(manifest, [Piece(1, 0, 20)], strict=True))
+    shard = tmp_path / "s" / "test-000001.tar"
+    shard.write_bytes(shard.read_bytes()[: 25 * 1024])
+    offsets = ShardOffsets.load(manifest, ShardSource())
+    indexed = list(read_pieces(manifest, [Piece(1, 0, 20)], False, offsets=offsets))
+    by_tar = list(read_pieces(manifest, [Piece(1, 0, 20)], strict=False))
+    kept = [s for s in indexed if s is not None]
+    assert len(indexed) == 20 and 5 <= len(kept) < 20 and kept == whole[:len(kept)]
+    assert len(kept) == len([s for s in by_tar if s and "png" in s])  # what the tar path keeps whole
+    with pytest.raises(DataError, match="could not be read"):
+        list(read_pieces(manifest, [Piece(1, 0, 20)], True, offsets=offsets))
 
 
 def test_writer_refuses_nothing_to_write(tmp_path):

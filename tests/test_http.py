@@ -11,8 +11,10 @@ from conftest import run_train, tiny_args
 from http_server import CountingServer
 
 from recog.data.manifest import load_manifest
+from recog.data.offsets import ShardOffsets
+from recog.data.plan import Piece
 from recog.data.source import FetchError, ShardSource
-from recog.data.stream import ShardStream
+from recog.data.stream import ShardStream, read_pieces
 from recog.errors import ConfigError, DataError
 
 
@@ -21,6 +23,9 @@ def server(tiny_data):
     srv = CountingServer(tiny_data["train"].parent)
     yield srv
     srv.stop()
+
+
+PIECES = [Piece(0, 0, 384), Piece(1, 100, 300), Piece(2, 5, 6)]  # whole and partial pieces
 
 
 def fast(cache_dir=None, retries=2):
@@ -46,6 +51,38 @@ def test_cache_turns_later_epochs_into_local_reads(server, tmp_path):
     assert set(server.shard_requests().values()) == {1}  # cached: the second epoch reads the node's disk
     for a, b in zip(without_cache[1], with_cache[1]):
         assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_shards_over_http_are_read_by_their_index(server, tiny_data, tmp_path, cached, caplog):
+    """Streamed or node-cached, the shards are read by the offsets of their index (fetched once per process)
+    and give what reading the local shards through their tar headers gives."""
+    local = read_pieces(load_manifest(tiny_data["train"]), PIECES, strict=True)
+    manifest = load_manifest(f"{server.url}/train", fast())
+    offsets = ShardOffsets.load(manifest, fast())
+    assert server.counts["/train/index.npz"] == 1 and all(offsets.of(s) for s in range(len(manifest.shards)))
+    source = fast(tmp_path / "cache" if cached else None)
+    with caplog.at_level(logging.WARNING):
+        assert list(read_pieces(manifest, PIECES, True, source, offsets)) == [
+            {**s, "__url__": s["__url__"].replace(str(tiny_data["train"]), f"{server.url}/train")} for s in local]
+    assert not caplog.text and all(offsets.of(s) for s in range(len(manifest.shards)))
+
+
+def test_an_index_the_server_does_not_have_leaves_the_tar_path(tiny_data, tmp_path, caplog):
+    shutil.copytree(tiny_data["train"], tmp_path / "site" / "train")
+    (tmp_path / "site" / "train" / "index.npz").unlink()
+    srv = CountingServer(tmp_path / "site")
+    try:
+        manifest = load_manifest(f"{srv.url}/train", fast())
+        with caplog.at_level(logging.WARNING):
+            offsets = ShardOffsets.load(manifest, fast())
+            samples = list(read_pieces(manifest, PIECES, True, fast(), offsets))
+        assert "could not be read" in caplog.text and "tar headers" in caplog.text
+        assert srv.counts["/train/index.npz"] == 2  # one retry, not the shards' four: the tar path still works
+    finally:
+        srv.stop()
+    local = list(read_pieces(load_manifest(tiny_data["train"]), PIECES, strict=True))
+    assert [s["png"] for s in samples] == [s["png"] for s in local] and len(samples) == len(local)
 
 
 def _fetch(args):
@@ -81,7 +118,7 @@ def test_a_server_that_keeps_failing_stops_with_the_url(server, tmp_path, status
 
 def test_server_going_down_mid_epoch_stops_with_a_clear_error(server, tmp_path):
     manifest = load_manifest(f"{server.url}/train", fast())
-    server.stop_after = 2  # the manifest and one shard, then the server is gone
+    server.stop_after = 3  # the manifest, the shards' index and one shard, then the server is gone
     with pytest.raises(FetchError, match=r"could not fetch http://127.0.0.1:\d+/train/train-00000[12].tar"):
         read_all(manifest, fast(tmp_path / "cache"))
 

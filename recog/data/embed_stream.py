@@ -22,6 +22,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from recog.data.decode import IMAGE_KEYS, decode_image
 from recog.data.loader import WorkerWarnings
 from recog.data.manifest import Manifest
+from recog.data.offsets import ShardOffsets
 from recog.data.plan import Piece, slice_pieces
 from recog.data.source import ShardSource
 from recog.data.stream import read_pieces
@@ -85,9 +86,10 @@ class PartStream(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         warnings = WorkerWarnings.in_this_worker()
+        offsets = ShardOffsets.load(self.manifest, self.source)
         for run in consecutive_runs(worker_parts(self.parts, worker, num_workers)):
             slots = read_pieces(self.manifest, slice_pieces(self.pieces, run[0].start, run[-1].stop), self.strict,
-                                self.source)
+                                self.source, offsets)
             for part in run:
                 for lo in range(part.start, part.stop, self.batch_size):
                     hi = min(lo + self.batch_size, part.stop)

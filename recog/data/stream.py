@@ -26,6 +26,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from recog.data.decode import decode_sample
 from recog.data.loader import Batch, WorkerWarnings
 from recog.data.manifest import Manifest
+from recog.data.offsets import IndexMismatch, ShardOffsets, read_indexed
 from recog.data.plan import Piece, num_batches, rank_pieces, slice_pieces, worker_pieces
 from recog.data.source import FetchError, ShardSource
 from recog.errors import DataError
@@ -46,22 +47,35 @@ def fits_in_memory(manifest: Manifest, budget_mb: float) -> bool:
     return manifest.num_samples * largest <= budget_mb * 2**20
 
 
-def read_pieces(manifest: Manifest, pieces: list[Piece], strict: bool,
-                source: ShardSource | None = None) -> Iterator[dict | None]:
+def read_pieces(manifest: Manifest, pieces: list[Piece], strict: bool, source: ShardSource | None = None,
+                offsets: ShardOffsets | None = None) -> Iterator[dict | None]:
     """Yield exactly one item per planned sample: the raw sample dict, or None if it could not be read.
 
-    Damaged data (a truncated tar, a shard failing its sha256) is skipped and
-    counted unless `strict`; a server that stays unreachable stops the run.
+    offsets: where the shards' samples lie (their index): each piece is read in a few large reads. Shards it
+    has no layout for, and the rest of a shard that does not match its layout, go through the tar headers.
+    Damaged data (a truncated tar, a shard failing its sha256) is skipped and counted unless `strict`; a
+    server that stays unreachable stops the run.
     """
     source = source or ShardSource()
     for piece in pieces:
         url, produced = manifest.url(piece.shard), 0
+        layout = offsets.of(piece.shard) if offsets else None
         try:
-            with source.open(url, manifest.shards[piece.shard].sha256) as stream:
-                files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}])
-                for sample in islice(wds.tariterators.group_by_keys(files), piece.start, piece.stop):
-                    produced += 1
-                    yield sample
+            if layout is not None:
+                try:
+                    with source.open(url, manifest.shards[piece.shard].sha256) as stream:
+                        for sample in read_indexed(stream, url, layout, piece.start, piece.stop):
+                            produced += 1
+                            yield sample
+                except IndexMismatch as e:
+                    offsets.drop(piece.shard, url, str(e))
+                    layout = None
+            if layout is None:
+                with source.open(url, manifest.shards[piece.shard].sha256) as stream:
+                    files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}])
+                    for sample in islice(wds.tariterators.group_by_keys(files), piece.start + produced, piece.stop):
+                        produced += 1
+                        yield sample
         except FetchError:
             raise
         except Exception as e:  # a truncated or unreadable tar, a sha256 mismatch, ...
@@ -131,6 +145,16 @@ class ShardStream(IterableDataset):
         # UNDECODABLE for a sample that could not be decoded (skipped and counted every epoch, logged once).
         self.keep_decoded = keep_decoded
         self._decoded: dict[tuple[int, int], tuple[torch.Tensor, int] | object] = {}
+        self._offsets: ShardOffsets | None = None  # loaded on the first read, in the process that reads
+
+    def __getstate__(self):  # each data-loader worker loads the shards' offsets itself, when it first reads
+        return {**self.__dict__, "_offsets": None}
+
+    def offsets(self) -> ShardOffsets:
+        """Where each shard's samples lie (from the shards' index), loaded once per process."""
+        if self._offsets is None:
+            self._offsets = ShardOffsets.load(self.manifest, self.source)
+        return self._offsets
 
     @property
     def epoch(self) -> int:
@@ -190,7 +214,7 @@ class ShardStream(IterableDataset):
             if self.keep_decoded and all(key in self._decoded for key in keys):
                 yield from ((key, None) for key in keys)
             else:
-                yield from zip(keys, read_pieces(self.manifest, [piece], self.strict, self.source))
+                yield from zip(keys, read_pieces(self.manifest, [piece], self.strict, self.source, self.offsets()))
 
     def _decode(self, key: tuple[int, int], sample: dict | None) -> tuple[torch.Tensor, int] | None:
         """The decoded image and label, or None for a sample to skip (unreadable or undecodable)."""
