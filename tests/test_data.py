@@ -14,6 +14,7 @@ from PIL import Image
 
 from recog.data import offsets as offsets_module
 from recog.data.__main__ import main as data_cli
+from recog.data.decode import decode_image, plain_png
 from recog.data.idx import find_idx_pair, read_idx
 from recog.data.loader import loader_workers, make_loader
 from recog.data.manifest import load_manifest
@@ -229,6 +230,27 @@ def test_a_truncated_shard_read_by_its_index_keeps_the_samples_before_the_cut(tm
     assert len(kept) == len([s for s in by_tar if s and "png" in s])  # what the tar path keeps whole
     with pytest.raises(DataError, match="could not be read"):
         list(read_pieces(manifest, [Piece(1, 0, 20)], True, offsets=offsets))
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "LA", "I;16"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_png_decoding_gives_what_pil_gives(mode, channels):
+    """8-bit grey and RGB PNGs go through TorchCodec's decoder (faster), the rest through PIL: the pixels are
+    PIL's either way, and a damaged PNG raises."""
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (37, 29, 3), dtype=np.uint8))
+    image = image.convert("I").convert("I;16") if mode == "I;16" else image.convert(mode)
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    data = out.getvalue()
+    with Image.open(io.BytesIO(data)) as pil:
+        expected = np.array(pil.convert("L" if channels == 1 else "RGB"))
+    decoded = decode_image(data, channels)
+    assert decoded.dtype == torch.uint8 and decoded.shape == (channels, 37, 29)
+    assert np.array_equal(decoded.permute(1, 2, 0).squeeze(-1).numpy(), expected)
+    assert plain_png(data, channels) == ((mode, channels) in (("L", 1), ("RGB", 3)))  # TorchCodec is installed
+    with pytest.raises((OSError, RuntimeError)):  # PIL's "image file is truncated", libpng's error
+        decode_image(data[: len(data) // 2], channels)
 
 
 def test_writer_refuses_nothing_to_write(tmp_path):
