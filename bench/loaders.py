@@ -17,7 +17,9 @@ Cases: {jpeg, png28} x {decode, bytes}.
           png28: resize the shorter side to 28 and centre-crop (recog's augment=none: resize only, which leaves a
           28x28 image as it is). Batches of uint8 tensors (N, C, H, W), grey PNGs as one channel: recog
           normalises to float once per batch in the training process, so every loader stops at uint8.
-  bytes   each sample's encoded bytes and its label, no decoding: batches of lists of bytes.
+  bytes   each sample's encoded bytes and its label, read in the workers, no decoding; a batch hands over each
+          image's length in bytes and its label (see byte_counts: the encoded bytes are not pickled to the
+          training process, which training never does either). DALI: its pipeline's outputs, in its own memory.
 
 Loaders, each set up as its documentation shows (the one-line summaries are in bench/README.md):
   recog       decode: train.py's own loader, `recog.build.build_data` on the composed config (data=images,
@@ -39,7 +41,9 @@ reports the median images/s of its rounds and recog's images/s divided by the lo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import io
 import itertools
 import json
 import random
@@ -180,7 +184,7 @@ def write_dali_index(s: ImageSet) -> None:
 
     (s.root / "dali-index").mkdir(exist_ok=True)
     for tar, idx in zip(s.tars(), s.dali_index(), strict=True):
-        with IndexCreator(tar, idx) as creator:
+        with IndexCreator(tar, idx) as creator, contextlib.redirect_stdout(io.StringIO()):  # its progress lines
             creator.create_index()
 
 
@@ -490,7 +494,7 @@ def write_plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cases = list(dict.fromkeys(r["case"] for r in rows))
-    names = list(dict.fromkeys(r["loader"] for r in rows))
+    names = sorted(dict.fromkeys(r["loader"] for r in rows), key=lambda n: not n.startswith("recog"))
     fig, ax = plt.subplots(figsize=(10, 4.5))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
