@@ -33,8 +33,8 @@ Loaders, each set up as its documentation shows (the one-line summaries are in b
               DALIGenericIterator; its rows are skipped, with one line, where nvidia-dali is not installed
 
 Every loader gets --workers worker processes (DALI: that many CPU threads), --batch-size, shuffles, and keeps its
-workers between epochs. Per case, every loader first runs one epoch to warm up (workers started, files in the page
-cache, decoded images kept where recog keeps them), then --rounds epochs each, in rotating order. The table
+workers between epochs. Per case, every loader first runs --warmup epochs (workers started, files in the page cache,
+decoded images kept where recog keeps them: see WARMUP), then --rounds epochs each, in rotating order. The table
 reports the median images/s of its rounds and recog's images/s divided by the loader's (> 1: recog is faster).
 """
 
@@ -65,6 +65,11 @@ JPEG_SHARD_MB = 64  # recog's tars; MDS's default shard size limit and LitData's
 PNG_SHARD_SAMPLES = 1000  # the default job's shards (conf/data/fashion_mnist_small.yaml)
 SHUFFLE_BUFFER = 1000  # recog's data.shuffle_block; webdataset's shuffle(1000) in its examples
 LOADERS = ("recog", "webdataset", "mds", "litdata", "imagefolder", "dali")
+# Warm-up epochs per set. png28: recog keeps the decoded images in each worker (data.keep_decoded_mb), and a worker
+# skips reading a shard's piece only once it holds every image of it; as the worker split changes each epoch, each
+# worker holds them all after ~4 epochs (measured: 13k, 16k, 28k, 37k, 31k images/s in epochs 2-6), the first
+# third of the default job's 10.
+WARMUP = {"jpeg": 1, "png28": 4}
 
 
 @dataclass
@@ -468,7 +473,7 @@ def one_epoch(loader: Loader, expected: int, check: Callable[[object], None] | N
 
 
 def measure_case(s: ImageSet, mode: str, names: list[str], args) -> dict[str, list[float]]:
-    """Build every loader of this case, warm each up with an epoch, then time --rounds epochs each, alternating."""
+    """Build every loader of this case, warm each up, then time --rounds epochs each, alternating."""
     count = s.count()
     loaders = {}
     for name in names:
@@ -480,7 +485,8 @@ def measure_case(s: ImageSet, mode: str, names: list[str], args) -> dict[str, li
                 assert images.dtype == torch.uint8 and images.shape[1:] == (s.channels, s.size, s.size), \
                     (name, images.dtype, images.shape)
 
-        images, rate = one_epoch(loader, count, check)  # the warm-up
+        for _ in range(args.warmup or WARMUP[s.name]):
+            images, rate = one_epoch(loader, count, check)
         padded = f", {images} images an epoch" if images != count else ""
         print(f"  {s.name} {mode}: {name} warmed up ({rate:.0f} images/s{padded})", flush=True)
     return rounds({name: (lambda _r, ld=loader: one_epoch(ld, count)[1]) for name, loader in loaders.items()},
@@ -517,6 +523,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="worker processes per loader (DALI: threads)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3, help="timed epochs per loader and case, after a warm-up")
+    parser.add_argument("--warmup", type=int, help="epochs before the timed ones (default: jpeg 1, png28 4)")
     parser.add_argument("--sets", default="jpeg,png28", help="which image sets (jpeg,png28)")
     parser.add_argument("--modes", default="decode,bytes", help="which cases (decode,bytes)")
     parser.add_argument("--loaders", default=",".join(LOADERS), help="which loaders (recog always runs)")
