@@ -54,14 +54,18 @@ from recog.data.stream import ShardStream, read_pieces
 from recog.data.write import folder_records, write_shards
 
 
-def synthetic_jpeg(rng: np.random.Generator, size: int = 224) -> bytes:
-    """A photo-like image: smooth colour regions plus fine texture; ~15-30 KB as JPEG quality 85."""
+def synthetic_jpeg(rng: np.random.Generator, size: int | tuple[int, int] = 224, quality: int = 85,
+                   noise: tuple[float, float] = (7, 22)) -> bytes:
+    """A photo-like image: smooth colour regions plus fine texture (grain of a standard deviation drawn from
+    `noise`); size: a square's side, or (width, height). The defaults: ~15-30 KB. 500x375 at quality 90 with
+    noise (20, 45): ~100-130 KB, like an ImageNet photo (bench/loaders.py)."""
+    width, height = (size, size) if isinstance(size, int) else size
     low = rng.integers(0, 256, (7, 7, 3), dtype=np.uint8)
-    base = np.asarray(Image.fromarray(low).resize((size, size), Image.BICUBIC), dtype=np.float32)
-    texture = rng.normal(0, rng.uniform(7, 22), (size, size, 1))
+    base = np.asarray(Image.fromarray(low).resize((width, height), Image.BICUBIC), dtype=np.float32)
+    texture = rng.normal(0, rng.uniform(*noise), (height, width, 1))
     pixels = np.clip(base + texture, 0, 255).astype(np.uint8)
     out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="JPEG", quality=85)
+    Image.fromarray(pixels).save(out, format="JPEG", quality=quality)
     return out.getvalue()
 
 
