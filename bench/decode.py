@@ -2,18 +2,24 @@
 the crop taken while decoding at reduced size (the default), side by side.
 
     python bench/decode.py                   # 500x375, 1000x750 and 2000x1500 photo-like JPEGs, q90, 5 rounds
-    python bench/decode.py --size 160 --rounds 3
+    python bench/decode.py --size 112 --rounds 3
+
+With scikit-learn installed (the bench extra) also its two photos (640x427), 50 times each: at --size 224 no
+crop of them allows a reduction, at 112 most do.
 
 One process, one thread: the figures are images/s per core of what a data-loader worker does per image
 (decode, crop, resize, flip). Each round runs every case once per set, in rotating order; the table reports
-medians. The same crops are drawn in every case (torch's RNG seeded alike). The middle case decodes every
-JPEG at full size with libjpeg-turbo (simplejpeg) instead of PIL, reducing none: it splits the gain into the
-decoder's and the reduction's. Last, the pixel difference from full decoding: mean absolute, levels of 255.
+medians (the speed-up: the median of each round's ratio). The same crops are drawn in every case (torch's
+RNG seeded alike). The middle case decodes every JPEG at full size with libjpeg-turbo (simplejpeg) instead of
+PIL, reducing none: it splits the gain into the decoder's and the reduction's. Last, the pixel difference
+from full decoding: mean absolute, in levels of 255.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.resources
+import importlib.util
 import statistics
 
 import numpy as np
@@ -55,7 +61,11 @@ def main() -> None:
     sets = {}
     for name, (width, height, count) in SETS.items():
         sets[name] = [photo_like_jpeg(rng, width, height) for _ in range(max(1, round(count * args.images)))]
-        print(f"{name}: {len(sets[name])} JPEGs, mean {statistics.mean(map(len, sets[name])) / 1e3:.0f} KB", flush=True)
+    if importlib.util.find_spec("sklearn"):  # two real photos (640x427) that scikit-learn ships, each 50 times
+        images = importlib.resources.files("sklearn.datasets") / "images"
+        sets["photos"] = [(images / f"{n}.jpg").read_bytes() for n in ("china", "flower")] * round(50 * args.images)
+    for name, jpegs in sets.items():
+        print(f"{name}: {len(jpegs)} JPEGs, mean {statistics.mean(map(len, jpegs)) / 1e3:.0f} KB", flush=True)
 
     def run(pipeline, jpegs):
         for i, data in enumerate(jpegs):
@@ -87,12 +97,15 @@ def main() -> None:
             got = pipelines["scaled"](data)
             differences.append((got.float() - expected.float()).abs().mean().item())
             height, width = simplejpeg.decode_jpeg_header(data)[:2]
-            torch.manual_seed(i)  # the crop drawn for image i: was it reduced?
+            torch.manual_seed(i)  # the crop drawn for image i: was it decoded reduced?
             box = augment.transforms[0].make_params([torch.empty(1, 1, 1).expand(1, height, width)])
             reduced.append(scaled.plan(box)[0] > 1)
         on_reduced = [d for d, r in zip(differences, reduced, strict=True) if r]
-        full, fast = med[f"{name} full (PIL)"], med[f"{name} scaled"]
-        print(row(columns, [name, full, med[f"{name} full (turbo)"], fast, fast / full, np.mean(reduced),
+        # the speed-up of each round (its two cases ran minutes apart at most), then the median of those
+        speedup = statistics.median(a / b for a, b in zip(rates[f"{name} scaled"], rates[f"{name} full (PIL)"],
+                                                         strict=True))
+        print(row(columns, [name, med[f"{name} full (PIL)"], med[f"{name} full (turbo)"], med[f"{name} scaled"],
+                            speedup, np.mean(reduced),
                             np.mean(differences), f"{np.mean(on_reduced):.2f} (max {max(on_reduced):.2f})"
                             if on_reduced else "-"]))
     print("\nrounds (images/s):")

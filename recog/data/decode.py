@@ -1,10 +1,10 @@
 """Encoded image bytes -> uint8 tensors, in the data-loader workers.
 
 `decode_image` decodes the whole image (PIL). With data.jpeg_scaled_decode (on by default), a training
-transform that starts with a RandomResizedCrop has that crop done while decoding (`CropWhileDecoding`): a JPEG
-is decoded by libjpeg-turbo (simplejpeg) at the smallest scale (1/2, 1/4, 1/8) that still holds the crop at
-the output size, so a large photo costs a fraction of its full decode. The crop drawn is the one the
-transform would draw; the pixels differ from full decoding by about one level of 255 (docs/data.md).
+transform that starts with a RandomResizedCrop has that crop done while decoding (`CropWhileDecoding`): the
+crop torchvision would draw is drawn, and the JPEG decoded by libjpeg-turbo (simplejpeg) at 1/8, 1/4 or 1/2
+of its size where the crop still covers the output there. 1.3-1.9x the images/s per core; reduced crops
+differ from full decoding by about one level of 255 (bench/decode.py, docs/data.md).
 """
 
 from __future__ import annotations
@@ -98,9 +98,12 @@ class CropWhileDecoding:
             except Exception:
                 torch.set_rng_state(before)  # as without: an image that cannot be decoded draws nothing
                 raise
-        if reduction == 1:  # what self.crop does with these draws
-            return F.resized_crop(pixels.permute(2, 0, 1), **box, size=self.size,
-                                  interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+        if reduction == 1:  # what self.crop gives with these draws, to the bit; resizing a contiguous copy of the
+            # crop (channels last) rather than the crop of the image is ~2x faster
+            top, left = box["top"], box["left"]
+            region = pixels[top:top + box["height"], left:left + box["width"]].contiguous()
+            return F.resize(region.permute(2, 0, 1), self.size, interpolation=v2.InterpolationMode.BILINEAR,
+                            antialias=True)
         return resize_on_grid(pixels, *grid)
 
     def plan(self, box: dict) -> tuple[int, list[Grid]]:
