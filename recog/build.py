@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from recog import dist, parallel
 from recog.checkpoint import Position, load_checkpoint
 from recog.config import settle_data_settings
+from recog.data.decode import Decode, crop_while_decoding, decode_image
 from recog.data.loader import Batch, loader_workers, make_loader
 from recog.data.manifest import load_manifest
 from recog.data.normalize import Normalize
@@ -104,8 +105,8 @@ def build_data(cfg: DictConfig, ctx: dist.Dist) -> TrainData:
         if p * k > train.num_samples:
             raise ConfigError(f"sampler.p={p} x sampler.k={k} is a batch larger than the {train.num_samples} "
                               f"training samples of {cfg.data.train}; make P x K smaller.")
-        return train, test, gallery, ShardRandomAccess(train, source, instantiate(cfg.augment.train),
-                                                       cfg.data.channels)
+        decode, transform = train_decoding(cfg, keep_decoded=False)
+        return train, test, gallery, ShardRandomAccess(train, source, transform, cfg.data.channels, decode)
 
     # Every rank makes both calls, whatever it finds on its own disk, so the collectives stay paired.
     dist.fail_together(write_missing_shards, ctx, "writing the shards")
@@ -128,14 +129,25 @@ def build_data(cfg: DictConfig, ctx: dist.Dist) -> TrainData:
         loader = make_loader(random_access, workers, pin, batch_sampler=epochs, collate_fn=collate)
         batch_size, positions = cfg.sampler.p * cfg.sampler.k, 1
     else:  # each data-loader worker reads its own part of the epoch: a position per worker
-        epochs = ShardStream(train_manifest, transform=instantiate(cfg.augment.train), train=True,
-                             shuffle_block=cfg.data.shuffle_block,
-                             keep_decoded=fits_in_memory(train_manifest, cfg.data.keep_decoded_mb), **common)
+        keep_decoded = fits_in_memory(train_manifest, cfg.data.keep_decoded_mb)
+        decode, transform = train_decoding(cfg, keep_decoded)
+        epochs = ShardStream(train_manifest, transform=transform, decode=decode, train=True,
+                             shuffle_block=cfg.data.shuffle_block, keep_decoded=keep_decoded, **common)
         loader = make_loader(epochs, workers, pin)
         batch_size, positions = cfg.batch_size, max(1, workers)
     layout = {"world_size": ctx.world_size, "batch_size": batch_size, "sampler": cfg.sampler.name,
               "workers": positions, "accumulate": cfg.accumulate}
     return TrainData(loader, epochs, test_loader, batch_size, train_manifest.classes, layout, gallery_loader)
+
+
+def train_decoding(cfg: DictConfig, keep_decoded: bool) -> tuple[Decode, Callable | None]:
+    """The training images' decode step and the augmentation after it. data.jpeg_scaled_decode (auto, true): a
+    preset's leading RandomResizedCrop is done while decoding, JPEGs at a reduced scale (recog/data/decode.py);
+    not for a split kept decoded, whose kept images must be whole."""
+    transform = instantiate(cfg.augment.train)
+    if keep_decoded or cfg.data.jpeg_scaled_decode is False:
+        return decode_image, transform
+    return crop_while_decoding(transform)
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:

@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from recog import parallel
+from recog.data.decode import SCALED_DECODE_AVAILABLE
 from recog.data.manifest import Manifest
 from recog.data.prepare import check_can_prepare
 from recog.data.source import ShardSource
@@ -66,6 +67,12 @@ def check_config(cfg: DictConfig) -> None:
                 isinstance(v, (int, float)) and (v > 0 or key == "mean") for v in values)):
             raise ConfigError(f"data.{key}={values} is not valid; give a list of numbers, one per channel"
                               f"{' (above 0)' if key == 'std' else ''}, e.g. data.{key}=[0.5], or auto.")
+    scaled_decode = cfg.data.jpeg_scaled_decode
+    if scaled_decode != "auto" and not isinstance(scaled_decode, bool):
+        raise ConfigError(f"data.jpeg_scaled_decode={scaled_decode} is not valid; give true, false or auto.")
+    if scaled_decode is True and not SCALED_DECODE_AVAILABLE:
+        raise ConfigError("data.jpeg_scaled_decode=true needs simplejpeg, which is not installed here: "
+                          "`pip install simplejpeg`, or set data.jpeg_scaled_decode=auto.")
     check_number("augment.flip", cfg.augment.flip, False, 0, False)
     if cfg.augment.flip > 1:
         raise ConfigError(f"augment.flip={cfg.augment.flip} is a probability; give a number from 0 to 1.")

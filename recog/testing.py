@@ -1,14 +1,18 @@
 """What the tests and the benchmarks both need: `python -m recog.serve` (or `recog.index serve-shard`) run as a
-user runs it, in a subprocess."""
+user runs it, in a subprocess; photo-like JPEGs."""
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import subprocess
 import sys
 import threading
 from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,3 +58,35 @@ class ServeProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _octaves(rng: np.random.Generator, width: int, height: int, octaves: int) -> np.ndarray:
+    """Noise with the same amplitude at every scale, from 2 cells across to 2**octaves (natural images'
+    1/f spectrum, roughly)."""
+    field = np.zeros((height, width), np.float32)
+    for octave in range(1, octaves + 1):
+        cells = 2**octave
+        low = rng.normal(0, 1, (max(2, cells * height // width), cells)).astype(np.float32)
+        field += np.asarray(Image.fromarray(low).resize((width, height), Image.BICUBIC))
+    return field
+
+
+def photo_like_jpeg(rng: np.random.Generator, width: int, height: int, quality: int = 90,
+                    grey: bool = False) -> bytes:
+    """A JPEG with a photo's make-up: texture at every scale in the light, slow changes of colour, grain,
+    a few sharp-edged objects. 500x375 at quality 90: ~85 KB (a photo of that size: ~70-150 KB)."""
+    light = 20 * _octaves(rng, width, height, 9) + rng.normal(0, 6, (height, width))
+    if grey:
+        pixels = 120 + light
+    else:
+        colour = np.stack([25 * _octaves(rng, width, height, 4) for _ in range(3)], -1)
+        pixels = 120 + light[..., None] + colour + rng.uniform(-60, 60, 3)
+    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(3):
+        x, y, r = rng.integers(0, width), rng.integers(0, height), int(rng.integers(10, max(11, width // 4)))
+        fill = int(rng.integers(0, 256)) if grey else tuple(int(v) for v in rng.integers(0, 256, 3))
+        draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
+    out = io.BytesIO()
+    image.save(out, format="JPEG", quality=quality)
+    return out.getvalue()

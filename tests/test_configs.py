@@ -19,8 +19,9 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from recog.build import build_data, build_loss, build_recipe
+from recog.build import build_data, build_loss, build_recipe, train_decoding
 from recog.config import check_config, settle_data_settings
+from recog.data.decode import CropWhileDecoding, decode_image
 from recog.data.idx import find_idx_pair
 from recog.data.manifest import load_manifest
 from recog.data.normalize import Normalize
@@ -297,3 +298,33 @@ def test_every_hydra_launcher_config_composes_fits_its_plugin_and_instantiates(n
 def test_bad_worker_count_is_one_sentence(value, tiny_data):
     with pytest.raises(ConfigError, match=rf"data.num_workers={value} is not valid; give a whole number at least 0"):
         check_config(composed(*tiny_paths(tiny_data), f"data.num_workers={value}"))
+
+
+def test_jpeg_scaled_decode_takes_the_preset_crop_into_decoding_unless_off_or_kept_decoded(tiny_data):
+    cfg = composed_on_tiny_data(tiny_data, "augment=imagenet", "data.image_size=96")
+    decode, transform = train_decoding(cfg, keep_decoded=False)  # auto: on
+    assert isinstance(decode, CropWhileDecoding) and decode.size == [96, 96]
+    assert type(transform).__name__ == "RandomHorizontalFlip" and transform.p == cfg.augment.flip
+    for off in (composed_on_tiny_data(tiny_data, "augment=imagenet", "data.jpeg_scaled_decode=false"), cfg):
+        decode, transform = train_decoding(off, keep_decoded=off is cfg)  # kept decoded: whole images are kept
+        assert decode is decode_image and [type(t).__name__ for t in transform.transforms] == [
+            "RandomResizedCrop", "RandomHorizontalFlip"]  # the preset as it is, on the whole image: as before
+    decode, transform = train_decoding(composed_on_tiny_data(tiny_data, "augment=small"), keep_decoded=False)
+    assert decode is decode_image  # no random resized crop to take into decoding
+
+
+@pytest.mark.parametrize("value", ["yes", "1", "null"])
+def test_bad_jpeg_scaled_decode_is_one_sentence(value, tiny_data):
+    with pytest.raises(ConfigError, match=rf"^data.jpeg_scaled_decode={'None' if value == 'null' else value} is "
+                                          "not valid; give true, false or auto.$"):
+        check_config(composed(*tiny_paths(tiny_data), f"data.jpeg_scaled_decode={value}"))
+
+
+def test_jpeg_scaled_decode_without_simplejpeg_is_off_when_auto_and_one_sentence_when_true(tiny_data, monkeypatch):
+    monkeypatch.setattr("recog.config.SCALED_DECODE_AVAILABLE", False)
+    monkeypatch.setattr("recog.data.decode.SCALED_DECODE_AVAILABLE", False)
+    with pytest.raises(ConfigError, match=r"^data.jpeg_scaled_decode=true needs simplejpeg, which is not installed "
+                                          r"here: `pip install simplejpeg`, or set data.jpeg_scaled_decode=auto.$"):
+        check_config(composed(*tiny_paths(tiny_data), "data.jpeg_scaled_decode=true"))
+    cfg = composed_on_tiny_data(tiny_data, "augment=imagenet", "data.image_size=96")  # auto: no error
+    assert train_decoding(cfg, keep_decoded=False)[0] is decode_image  # PIL, as with false

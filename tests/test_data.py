@@ -332,7 +332,12 @@ def test_shard_contents_are_never_unpickled(tmp_path):
     assert len(batches[0].labels) == 1 and not marker.exists()
 
 
-def test_corrupted_jpeg_is_skipped_and_counted(tmp_path):
+@pytest.mark.parametrize("crop_while_decoding", [False, True])
+def test_corrupted_jpeg_is_skipped_and_counted(tmp_path, crop_while_decoding):
+    from torchvision.transforms import v2
+
+    from recog.data.decode import CropWhileDecoding
+
     for i in range(6):
         (tmp_path / "src" / "c").mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (24, 24), (40 * i, 20, 90)).save(tmp_path / "src" / "c" / f"{i}.jpg", quality=90)
@@ -345,9 +350,11 @@ def test_corrupted_jpeg_is_skipped_and_counted(tmp_path):
 
     records = [Record(0, "jpg", p.read_bytes, check=False) for p in sorted((tmp_path / "src" / "c").iterdir())]
     write_shards(records, ["c"], tmp_path / "out", progress=False)
+    decode = CropWhileDecoding(v2.RandomResizedCrop(8)) if crop_while_decoding else None
     batches = list(ShardStream(load_manifest(tmp_path / "out"), rank=0, world_size=1, batch_size=4, channels=3,
-                               train=False))
+                               train=False, decode=decode))
     assert [len(b.labels) for b in batches] == [3, 1] and sum(b.skipped for b in batches) == 2
+    assert batches[0].images.shape[-2:] == ((8, 8) if crop_while_decoding else (24, 24))
 
 
 def test_random_access_reads_the_same_samples_as_the_stream(tiny_data):

@@ -1,12 +1,30 @@
-"""Encoded image bytes -> uint8 tensors, in the data-loader workers."""
+"""Encoded image bytes -> uint8 tensors, in the data-loader workers.
+
+`decode_image` decodes the whole image (PIL). With data.jpeg_scaled_decode (on by default), a training
+transform that starts with a RandomResizedCrop has that crop done while decoding (`CropWhileDecoding`): the
+crop torchvision would draw is drawn, and the JPEG decoded by libjpeg-turbo (simplejpeg) at 1/8, 1/4 or 1/2
+of its size where the crop still covers the output there. 1.3-1.9x the images/s per core; reduced crops
+differ from full decoding by about one level of 255 (bench/decode.py, docs/data.md).
+"""
 
 from __future__ import annotations
 
 import io
+import math
+from collections.abc import Callable
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
+from torchvision import transforms as transforms_v1
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+try:
+    import simplejpeg
+except ImportError:  # a base dependency; without it data.jpeg_scaled_decode=auto decodes with PIL, as false does
+    simplejpeg = None
 
 try:  # TorchCodec: PyTorch's image and video decoders (torchvision's decoders are deprecated in its favour)
     from torchcodec.decoders import decode_png
@@ -23,6 +41,8 @@ def plain_png(data: bytes, channels: int) -> bool:
     28×28 grey image here, most of PIL's being per-image Python). Every other image goes through PIL."""
     return (decode_png is not None and data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) > 26
             and data[24] == 8 and data[25] == (0 if channels == 1 else 2))
+SCALED_DECODE_AVAILABLE = simplejpeg is not None
+Decode = Callable[[bytes, int], torch.Tensor]  # (encoded bytes, channels) -> uint8 C×H×W; raises on damaged data
 
 
 def decode_image(data: bytes, channels: int) -> torch.Tensor:
@@ -39,9 +59,143 @@ def decode_image(data: bytes, channels: int) -> torch.Tensor:
     return pixels.unsqueeze(0) if channels == 1 else pixels.permute(2, 0, 1)
 
 
-def decode_sample(sample: dict, channels: int) -> tuple[torch.Tensor, int]:
-    """Raw sample dict -> (uint8 image tensor C×H×W, class index). Raises on anything undecodable."""
+def decode_sample(sample: dict, channels: int, decode: Decode | None = None) -> tuple[torch.Tensor, int]:
+    """Raw sample dict -> (uint8 image tensor C×H×W, class index). Raises on anything undecodable.
+    decode: how to decode the image's bytes; None: decode_image."""
     key = next((k for k in IMAGE_KEYS if k in sample), None)
     if key is None:
         raise ValueError(f"no image ({'/'.join(IMAGE_KEYS)}) in sample {sample.get('__key__')}")
-    return decode_image(sample[key], channels), int(sample["cls"])
+    return (decode or decode_image)(sample[key], channels), int(sample["cls"])
+
+
+REDUCTIONS = (8, 4, 2)  # libjpeg-turbo's DCT scaling, 1/8 to 1/2 (its other M/8 scales decode no faster than 1/1)
+COLOURSPACES = ("Gray", "YCbCr", "RGB")  # libjpeg-turbo converts these as PIL does; CMYK and YCCK go to PIL
+GRID_TOLERANCE = 0.05  # reduced pixels: how far the resize's sampling grid may sit from the crop's edge
+MAX_SKIP = 48  # extra output pixels the resize may compute to bring its grid there (see sampling_grid)
+
+
+class CropWhileDecoding:
+    """`crop(decode_image(data, channels))` in one step, for a torchvision v2 RandomResizedCrop (bilinear,
+    antialiased): the JPEG decoded by libjpeg-turbo, at reduced size where the crop allows.
+
+    The crop is drawn as `crop` draws it, with the same calls to torch's RNG, from the size in the JPEG's
+    header. The JPEG is then decoded at the smallest of 1/8, 1/4 and 1/2 of its size at which the crop still
+    covers the output size (libjpeg-turbo's DCT scaling: less inverse DCT, colour conversion and resizing;
+    the entropy decoding stays), else at full size, and the crop's box, in reduced pixels, resized to the
+    output. A crop decoded at full size comes out exactly as `crop` gives it (libjpeg-turbo decodes as PIL's
+    does); a reduced one differs by the reduction's filter (about one level of 255 on average: docs/data.md).
+    Other formats (PNG, WebP), CMYK JPEGs, and JPEGs libjpeg-turbo stops at go through PIL as without; an
+    image that cannot be decoded raises and draws nothing, as without.
+    """
+
+    def __init__(self, crop: v2.RandomResizedCrop):
+        self.crop = crop
+        self.size = list(crop.size)  # (height, width)
+        # torchvision renamed _get_params to make_params in 0.21
+        self.draw = getattr(crop, "make_params", None) or crop._get_params
+
+    def __call__(self, data: bytes, channels: int) -> torch.Tensor:
+        try:
+            height, width, colourspace, _ = simplejpeg.decode_jpeg_header(data)
+        except ValueError:  # not a JPEG, or a header libjpeg-turbo cannot read
+            colourspace = None
+        if colourspace not in COLOURSPACES:
+            return self.crop(decode_image(data, channels))
+        before = torch.get_rng_state()
+        box = self.draw([torch.empty(1, 1, 1).expand(1, height, width)])  # only the size is read: no pixels
+        reduction, grid = self.plan(box)
+        try:
+            pixels = torch.from_numpy(simplejpeg.decode_jpeg(
+                data, colorspace="GRAY" if channels == 1 else "RGB",
+                min_height=math.ceil(height / reduction), min_width=math.ceil(width / reduction)))  # H×W×C
+        except ValueError:  # damaged (PIL then raises too), or a warning libjpeg-turbo stops at and PIL passes
+            try:
+                pixels, reduction = decode_image(data, channels).permute(1, 2, 0), 1
+            except Exception:
+                torch.set_rng_state(before)  # as without: an image that cannot be decoded draws nothing
+                raise
+        if reduction == 1:  # what self.crop gives with these draws, to the bit; resizing a contiguous copy of the
+            # crop (channels last) rather than the crop of the image is ~2x faster
+            top, left = box["top"], box["left"]
+            region = pixels[top:top + box["height"], left:left + box["width"]].contiguous()
+            return F.resize(region.permute(2, 0, 1), self.size, interpolation=v2.InterpolationMode.BILINEAR,
+                            antialias=True)
+        return resize_on_grid(pixels, *grid)
+
+    def plan(self, box: dict) -> tuple[int, list[Grid]]:
+        """How many times smaller the JPEG is decoded for this crop (8, 4, 2, or 1: full size), and the
+        resize's grid of rows and of columns there. The crop, so reduced, must still cover the output (the
+        resize only shrinks), and each grid must meet the crop's edge (else: the next smaller reduction)."""
+        for reduction in REDUCTIONS:
+            if box["height"] < reduction * self.size[0] or box["width"] < reduction * self.size[1]:
+                continue
+            grid = [sampling_grid(box[start] / reduction, box[length] / reduction, out)
+                    for start, length, out in (("top", "height", self.size[0]), ("left", "width", self.size[1]))]
+            if all(g is not None for g in grid):
+                return reduction, grid
+        return 1, []
+
+    def __repr__(self) -> str:
+        return f"CropWhileDecoding({self.crop})"
+
+
+class Grid(NamedTuple):
+    """Where a resize samples, along one axis: outputs skip, skip + 1, ... skip + out - 1 of an antialiased
+    resize of pixels first to stop (exclusive) at `step` pixels per output."""
+
+    first: int
+    stop: int
+    skip: int
+    step: float
+    out: int
+
+
+def sampling_grid(start: float, length: float, out: int) -> Grid | None:
+    """The grid on which the resize of pixels [start, start + length) to `out` pixels samples (to within
+    GRID_TOLERANCE); None if there is none.
+
+    torch's resize starts its grid at a whole pixel, the crop's edge may fall between two (a reduced pixel
+    covers 2-8 source pixels); computing `skip` more outputs before the crop moves the grid by skip × step,
+    which for some skip (not for every step: 1.0 never) brings it to the edge. `first` may be below 0 (where
+    no skip brings it there from inside the image).
+    """
+    step, outside = length / out, None
+    for skip in range(MAX_SKIP + 1):
+        first = math.floor(start - skip * step + 0.5)
+        if abs(first + skip * step - start) <= GRID_TOLERANCE:
+            if first >= 0:
+                return Grid(first, math.ceil(start + length), skip, step, out)
+            outside = outside or Grid(first, math.ceil(start + length), skip, step, out)
+    return outside
+
+
+def resize_on_grid(pixels: torch.Tensor, rows: Grid, cols: Grid) -> torch.Tensor:
+    """uint8 H×W×C pixels -> C×rows.out×cols.out, an antialiased bilinear resize on these grids: what
+    torchvision's resize of the crop gives, but for the outermost output pixels, whose filter reaches a
+    little past the crop's edge where torchvision's stops at it."""
+    region = pixels[max(rows.first, 0):rows.stop, max(cols.first, 0):cols.stop]
+    # A grid that starts before the image: its edge repeated (only skipped outputs see those pixels).
+    if rows.first < 0:
+        region = torch.cat([region[:1].expand(-rows.first, -1, -1), region])
+    if cols.first < 0:
+        region = torch.cat([region[:, :1].expand(-1, -cols.first, -1), region], 1)
+    # The op F.interpolate(mode="bilinear", antialias=True) calls, given the output size and the scale apart
+    # (interpolate takes one or the other). Channels-last uint8 input takes its vectorised path, and a
+    # contiguous one is faster still (~1/4) than a crop of the decoded image.
+    resized = torch.ops.aten._upsample_bilinear2d_aa(region.contiguous().permute(2, 0, 1)[None],
+                                                     [rows.skip + rows.out, cols.skip + cols.out], False,
+                                                     1 / rows.step, 1 / cols.step)
+    return resized[0, :, rows.skip:, cols.skip:]
+
+
+def crop_while_decoding(transform: Callable | None) -> tuple[Decode, Callable | None]:
+    """(decode, rest) with rest(decode(data, channels)) what transform(decode_image(data, channels)) gives: a
+    transform that starts with a v2 RandomResizedCrop (bilinear, antialiased) has it done while decoding
+    (CropWhileDecoding) and the rest after it; any other stays whole, after decode_image."""
+    steps = list(transform.transforms) if isinstance(transform, (v2.Compose, transforms_v1.Compose)) else [transform]
+    first = steps[0]
+    if not (SCALED_DECODE_AVAILABLE and type(first) is v2.RandomResizedCrop and first.antialias
+            and first.interpolation in (v2.InterpolationMode.BILINEAR, "bilinear")):
+        return decode_image, transform
+    rest = steps[1:]
+    return CropWhileDecoding(first), (type(transform)(rest) if len(rest) > 1 else rest[0] if rest else None)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from recog.data.decode import decode_image
+from recog.data.decode import Decode, decode_image
 from recog.data.loader import Batch, WorkerWarnings
 from recog.data.manifest import Manifest
 from recog.data.source import ShardSource, is_remote, join
@@ -41,7 +41,8 @@ class ShardRandomAccess(Dataset):
     """Map-style data set over shards: item i is (uint8 image C×H×W after `transform`, label), or None if unreadable."""
 
     def __init__(self, manifest: Manifest, source: ShardSource | None = None,
-                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None, channels: int = 1):
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None, channels: int = 1,
+                 decode: Decode = decode_image):
         self.manifest, self.source = manifest, source or ShardSource()
         if is_remote(manifest.root) and self.source.cache_dir is None:
             raise ConfigError("reading remote shards by index needs a node cache; set data.cache_dir.")
@@ -53,7 +54,7 @@ class ShardRandomAccess(Dataset):
         self.shard, self.offset, self.size = shard[keep], index["offset"][keep], index["size"][keep]
         self.labels = index["label"][keep]
         self._keys = index["key"][keep] if "key" in index else None
-        self.transform, self.channels = transform, channels
+        self.transform, self.channels, self.decode = transform, channels, decode
         self._files: dict[int, object] = {}
 
     def __getstate__(self):  # open files stay in the process that opened them
@@ -101,7 +102,7 @@ class ShardRandomAccess(Dataset):
     def __getitem__(self, i: int):
         shard = int(self.shard[i])
         try:
-            image = decode_image(self.read_bytes(i), self.channels)
+            image = self.decode(self.read_bytes(i), self.channels)
         except (OSError, ValueError) as e:
             log.warning("skipping unreadable sample %d of %s (%s)", i, self.manifest.url(shard), e)
             return None

@@ -123,6 +123,7 @@ class ShardStream(IterableDataset):
         world_size: int,
         batch_size: int,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,  # on uint8 images: augmentation
+        decode: Callable[[bytes, int], torch.Tensor] | None = None,  # image bytes -> uint8; None: decode_image
         channels: int = 1,
         train: bool = True,
         seed: int = 0,
@@ -132,7 +133,7 @@ class ShardStream(IterableDataset):
         keep_decoded: bool = False,
     ):
         self.manifest, self.rank, self.world_size = manifest, rank, world_size
-        self.batch_size, self.transform, self.channels = batch_size, transform, channels
+        self.batch_size, self.transform, self.channels, self.decode = batch_size, transform, channels, decode
         self.train, self.seed, self.shuffle_block, self.strict = train, seed, shuffle_block, strict
         self.source = source or ShardSource()
         # Shared memory, so that persistent workers (in other processes) see set_epoch().
@@ -143,6 +144,7 @@ class ShardStream(IterableDataset):
         # later epochs read no shard and decode nothing again. For data sets that fit in memory many times over
         # (see fits_in_memory): each worker may end up holding all of it. Keyed by (shard, index in shard);
         # UNDECODABLE for a sample that could not be decoded (skipped and counted every epoch, logged once).
+        # What `decode` gives is kept: it must be the whole image (not CropWhileDecoding's random crop).
         self.keep_decoded = keep_decoded
         self._decoded: dict[tuple[int, int], tuple[torch.Tensor, int] | object] = {}
         self._offsets: ShardOffsets | None = None  # loaded on the first read, in the process that reads
@@ -224,7 +226,7 @@ class ShardStream(IterableDataset):
         if sample is None:
             return None
         try:
-            decoded = decode_sample(sample, self.channels)
+            decoded = decode_sample(sample, self.channels, self.decode)
         except Exception as e:
             where = f"{sample.get('__url__')}:{sample.get('__key__')}"
             if self.strict:
