@@ -24,7 +24,7 @@ Cases: {jpeg, png28} x {decode, bytes}.
 Loaders, each set up as its documentation shows (the one-line summaries are in bench/README.md):
   recog       decode: train.py's own loader, `recog.build.build_data` on the composed config (data=images,
               augment=imagenet or none); bytes: recog's epoch plan (recog.data.plan) read by
-              recog.data.stream.read_pieces in recog's loader workers (recog.data.loader.make_loader)
+              recog.data.stream.read_pieces (by the shards' index) in recog's loader workers (make_loader)
   webdataset  WebDataset(shards).shuffle(1000).decode("pil").to_tuple(...).map_tuple(...).batched(...), WebLoader
   mds         streaming.StreamingDataset (StreamingImageNet for the JPEGs) + torch DataLoader
   litdata     litdata.optimize(...) once, then a StreamingDataset subclass + StreamingDataLoader
@@ -270,17 +270,22 @@ class RecogBytes(IterableDataset):
         from recog.data.manifest import load_manifest
 
         self.manifest, self.batch_size = load_manifest(shards), batch_size
+        self.offsets = None  # the shards' index, loaded once per worker as ShardStream loads it
 
     def __iter__(self):
         from recog.data.decode import IMAGE_KEYS
+        from recog.data.offsets import ShardOffsets
         from recog.data.plan import rank_pieces, worker_pieces
+        from recog.data.source import ShardSource
         from recog.data.stream import read_pieces, shuffled_blocks
 
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         pieces = rank_pieces(self.manifest.shard_sizes, 0, 1, epoch=0, seed=0, shuffle=True, pad=True)
         pieces = worker_pieces(pieces, self.batch_size, worker, workers)
-        samples = shuffled_blocks(read_pieces(self.manifest, pieces, strict=True), SHUFFLE_BUFFER,
+        if self.offsets is None:
+            self.offsets = ShardOffsets.load(self.manifest, ShardSource())
+        samples = shuffled_blocks(read_pieces(self.manifest, pieces, True, offsets=self.offsets), SHUFFLE_BUFFER,
                                   random.Random(worker))
         while chunk := list(itertools.islice(samples, self.batch_size)):
             key = next(k for k in IMAGE_KEYS if k in chunk[0])
