@@ -41,6 +41,8 @@ def plain_png(data: bytes, channels: int) -> bool:
     28×28 grey image here, most of PIL's being per-image Python). Every other image goes through PIL."""
     return (decode_png is not None and data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) > 26
             and data[24] == 8 and data[25] == (0 if channels == 1 else 2))
+
+
 SCALED_DECODE_AVAILABLE = simplejpeg is not None
 Decode = Callable[[bytes, int], torch.Tensor]  # (encoded bytes, channels) -> uint8 C×H×W; raises on damaged data
 

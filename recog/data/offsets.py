@@ -22,7 +22,7 @@ import numpy as np
 
 from recog.data.decode import IMAGE_KEYS
 from recog.data.manifest import Manifest
-from recog.data.random_access import load_index
+from recog.data.random_access import load_index, manifest_positions
 from recog.data.source import ShardSource
 
 log = logging.getLogger(__name__)
@@ -61,11 +61,10 @@ class ShardOffsets:
             return cls({})
         try:  # one retry only: without the index, the shards are still read (more slowly), so do not wait long
             index = load_index(manifest, replace(source, retries=min(source.retries, 1)))
-            position = {s.name: i for i, s in enumerate(manifest.shards)}  # a pattern may have selected some
-            names = [position.get(str(n), -1) for n in index["shard_names"]]
-            bounds = np.searchsorted(index["shard"], np.arange(len(names) + 1))  # stored shard by shard
+            positions = manifest_positions(manifest, index)
+            bounds = np.searchsorted(index["shard"], np.arange(len(positions) + 1))  # stored shard by shard
             layouts = {}
-            for i, shard in enumerate(names):
+            for i, shard in enumerate(positions.tolist()):
                 lo, hi = bounds[i], bounds[i + 1]
                 if shard >= 0 and hi - lo == manifest.shards[shard].samples:
                     layouts[shard] = ShardLayout(index["offset"][lo:hi], index["size"][lo:hi],
@@ -93,12 +92,11 @@ def read_indexed(stream: BinaryIO, url: str, layout: ShardLayout, start: int, st
     Raises IndexMismatch before yielding a sample whose tar header does not match the index, and EOFError
     where the shard ends before a sample does (the samples before it have been yielded).
     """
-    chunk = CHUNK
     begins = layout.offset[start:stop] - BLOCK
     ends = layout.offset[start:stop] + layout.size[start:stop]
     position, i = 0, 0
     while i < len(begins):
-        j = i + 1 + int(np.searchsorted(ends[i + 1:], begins[i] + chunk, side="right"))  # samples of one read
+        j = i + 1 + int(np.searchsorted(ends[i + 1:], begins[i] + CHUNK, side="right"))  # samples of one read
         skip = int(begins[i]) - position
         if stream.seekable():
             stream.seek(skip, 1)

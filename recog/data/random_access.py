@@ -37,6 +37,12 @@ def load_index(manifest: Manifest, source: ShardSource) -> dict[str, np.ndarray]
         return {key: npz[key] for key in npz.files}
 
 
+def manifest_positions(manifest: Manifest, index: dict[str, np.ndarray]) -> np.ndarray:
+    """For each shard the index lists, its position in the manifest, or -1 where a brace pattern left it out."""
+    position = {s.name: i for i, s in enumerate(manifest.shards)}
+    return np.array([position.get(str(n), -1) for n in index["shard_names"]], dtype=np.int64)
+
+
 class ShardRandomAccess(Dataset):
     """Map-style data set over shards: item i is (uint8 image C×H×W after `transform`, label), or None if unreadable."""
 
@@ -48,8 +54,7 @@ class ShardRandomAccess(Dataset):
             raise ConfigError("reading remote shards by index needs a node cache; set data.cache_dir.")
         index = load_index(manifest, self.source)
         # a brace pattern may have selected some of the folder's shards: keep their samples only
-        position = {s.name: i for i, s in enumerate(manifest.shards)}
-        shard = np.array([position.get(str(n), -1) for n in index["shard_names"]])[index["shard"]]
+        shard = manifest_positions(manifest, index)[index["shard"]]
         keep = shard >= 0
         self.shard, self.offset, self.size = shard[keep], index["offset"][keep], index["size"][keep]
         self.labels = index["label"][keep]

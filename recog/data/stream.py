@@ -23,7 +23,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from recog.data.decode import decode_sample
+from recog.data.decode import Decode, decode_sample
 from recog.data.loader import Batch, WorkerWarnings
 from recog.data.manifest import Manifest
 from recog.data.offsets import IndexMismatch, ShardOffsets, read_indexed
@@ -123,7 +123,7 @@ class ShardStream(IterableDataset):
         world_size: int,
         batch_size: int,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,  # on uint8 images: augmentation
-        decode: Callable[[bytes, int], torch.Tensor] | None = None,  # image bytes -> uint8; None: decode_image
+        decode: Decode | None = None,  # image bytes -> uint8 C×H×W; None: decode_image
         channels: int = 1,
         train: bool = True,
         seed: int = 0,
