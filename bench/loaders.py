@@ -256,7 +256,7 @@ def recog_decode(s: ImageSet, workers: int, batch_size: int, keep_decoded: bool 
     epochs = itertools.count()
 
     def epoch():
-        return data.batches(Position(epoch=next(epochs), consumed=[0] * data.layout["workers"]))
+        return data.batches(Position(epoch=next(epochs)))
 
     return Loader(epoch, lambda b: len(b.labels), lambda b: b.images)
 

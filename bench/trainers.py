@@ -154,7 +154,7 @@ def recog_side(job: Job, clock: StepClock) -> Callable[[int], float]:
     optimizer = job.optimizer(parameter_groups(model, loss_fn, job.lr))
     recipe = StepRecipe(model, optimizer, loss_fn, Normalize(MEAN, STD, ctx.device),
                         LambdaLR(optimizer, job.lr_factor()), parallel.grad_scaler(cfg, ctx.device),
-                        partial(parallel.autocast, cfg, ctx.device), cfg.accumulate, cfg.perf.channels_last,
+                        partial(parallel.autocast, cfg, ctx.device), cfg.perf.channels_last,
                         ctx.device, job.lr, job.lr_factor(), cfg.batch_size * ctx.world_size * cfg.accumulate)
     recipe.distribute(cfg, ctx)
     sampler = DistributedSampler(job.data, ctx.world_size, ctx.rank, shuffle=True, seed=cfg.seed)

@@ -24,16 +24,17 @@ from torch.utils.data import DataLoader
 
 from recog import dist, parallel
 from recog.checkpoint import Position, load_checkpoint
-from recog.config import settle_data_settings
+from recog.config import global_batch_parts, settle_data_settings
 from recog.data.decode import Decode, crop_while_decoding, decode_image
 from recog.data.loader import Batch, loader_workers, make_loader
 from recog.data.manifest import load_manifest
 from recog.data.normalize import Normalize
+from recog.data.plan import rank_parts
 from recog.data.prepare import missing_splits, prepare_shards
 from recog.data.random_access import ShardRandomAccess, collate
 from recog.data.source import ShardSource
 from recog.data.stream import ShardStream, fits_in_memory
-from recog.errors import ConfigError
+from recog.errors import ConfigError, DataError
 from recog.loss import ModelWithLoss, RecognitionLoss
 from recog.model import load_weights
 from recog.sampler import DistributedBatchSampler
@@ -46,18 +47,23 @@ class TrainData:
     loader: DataLoader
     epochs: ShardStream | DistributedBatchSampler  # set_epoch(e) before each epoch; len() = batches per epoch
     test_loader: DataLoader
-    batch_size: int  # per rank
+    batch_size: int  # of one part: one forward pass
     classes: list[str]
     layout: dict  # what a mid-epoch data position is valid for: saved with it, compared on resume
     gallery_loader: DataLoader | None = None  # eval.gallery's images (each once over the ranks); None: leave-one-out
 
+    @property
+    def global_batch(self) -> int:
+        return self.layout["global_batch"]
+
     def start(self) -> Position:
-        """A fresh run's position: no epoch done, no batch of the first one consumed."""
-        return Position(consumed=[0] * self.layout["workers"], batches_per_epoch=len(self.epochs))
+        """A fresh run's position: no epoch done, no step of the first one done."""
+        return Position(batches_per_epoch=len(self.epochs))
 
     def batches(self, position: Position) -> Iterator[Batch]:
-        """The batches of `position`'s epoch not yet trained on; the loader's workers start reading now."""
-        self.epochs.set_epoch(position.epoch, position.consumed)
+        """The batches (one per step) of `position`'s epoch not yet trained on; the loader's workers start
+        reading now."""
+        self.epochs.set_epoch(position.epoch, position.done)
         return iter(self.loader)
 
 
@@ -66,9 +72,11 @@ def shard_source(data_cfg: DictConfig) -> ShardSource:
                        timeout_s=data_cfg.http.timeout_s, allowed_schemes=tuple(data_cfg.allowed_schemes))
 
 
-def build_data(cfg: DictConfig, ctx: dist.Dist) -> TrainData:
+def build_data(cfg: DictConfig, ctx: dist.Dist, saved: dict | None = None) -> TrainData:
     """Write missing shards (first use), read the manifests, settle data.*=auto, and make the loaders: a
-    stream of shuffled shard samples, or (sampler=pk) class-balanced P×K batches read by index."""
+    stream of shuffled shard samples, or (sampler=pk) class-balanced P×K batches read by index. Each step's
+    global batch is made of parts (recog.data.plan): `saved` is the data position of the checkpoint this run
+    continues from (its global batch is kept)."""
     def write_missing_shards():  # first use: one process per node writes them, the others wait
         if ctx.local_rank == 0 and missing_splits(cfg.data):
             prepare_shards(cfg.data, progress=ctx.is_main)
@@ -108,6 +116,7 @@ def build_data(cfg: DictConfig, ctx: dist.Dist) -> TrainData:
         decode, transform = train_decoding(cfg, keep_decoded=False)
         return train, test, gallery, ShardRandomAccess(train, source, transform, cfg.data.channels, decode)
 
+    global_batch, parts = global_batch_parts(cfg, ctx.world_size, saved)
     # Every rank makes both calls, whatever it finds on its own disk, so the collectives stay paired.
     dist.fail_together(write_missing_shards, ctx, "writing the shards")
     train_manifest, test_manifest, gallery_manifest, random_access = dist.fail_together(open_manifests, ctx,
@@ -125,18 +134,17 @@ def build_data(cfg: DictConfig, ctx: dist.Dist) -> TrainData:
         gallery_loader = make_loader(gallery_set, workers, pin)
     if pk:  # class-balanced P×K batches for metric learning: one sequence of batches, whatever the workers
         epochs = DistributedBatchSampler(random_access.labels, cfg.sampler.p, cfg.sampler.k, rank=ctx.rank,
-                                         world_size=ctx.world_size, seed=cfg.seed)
+                                         world_size=ctx.world_size, seed=cfg.seed, parts=parts)
         loader = make_loader(random_access, workers, pin, batch_sampler=epochs, collate_fn=collate)
-        batch_size, positions = cfg.sampler.p * cfg.sampler.k, 1
-    else:  # each data-loader worker reads its own part of the epoch: a position per worker
+        batch_size = cfg.sampler.p * cfg.sampler.k
+    else:  # each data-loader worker makes its own block of the epoch's steps
         keep_decoded = fits_in_memory(train_manifest, cfg.data.keep_decoded_mb)
         decode, transform = train_decoding(cfg, keep_decoded)
         epochs = ShardStream(train_manifest, transform=transform, decode=decode, train=True,
-                             shuffle_block=cfg.data.shuffle_block, keep_decoded=keep_decoded, **common)
+                             shuffle_block=cfg.data.shuffle_block, keep_decoded=keep_decoded, parts=parts, **common)
         loader = make_loader(epochs, workers, pin)
-        batch_size, positions = cfg.batch_size, max(1, workers)
-    layout = {"world_size": ctx.world_size, "batch_size": batch_size, "sampler": cfg.sampler.name,
-              "workers": positions, "accumulate": cfg.accumulate}
+        batch_size = cfg.batch_size
+    layout = {"global_batch": global_batch, "parts": parts, "batch_size": batch_size, "sampler": cfg.sampler.name}
     return TrainData(loader, epochs, test_loader, batch_size, train_manifest.classes, layout, gallery_loader)
 
 
@@ -176,12 +184,12 @@ class StepRecipe:
     scheduler: LambdaLR | None = None  # stepped after every optimizer step (None: constant LR)
     scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # forward precision
-    accumulate: int = 1  # micro-batches per optimizer step
     channels_last: bool = False
     device: torch.device = torch.device("cpu")
     lr: float = 0.0  # the peak LR (after scaling to the global batch), and its schedule: what resuming re-applies
     lr_factor: Callable[[int], float] = _constant
-    global_batch: int = 0  # the batch of one optimizer step over all ranks, which the LR was scaled for
+    global_batch: int = 0  # the batch of one optimizer step over all ranks, which the LR was scaled for (0: this
+    # rank's batch is the whole step: each step's loss is its batch's mean)
     # What the loop calls, (images, labels) -> the loss's terms: model and loss as one module, DDP-wrapped (and
     # compiled) after distribute(), so the loss's parameters are kept equal on every rank as the model's are.
     trained: nn.Module | None = None  # None: ModelWithLoss(model, loss_fn)
@@ -189,6 +197,44 @@ class StepRecipe:
     def __post_init__(self):
         self.trained = self.trained or ModelWithLoss(self.model, self.loss_fn)
         self.scheduler = self.scheduler or LambdaLR(self.optimizer, self.lr_factor)
+        self.image_shape: tuple[int, ...] | None = None  # of the last batch: for a step with no image on a rank
+
+    def step_gradients(self, batch: Batch) -> torch.Tensor:
+        """Forward and backward over one step's batch, part by part (`batch.sizes`: one forward pass each, so
+        BatchNorm sees the same images whatever the world size); DDP all-reduces on the last only (no_sync).
+        Each image's loss is divided by a rank's share of the global batch: after DDP's average over the ranks
+        every image weighs 1 / global_batch on any number of ranks, and a short batch counts for what it holds.
+        Returns the batch's loss summed over its images (detached, where it lives)."""
+        sizes = list(batch.sizes or (len(batch.labels),))
+        share = self.global_batch / dist.world_size() if self.global_batch else max(1, len(batch.labels))
+        last = max((i for i, n in enumerate(sizes) if n), default=None)
+        if last is None:
+            self._empty_step()
+            return torch.zeros((), device=self.device)
+        images, labels = self.inputs(batch)
+        self.image_shape, total = tuple(images.shape[1:]), torch.zeros((), device=self.device, dtype=torch.float64)
+        for i, (x, y) in enumerate(zip(images.split(sizes), labels.split(sizes))):
+            if i > last or not len(y):
+                continue
+            with parallel.no_sync(self.trained, sync=i == last):
+                with self.autocast():
+                    loss = self.trained(x, y)["total"]  # model and loss: one DDP module
+                self.scaler.scale(loss * (len(y) / share)).backward()
+            total = total + loss.detach().double() * len(y)
+        return total
+
+    def _empty_step(self) -> None:
+        """No image for this rank this step (its parts ran out, or all unreadable): it still joins the step's
+        gradient all-reduce, with zero gradients (one image of zeros, its loss times 0, BatchNorm untouched)."""
+        if self.image_shape is None:
+            raise DataError("every sample of a rank's first batch was unreadable; the shards are damaged: "
+                            "write them again.")
+        self.trained.eval()
+        with self.autocast():
+            loss = self.trained(torch.zeros((1, *self.image_shape), device=self.device),
+                                torch.zeros(1, dtype=torch.int64, device=self.device))["total"]
+        self.scaler.scale(loss * 0.0).backward()
+        self.trained.train()
 
     def inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         images = self.normalize(batch.images.to(self.device, non_blocking=True))
@@ -247,20 +293,21 @@ def build_recipe(cfg: DictConfig, ctx: dist.Dist, data: TrainData) -> StepRecipe
     if loss_fn.cross_rank and ctx.is_distributed:
         loss_fn.gather = dist.all_gather_with_grad
 
-    steps_per_epoch = math.ceil(len(data.epochs) / cfg.accumulate)  # optimizer steps
-    global_batch = data.batch_size * ctx.world_size * cfg.accumulate
+    steps_per_epoch = len(data.epochs)  # optimizer steps, whatever the world size
+    global_batch, parts = data.global_batch, data.layout["parts"]
     lr = cfg.optim.lr * global_batch / cfg.optim.reference_batch  # linear scaling rule (Goyal et al., 2017)
     optimizer = instantiate(cfg.optim.optimizer)(parameter_groups(model, loss_fn, lr), lr=lr)
     lr_factor = partial(warmup_cosine, warmup_steps=round(cfg.schedule.warmup_epochs * steps_per_epoch),
                         total_steps=cfg.epochs * steps_per_epoch)
     own = sum(p.numel() for p in loss_fn.parameters() if p.requires_grad)
+    mine = len(rank_parts(parts, ctx.rank, ctx.world_size))
     log.info("world size %d (%s on %s) | per-rank batch %d%s, global batch %d | %d steps per epoch, %d epochs | "
              "%s lr %.4g = %.4g x %d / %d%s | %s", ctx.world_size, ctx.backend or "single process", ctx.device,
-             data.batch_size, f" x {cfg.accumulate} accumulated" if cfg.accumulate > 1 else "", global_batch,
+             data.batch_size, f" x {mine} accumulated" if mine > 1 else "", global_batch,
              steps_per_epoch, cfg.epochs, type(optimizer).__name__, lr, cfg.optim.lr, global_batch,
              cfg.optim.reference_batch, f" (the loss's {own} parameters: x {loss_fn.lr_scale:g})" if own else "",
              cfg.perf.precision)
     return StepRecipe(model, optimizer, loss_fn, Normalize(cfg.data.mean, cfg.data.std, ctx.device),
                       LambdaLR(optimizer, lr_factor), parallel.grad_scaler(cfg, ctx.device),
-                      partial(parallel.autocast, cfg, ctx.device), cfg.accumulate, cfg.perf.channels_last,
+                      partial(parallel.autocast, cfg, ctx.device), cfg.perf.channels_last,
                       ctx.device, lr, lr_factor, global_batch)

@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from recog import dist
+from recog.data.plan import count_done, mark_done
 from recog.errors import ConfigError, RecogError
 from recog.model import state_mismatch
 
@@ -151,16 +152,23 @@ class Position:
 
     epoch: int = 0  # epochs finished (the one in progress, counted from 0)
     step: int = 0  # optimizer steps taken
-    consumed: list[int] = field(default_factory=lambda: [0])  # batches of this epoch trained on, per loader worker
-    batches_per_epoch: int = 0
+    done: list[list[int]] = field(default_factory=list)  # steps of this epoch trained on: [start, stop) ranges
+    batches_per_epoch: int = 0  # steps per epoch
     resumed_from: str | None = None  # the checkpoint this run continued from
 
     @property
     def mid_epoch(self) -> bool:
-        return any(self.consumed)
+        return bool(self.done)
+
+    @property
+    def steps_done(self) -> int:
+        return count_done(self.done)
+
+    def mark_done(self, step: int) -> None:
+        self.done = mark_done(self.done, step)
 
     def next_epoch(self) -> None:
-        self.epoch, self.consumed = self.epoch + 1, [0] * len(self.consumed)
+        self.epoch, self.done = self.epoch + 1, []
 
 
 class Checkpoints:
@@ -170,7 +178,7 @@ class Checkpoints:
     optimizer and data position equal rank 0's after every step."""
 
     def __init__(self, cfg: DictConfig, ctx: dist.Dist, folder: Path, recipe: StepRecipe, layout: dict):
-        self.folder, self.is_main, self.device = folder, ctx.is_main, ctx.device
+        self.folder, self.is_main, self.device, self.world_size = folder, ctx.is_main, ctx.device, ctx.world_size
         self.keep, self.every_steps, self.every_minutes = (cfg.checkpoint.keep, cfg.checkpoint.every_steps,
                                                            cfg.checkpoint.every_minutes)
         self.recipe = recipe
@@ -190,8 +198,8 @@ class Checkpoints:
         state = {
             "model": r.model.state_dict(), "loss": r.loss_fn.state_dict(), "optimizer": r.optimizer.state_dict(),
             "scheduler": r.scheduler.state_dict(), "scaler": r.scaler.state_dict(), "epoch": position.epoch,
-            "step": position.step, "data": {"consumed": list(position.consumed), **self.layout}, "top1": top1,
-            "best_top1": self.best_top1, "config": self.config, "rng": torch.get_rng_state(),
+            "step": position.step, "data": {"done": position.done, "world_size": self.world_size, **self.layout},
+            "top1": top1, "best_top1": self.best_top1, "config": self.config, "rng": torch.get_rng_state(),
             **({"cuda_rng": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {}),
         }
         path = save_step_checkpoint(state, self.folder, position.step, self.keep, is_best)
@@ -199,7 +207,7 @@ class Checkpoints:
         return path
 
     def maybe_save_mid_epoch(self, position: Position) -> None:
-        if sum(position.consumed) >= position.batches_per_epoch:  # the end-of-epoch checkpoint follows
+        if position.steps_done >= position.batches_per_epoch:  # the end-of-epoch checkpoint follows
             return
         due = (self.every_steps and position.step % self.every_steps == 0) or \
               (self.every_minutes and time.monotonic() - self.last_time >= 60 * self.every_minutes)
@@ -234,18 +242,22 @@ class Checkpoints:
         if "cuda_rng" in ckpt and self.device.type == "cuda":
             torch.cuda.set_rng_state(ckpt["cuda_rng"])
         self.best_top1, self.top1, self.last_step = ckpt["best_top1"], ckpt.get("top1", float("nan")), ckpt["step"]
-        consumed, saved = position.consumed, ckpt.get("data", {})
-        if any(saved.get("consumed", [])):
-            if {key: saved.get(key) for key in self.layout} == self.layout:
-                consumed = list(saved["consumed"])
-            else:  # the batches of another world size, batch size or worker count: not this run's
+        done, saved = position.done, ckpt.get("data", {})
+        if saved.get("done") or any(saved.get("consumed", [])):  # "consumed": a position of recog before parts
+            if {key: saved.get(key) for key in self.layout} == self.layout and "done" in saved:
+                done = [list(r) for r in saved["done"]]
+            else:  # the steps of another global batch or batch size: not this run's
                 log.warning("the mid-epoch data position in %s was saved with %s; this run has %s, so epoch %d "
-                            "starts again from its first batch", path, {k: saved.get(k) for k in self.layout},
+                            "starts again from its first step", path, {k: saved.get(k) for k in self.layout},
                             self.layout, ckpt["epoch"] + 1)
-        position = Position(ckpt["epoch"], ckpt["step"], consumed, position.batches_per_epoch, path)
+        position = Position(ckpt["epoch"], ckpt["step"], done, position.batches_per_epoch, path)
         log.info("resumed from %s: step %d, %d epoch(s) done%s", path, position.step, position.epoch,
-                 f" and {sum(consumed)} of {position.batches_per_epoch} batches of epoch {position.epoch + 1}"
+                 f" and {position.steps_done} of {position.batches_per_epoch} steps of epoch {position.epoch + 1}"
                  if position.mid_epoch else "")
+        if saved.get("world_size", self.world_size) != self.world_size:
+            log.info("world size changed from %d to %d: the %d parts of each step are read by %d rank(s) now; "
+                     "the global batch, the LR schedule and the epoch's samples stay as they were",
+                     saved["world_size"], self.world_size, self.layout.get("parts", 0), self.world_size)
         return position
 
 
@@ -256,14 +268,15 @@ def with_fresh_groups(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
     return {"state": saved["state"], "param_groups": saved["param_groups"] + groups[len(saved["param_groups"]):]}
 
 
-def find_resume_point(cfg: DictConfig, run_dir: Path, ctx: dist.Dist, model,
+def find_resume_point(cfg: DictConfig, run_dir: Path, ctx: dist.Dist, model=None,
                       loss_fn: torch.nn.Module | None = None) -> tuple[str, dict] | None:
     """The checkpoint to continue from, read on rank 0 and handed to every rank.
 
     First this run directory's own newest readable checkpoint (a restarted or requeued
     run continues where it stopped, with no flag; `checkpoint.auto_resume=false` turns
-    that off), else the file given as `resume=`, else none: a fresh start. Every rank
-    checks that it fits `model` and `loss_fn` (the same answer everywhere: no rank is left waiting).
+    that off), else the file given as `resume=`, else none: a fresh start. With `model`, every
+    rank checks that it fits it and `loss_fn` (check_resume_point; the same answer everywhere:
+    no rank is left waiting).
     """
     def read():
         if cfg.checkpoint.auto_resume:
@@ -280,6 +293,17 @@ def find_resume_point(cfg: DictConfig, run_dir: Path, ctx: dist.Dist, model,
     if lacking:
         raise ConfigError(f"{path} is not a recog training checkpoint (no {sorted(lacking)[0]}); "
                           "to start from plain weights use weights= instead of resume=.")
+    if model is not None:
+        check_resume_point(cfg, run_dir, found, model, loss_fn)
+    return found
+
+
+def check_resume_point(cfg: DictConfig, run_dir: Path, found: tuple[str, dict] | None, model,
+                       loss_fn: torch.nn.Module | None = None) -> None:
+    """That the checkpoint `found` fits this run's `model` and `loss_fn`: one sentence naming the fix if not."""
+    if not found:
+        return
+    path, ckpt = found
     problem = state_mismatch(model.state_dict(), ckpt["model"])
     if problem:
         saved = ckpt.get("config", {}).get("model", {})
@@ -294,4 +318,3 @@ def find_resume_point(cfg: DictConfig, run_dir: Path, ctx: dist.Dist, model,
     if problem:  # a proxy loss's proxies against none, or proxies for another number of classes or dimensions
         raise ConfigError(f"{path} was trained with another loss (its state: {problem}); resume with the loss it "
                           "was trained with, or start from its weights with weights= instead of resume=.")
-    return found

@@ -7,6 +7,8 @@ sentence on every rank and no rank is left waiting in a collective. `settle_data
 
 from __future__ import annotations
 
+import os
+
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -91,7 +93,34 @@ def check_config(cfg: DictConfig) -> None:
                           "(ArcFace uses 0.5, 0.2-0.3 suits small logit scales).")
     if cfg.loss.get("cross_rank") and not pk:
         raise ConfigError("loss.cross_rank=true needs equal batches on every rank; use sampler=pk.")
+    if cfg.global_batch is not None:
+        check_number("global_batch", cfg.global_batch, True, 1, False)
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    global_batch_parts(cfg, world_size)
     check_can_prepare(cfg.data)
+
+
+def global_batch_parts(cfg: DictConfig, world_size: int, saved: dict | None = None) -> tuple[int, int]:
+    """The global batch (images per optimizer step, over all ranks) and the parts it is made of, each one
+    forward pass of `batch_size` (sampler=pk: P×K) images. `global_batch` when given; else the global batch a
+    checkpoint of this run was saved with (`saved`: its data position), so a run restarted on another number
+    of ranks keeps its global batch, LR and epochs; else batch_size × world size × accumulate."""
+    part = cfg.sampler.p * cfg.sampler.k if cfg.sampler.name == "pk" else cfg.batch_size
+    what = "sampler.p x sampler.k" if cfg.sampler.name == "pk" else "batch_size"
+    global_batch = cfg.global_batch or (saved or {}).get("global_batch") or part * world_size * cfg.accumulate
+    if global_batch % part:
+        raise ConfigError(f"global_batch={global_batch} is not a multiple of {what}={part} (the images of one "
+                          f"forward pass); give a multiple of it.")
+    if global_batch // part < world_size:
+        raise ConfigError(f"global_batch={global_batch} is {global_batch // part} forward pass(es) of {what}={part}, "
+                          f"fewer than the {world_size} processes; give global_batch={part * world_size} or more, "
+                          f"or a smaller {what}.")
+    if cfg.loss.get("cross_rank") and global_batch // part != world_size:
+        raise ConfigError(f"loss.cross_rank=true gathers one batch per rank at each forward pass, but each step "
+                          f"here has {global_batch // part} batches of {what}={part} for {world_size} process(es) "
+                          "(global_batch, accumulate, or a restart on fewer processes); set loss.cross_rank=false "
+                          "or keep one batch per process and step.")
+    return global_batch, global_batch // part
 
 
 def check_perf_config(cfg: DictConfig, cuda: bool) -> None:

@@ -3,20 +3,24 @@
 Every rank computes the same global schedule from (seed, epoch) and takes its
 own part of it, so no process group is needed to agree, and the rule is:
 
-- A step has `world_size × P` class slots. Classes are dealt from a shuffled
-  deck of all classes (a new deck when the rest of the current one is too
-  short for a whole step); rank r takes slots r·P … r·P+P−1. With at least
-  world_size × P classes, the classes of one step are all different, so the
-  ranks' batches share no class and no sample; with fewer, a class can appear
-  twice in a step (with different samples while the class has enough).
+- A step has `parts` batches of P×K (parts: the global batch / (P×K), fixed for
+  a run; by default the world size), so `parts × P` class slots. Classes are
+  dealt from a shuffled deck of all classes (a new deck when the rest of the
+  current one is too short for a whole step); part q takes slots q·P … q·P+P−1,
+  and a rank takes the parts `recog.data.plan.rank_parts` gives it. With at
+  least parts × P classes, the classes of one step are all different, so the
+  parts share no class and no sample; with fewer, a class can appear twice in
+  a step (with different samples while the class has enough). The schedule
+  does not depend on the world size: a run resumed on another number of ranks
+  continues with exactly the batches still to come.
 - Each class keeps a shuffled queue of its samples; a slot takes the next K.
   When a queue runs out it is reshuffled and starts again, so a class with
   fewer than K samples repeats samples within its slot (sampling with
   replacement, in effect), and no class is ever skipped.
-- An epoch has `len(labels) // (world_size × P × K)` steps (at least 1) on
+- An epoch has `len(labels) // (parts × P × K)` steps (at least 1) on
   every rank: about one pass over the data.
-- `state_dict()` records (seed, epoch, batches yielded); `load_state_dict()`
-  continues mid-epoch with exactly the batches that were still to come.
+- Iterating yields, for each step not yet done, `(step, [indices of each of
+  this rank's parts])`: `ShardRandomAccess.__getitems__` reads it.
 """
 
 from __future__ import annotations
@@ -25,12 +29,13 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from recog.data.plan import is_done, rank_parts
 from recog.errors import ConfigError
 
 
 class DistributedBatchSampler:
     def __init__(self, labels: Sequence[int], p: int, k: int, *, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, steps_per_epoch: int | None = None):
+                 seed: int = 0, parts: int | None = None, steps_per_epoch: int | None = None):
         if p < 1 or k < 1:
             raise ConfigError(f"sampler P={p}, K={k}: both must be at least 1.")
         if not 0 <= rank < world_size:
@@ -39,34 +44,26 @@ class DistributedBatchSampler:
         if labels.size == 0:
             raise ConfigError("the sampler got no samples; check the data set.")
         self.p, self.k, self.rank, self.world_size, self.seed = p, k, rank, world_size, seed
+        self.parts = parts or world_size
         # samples of each class, as one array sorted by class plus the start of each class
         self._order = np.argsort(labels, kind="stable")
         self.classes, self._starts, self._counts = np.unique(labels[self._order], return_index=True,
                                                              return_counts=True)
-        self.steps = steps_per_epoch or max(1, len(labels) // (world_size * p * k))
-        self.epoch, self._done = 0, 0
+        self.steps = steps_per_epoch or max(1, len(labels) // (self.parts * p * k))
+        self.epoch, self.done = 0, []
 
-    def set_epoch(self, epoch: int, consumed: Sequence[int] = ()) -> None:
-        """Start `epoch`; `consumed` (batches already trained on, as counted by the training loop,
-        which may be fewer than the loader fetched ahead) resumes mid-epoch after them."""
-        self.epoch, self._done = epoch, sum(consumed)
+    def set_epoch(self, epoch: int, done: Sequence[Sequence[int]] = ()) -> None:
+        """Start `epoch`; `done` (the steps already trained on, as [start, stop) ranges, as counted by the
+        training loop, which may be fewer than the loader fetched ahead) resumes mid-epoch without them."""
+        self.epoch, self.done = epoch, [list(r) for r in done]
 
     def __len__(self) -> int:
-        return self.steps
-
-    def state_dict(self) -> dict:
-        return {"seed": self.seed, "epoch": self.epoch, "batches_done": self._done}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state["seed"] != self.seed:
-            raise ConfigError(f"the sampler state was saved with seed {state['seed']}, this run uses {self.seed}; "
-                              "resume with the same seed.")
-        self.epoch, self._done = state["epoch"], state["batches_done"]
+        return self.steps - sum(min(stop, self.steps) - start for start, stop in self.done)
 
     def _global_schedule(self) -> np.ndarray:
-        """(steps, world_size × P × K) sample indices: every rank's batch of every step of this epoch."""
+        """(steps, parts × P × K) sample indices: every part's batch of every step of this epoch."""
         rng = np.random.default_rng([self.seed, self.epoch])
-        n_classes, per_step = len(self.classes), self.world_size * self.p
+        n_classes, per_step = len(self.classes), self.parts * self.p
         slots = self.steps * per_step
         if n_classes >= per_step:  # deal from shuffled decks; a new deck rather than split one step across two
             decks, deck, used = [], rng.permutation(n_classes), 0
@@ -90,12 +87,11 @@ class DistributedBatchSampler:
             queue = np.concatenate([rng.permutation(members) for _ in range(-(-need // len(members)))])
             out[slots_by_class[first : first + per_class[c]]] = queue[:need].reshape(-1, self.k)
             first += per_class[c]
-        return out.reshape(self.steps, self.world_size * self.p * self.k)
+        return out.reshape(self.steps, self.parts, self.p * self.k)
 
-    def __iter__(self) -> Iterator[list[int]]:
-        per_rank = self.p * self.k
-        schedule = self._global_schedule()[:, self.rank * per_rank : (self.rank + 1) * per_rank]
-        while self._done < self.steps:
-            batch = schedule[self._done].tolist()
-            self._done += 1
-            yield batch
+    def __iter__(self) -> Iterator[tuple[int, list[list[int]]]]:
+        mine = rank_parts(self.parts, self.rank, self.world_size)
+        schedule = self._global_schedule()[:, mine.start : mine.stop]
+        for step in range(self.steps):
+            if not is_done(self.done, step):
+                yield step, schedule[step].tolist()

@@ -17,12 +17,11 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from recog import dist, parallel
+from recog import dist
 from recog.build import StepRecipe, build_data, build_recipe
-from recog.checkpoint import Checkpoints, Position, find_resume_point, write_json
+from recog.checkpoint import Checkpoints, Position, check_resume_point, find_resume_point, write_json
 from recog.config import check_config
 from recog.data.loader import Batch, stop_data_workers
-from recog.errors import DataError
 from recog.log import make_writer, setup_logging
 from recog.model import Output
 from recog.preempt import Preempted, StopOnSignal
@@ -76,10 +75,12 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, stop: StopOnSignal) ->
         log.info("config:\n%s", OmegaConf.to_yaml(cfg))
     torch.manual_seed(cfg.seed)
 
-    data = build_data(cfg, ctx)
+    found = find_resume_point(cfg, run_dir, ctx)  # its global batch is kept, whatever the world size now
+    data = build_data(cfg, ctx, saved=found[1].get("data") if found else None)
     recipe = build_recipe(cfg, ctx, data)
+    check_resume_point(cfg, run_dir, found, recipe.model, recipe.loss_fn)
     checkpoints = Checkpoints(cfg, ctx, run_dir / "checkpoints", recipe, data.layout)
-    position = checkpoints.restore(find_resume_point(cfg, run_dir, ctx, recipe.model, recipe.loss_fn), data.start())
+    position = checkpoints.restore(found, data.start())
     if position.epoch >= cfg.epochs and not position.mid_epoch:  # started again after it had finished
         log.info("nothing to train: %s holds all %d epochs (give a larger epochs= to train on)",
                  position.resumed_from, cfg.epochs)
@@ -184,41 +185,29 @@ def relay_warnings(batch: Batch) -> None:
 
 def train_one_epoch(recipe: StepRecipe, batches: Iterable[Batch], position: Position, log_steps: StepLog,
                     after_step: Callable[[Position], bool]) -> EpochStats:
-    """One epoch (or the rest of one) of DDP training, advancing `position` (its step and the batches
-    consumed per data-loader worker: what a mid-epoch checkpoint records). With `accumulate` > 1, the
-    gradients of that many batches are summed before each optimizer step; DDP's all-reduce runs on the last
-    of them only (no_sync), and the epoch's last group may be shorter. `after_step` decides checkpoints and
-    stops (True: leave the epoch now; every rank gets the same answer)."""
+    """One epoch (or the rest of one) of DDP training, advancing `position` (its step and the steps of the
+    epoch done: what a mid-epoch checkpoint records). Each batch is one optimizer step: a batch from each of
+    this rank's parts of the global batch (`Batch.sizes`; recog.data.plan), whose gradients are summed, DDP
+    all-reducing on the last only (no_sync). `after_step` decides checkpoints and stops (True: leave the epoch
+    now; every rank gets the same answer)."""
     r, stopped = recipe, False
     r.trained.train()
     window, epoch = Meter("loss", "images", "skipped", "wait"), Meter("loss", "images", "skipped", "wait")
-    batch_index = sum(position.consumed)  # accumulation groups count from the epoch's first batch
     for batch, waited in timed(batches):
         relay_warnings(batch)
         if log_steps.first_batch:
             log_steps.writer.add_scalar("train/startup_s", waited, position.step)
             log_steps.first_batch, waited = False, 0.0
             window.reset(), epoch.reset()
-        if batch.images.dim() != 4:
-            raise DataError("every sample of a rank's first batch was unreadable; the shards are damaged: "
-                            "write them again.")
-        images, labels = r.inputs(batch)
-        batch_index += 1
-        ends_group = batch_index % r.accumulate == 0 or batch_index == position.batches_per_epoch
-        with parallel.no_sync(r.trained, sync=ends_group):
-            with r.autocast():
-                loss = r.trained(images, labels)["total"]  # model and loss: one DDP module
-            r.scaler.scale(loss / r.accumulate).backward()
-        position.consumed[batch.worker] += 1
+        loss = r.step_gradients(batch)
         for meter in (window, epoch):
-            meter.add(loss=loss.detach() * len(labels), images=len(labels), skipped=batch.skipped, wait=waited)
-        if not ends_group:
-            continue
+            meter.add(loss=loss, images=len(batch.labels), skipped=batch.skipped, wait=waited)
         r.scaler.step(r.optimizer)
         r.scaler.update()
         r.optimizer.zero_grad(set_to_none=True)
         r.scheduler.step()
         position.step += 1
+        position.mark_done(batch.step)
         if position.step % log_steps.every == 0:  # every rank reaches this at the same step: cannot hang
             log_steps.write(position.step, window, r.scheduler.get_last_lr()[0], r.device)
         if after_step(position):

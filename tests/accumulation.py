@@ -1,7 +1,8 @@
-"""Gradient accumulation against one step on the whole batch, through recog's real training loop.
+"""Gradient accumulation (a step made of several parts, `Batch.sizes`) against one step on the whole batch,
+through recog's real training loop.
 
 Used by test_parallel.py (one process) and dist_checks.py (2 processes under DDP, where the
-non-final micro-steps run under no_sync). The model has no BatchNorm: BatchNorm's batch
+non-final parts run under no_sync). The model has no BatchNorm: BatchNorm's batch
 statistics differ between 4 batches of 8 and one of 32, accumulation or not.
 """
 
@@ -28,16 +29,16 @@ class TinyModel(nn.Module):
         return Output(embeddings, self.classify(embeddings))
 
 
-def one_optimizer_step(ctx, micro_batches: list[Batch], accumulate: int) -> dict[str, torch.Tensor]:
-    """Train TinyModel (seed 0) on `micro_batches` with `accumulate`; return its weights after."""
+def one_optimizer_step(ctx, batch: Batch, global_batch: int) -> dict[str, torch.Tensor]:
+    """Train TinyModel (seed 0) one step on `batch` (this rank's share of `global_batch`); return its weights."""
     torch.manual_seed(0)
     model = TinyModel()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     loss_fn = RecognitionLoss()
     trained = DistributedDataParallel(ModelWithLoss(model, loss_fn)) if ctx.is_distributed else None
-    recipe = StepRecipe(model, optimizer, loss_fn, accumulate=accumulate, trained=trained)
-    position = Position(batches_per_epoch=len(micro_batches))
-    stats = train_one_epoch(recipe, micro_batches, position, StepLog(NullWriter(), every=10**6),
+    recipe = StepRecipe(model, optimizer, loss_fn, global_batch=global_batch, trained=trained)
+    position = Position(batches_per_epoch=1)
+    stats = train_one_epoch(recipe, [batch._replace(step=0)], position, StepLog(NullWriter(), every=10**6),
                             after_step=lambda position: False)
     assert stats.step == 1  # one optimizer step either way
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -48,7 +49,6 @@ def accumulation_max_difference(ctx) -> float:
     g = torch.Generator().manual_seed(100 + ctx.rank)
     images = torch.randint(0, 256, (32, 1, 4, 4), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 3, (32,), generator=g)
-    whole = one_optimizer_step(ctx, [Batch(images, labels, 0)], accumulate=1)
-    parts = one_optimizer_step(ctx, [Batch(images[i:i + 8], labels[i:i + 8], 0) for i in range(0, 32, 8)],
-                               accumulate=4)
+    whole = one_optimizer_step(ctx, Batch(images, labels, 0), 32 * ctx.world_size)
+    parts = one_optimizer_step(ctx, Batch(images, labels, 0, sizes=(8, 8, 8, 8)), 32 * ctx.world_size)
     return max((whole[k] - parts[k]).abs().max().item() for k in whole)

@@ -89,7 +89,7 @@ def checkpoints_of(folder, recipe, every_steps=0, every_minutes=0, layout=None):
 
     cfg = OmegaConf.create({"checkpoint": {"keep": 10, "every_steps": every_steps, "every_minutes": every_minutes}})
     return Checkpoints(cfg, Dist(0, 0, 1, 1, torch.device("cpu"), None), folder, recipe,
-                       layout or {"world_size": 1})
+                       layout or {})
 
 
 def linear_recipe(seed: int):
@@ -108,34 +108,34 @@ def test_mid_epoch_checkpoints_every_n_steps_and_every_t_minutes(tmp_path):
 
     recipe = linear_recipe(0)
     by_steps = checkpoints_of(tmp_path / "4-0", recipe, every_steps=4)
-    for step in range(1, 21):  # two epochs of 10 steps; consumed counts the epoch's batches
-        by_steps.maybe_save_mid_epoch(Position(step // 10, step, [step % 10 or 10], batches_per_epoch=10))
+    for step in range(1, 21):  # two epochs of 10 steps; done: the epoch's steps
+        by_steps.maybe_save_mid_epoch(Position(step // 10, step, [[0, step % 10 or 10]], batches_per_epoch=10))
     # steps 4, 8, 12, 16: 20 is an epoch's last step, whose end-of-epoch checkpoint follows
     assert sorted(p.name for p in by_steps.folder.glob("step-*")) == [f"step-{s:09d}.pt" for s in (4, 8, 12, 16)]
     state = load_checkpoint(by_steps.folder / "step-000000012.pt")
-    assert state["epoch"] == 1 and state["data"] == {"consumed": [2], "world_size": 1}
+    assert state["epoch"] == 1 and state["data"] == {"done": [[0, 2]], "world_size": 1}
 
     by_time = checkpoints_of(tmp_path / "0-1", recipe, every_minutes=1)  # every minute, by rank 0's clock
-    by_time.maybe_save_mid_epoch(Position(0, 1, [1], batches_per_epoch=10))
+    by_time.maybe_save_mid_epoch(Position(0, 1, [[0, 1]], batches_per_epoch=10))
     assert not by_time.folder.exists()
     by_time.last_time = time.monotonic() - 61  # as if the last save were a minute ago
-    by_time.maybe_save_mid_epoch(Position(0, 2, [2], batches_per_epoch=10))
-    by_time.maybe_save_mid_epoch(Position(0, 3, [3], batches_per_epoch=10))  # the clock restarted at the save
+    by_time.maybe_save_mid_epoch(Position(0, 2, [[0, 2]], batches_per_epoch=10))
+    by_time.maybe_save_mid_epoch(Position(0, 3, [[0, 3]], batches_per_epoch=10))  # the clock restarted at the save
     assert [p.name for p in by_time.folder.glob("step-*")] == ["step-000000002.pt"]
 
 
 def test_restore_puts_back_everything_save_wrote(tmp_path):
     from recog.checkpoint import Position
 
-    layout = {"world_size": 2, "workers": 2}
+    layout = {"global_batch": 64, "parts": 2}
     trained = linear_recipe(0)
     loss = trained.model(torch.ones(4, 3)).sum()
     loss.backward()
     trained.optimizer.step()  # momentum buffers: optimizer state worth restoring
     trained.scheduler.step()
     saver = checkpoints_of(tmp_path, trained, layout=layout)
-    saver.save(Position(1, 7, [2, 3], batches_per_epoch=10), top1=0.5)
-    saver.save(Position(2, 9, [0, 0], batches_per_epoch=10), top1=0.25)  # a worse epoch: best stays 0.5
+    saver.save(Position(1, 7, [[0, 2], [5, 8]], batches_per_epoch=10), top1=0.5)
+    saver.save(Position(2, 9, [], batches_per_epoch=10), top1=0.25)  # a worse epoch: best stays 0.5
     rng_after_save = torch.get_rng_state()
 
     fresh = linear_recipe(1)  # other weights, no optimizer state
@@ -143,8 +143,8 @@ def test_restore_puts_back_everything_save_wrote(tmp_path):
     restorer = checkpoints_of(tmp_path, fresh, layout=layout)
     state = load_checkpoint(tmp_path / "step-000000009.pt")
     position = restorer.restore((str(tmp_path / "step-000000009.pt"), state),
-                               Position(consumed=[0, 0], batches_per_epoch=10))
-    assert (position.epoch, position.step, position.consumed) == (2, 9, [0, 0])
+                               Position(batches_per_epoch=10))
+    assert (position.epoch, position.step, position.done) == (2, 9, [])
     assert (restorer.best_top1, restorer.top1, restorer.last_step) == (0.5, 0.25, 9)
     for key, value in trained.model.state_dict().items():
         assert torch.equal(fresh.model.state_dict()[key], value)
@@ -153,12 +153,12 @@ def test_restore_puts_back_everything_save_wrote(tmp_path):
     assert fresh.scheduler.last_epoch == trained.scheduler.last_epoch == 1
     assert torch.equal(torch.get_rng_state(), rng_after_save)  # the RNG as it was at the save
 
-    # a mid-epoch position comes back only for the same data layout
+    # a mid-epoch position comes back for the same global batch and parts, whatever the world size
     mid = load_checkpoint(tmp_path / "step-000000007.pt")
-    again = restorer.restore(("mid", mid), Position(consumed=[0, 0], batches_per_epoch=10))
-    assert (again.epoch, again.consumed) == (1, [2, 3]) and again.mid_epoch
-    other = checkpoints_of(tmp_path, fresh, layout={"world_size": 4, "workers": 2})
-    assert other.restore(("mid", mid), Position(consumed=[0, 0], batches_per_epoch=10)).consumed == [0, 0]
+    again = restorer.restore(("mid", mid), Position(batches_per_epoch=10))
+    assert (again.epoch, again.done, again.steps_done) == (1, [[0, 2], [5, 8]], 5) and again.mid_epoch
+    other = checkpoints_of(tmp_path, fresh, layout={"global_batch": 128, "parts": 4})
+    assert other.restore(("mid", mid), Position(batches_per_epoch=10)).done == []
 
 
 def proxy_recipe(seed: int, model_only_optimizer: bool = False):
@@ -185,12 +185,12 @@ def test_a_losss_parameters_and_their_optimizer_state_are_saved_and_restored(tmp
     from recog.checkpoint import Position
 
     trained = proxy_recipe(0)
-    checkpoints_of(tmp_path, trained).save(Position(0, 1, [1], batches_per_epoch=10))
+    checkpoints_of(tmp_path, trained).save(Position(0, 1, [[0, 1]], batches_per_epoch=10))
     state = load_checkpoint(tmp_path / "step-000000001.pt")
     assert list(state["loss"]) == ["metric.proxies"] and list(state["model"]) == ["weight", "bias"]
 
     fresh = proxy_recipe(1)
-    checkpoints_of(tmp_path, fresh).restore(("ck", state), Position(consumed=[0], batches_per_epoch=10))
+    checkpoints_of(tmp_path, fresh).restore(("ck", state), Position(batches_per_epoch=10))
     assert torch.equal(fresh.loss_fn.metric.proxies, trained.loss_fn.metric.proxies)
     momentum = [s["momentum_buffer"] for s in fresh.optimizer.state_dict()["state"].values()]
     assert all(torch.equal(a, s["momentum_buffer"]) for a, s in zip(momentum,
@@ -204,13 +204,13 @@ def test_a_checkpoint_without_the_losss_state_loads_with_a_note_and_fresh_proxie
     from recog.checkpoint import Position
 
     old = proxy_recipe(0, model_only_optimizer=True)
-    checkpoints_of(tmp_path, old).save(Position(0, 1, [1], batches_per_epoch=10))
+    checkpoints_of(tmp_path, old).save(Position(0, 1, [[0, 1]], batches_per_epoch=10))
     state = load_checkpoint(tmp_path / "step-000000001.pt")
     del state["loss"]
     fresh = proxy_recipe(1)
     proxies = fresh.loss_fn.metric.proxies.detach().clone()
     with caplog.at_level(logging.WARNING, logger="recog"):
-        checkpoints_of(tmp_path, fresh).restore(("old.pt", state), Position(consumed=[0], batches_per_epoch=10))
+        checkpoints_of(tmp_path, fresh).restore(("old.pt", state), Position(batches_per_epoch=10))
     assert "old.pt holds no state of the loss" in caplog.text and "start fresh" in caplog.text
     assert torch.equal(fresh.model.weight, old.model.weight) and torch.equal(fresh.loss_fn.metric.proxies, proxies)
     assert len(fresh.optimizer.param_groups) == 2 and fresh.optimizer.param_groups[1]["lr"] == 1.0
@@ -225,7 +225,7 @@ def test_resuming_with_another_loss_is_one_sentence(tmp_path):
     from recog.loss import RecognitionLoss
 
     trained = proxy_recipe(0)
-    path = checkpoints_of(tmp_path, trained).save(Position(0, 1, [1], batches_per_epoch=10))
+    path = checkpoints_of(tmp_path, trained).save(Position(0, 1, [[0, 1]], batches_per_epoch=10))
     cfg = OmegaConf.create({"checkpoint": {"auto_resume": False}, "resume": str(path), "model": {"backbone": "x"}})
     one = Dist(0, 0, 1, 1, torch.device("cpu"), None)
     assert find_resume_point(cfg, tmp_path, one, trained.model, trained.loss_fn)[0] == str(path)

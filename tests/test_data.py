@@ -16,10 +16,10 @@ from recog.data import offsets as offsets_module
 from recog.data.__main__ import main as data_cli
 from recog.data.decode import decode_image, plain_png
 from recog.data.idx import find_idx_pair, read_idx
-from recog.data.loader import loader_workers, make_loader
+from recog.data.loader import Batch, loader_workers, make_loader
 from recog.data.manifest import load_manifest
 from recog.data.offsets import ShardOffsets
-from recog.data.plan import Piece, samples_per_rank
+from recog.data.plan import Piece, mark_done
 from recog.data.source import ShardSource
 from recog.data.stream import ShardStream, fits_in_memory, read_pieces
 from recog.data.write import folder_records, write_shards
@@ -89,7 +89,8 @@ def test_stream_gives_the_planned_batches(tiny_data, workers):
         stream = ShardStream(manifest, rank=rank, world_size=3, batch_size=64, train=True, seed=1)
         batches = list(make_loader(stream, workers, pin_memory=False))
         assert len(batches) == len(stream) == 6  # ceil(ceil(1000 / 3) / 64)
-        assert sum(len(b.labels) for b in batches) == samples_per_rank(1000, 3)
+        assert sorted(b.step for b in batches) == list(range(6))
+        assert sum(len(b.labels) for b in batches) == (334 if rank == 0 else 333)  # each sample once
         assert batches[0].images.shape[1:] == (1, 28, 28) and batches[0].images.dtype == torch.uint8
 
 
@@ -372,51 +373,73 @@ def test_random_access_reads_the_same_samples_as_the_stream(tiny_data):
     assert len(subset) == 232 and torch.equal(subset[0][0], streamed.images[768])
 
 
-def by_worker(batches) -> dict[int, list]:
-    out: dict[int, list] = {}
-    for batch in batches:
-        out.setdefault(batch.worker, []).append(batch)
-    return out
-
-
 @pytest.mark.parametrize("workers", [0, 2])
 def test_mid_epoch_resume_reads_exactly_the_samples_not_yet_seen(tiny_data, workers):
-    """Rank 1 of 2, epoch 1, with augmentation: stop after 5 batches, resume from the per-worker counts."""
+    """Rank 1 of 2, epoch 1, with augmentation: stop after 5 steps, resume from the steps done."""
     from torchvision.transforms import v2
 
     manifest = load_manifest(tiny_data["train"])
 
-    def stream():  # a shuffle block of 100 samples, so that resuming skips whole blocks and part of one
+    def stream():  # a shuffle block of 100 samples (rounded to 128), so that resuming starts inside a block
         return ShardStream(manifest, rank=1, world_size=2, batch_size=32, train=True, seed=4, shuffle_block=100,
                            transform=v2.RandomHorizontalFlip())
 
     whole = stream()
     whole.set_epoch(1)
     uninterrupted = list(make_loader(whole, workers, pin_memory=False))
-    seen = uninterrupted[:5]
-    consumed = [0] * max(1, workers)
+    seen, done = uninterrupted[:5], []
     for batch in seen:
-        consumed[batch.worker] += 1
+        done = mark_done(done, batch.step)
     resumed_stream = stream()
-    resumed_stream.set_epoch(1, consumed)
+    resumed_stream.set_epoch(1, done)
     resumed = list(make_loader(resumed_stream, workers, pin_memory=False))
 
-    # counted: the seen and the resumed batches hold exactly the rank's 500 samples of the epoch
+    # counted: the seen and the resumed steps hold exactly the rank's 500 samples of the epoch
     assert sum(len(b.labels) for b in seen) + sum(len(b.labels) for b in resumed) == 500
     assert len(seen) + len(resumed) == len(whole) == 16
-    # and they are the very batches the uninterrupted epoch had next, augmentation included
-    expected = by_worker(uninterrupted)
-    for worker, batches in by_worker(resumed).items():
-        rest = expected[worker][consumed[worker]:]
-        assert len(batches) == len(rest)
-        for got, want in zip(batches, rest):
-            assert torch.equal(got.images, want.images) and torch.equal(got.labels, want.labels)
+    # and they are the very batches the uninterrupted epoch had, augmentation included, in its order
+    assert [b.step for b in resumed] == [b.step for b in uninterrupted[5:]]
+    for got, want in zip(resumed, uninterrupted[5:]):
+        assert torch.equal(got.images, want.images) and torch.equal(got.labels, want.labels)
     # the augmentation did flip images (so the equality above is not trivially true)
     plain = ShardStream(manifest, rank=1, world_size=2, batch_size=32, train=True, seed=4, shuffle_block=100)
     plain.set_epoch(1)
     unflipped = list(make_loader(plain, workers, pin_memory=False))
     assert all(torch.equal(a.labels, b.labels) for a, b in zip(uninterrupted, unflipped))
     assert sum(not torch.equal(a.images, b.images) for a, b in zip(uninterrupted, unflipped)) == 16
+
+
+def global_steps(manifest, world, parts, done=(), **kw) -> dict[int, Batch]:
+    """Every step of epoch 2 not in `done`, as the ranks of `world` make it: the ranks' batches joined in rank
+    order (= the parts in order)."""
+    from torchvision.transforms import v2
+
+    per_rank = []
+    for rank in range(world):
+        stream = ShardStream(manifest, rank=rank, world_size=world, batch_size=16, train=True, seed=9, parts=parts,
+                             shuffle_block=40, transform=v2.RandomHorizontalFlip(), **kw)
+        stream.set_epoch(2, done)
+        per_rank.append({b.step: b for b in make_loader(stream, 0, pin_memory=False)})
+    assert len({tuple(steps) for steps in per_rank}) == 1  # every rank makes the same steps, in the same order
+    return {step: Batch(torch.cat([r[step].images for r in per_rank]), torch.cat([r[step].labels for r in per_rank]),
+                        0) for step in per_rank[0]}
+
+
+@pytest.mark.parametrize("before, after", [(4, 1), (2, 3), (1, 4), (3, 2)])
+def test_a_new_world_size_mid_epoch_continues_with_the_same_global_batches(tiny_data, before, after):
+    """4 parts of 16 (global batch 64) on `before` ranks for 5 steps, the rest on `after` ranks: the steps are
+    those of the epoch on 4 ranks, image for image (augmentation included); none is made twice or left out."""
+    manifest = load_manifest(tiny_data["train"])
+    reference = global_steps(manifest, 4, 4)
+    assert len(reference) == 16 and sum(len(b.labels) for b in reference.values()) == 1000
+    first = dict(list(global_steps(manifest, before, 4).items())[:5])
+    done = []
+    for step in first:
+        done = mark_done(done, step)
+    rest = global_steps(manifest, after, 4, done)
+    assert sorted([*first, *rest]) == list(range(16))
+    for step, batch in [*first.items(), *rest.items()]:
+        assert torch.equal(batch.images, reference[step].images) and torch.equal(batch.labels, reference[step].labels)
 
 
 def test_mid_epoch_resume_of_pk_batches_through_the_loader(tiny_data):
@@ -427,16 +450,22 @@ def test_mid_epoch_resume_of_pk_batches_through_the_loader(tiny_data):
 
     data = ShardRandomAccess(load_manifest(tiny_data["train"]), transform=v2.RandomHorizontalFlip())
 
-    def batches(consumed=()):
-        sampler = DistributedBatchSampler(data.labels, 4, 8, rank=0, world_size=2, seed=2)
-        sampler.set_epoch(3, consumed)
+    def batches(done=(), rank=0, world=2):
+        sampler = DistributedBatchSampler(data.labels, 4, 8, rank=rank, world_size=world, seed=2, parts=2)
+        sampler.set_epoch(3, done)
         return list(make_loader(data, 2, False, batch_sampler=sampler, collate_fn=collate))
 
     uninterrupted = batches()
-    resumed = batches([6])
+    resumed = batches([[0, 6]])
     assert len(uninterrupted) == 15 and len(resumed) == 9  # 1000 // (2 × 4 × 8) steps
     for got, want in zip(resumed, uninterrupted[6:]):
         assert torch.equal(got.images, want.images) and torch.equal(got.labels, want.labels)
+    # the same steps on one rank: both parts, one after the other, are what the two ranks had
+    alone = batches([[0, 6]], world=1)
+    other = batches([[0, 6]], rank=1)
+    for mine, first, second in zip(alone, resumed, other):
+        assert mine.sizes == (32, 32) and mine.step == first.step == second.step
+        assert torch.equal(mine.images, torch.cat([first.images, second.images]))
 
 
 def test_the_data_layer_imports_nothing_of_torch_distributed():

@@ -24,14 +24,15 @@ def config(*overrides):
 def test_accumulating_4_batches_equals_one_step_on_the_4x_batch():
     ctx = dist.Dist(0, 0, 1, 1, torch.device("cpu"), None)
     assert accumulation_max_difference(ctx) < 1e-6
-    # and the check can fail: without scaling each micro-step's loss by 1/accumulate the step is 4x too large
+    # and the check can fail: without dividing each part's loss by the rank's share of the global batch the
+    # step would be 4x too large
     g = torch.Generator().manual_seed(100)
     from recog.data.loader import Batch
 
     images = torch.randint(0, 256, (32, 1, 4, 4), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 3, (32,), generator=g)
-    one = one_optimizer_step(ctx, [Batch(images, labels, 0)], accumulate=1)
-    summed = one_optimizer_step(ctx, [Batch(images, labels, 0)] * 4, accumulate=4)  # 4x the same batch, averaged
+    one = one_optimizer_step(ctx, Batch(images, labels, 0), 32)
+    summed = one_optimizer_step(ctx, Batch(images.repeat(4, 1, 1, 1), labels.repeat(4), 0, sizes=(32,) * 4), 128)
     assert max((one[k] - summed[k]).abs().max().item() for k in one) < 1e-6
 
 

@@ -16,7 +16,7 @@ def all_ranks(world, epoch=0, p=3, k=4, seed=0):
     samplers = [DistributedBatchSampler(LABELS, p, k, rank=r, world_size=world, seed=seed) for r in range(world)]
     for s in samplers:
         s.set_epoch(epoch)
-    return [list(s) for s in samplers]
+    return [[sum(parts, []) for _, parts in s] for s in samplers]
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -59,16 +59,9 @@ def test_resume_mid_epoch_gives_exactly_the_remaining_batches():
     full = DistributedBatchSampler(LABELS, 3, 4, rank=1, world_size=2, seed=5)
     full.set_epoch(3)
     expected = list(full)
-    first = DistributedBatchSampler(LABELS, 3, 4, rank=1, world_size=2, seed=5)
-    first.set_epoch(3)
-    it = iter(first)
-    done = [next(it) for _ in range(4)]
-    state = first.state_dict()
     resumed = DistributedBatchSampler(LABELS, 3, 4, rank=1, world_size=2, seed=5)
-    resumed.load_state_dict(state)
-    assert done + list(resumed) == expected
-    with pytest.raises(ConfigError, match="seed"):
-        DistributedBatchSampler(LABELS, 3, 4, seed=6).load_state_dict(state)
+    resumed.set_epoch(3, [[0, 4]])
+    assert expected[:4] + list(resumed) == expected and [step for step, _ in expected] == list(range(len(full)))
 
 
 def test_bad_arguments():

@@ -1,8 +1,8 @@
 """The data-loader's worker processes: started from a fork server, stopped with the training process.
 
 A batch (`Batch`) carries its images, labels, the count of samples that could not be read, the worker
-that made it (the training loop counts batches per worker: the mid-epoch position) and the warnings the
-worker logged since its last batch.
+that made it, the warnings the worker logged since its last batch, and for training the step of the epoch
+it belongs to (what the training loop marks done: the mid-epoch position) and its parts' sizes.
 """
 
 from __future__ import annotations
@@ -27,8 +27,10 @@ class Batch(NamedTuple):
     images: torch.Tensor  # (n, C, H, W) uint8, after the transform; see Normalize
     labels: torch.Tensor  # (n,) int64
     skipped: int  # slots of this batch whose sample could not be read or decoded
-    worker: int = 0  # the data-loader worker that made it: the training loop counts batches per worker
+    worker: int = 0  # the data-loader worker that made it
     warnings: tuple[str, ...] = ()  # logged in a data-loader worker since the last batch: see WorkerWarnings
+    step: int = -1  # training: the step of the epoch it is for (recog.data.plan), what the loop marks done
+    sizes: tuple[int, ...] = ()  # training: the images of each of the rank's parts, in order; () one part
 
 
 class WorkerWarnings(logging.Handler):

@@ -1,6 +1,16 @@
 """Which samples each rank and each data-loader worker reads in an epoch. Pure functions.
 
-An epoch is one pass over every sample listed in the manifest:
+Training epochs (`PartPlan`, `rank_parts`, `worker_steps`) do not depend on the world size: an epoch's
+shard stream is cut into `parts` contiguous stretches (parts = global batch / batch size, fixed for a run),
+and each step takes one batch from every part. Which part's batch a sample lands in, in which step, and how
+it is augmented, follow from (seed, epoch, part, step) alone; the world size only decides which rank reads
+which parts (`rank_parts`), and the loader workers which steps (`worker_steps`). So a run resumed on another
+number of ranks continues the same epoch with every remaining sample seen exactly once, in the same global
+batches. Each part is read as one long sequential stretch (a rank holding one part reads what it read before
+parts existed), shuffled in blocks of `block` samples (a multiple of the batch size, so that no batch
+straddles two blocks).
+
+Evaluation (and `rank_pieces` in general) splits the stream among the ranks directly:
 
 1. The shard order is shuffled from (seed, epoch), the same on every rank.
 2. The shards, in that order, form one stream of N samples; rank r takes the
@@ -90,6 +100,106 @@ def rank_pieces(
         pieces += slice_pieces(stream, position, position + take)
         needed, position = needed - take, 0
     return pieces
+
+
+def rank_parts(parts: int, rank: int, world_size: int) -> range:
+    """The parts that rank `rank` reads at every step: a contiguous run of them (neighbouring parts are
+    neighbouring stretches of the stream), as even as the numbers allow; none if world_size > parts."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    return range(rank * parts // world_size, (rank + 1) * parts // world_size)
+
+
+def epoch_steps(num_samples: int, parts: int, batch_size: int) -> int:
+    """Steps of a training epoch: the largest part's batches (parts differ by at most one sample)."""
+    return max(1, num_batches(samples_per_rank(num_samples, parts), batch_size))
+
+
+def shuffle_block(block: int, batch_size: int) -> int:
+    """`block` rounded up to a whole number of batches."""
+    return max(1, math.ceil(block / batch_size)) * batch_size
+
+
+@dataclass(frozen=True)
+class PartPlan:
+    """Part `part` of `parts` of a training epoch: its stretch of the shard stream (`pieces`), shuffled in
+    blocks of `block` samples, cut into batches of `batch_size`. Steps past its end have empty batches."""
+
+    pieces: tuple[Piece, ...]
+    part: int
+    batch_size: int
+    block: int
+    key: str  # the shuffle's seed: "seed/epoch"
+
+    @classmethod
+    def make(cls, shard_sizes: Sequence[int], part: int, parts: int, *, batch_size: int, block: int, epoch: int,
+             seed: int) -> PartPlan:
+        pieces = rank_pieces(shard_sizes, part, parts, epoch=epoch, seed=seed, shuffle=True, pad=False)
+        return cls(tuple(pieces), part, batch_size, shuffle_block(block, batch_size), f"{seed}/{epoch}")
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.pieces)
+
+    def block_of(self, step: int) -> int:
+        return step * self.batch_size // self.block
+
+    def block_pieces(self, first: int, last: int) -> list[Piece]:
+        """The stretch holding blocks first..last (inclusive), in stream order."""
+        return slice_pieces(self.pieces, first * self.block, min((last + 1) * self.block, len(self)))
+
+    def block_length(self, block: int) -> int:
+        return max(0, min(self.block, len(self) - block * self.block))
+
+    def block_order(self, block: int) -> list[int]:
+        """Block `block`'s positions (0 = its first sample in the stream) in shuffled order."""
+        order = list(range(self.block_length(block)))
+        random.Random(f"samples/{self.key}/{self.part}/{block}").shuffle(order)
+        return order
+
+    def step_slice(self, step: int) -> slice:
+        """Where step `step`'s batch lies within its block's shuffled order."""
+        start = step * self.batch_size - self.block_of(step) * self.block
+        return slice(start, start + self.batch_size)
+
+    def step_samples(self, step: int) -> list[tuple[int, int]]:
+        """(shard, index in shard) of the samples of step `step`'s batch (what a reader yields, for tests)."""
+        block = self.block_of(step)
+        stream = [(p.shard, i) for p in self.block_pieces(block, block) for i in range(p.start, p.stop)]
+        return [stream[i] for i in self.block_order(block)[self.step_slice(step)]]
+
+
+def worker_steps(steps: int, worker: int, num_workers: int, done: Sequence[Sequence[int]] = ()) -> list[int]:
+    """The steps data-loader worker `worker` makes: a contiguous block of the epoch's steps (the workers read
+    apart, each its own stretch of every part), less those trained on already (`done`: [start, stop) ranges).
+
+    The loader takes one step from each worker in turn, so the training order interleaves the blocks. After
+    `len(done)` steps the next one is due from block `len(done) % num_workers`: a resumed loader, which starts
+    again from its worker 0, gives that block to worker 0 (and so on around), and so continues in the order the
+    uninterrupted epoch had. Every rank's worker w makes the same steps: every rank gets the same step at once."""
+    rotate = count_done(done) % num_workers
+    block = (worker + rotate) % num_workers
+    return [s for s in range(block * steps // num_workers, (block + 1) * steps // num_workers)
+            if not is_done(done, s)]
+
+
+def is_done(done: Sequence[Sequence[int]], step: int) -> bool:
+    return any(start <= step < stop for start, stop in done)
+
+
+def mark_done(done: Sequence[Sequence[int]], step: int) -> list[list[int]]:
+    """`done` with `step` added, as sorted, merged [start, stop) ranges (what a checkpoint records)."""
+    ranges = sorted([list(r) for r in done] + [[step, step + 1]])
+    merged: list[list[int]] = []
+    for start, stop in ranges:
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], stop)
+        else:
+            merged.append([start, stop])
+    return merged
+
+
+def count_done(done: Sequence[Sequence[int]]) -> int:
+    return sum(stop - start for start, stop in done)
 
 
 def num_batches(num_samples: int, batch_size: int, drop_last: bool = False) -> int:

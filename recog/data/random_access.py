@@ -75,12 +75,17 @@ class ShardRandomAccess(Dataset):
             self._files[shard] = open(path, "rb")
         return self._files[shard]
 
-    def __getitems__(self, indices: list[int]) -> list:
-        """A whole batch (the DataLoader calls this when a batch sampler is used). Augmentation is seeded
-        from the batch's indices, so a batch looks the same after a mid-epoch resume."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(zlib.crc32(np.asarray(indices, dtype=np.int64).tobytes()))
-            return [self[i] for i in indices]
+    def __getitems__(self, step: tuple[int, list[list[int]]]) -> tuple[int, list[list]]:
+        """A whole step (what the P×K sampler yields: the step and its indices, part by part; the DataLoader
+        calls this when a batch sampler is used). Augmentation is seeded from each part's indices, so a part's
+        batch looks the same after a mid-epoch resume, on any number of ranks."""
+        number, parts = step
+        items = []
+        for indices in parts:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(zlib.crc32(np.asarray(indices, dtype=np.int64).tobytes()))
+                items.append([self[i] for i in indices])
+        return number, items
 
     def keys(self) -> np.ndarray:
         """Every sample's key (its name in the shard, without the extension), in item order."""
@@ -114,11 +119,15 @@ class ShardRandomAccess(Dataset):
         return (self.transform(image) if self.transform else image), int(self.labels[i])
 
 
-def collate(items: list) -> Batch:
-    """Stack the readable items of a P×K batch; unreadable ones are counted in `skipped`."""
-    good = [item for item in items if item is not None]
-    if not good:
+def collate(step: tuple[int, list[list]]) -> Batch:
+    """Stack the readable items of a step's P×K batches (one per part of this rank, one after another:
+    `Batch.sizes`); unreadable ones are counted in `skipped`."""
+    number, parts = step
+    good = [[item for item in items if item is not None] for items in parts]
+    if not any(good):
         raise DataError("every sample of a P×K batch was unreadable; the shards are damaged: write them again.")
     warnings = WorkerWarnings.in_this_worker()
-    return Batch(torch.stack([image for image, _ in good]), torch.tensor([label for _, label in good]),
-                 len(items) - len(good), warnings=warnings.take() if warnings else ())
+    images = [image for items in good for image, _ in items]
+    return Batch(torch.stack(images), torch.tensor([label for items in good for _, label in items]),
+                 sum(map(len, parts)) - len(images), warnings=warnings.take() if warnings else (), step=number,
+                 sizes=tuple(map(len, good)) if len(good) > 1 else ())

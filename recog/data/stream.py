@@ -11,7 +11,6 @@ and no rank runs a different number of steps (which would hang DDP).
 
 from __future__ import annotations
 
-import itertools
 import logging
 import multiprocessing
 import random
@@ -27,13 +26,22 @@ from recog.data.decode import Decode, decode_sample
 from recog.data.loader import Batch, WorkerWarnings
 from recog.data.manifest import Manifest
 from recog.data.offsets import IndexMismatch, ShardOffsets, read_indexed
-from recog.data.plan import Piece, num_batches, rank_pieces, slice_pieces, worker_pieces
+from recog.data.plan import (
+    PartPlan,
+    Piece,
+    epoch_steps,
+    num_batches,
+    rank_parts,
+    rank_pieces,
+    worker_pieces,
+    worker_steps,
+)
 from recog.data.source import FetchError, ShardSource
 from recog.errors import DataError
 
 log = logging.getLogger(__name__)
 
-MAX_WORKERS = 256  # data-loader workers per process that a mid-epoch position can describe
+MAX_RANGES = 1024  # [start, stop) ranges of steps done that a mid-epoch position can hold
 UNDECODABLE = object()  # kept in place of a sample that could not be decoded (ShardStream.keep_decoded)
 
 
@@ -98,22 +106,37 @@ def shuffled_blocks(items: Iterator, block: int, rng: random.Random) -> Iterator
         yield from chunk
 
 
-def skip_whole_blocks(pieces: list[Piece], skip: int, block: int, rng: random.Random) -> tuple[list[Piece], int]:
-    """Start `shuffled_blocks` `skip` items later without reading the whole blocks before that point.
+class PartReader:
+    """One part's samples for the steps a data-loader worker makes: its blocks read in stream order (a block
+    this worker has no step in, between two it has, is read and dropped), each shuffled as its plan says."""
 
-    Returns the pieces left to read and how many items of the first shuffled block
-    to drop. `rng` is advanced as if the skipped blocks had been shuffled (a
-    shuffle's draws depend only on the length), so what follows is unchanged.
-    """
-    whole = skip // block
-    for _ in range(whole):
-        rng.shuffle([None] * block)
-    total = sum(len(p) for p in pieces)
-    return slice_pieces(pieces, min(whole * block, total), total), skip - whole * block
+    def __init__(self, plan: PartPlan, steps: Sequence[int], read: Callable[[list[Piece]], Iterator]):
+        self.plan = plan
+        blocks = [plan.block_of(s) for s in steps if s * plan.batch_size < len(plan)]
+        self.next_block = blocks[0] if blocks else 0
+        self.items = read(plan.block_pieces(blocks[0], blocks[-1])) if blocks else iter(())
+        self.block, self.shuffled = -1, []
+
+    def step(self, step: int) -> list:
+        """The items of step `step`'s batch of this part ([] past the part's end); steps in increasing order."""
+        plan = self.plan
+        if step * plan.batch_size >= len(plan):
+            return []
+        block = plan.block_of(step)
+        while self.block != block:
+            items = list(islice(self.items, plan.block_length(self.next_block)))
+            self.block, self.next_block = self.next_block, self.next_block + 1
+            if self.block == block:
+                self.shuffled = [items[i] for i in plan.block_order(block)]
+        return self.shuffled[plan.step_slice(step)]
 
 
 class ShardStream(IterableDataset):
-    """One rank's batches of one epoch; call `set_epoch` before iterating each epoch."""
+    """One rank's batches of one epoch; call `set_epoch` before iterating each epoch.
+
+    Training (`train=True`): each item is one step: a batch from each of this rank's parts (recog.data.plan),
+    one after another (`Batch.sizes`), made by the worker `worker_steps` gives the step to. Evaluation: this
+    rank's slice of the stream in batches, each sample exactly once."""
 
     def __init__(
         self,
@@ -131,14 +154,16 @@ class ShardStream(IterableDataset):
         strict: bool = False,
         source: ShardSource | None = None,
         keep_decoded: bool = False,
+        parts: int | None = None,  # training: the epoch's parts (recog.data.plan); None: one per rank
     ):
         self.manifest, self.rank, self.world_size = manifest, rank, world_size
+        self.parts = parts or world_size
         self.batch_size, self.transform, self.channels, self.decode = batch_size, transform, channels, decode
         self.train, self.seed, self.shuffle_block, self.strict = train, seed, shuffle_block, strict
         self.source = source or ShardSource()
         # Shared memory, so that persistent workers (in other processes) see set_epoch().
         self._epoch = multiprocessing.RawValue("q", 0)
-        self._consumed = multiprocessing.RawArray("q", MAX_WORKERS)
+        self._done = multiprocessing.RawArray("q", 2 * MAX_RANGES + 1)  # count, then start, stop, start, ...
         self._image_shape: tuple[int, ...] | None = None  # of the last decoded image, for empty batches
         # keep_decoded: each decoded image (before the transform) is kept in this process's memory, so that
         # later epochs read no shard and decode nothing again. For data sets that fit in memory many times over
@@ -162,16 +187,21 @@ class ShardStream(IterableDataset):
     def epoch(self) -> int:
         return self._epoch.value
 
-    def set_epoch(self, epoch: int, consumed: Sequence[int] = ()) -> None:
+    def set_epoch(self, epoch: int, done: Sequence[Sequence[int]] = ()) -> None:
         """Call before iterating the loader: its workers start the epoch's plan then.
 
-        consumed: to resume mid-epoch, how many batches of this epoch each data-loader
-        worker had delivered (`Batch.worker` counts); each worker skips exactly those.
+        done: to resume a training epoch, the steps already trained on ([start, stop) ranges, as
+        `recog.data.plan.mark_done` keeps them); the workers make only the others.
         """
-        if len(consumed) > MAX_WORKERS:
-            raise ValueError(f"at most {MAX_WORKERS} data-loader workers")
+        if len(done) > MAX_RANGES:
+            raise ValueError(f"at most {MAX_RANGES} ranges of steps done")
         self._epoch.value = epoch
-        self._consumed[:] = [*consumed, *[0] * (MAX_WORKERS - len(consumed))]
+        flat = [x for r in done for x in r]
+        self._done[: 1 + len(flat)] = [len(done), *flat]
+
+    def done(self) -> list[list[int]]:
+        n = self._done[0]
+        return [[self._done[1 + 2 * i], self._done[2 + 2 * i]] for i in range(n)]
 
     def pieces(self) -> list[Piece]:
         """This rank's samples: the training split pads (equal steps), evaluation does not (exactly once)."""
@@ -179,34 +209,40 @@ class ShardStream(IterableDataset):
                            seed=self.seed, shuffle=self.train, pad=self.train)
 
     def __len__(self) -> int:
+        """Training: the epoch's steps (every rank the same); evaluation: this rank's batches."""
+        if self.train:
+            return epoch_steps(self.manifest.num_samples, self.parts, self.batch_size)
         return num_batches(sum(len(p) for p in self.pieces()), self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        stream_id = f"{self.seed}/{self.epoch}/{self.rank}/{worker}"
-        pieces = worker_pieces(self.pieces(), self.batch_size, worker, num_workers)
-        done = self._consumed[worker]  # batches delivered before a mid-epoch checkpoint: not again
-        skip = done * self.batch_size
-        if self.train:
-            rng = random.Random(f"samples/{stream_id}")
-            pieces, skip = skip_whole_blocks(pieces, skip, self.shuffle_block, rng)
-            items = shuffled_blocks(self._read(pieces), self.shuffle_block, rng)
-        else:
-            total = sum(len(p) for p in pieces)
-            pieces, skip = slice_pieces(pieces, min(skip, total), total), 0
-            items = self._read(pieces)
-        items = islice(items, skip, None)  # read, never decoded
         warnings = WorkerWarnings.in_this_worker()
-        for index in itertools.count(done):
-            if not (slots := list(islice(items, self.batch_size))):
-                break
-            # Augmentation draws from torch's RNG, seeded per batch: a batch looks the same whether
-            # the epoch ran through or resumed just before it. (fork_rng: the caller's RNG is left alone.)
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(zlib.crc32(f"{stream_id}/{index}".encode()))
-                batch = self._collate(slots)
+        for batch in self._steps(worker, num_workers) if self.train else self._slice(worker, num_workers):
             yield batch._replace(worker=worker, warnings=warnings.take() if warnings else ())
+
+    def _steps(self, worker: int, num_workers: int) -> Iterator[Batch]:
+        """This worker's steps of the training epoch, each a batch from every part of this rank."""
+        steps = worker_steps(len(self), worker, num_workers, self.done())
+        plans = [PartPlan.make(self.manifest.shard_sizes, part, self.parts, batch_size=self.batch_size,
+                               block=self.shuffle_block, epoch=self.epoch, seed=self.seed)
+                 for part in rank_parts(self.parts, self.rank, self.world_size)]
+        readers = [PartReader(plan, steps, self._read) for plan in plans]
+        for step in steps:
+            batches = []
+            for plan, reader in zip(plans, readers):
+                # Augmentation draws from torch's RNG, seeded per part and step: a batch looks the same whether
+                # the epoch ran through or resumed, on any number of ranks. (fork_rng: the caller's RNG is kept.)
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(zlib.crc32(f"{self.seed}/{self.epoch}/{plan.part}/{step}".encode()))
+                    batches.append(self._collate(reader.step(step)))
+            yield join_batches(batches)._replace(step=step)
+
+    def _slice(self, worker: int, num_workers: int) -> Iterator[Batch]:
+        """Evaluation: this worker's share of this rank's slice, in order, each sample once."""
+        items = self._read(worker_pieces(self.pieces(), self.batch_size, worker, num_workers))
+        while slots := list(islice(items, self.batch_size)):
+            yield self._collate(slots)
 
     def _read(self, pieces: list[Piece]) -> Iterator[tuple[tuple[int, int], dict | None]]:
         """(shard, index) and the raw sample (None: unreadable) of each planned sample; a piece whose samples
@@ -250,5 +286,14 @@ class ShardStream(IterableDataset):
             self._image_shape = tuple(images[0].shape)
             stacked = torch.stack(images)
         else:  # every sample unreadable: still a batch (of zero images), so the step count stays the same
-            stacked = torch.empty((0, *self._image_shape) if self._image_shape else (0,))
+            stacked = torch.empty((0, *self._image_shape) if self._image_shape else (0,), dtype=torch.uint8)
         return Batch(stacked, torch.tensor(labels, dtype=torch.int64), len(slots) - len(images))
+
+
+def join_batches(batches: list[Batch]) -> Batch:
+    """One step's batches of several parts, one after another; `sizes` says where each ends."""
+    if len(batches) == 1:
+        return batches[0]
+    full = [b.images for b in batches if len(b.labels)] or [batches[0].images]
+    return Batch(torch.cat(full), torch.cat([b.labels for b in batches]), sum(b.skipped for b in batches),
+                 sizes=tuple(len(b.labels) for b in batches))
