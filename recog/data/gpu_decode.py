@@ -87,9 +87,9 @@ def decode_jpegs(encoded: list[torch.Tensor], device: torch.device, channels: in
 
 def decode_batch(encoded: list[torch.Tensor], labels: torch.Tensor, device: torch.device | str,
                  transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 channels: int = 3) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+                 channels: int = 3) -> tuple[torch.Tensor, torch.Tensor, dict[int, str]]:
     """Encoded images (1-D uint8 tensors on the CPU) and their labels -> (the decoded images after `transform`,
-    uint8 N×C×H×W on `device`; their labels; the positions of those that could not be decoded, left out).
+    uint8 N×C×H×W on `device`; their labels; the positions of those that could not be decoded, left out, and why).
 
     JPEGs are decoded on `device` in one call, the others (and JPEGs refused there) on the CPU and then moved to
     `device`. `transform` runs on each image in turn, drawing from torch's RNG in the order the CPU path draws:
@@ -100,13 +100,13 @@ def decode_batch(encoded: list[torch.Tensor], labels: torch.Tensor, device: torc
     if jpegs:
         for i, image in zip(jpegs, decode_jpegs([encoded[i] for i in jpegs], device, channels), strict=True):
             images[i] = image
-    failed = []
+    failed = {}
     for i, image in enumerate(images):
         if image is None:  # not a JPEG, or refused: as a worker decodes it (PIL, or TorchCodec for plain PNGs)
             try:
                 images[i] = decode_image(encoded[i].numpy().tobytes(), channels).to(device)
-            except Exception:
-                failed.append(i)
+            except Exception as e:  # anything a worker's decoding would skip (stream.py)
+                failed[i] = str(e)
     kept = [i for i, image in enumerate(images) if image is not None]
     augmented = [transform(images[i]) if transform else images[i] for i in kept]
     stacked = torch.stack(augmented) if augmented else torch.empty(0, dtype=torch.uint8, device=device)
@@ -135,12 +135,13 @@ class DecodeOnDevice:
         with torch.random.fork_rng(devices=[]):  # the training process's own RNG is left as it was
             torch.manual_seed(encoded.seed)
             images, labels, failed = decode_batch(parts, batch.labels, self.device, self.transform, self.channels)
-        names = [encoded.names[i] if encoded.names else f"#{i} of a batch" for i in failed]
-        if names and self.strict:
-            raise DataError(f"sample {names[0]} could not be decoded; fix it or set data.strict=false.")
+        bad = [(encoded.names[i] if encoded.names else f"#{i} of a batch", why) for i, why in failed.items()]
+        if bad and self.strict:
+            raise DataError(f"sample {bad[0][0]} could not be decoded ({bad[0][1]}); fix it or set data.strict=false.")
         if len(labels):
             self.shape = tuple(images.shape[1:])
         elif self.shape:  # every image unreadable: a batch of none, shaped as the others
             images = images.new_empty((0, *self.shape))
         return batch._replace(images=images, labels=labels, skipped=batch.skipped + len(failed),
-                              warnings=(*batch.warnings, *(f"skipping undecodable sample {n}" for n in names)))
+                              warnings=(*batch.warnings, *(f"skipping undecodable sample {name} ({why})"
+                                                           for name, why in bad)))
