@@ -24,7 +24,9 @@ from recog.preempt import SIGNALS as STOP_SIGNALS  # the standard library's sign
 
 
 class Batch(NamedTuple):
-    images: torch.Tensor  # (n, C, H, W) uint8, after the transform; see Normalize
+    # (n, C, H, W) uint8, after the transform; see Normalize. data.decode=gpu: a training batch leaves the workers as
+    # its images' encoded bytes (recog.data.gpu_decode.EncodedImages), decoded in the training process.
+    images: torch.Tensor
     labels: torch.Tensor  # (n,) int64
     skipped: int  # slots of this batch whose sample could not be read or decoded
     worker: int = 0  # the data-loader worker that made it: the training loop counts batches per worker

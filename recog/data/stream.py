@@ -24,6 +24,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from recog.data.decode import Decode, decode_sample
+from recog.data.gpu_decode import EncodedImages, keep_encoded
 from recog.data.loader import Batch, WorkerWarnings
 from recog.data.manifest import Manifest
 from recog.data.offsets import IndexMismatch, ShardOffsets, read_indexed
@@ -131,9 +132,13 @@ class ShardStream(IterableDataset):
         strict: bool = False,
         source: ShardSource | None = None,
         keep_decoded: bool = False,
+        encoded: bool = False,  # data.decode=gpu: batches of EncodedImages, undecoded (decode, transform unused)
     ):
         self.manifest, self.rank, self.world_size = manifest, rank, world_size
         self.batch_size, self.transform, self.channels, self.decode = batch_size, transform, channels, decode
+        self.encoded = encoded
+        if encoded:  # the training process decodes and augments (recog.data.gpu_decode); kept: the bytes
+            self.decode, self.transform = keep_encoded, None
         self.train, self.seed, self.shuffle_block, self.strict = train, seed, shuffle_block, strict
         self.source = source or ShardSource()
         # Shared memory, so that persistent workers (in other processes) see set_epoch().
@@ -203,9 +208,10 @@ class ShardStream(IterableDataset):
                 break
             # Augmentation draws from torch's RNG, seeded per batch: a batch looks the same whether
             # the epoch ran through or resumed just before it. (fork_rng: the caller's RNG is left alone.)
+            seed = zlib.crc32(f"{stream_id}/{index}".encode())
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(zlib.crc32(f"{stream_id}/{index}".encode()))
-                batch = self._collate(slots)
+                torch.manual_seed(seed)
+                batch = self._collate(slots, seed)
             yield batch._replace(worker=worker, warnings=warnings.take() if warnings else ())
 
     def _read(self, pieces: list[Piece]) -> Iterator[tuple[tuple[int, int], dict | None]]:
@@ -238,14 +244,20 @@ class ShardStream(IterableDataset):
             self._decoded[key] = UNDECODABLE if decoded is None else decoded
         return decoded
 
-    def _collate(self, slots: list[tuple[tuple[int, int], dict | None]]) -> Batch:
-        images, labels = [], []
+    def _collate(self, slots: list[tuple[tuple[int, int], dict | None]], seed: int) -> Batch:
+        images, labels, names = [], [], []
         for key, sample in slots:
             if (decoded := self._decode(key, sample)) is None:
                 continue
             image, label = decoded
             images.append(self.transform(image) if self.transform else image)
             labels.append(label)
+            if self.encoded:  # for the message about an image the training process cannot decode
+                names.append(f"{sample.get('__url__')}:{sample.get('__key__')}" if sample else
+                             f"{key[1]} of {self.manifest.url(key[0])}")  # kept in memory: its place in the shard
+        if self.encoded:  # the training process augments with this batch's seed, as the transform here would
+            return Batch(EncodedImages.pack(images, seed, tuple(names)), torch.tensor(labels, dtype=torch.int64),
+                         len(slots) - len(images))
         if images:
             self._image_shape = tuple(images[0].shape)
             stacked = torch.stack(images)
