@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# Everything a lent one-GPU machine should run, in one go (about 7 minutes, at most 9):
+# Everything a lent one-GPU machine should run, in one go (about 10 minutes, at most 12; part 5 alone: about 2,
+# at most 3):
 #   1. the default job on the GPU under torchrun (NCCL with gloo beside it for CPU tensors, pinned memory,
 #      batches normalised on the GPU): its top-1 and images/s;
 #   2. preemption on the GPU: SIGTERM to torchrun mid-epoch, exit code 75, the same command continues;
 #   3. bench/gpu.sh: ResNet-50 training images/s (fp32, TF32, bf16 + channels_last, + compile) and the
 #      shard loader's images/s;
-#   4. train.py's GPU-only knobs for 2 epochs each: fp16 + gradient scaler + channels_last, bf16 + compile.
+#   4. train.py's GPU-only knobs for 2 epochs each: fp16 + gradient scaler + channels_last, bf16 + compile;
+#   5. data.decode=gpu against cpu on 500x375 JPEGs with 16 loader workers: the loader's images/s
+#      (bench/gpu_decode.py), then one epoch of ResNet-50 bf16 + channels_last training with each: its images/s
+#      and data wait (the share of step time spent waiting for batches).
 #
 #   bash bench/gpu_session.sh OUT_DIR
 #   PARTS=24 bash bench/gpu_session.sh OUT_DIR   # only parts 2 and 4
+#   PARTS=5 bash bench/gpu_session.sh OUT_DIR    # only data.decode=gpu against cpu
 #
 # A machine without recog's dependencies installed gets them from wheels in .whl/ (pure-Python wheels of
 # hydra-core, omegaconf, antlr4-python3-runtime, webdataset, braceexpand, pytorch-metric-learning),
@@ -28,7 +33,7 @@ nvidia-smi -L
 $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 torchrun=("$py" -m torch.distributed.run --standalone --nproc_per_node=1 train.py)
 
-parts=${PARTS:-1234}
+parts=${PARTS:-12345}
 if [[ $parts == *1* ]]; then
 echo "== 1. the default job (10 epochs of the bundled 10k images), one GPU"
 start=$(date +%s)
@@ -65,5 +70,30 @@ for knobs in "perf.precision=fp16 perf.channels_last=true" "perf.precision=bf16 
   timeout 150 "${torchrun[@]}" epochs=2 data.num_workers=4 $knobs hydra.run.dir="$out/$name" > "$out/$name.log" 2>&1
   echo "$knobs: rc=$?"
   grep -E "epoch 2/2|error" "$out/$name.log"
+done
+fi
+
+if [[ $parts == *5* ]]; then
+echo "== 5. data.decode=gpu against cpu: 500x375 JPEGs (1000 x 16 = 16,000 a training epoch), 16 loader workers"
+# The set is written once (a process per core) into $out/decode-set, for the loader and the training runs.
+# An epoch is ~2x the batches 16 workers queue up ahead (prefetch 4 each): the data wait is not hidden by them.
+start=$(date +%s)
+set_size=(--workdir "$out/decode-set" --images 1000 --repeat 16)
+timeout 30 "$py" bench/gpu_decode.py "${set_size[@]}" --write-only > "$out/decode-set.log" 2>&1
+echo "writing the set: rc=$? in $(( $(date +%s) - start )) s"
+grep -E "^wrote|rror" "$out/decode-set.log"
+start=$(date +%s)
+timeout 40 "$py" bench/gpu_decode.py "${set_size[@]}" --workers 16 --seconds 6 --timeout 18 > "$out/decode.log" 2>&1
+echo "loader: rc=$? in $(( $(date +%s) - start )) s"
+grep -E "^torch|^\||rror|failed" "$out/decode.log"
+set_args=(data=images data.train="$out/decode-set/train" data.test="$out/decode-set/test" augment=imagenet
+  data.image_size=224 model=resnet50 perf.precision=bf16 perf.channels_last=true batch_size=128 epochs=1
+  data.num_workers=16 log_every=20)
+for decode in cpu gpu; do
+  start=$(date +%s)
+  timeout 55 "${torchrun[@]}" "${set_args[@]}" data.decode=$decode hydra.run.dir="$out/decode-$decode" \
+    > "$out/decode-$decode.log" 2>&1
+  echo "ResNet-50 bf16, data.decode=$decode: rc=$? in $(( $(date +%s) - start )) s"
+  grep -E "epoch 1/1|not JPEGs|error" "$out/decode-$decode.log"
 done
 fi

@@ -26,6 +26,7 @@ from recog import dist, parallel
 from recog.checkpoint import Position, load_checkpoint
 from recog.config import global_batch_parts, settle_data_settings
 from recog.data.decode import Decode, crop_while_decoding, decode_image
+from recog.data.gpu_decode import DecodeOnDevice
 from recog.data.loader import Batch, loader_workers, make_loader
 from recog.data.manifest import load_manifest
 from recog.data.normalize import Normalize
@@ -51,6 +52,8 @@ class TrainData:
     classes: list[str]
     layout: dict  # what a mid-epoch data position is valid for: saved with it, compared on resume
     gallery_loader: DataLoader | None = None  # eval.gallery's images (each once over the ranks); None: leave-one-out
+    # data.decode=gpu: the training batches come from the workers encoded, and are decoded here, on the GPU
+    decode_on_device: Callable[[Batch], Batch] | None = None
 
     @property
     def global_batch(self) -> int:
@@ -62,9 +65,10 @@ class TrainData:
 
     def batches(self, position: Position) -> Iterator[Batch]:
         """The batches (one per step) of `position`'s epoch not yet trained on; the loader's workers start
-        reading now."""
+        reading now. data.decode=gpu: each decoded and augmented as it is taken (the loop's data wait includes that)."""
         self.epochs.set_epoch(position.epoch, position.done)
-        return iter(self.loader)
+        batches = iter(self.loader)
+        return map(self.decode_on_device, batches) if self.decode_on_device else batches
 
 
 def shard_source(data_cfg: DictConfig) -> ShardSource:
@@ -83,6 +87,7 @@ def build_data(cfg: DictConfig, ctx: dist.Dist, saved: dict | None = None) -> Tr
 
     source = shard_source(cfg.data)
     pk = cfg.sampler.name == "pk"
+    on_gpu = cfg.data.decode == "gpu"  # the workers hand over the training images encoded (recog/data/gpu_decode.py)
     cores = len(os.sched_getaffinity(0))  # the CPUs this process may run on, shared by the node's ranks
     workers = loader_workers(cfg.data.num_workers, ctx.local_world_size, cores)
     gallery_path = None  # eval.gallery's shards; None: leave-one-out on the test split
@@ -113,6 +118,8 @@ def build_data(cfg: DictConfig, ctx: dist.Dist, saved: dict | None = None) -> Tr
         if p * k > train.num_samples:
             raise ConfigError(f"sampler.p={p} x sampler.k={k} is a batch larger than the {train.num_samples} "
                               f"training samples of {cfg.data.train}; make P x K smaller.")
+        if on_gpu:
+            return train, test, gallery, ShardRandomAccess(train, source, channels=cfg.data.channels, encoded=True)
         decode, transform = train_decoding(cfg, keep_decoded=False)
         return train, test, gallery, ShardRandomAccess(train, source, transform, cfg.data.channels, decode)
 
@@ -138,14 +145,18 @@ def build_data(cfg: DictConfig, ctx: dist.Dist, saved: dict | None = None) -> Tr
         loader = make_loader(random_access, workers, pin, batch_sampler=epochs, collate_fn=collate)
         batch_size = cfg.sampler.p * cfg.sampler.k
     else:  # each data-loader worker makes its own block of the epoch's steps
-        keep_decoded = fits_in_memory(train_manifest, cfg.data.keep_decoded_mb)
-        decode, transform = train_decoding(cfg, keep_decoded)
+        keep_decoded = fits_in_memory(train_manifest, cfg.data.keep_decoded_mb)  # on_gpu: the encoded bytes kept
+        decode, transform = train_decoding(cfg, keep_decoded) if not on_gpu else (None, None)
         epochs = ShardStream(train_manifest, transform=transform, decode=decode, train=True,
-                             shuffle_block=cfg.data.shuffle_block, keep_decoded=keep_decoded, parts=parts, **common)
+                             shuffle_block=cfg.data.shuffle_block, keep_decoded=keep_decoded, encoded=on_gpu,
+                             parts=parts, **common)
         loader = make_loader(epochs, workers, pin)
         batch_size = cfg.batch_size
     layout = {"global_batch": global_batch, "parts": parts, "batch_size": batch_size, "sampler": cfg.sampler.name}
-    return TrainData(loader, epochs, test_loader, batch_size, train_manifest.classes, layout, gallery_loader)
+    decode_on_device = DecodeOnDevice(instantiate(cfg.augment.train), ctx.device, cfg.data.channels,
+                                      cfg.data.strict) if on_gpu else None
+    return TrainData(loader, epochs, test_loader, batch_size, train_manifest.classes, layout, gallery_loader,
+                     decode_on_device)
 
 
 def train_decoding(cfg: DictConfig, keep_decoded: bool) -> tuple[Decode, Callable | None]:

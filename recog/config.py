@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from recog import parallel
 from recog.data.decode import SCALED_DECODE_AVAILABLE
+from recog.data.gpu_decode import GPU_DECODE_AVAILABLE
 from recog.data.manifest import Manifest
 from recog.data.prepare import check_can_prepare
 from recog.data.source import ShardSource
@@ -87,7 +88,9 @@ def check_config(cfg: DictConfig) -> None:
         for key in ("sampler.p", "sampler.k"):
             check_number(key, OmegaConf.select(cfg, key), True, 1, False)
     check_backbone_name(cfg.model.backbone)
-    check_perf_config(cfg, cuda=torch.cuda.is_available() and cfg.dist.backend != "gloo")
+    cuda = torch.cuda.is_available() and cfg.dist.backend != "gloo"
+    check_perf_config(cfg, cuda)
+    check_decode(cfg.data, cuda)
     if cfg.loss.arc_margin >= 1.5:  # radians: at π/2 every target logit would be at most 0
         raise ConfigError(f"loss.arc_margin={cfg.loss.arc_margin} is an angle in radians; give one below 1.5 "
                           "(ArcFace uses 0.5, 0.2-0.3 suits small logit scales).")
@@ -121,6 +124,25 @@ def global_batch_parts(cfg: DictConfig, world_size: int, saved: dict | None = No
                           "(global_batch, accumulate, or a restart on fewer processes); set loss.cross_rank=false "
                           "or keep one batch per process and step.")
     return global_batch, global_batch // part
+
+
+def check_decode(data: DictConfig, cuda: bool) -> None:
+    """data.decode. `cuda`: whether this run will train on GPUs (NCCL) rather than CPUs (gloo)."""
+    if data.decode not in ("cpu", "gpu"):
+        raise ConfigError(f"data.decode={data.decode} is not valid; give cpu (in the loader workers) or gpu.")
+    if data.decode == "cpu":
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError("data.decode=gpu needs a CUDA GPU, which this machine lacks; use data.decode=cpu.")
+    if not cuda:
+        raise ConfigError("data.decode=gpu decodes on the training GPU, but dist.backend=gloo trains on the CPU: use "
+                          "data.decode=cpu, or dist.backend=nccl.")
+    if not GPU_DECODE_AVAILABLE:
+        raise ConfigError("data.decode=gpu needs TorchCodec, which is not installed here (or not for this torch): "
+                          "`pip install torchcodec`, or use data.decode=cpu.")
+    if data.jpeg_scaled_decode is True:
+        raise ConfigError("data.jpeg_scaled_decode=true asks the loader workers to decode, but data.decode=gpu "
+                          "decodes on the GPU: leave data.jpeg_scaled_decode at auto, or use data.decode=cpu.")
 
 
 def check_perf_config(cfg: DictConfig, cuda: bool) -> None:

@@ -328,3 +328,32 @@ def test_jpeg_scaled_decode_without_simplejpeg_is_off_when_auto_and_one_sentence
         check_config(composed(*tiny_paths(tiny_data), "data.jpeg_scaled_decode=true"))
     cfg = composed_on_tiny_data(tiny_data, "augment=imagenet", "data.image_size=96")  # auto: no error
     assert train_decoding(cfg, keep_decoded=False)[0] is decode_image  # PIL, as with false
+
+
+def test_gpu_decode_without_a_gpu_is_one_sentence(tiny_data, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^data.decode=gpu needs a CUDA GPU, which this machine lacks; use "
+                                          r"data.decode=cpu.$"):
+        check_config(composed(*tiny_paths(tiny_data), "data.decode=gpu"))
+    check_config(composed(*tiny_paths(tiny_data)))  # the default, cpu, needs none
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["data.decode=tpu"], r"^data.decode=tpu is not valid; give cpu \(in the loader workers\) or gpu.$"),
+    (["data.decode=gpu", "dist.backend=gloo"], r"^data.decode=gpu decodes on the training GPU, but dist.backend=gloo "
+                                               r"trains on the CPU: use data.decode=cpu, or dist.backend=nccl.$"),
+    (["data.decode=gpu", "data.jpeg_scaled_decode=true"],
+     r"^data.jpeg_scaled_decode=true asks the loader workers to decode, but data.decode=gpu decodes on the GPU: "
+     r"leave data.jpeg_scaled_decode at auto, or use data.decode=cpu.$"),
+    (["data.decode=gpu", "TorchCodec missing"],
+     r"^data.decode=gpu needs TorchCodec, which is not installed here \(or not for this torch\): "
+     r"`pip install torchcodec`, or use data.decode=cpu.$"),
+])
+def test_gpu_decode_where_it_cannot_work_is_one_sentence_on_a_gpu_machine_too(tiny_data, monkeypatch, overrides,
+                                                                              message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    check_config(composed(*tiny_paths(tiny_data), "data.decode=gpu"))  # what works there
+    if "TorchCodec missing" in overrides:
+        monkeypatch.setattr("recog.config.GPU_DECODE_AVAILABLE", False)
+    with pytest.raises(ConfigError, match=message):
+        check_config(composed(*tiny_paths(tiny_data), *[o for o in overrides if "=" in o]))

@@ -175,8 +175,11 @@ def test_truncated_shard_is_skipped_and_counted(tmp_path):
 
 
 @pytest.mark.parametrize("chunk", [16 << 20, 3000, 1])  # one read per piece, a few samples per read, one each
-def test_shards_read_by_their_index_give_what_the_tar_headers_give(tiny_data, monkeypatch, chunk, caplog):
+@pytest.mark.parametrize("on_its_own", [32 << 10, 400, 1])  # no image read on its own (28 px PNGs), some, all
+def test_shards_read_by_their_index_give_what_the_tar_headers_give(tiny_data, monkeypatch, chunk, on_its_own,
+                                                                    caplog):
     monkeypatch.setattr(offsets_module, "CHUNK", chunk)
+    monkeypatch.setattr(offsets_module, "ON_ITS_OWN", on_its_own)
     manifest = load_manifest(tiny_data["train"])
     offsets = ShardOffsets.load(manifest, ShardSource())
     pieces = [Piece(0, 0, 384), Piece(1, 100, 300), Piece(2, 231, 232), Piece(1, 0, 1)]
@@ -218,7 +221,9 @@ def test_shards_without_an_index_are_read_through_their_tar_headers(tmp_path, ca
     assert offsets.of(0) is None and not caplog.text and len(samples) == 26 and all(s["png"] for s in samples)
 
 
-def test_a_truncated_shard_read_by_its_index_keeps_the_samples_before_the_cut(tmp_path):
+@pytest.mark.parametrize("on_its_own", [32 << 10, 1])
+def test_a_truncated_shard_read_by_its_index_keeps_the_samples_before_the_cut(tmp_path, monkeypatch, on_its_own):
+    monkeypatch.setattr(offsets_module, "ON_ITS_OWN", on_its_own)
     manifest = tiny_split(tmp_path / "s", "test", 40, 20)
     whole = list(read_pieces(manifest, [Piece(1, 0, 20)], strict=True))
     shard = tmp_path / "s" / "test-000001.tar"

@@ -54,9 +54,14 @@ def test_cache_turns_later_epochs_into_local_reads(server, tmp_path):
 
 
 @pytest.mark.parametrize("cached", [False, True])
-def test_shards_over_http_are_read_by_their_index(server, tiny_data, tmp_path, cached, caplog):
+@pytest.mark.parametrize("on_its_own", [32 << 10, 400])  # 28 px PNGs: all in chunks, or some read on their own
+def test_shards_over_http_are_read_by_their_index(server, tiny_data, tmp_path, cached, on_its_own, monkeypatch,
+                                                  caplog):
     """Streamed or node-cached, the shards are read by the offsets of their index (fetched once per process)
     and give what reading the local shards through their tar headers gives."""
+    from recog.data import offsets as offsets_module
+
+    monkeypatch.setattr(offsets_module, "ON_ITS_OWN", on_its_own)
     local = read_pieces(load_manifest(tiny_data["train"]), PIECES, strict=True)
     manifest = load_manifest(f"{server.url}/train", fast())
     offsets = ShardOffsets.load(manifest, fast())

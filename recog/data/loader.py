@@ -24,13 +24,28 @@ from recog.preempt import SIGNALS as STOP_SIGNALS  # the standard library's sign
 
 
 class Batch(NamedTuple):
-    images: torch.Tensor  # (n, C, H, W) uint8, after the transform; see Normalize
+    # (n, C, H, W) uint8, after the transform; see Normalize. data.decode=gpu: a training batch leaves the workers as
+    # its images' encoded bytes (recog.data.gpu_decode.EncodedImages), decoded in the training process.
+    images: torch.Tensor
     labels: torch.Tensor  # (n,) int64
     skipped: int  # slots of this batch whose sample could not be read or decoded
     worker: int = 0  # the data-loader worker that made it
     warnings: tuple[str, ...] = ()  # logged in a data-loader worker since the last batch: see WorkerWarnings
     step: int = -1  # training: the step of the epoch it is for (recog.data.plan), what the loop marks done
     sizes: tuple[int, ...] = ()  # training: the images of each of the rank's parts, in order; () one part
+
+
+def join_batches(batches: list[Batch]) -> Batch:
+    """One step's batches of several parts, one after another; `sizes` says where each ends. Encoded images
+    (data.decode=gpu) stay one object per part: a tuple of them, decoded part by part in the training process."""
+    if len(batches) == 1:
+        return batches[0]
+    if not isinstance(batches[0].images, torch.Tensor):
+        images = tuple(b.images for b in batches)
+    else:
+        images = torch.cat([b.images for b in batches if len(b.labels)] or [batches[0].images])
+    return Batch(images, torch.cat([b.labels for b in batches]), sum(b.skipped for b in batches),
+                 sizes=tuple(len(b.labels) for b in batches))
 
 
 class WorkerWarnings(logging.Handler):

@@ -21,12 +21,15 @@ import torch
 from torch.utils.data import Dataset
 
 from recog.data.decode import Decode, decode_image
-from recog.data.loader import Batch, WorkerWarnings
+from recog.data.gpu_decode import EncodedImages
+from recog.data.loader import Batch, WorkerWarnings, join_batches
 from recog.data.manifest import Manifest
 from recog.data.source import ShardSource, is_remote, join
 from recog.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
+
+ALL_UNREADABLE = "every sample of a P×K batch was unreadable; the shards are damaged: write them again."
 
 
 def load_index(manifest: Manifest, source: ShardSource) -> dict[str, np.ndarray]:
@@ -48,7 +51,7 @@ class ShardRandomAccess(Dataset):
 
     def __init__(self, manifest: Manifest, source: ShardSource | None = None,
                  transform: Callable[[torch.Tensor], torch.Tensor] | None = None, channels: int = 1,
-                 decode: Decode = decode_image):
+                 decode: Decode = decode_image, encoded: bool = False):
         self.manifest, self.source = manifest, source or ShardSource()
         if is_remote(manifest.root) and self.source.cache_dir is None:
             raise ConfigError("reading remote shards by index needs a node cache; set data.cache_dir.")
@@ -60,6 +63,7 @@ class ShardRandomAccess(Dataset):
         self.labels = index["label"][keep]
         self._keys = index["key"][keep] if "key" in index else None
         self.transform, self.channels, self.decode = transform, channels, decode
+        self.encoded = encoded  # data.decode=gpu: a batch's encoded images, undecoded (see encoded_batch)
         self._files: dict[int, object] = {}
 
     def __getstate__(self):  # open files stay in the process that opened them
@@ -75,17 +79,41 @@ class ShardRandomAccess(Dataset):
             self._files[shard] = open(path, "rb")
         return self._files[shard]
 
-    def __getitems__(self, step: tuple[int, list[list[int]]]) -> tuple[int, list[list]]:
+    def __getitems__(self, step: tuple[int, list[list[int]]]) -> tuple[int, list]:
         """A whole step (what the P×K sampler yields: the step and its indices, part by part; the DataLoader
         calls this when a batch sampler is used). Augmentation is seeded from each part's indices, so a part's
-        batch looks the same after a mid-epoch resume, on any number of ranks."""
+        batch looks the same after a mid-epoch resume, on any number of ranks. data.decode=gpu: each part's
+        encoded images (encoded_batch)."""
         number, parts = step
         items = []
         for indices in parts:
+            seed = zlib.crc32(np.asarray(indices, dtype=np.int64).tobytes())
+            if self.encoded:
+                items.append(self.encoded_batch(indices, seed))
+                continue
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(zlib.crc32(np.asarray(indices, dtype=np.int64).tobytes()))
+                torch.manual_seed(seed)
                 items.append([self[i] for i in indices])
         return number, items
+
+    def encoded_batch(self, indices: list[int], seed: int) -> Batch:
+        """data.decode=gpu: the batch's images as stored, with the seed their augmentation draws from; the training
+        process decodes and augments them (recog.data.gpu_decode). `collate` passes the Batch on."""
+        encoded, labels, names = [], [], []
+        for i in indices:
+            where = self.manifest.url(int(self.shard[i]))
+            try:
+                encoded.append(self.read_bytes(i))
+            except OSError as e:
+                log.warning("skipping unreadable sample %d of %s (%s)", i, where, e)
+                continue
+            labels.append(int(self.labels[i]))
+            names.append(f"{i} of {where}")
+        if not encoded:
+            raise DataError(ALL_UNREADABLE)
+        warnings = WorkerWarnings.in_this_worker()
+        return Batch(EncodedImages.pack(encoded, seed, tuple(names)), torch.tensor(labels),
+                     len(indices) - len(encoded), warnings=warnings.take() if warnings else ())
 
     def keys(self) -> np.ndarray:
         """Every sample's key (its name in the shard, without the extension), in item order."""
@@ -119,13 +147,16 @@ class ShardRandomAccess(Dataset):
         return (self.transform(image) if self.transform else image), int(self.labels[i])
 
 
-def collate(step: tuple[int, list[list]]) -> Batch:
+def collate(step: tuple[int, list]) -> Batch:
     """Stack the readable items of a step's P×K batches (one per part of this rank, one after another:
-    `Batch.sizes`); unreadable ones are counted in `skipped`."""
+    `Batch.sizes`); unreadable ones are counted in `skipped`. Batches of encoded images (encoded_batch,
+    data.decode=gpu) are joined as they are."""
     number, parts = step
+    if all(isinstance(items, Batch) for items in parts):
+        return join_batches(parts)._replace(step=number)
     good = [[item for item in items if item is not None] for items in parts]
     if not any(good):
-        raise DataError("every sample of a P×K batch was unreadable; the shards are damaged: write them again.")
+        raise DataError(ALL_UNREADABLE)
     warnings = WorkerWarnings.in_this_worker()
     images = [image for items in good for image, _ in items]
     return Batch(torch.stack(images), torch.tensor([label for items in good for _, label in items]),

@@ -23,7 +23,8 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from recog.data.decode import Decode, decode_sample
-from recog.data.loader import Batch, WorkerWarnings
+from recog.data.gpu_decode import EncodedImages, keep_encoded
+from recog.data.loader import Batch, WorkerWarnings, join_batches
 from recog.data.manifest import Manifest
 from recog.data.offsets import IndexMismatch, ShardOffsets, read_indexed
 from recog.data.plan import (
@@ -154,11 +155,15 @@ class ShardStream(IterableDataset):
         strict: bool = False,
         source: ShardSource | None = None,
         keep_decoded: bool = False,
+        encoded: bool = False,  # data.decode=gpu: batches of EncodedImages, undecoded (decode, transform unused)
         parts: int | None = None,  # training: the epoch's parts (recog.data.plan); None: one per rank
     ):
         self.manifest, self.rank, self.world_size = manifest, rank, world_size
         self.parts = parts or world_size
         self.batch_size, self.transform, self.channels, self.decode = batch_size, transform, channels, decode
+        self.encoded = encoded
+        if encoded:  # the training process decodes and augments (recog.data.gpu_decode); kept: the bytes
+            self.decode, self.transform = keep_encoded, None
         self.train, self.seed, self.shuffle_block, self.strict = train, seed, shuffle_block, strict
         self.source = source or ShardSource()
         # Shared memory, so that persistent workers (in other processes) see set_epoch().
@@ -233,16 +238,17 @@ class ShardStream(IterableDataset):
             for plan, reader in zip(plans, readers):
                 # Augmentation draws from torch's RNG, seeded per part and step: a batch looks the same whether
                 # the epoch ran through or resumed, on any number of ranks. (fork_rng: the caller's RNG is kept.)
+                seed = zlib.crc32(f"{self.seed}/{self.epoch}/{plan.part}/{step}".encode())
                 with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(zlib.crc32(f"{self.seed}/{self.epoch}/{plan.part}/{step}".encode()))
-                    batches.append(self._collate(reader.step(step)))
+                    torch.manual_seed(seed)
+                    batches.append(self._collate(reader.step(step), seed))
             yield join_batches(batches)._replace(step=step)
 
     def _slice(self, worker: int, num_workers: int) -> Iterator[Batch]:
         """Evaluation: this worker's share of this rank's slice, in order, each sample once."""
         items = self._read(worker_pieces(self.pieces(), self.batch_size, worker, num_workers))
         while slots := list(islice(items, self.batch_size)):
-            yield self._collate(slots)
+            yield self._collate(slots, seed=0)  # evaluation's transforms draw nothing
 
     def _read(self, pieces: list[Piece]) -> Iterator[tuple[tuple[int, int], dict | None]]:
         """(shard, index) and the raw sample (None: unreadable) of each planned sample; a piece whose samples
@@ -274,26 +280,23 @@ class ShardStream(IterableDataset):
             self._decoded[key] = UNDECODABLE if decoded is None else decoded
         return decoded
 
-    def _collate(self, slots: list[tuple[tuple[int, int], dict | None]]) -> Batch:
-        images, labels = [], []
+    def _collate(self, slots: list[tuple[tuple[int, int], dict | None]], seed: int) -> Batch:
+        images, labels, names = [], [], []
         for key, sample in slots:
             if (decoded := self._decode(key, sample)) is None:
                 continue
             image, label = decoded
             images.append(self.transform(image) if self.transform else image)
             labels.append(label)
+            if self.encoded:  # for the message about an image the training process cannot decode
+                names.append(f"{sample.get('__url__')}:{sample.get('__key__')}" if sample else
+                             f"{key[1]} of {self.manifest.url(key[0])}")  # kept in memory: its place in the shard
+        if self.encoded:  # the training process augments with this batch's seed, as the transform here would
+            return Batch(EncodedImages.pack(images, seed, tuple(names)), torch.tensor(labels, dtype=torch.int64),
+                         len(slots) - len(images))
         if images:
             self._image_shape = tuple(images[0].shape)
             stacked = torch.stack(images)
         else:  # every sample unreadable: still a batch (of zero images), so the step count stays the same
             stacked = torch.empty((0, *self._image_shape) if self._image_shape else (0,), dtype=torch.uint8)
         return Batch(stacked, torch.tensor(labels, dtype=torch.int64), len(slots) - len(images))
-
-
-def join_batches(batches: list[Batch]) -> Batch:
-    """One step's batches of several parts, one after another; `sizes` says where each ends."""
-    if len(batches) == 1:
-        return batches[0]
-    full = [b.images for b in batches if len(b.labels)] or [batches[0].images]
-    return Batch(torch.cat(full), torch.cat([b.labels for b in batches]), sum(b.skipped for b in batches),
-                 sizes=tuple(len(b.labels) for b in batches))
