@@ -94,8 +94,9 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, stop: StopOnSignal) ->
         checkpoints.maybe_save_mid_epoch(position)
         return False
 
-    # Resuming in the same run directory: TensorBoard hides what the interrupted run logged after this step.
-    writer = make_writer(run_dir, ctx.is_main, purge_step=position.step if position.resumed_from else None)
+    # Resuming in the same run directory: TensorBoard hides what the interrupted run logged after this step (its
+    # events of this step came before the checkpoint, and stay).
+    writer = make_writer(run_dir, ctx.is_main, purge_step=position.step + 1 if position.resumed_from else None)
     log_steps, totals = StepLog(writer, cfg.log_every), Meter("images", "seconds", "skipped")
     stats, result = None, None
     batches = data.batches(position)
