@@ -9,6 +9,8 @@
 # RUN_DIR:       outputs/$RUN_ID unless set. It must be ONE folder every node sees (shared storage):
 #                rank 0 writes into it, and a restarted or requeued job continues from its checkpoints.
 # MAX_RESTARTS:  3 unless set: torchrun restarts every worker this many times when one fails.
+# MIN_NNODES:    elastic: go on with as few as this many machines when others are lost (--nnodes=MIN:NNODES);
+#                give global_batch= so that each step keeps its images on any number of them.
 # LOCAL_ADDR:    this node's address as the others reach it, when its host name does not resolve to that
 #                (containers, network namespaces); passed as --local-addr.
 # RDZV_IS_HOST:  set to 1 on the first node when its host name does not resolve to RDZV_HOST (torchrun
@@ -29,7 +31,7 @@ cd "$(dirname "$0")/.."
 : "${TORCHRUN:=torchrun}"
 
 exec $TORCHRUN \
-  --nnodes="$NNODES" \
+  --nnodes="${MIN_NNODES:+$MIN_NNODES:}$NNODES" \
   --nproc_per_node="$NPROC_PER_NODE" \
   --max-restarts="$MAX_RESTARTS" \
   --rdzv-backend=c10d \
