@@ -7,6 +7,7 @@ sentence on every rank and no rank is left waiting in a collective. `settle_data
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -110,7 +111,14 @@ def global_batch_parts(cfg: DictConfig, world_size: int, saved: dict | None = No
     of ranks keeps its global batch, LR and epochs; else batch_size × world size × accumulate."""
     part = cfg.sampler.p * cfg.sampler.k if cfg.sampler.name == "pk" else cfg.batch_size
     what = "sampler.p x sampler.k" if cfg.sampler.name == "pk" else "batch_size"
-    global_batch = cfg.global_batch or (saved or {}).get("global_batch") or part * world_size * cfg.accumulate
+    kept = (saved or {}).get("global_batch")
+    if not cfg.global_batch and kept and (kept % part or kept // part < world_size):
+        logging.getLogger("recog").warning(
+            "the checkpoint's global batch %d cannot be split into forward passes of %s=%d over %d processes; "
+            "this run's global batch is %d (the LR follows it), and its epoch starts again", kept, what, part,
+            world_size, part * world_size * cfg.accumulate)
+        kept = None
+    global_batch = cfg.global_batch or kept or part * world_size * cfg.accumulate
     if global_batch % part:
         raise ConfigError(f"global_batch={global_batch} is not a multiple of {what}={part} (the images of one "
                           f"forward pass); give a multiple of it.")

@@ -102,3 +102,28 @@ def test_pk_batches_continue_on_a_new_world_size(before, after, stop_after):
     rest = pk_steps(after, done)
     assert sorted([*first, *rest]) == list(range(13))
     assert {**first, **rest} == reference  # the same P×K batches in every step
+
+
+def settings(**kw):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"batch_size": 16, "accumulate": 1, "global_batch": None, "sampler": {"name": "stream"},
+                             "loss": {"cross_rank": False}, **kw})
+
+
+def test_the_global_batch_is_kept_across_world_sizes_where_it_can_be(caplog):
+    from recog.config import global_batch_parts
+    from recog.errors import ConfigError
+
+    assert global_batch_parts(settings(), 2) == (32, 2)  # batch_size x world size
+    assert global_batch_parts(settings(), 1, saved={"global_batch": 64}) == (64, 4)  # a restart keeps its own
+    assert global_batch_parts(settings(global_batch=128), 1, saved={"global_batch": 64}) == (128, 8)
+    # a restart on more processes than the checkpoint's parts: this run's own, said once
+    assert global_batch_parts(settings(), 8, saved={"global_batch": 64}) == (128, 8)
+    assert "cannot be split" in caplog.text
+    with pytest.raises(ConfigError, match="global_batch=40 is not a multiple of batch_size=16"):
+        global_batch_parts(settings(global_batch=40), 1)
+    with pytest.raises(ConfigError, match="fewer than the 4 processes"):
+        global_batch_parts(settings(global_batch=32), 4)
+    with pytest.raises(ConfigError, match="loss.cross_rank=true"):
+        global_batch_parts(settings(global_batch=64, loss={"cross_rank": True}), 2)

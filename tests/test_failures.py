@@ -26,6 +26,7 @@ from conftest import ROOT, run_train, tiny_args, train_cmd
 from http_server import CountingServer
 
 from recog.checkpoint import load_checkpoint
+from recog.data.plan import count_done
 from recog.preempt import EXIT_CODE
 
 pytestmark = pytest.mark.slow
@@ -215,7 +216,7 @@ def test_ctrl_c_saves_a_checkpoint_after_the_current_step_and_exits_130(tiny_dat
     lines = [line for line in (run.stdout + run.stderr).splitlines() if "interrupted" in line]
     assert len(lines) == 1, lines
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    assert ckpt["step"] > 0 and ckpt["epoch"] == 0 and sum(ckpt["data"]["consumed"]) > 0  # mid-epoch, not lost
+    assert ckpt["step"] > 0 and ckpt["epoch"] == 0 and count_done(ckpt["data"]["done"]) > 0  # mid-epoch, not lost
     # the same command continues from it
     again = Run(tiny_args(tiny_data, epochs=1, **{"data.num_workers": 1}) + [f"hydra.run.dir={run_dir}"], tmp_path,
                 nproc=None).finish()
@@ -505,7 +506,7 @@ def test_sigterm_saves_at_the_next_step_and_the_same_command_continues(tiny_data
     stopped_at = saved["step"]
     assert 20 <= stopped_at < 3 * STEPS_PER_EPOCH, stopped_at
     assert f"checkpoint {run_dir}/checkpoints/step-{stopped_at:09d}.pt written" in out
-    assert sum(saved["data"]["consumed"]) == stopped_at - STEPS_PER_EPOCH * saved["epoch"]
+    assert count_done(saved["data"]["done"]) == stopped_at - STEPS_PER_EPOCH * saved["epoch"]
 
     again = run_train(args(tiny_data, run_dir), cwd=tmp_path)
     assert again.returncode == 0, again.stdout + again.stderr
