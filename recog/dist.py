@@ -189,8 +189,11 @@ class PeerLost(RecogError):
 
 
 def is_timeout(error: BaseException) -> bool:
-    """gloo reports a missing peer as 'Timed out waiting ...'; NCCL's watchdog as a DistBackendError timeout."""
-    return "timed out" in str(error).lower() or "timeout" in type(error).__name__.lower()
+    """gloo reports a missing peer as 'Timed out waiting ...', or, for an operation on a connection an earlier
+    timeout closed (DDP's buffer broadcast is several), 'Application timeout caused pair closure'; NCCL's
+    watchdog as a DistBackendError timeout."""
+    text = str(error).lower()
+    return "timed out" in text or "timeout caused" in text or "timeout" in type(error).__name__.lower()
 
 
 def is_peer_lost(error: BaseException) -> bool:

@@ -42,3 +42,14 @@ def test_collectives_under_torchrun(tmp_path):
         # 4 accumulated micro-batches (all-reduce on the last only) = one step on the 4x batch, up to rounding
         assert rep["accumulation_max_diff"] < 1e-6
     assert (tmp_path / "read-by-0").exists() and not (tmp_path / "read-by-1").exists()  # only rank 0 read
+
+
+def test_gloo_and_nccl_errors_are_told_apart():
+    """What recog turns into its one-sentence RankTimeout / PeerLost, from the texts gloo and NCCL raise."""
+    from recog.dist import is_peer_lost, is_timeout
+
+    assert is_timeout(RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Timed out waiting 8000ms "
+                                   "for recv operation to complete"))
+    assert is_timeout(RuntimeError("Application timeout caused pair closure"))  # the next op on that connection
+    assert is_peer_lost(RuntimeError("[gloo/transport/tcp/pair.cc:598] Connection closed by peer [127.0.0.1]:1234"))
+    assert not is_timeout(RuntimeError("Connection closed by peer")) and not is_peer_lost(RuntimeError("nan loss"))
