@@ -46,7 +46,6 @@ import csv
 import io
 import itertools
 import json
-import random
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -262,9 +261,10 @@ def recog_decode(s: ImageSet, workers: int, batch_size: int, keep_decoded: bool 
 
 
 class RecogBytes(IterableDataset):
-    """Bytes only, through recog's reading: one rank's shuffled epoch plan (recog.data.plan), this worker's share
-    of it, read by recog.data.stream.read_pieces and shuffled within blocks as ShardStream does it, in batches
-    of (encoded images, labels). ShardStream is this plus decoding, the transform and the per-batch bookkeeping."""
+    """Bytes only, through recog's reading: one rank's epoch as ShardStream plans it (one part, recog.data.plan),
+    this worker's steps of it, read by recog.data.stream.read_pieces through a PartReader (shuffled within
+    blocks), in batches of (encoded images, labels). ShardStream is this plus decoding, the transform and the
+    per-batch bookkeeping."""
 
     def __init__(self, shards: Path, batch_size: int):
         from recog.data.manifest import load_manifest
@@ -275,19 +275,20 @@ class RecogBytes(IterableDataset):
     def __iter__(self):
         from recog.data.decode import IMAGE_KEYS
         from recog.data.offsets import ShardOffsets
-        from recog.data.plan import rank_pieces, worker_pieces
+        from recog.data.plan import PartPlan, epoch_steps, worker_steps
         from recog.data.source import ShardSource
-        from recog.data.stream import read_pieces, shuffled_blocks
+        from recog.data.stream import PartReader, read_pieces
 
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        pieces = rank_pieces(self.manifest.shard_sizes, 0, 1, epoch=0, seed=0, shuffle=True, pad=True)
-        pieces = worker_pieces(pieces, self.batch_size, worker, workers)
         if self.offsets is None:
             self.offsets = ShardOffsets.load(self.manifest, ShardSource())
-        samples = shuffled_blocks(read_pieces(self.manifest, pieces, True, offsets=self.offsets), SHUFFLE_BUFFER,
-                                  random.Random(worker))
-        while chunk := list(itertools.islice(samples, self.batch_size)):
+        steps = worker_steps(epoch_steps(self.manifest.num_samples, 1, self.batch_size), worker, workers)
+        plan = PartPlan.make(self.manifest.shard_sizes, 0, 1, batch_size=self.batch_size, block=SHUFFLE_BUFFER,
+                             epoch=0, seed=0)
+        reader = PartReader(plan, steps, lambda pieces: read_pieces(self.manifest, pieces, True, offsets=self.offsets))
+        for step in steps:
+            chunk = reader.step(step)
             key = next(k for k in IMAGE_KEYS if k in chunk[0])
             yield byte_counts([(sample[key], sample["cls"]) for sample in chunk])
 

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 
 from recog.data.decode import decode_image
-from recog.data.loader import Batch
+from recog.data.loader import Batch, join_batches
 from recog.errors import DataError
 
 try:  # TorchCodec: PyTorch's image decoders (torchvision's are deprecated in its favour)
@@ -131,11 +131,9 @@ class DecodeOnDevice:
         # several parts of one step (recog.data.plan): each decoded with its own seed, then joined again
         parts = [self.decode_part(Batch(images, labels, 0)) for images, labels in
                  zip(batch.images, batch.labels.split(list(batch.sizes)))]
-        kept = [p.images for p in parts if len(p.labels)] or [parts[0].images]
-        return batch._replace(images=torch.cat(kept), labels=torch.cat([p.labels for p in parts]),
-                              skipped=batch.skipped + sum(p.skipped for p in parts),
-                              sizes=tuple(len(p.labels) for p in parts),
-                              warnings=(*batch.warnings, *(w for p in parts for w in p.warnings)))
+        joined = join_batches(parts)
+        return batch._replace(images=joined.images, labels=joined.labels, skipped=batch.skipped + joined.skipped,
+                              sizes=joined.sizes, warnings=(*batch.warnings, *(w for p in parts for w in p.warnings)))
 
     def decode_part(self, batch: Batch) -> Batch:
         encoded: EncodedImages = batch.images

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import random
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
@@ -98,13 +97,6 @@ def read_pieces(manifest: Manifest, pieces: list[Piece], strict: bool, source: S
                 raise DataError(f"shard {url} holds fewer samples than its manifest says; rewrite the shards.")
             log.warning("shard %s: %d planned samples missing, skipped", url, len(piece) - produced)
             yield from [None] * (len(piece) - produced)
-
-
-def shuffled_blocks(items: Iterator, block: int, rng: random.Random) -> Iterator:
-    """Shuffle within consecutive blocks of `block` items: memory is bounded, order is reproducible."""
-    while chunk := list(islice(items, block)):
-        rng.shuffle(chunk)
-        yield from chunk
 
 
 class PartReader:
@@ -209,9 +201,9 @@ class ShardStream(IterableDataset):
         return [[self._done[1 + 2 * i], self._done[2 + 2 * i]] for i in range(n)]
 
     def pieces(self) -> list[Piece]:
-        """This rank's samples: the training split pads (equal steps), evaluation does not (exactly once)."""
-        return rank_pieces(self.manifest.shard_sizes, self.rank, self.world_size, epoch=self.epoch,
-                           seed=self.seed, shuffle=self.train, pad=self.train)
+        """Evaluation: this rank's slice of the stream, in shard order, each sample exactly once (training reads
+        parts: _steps)."""
+        return rank_pieces(self.manifest.shard_sizes, self.rank, self.world_size, shuffle=False, pad=False)
 
     def __len__(self) -> int:
         """Training: the epoch's steps (every rank the same); evaluation: this rank's batches."""
