@@ -6,7 +6,6 @@ left it (`restore`, the mirror of `save`); `Position` is where training stands.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -20,41 +19,13 @@ from omegaconf import DictConfig, OmegaConf
 from recog import dist
 from recog.data.plan import count_done, mark_done
 from recog.errors import ConfigError, RecogError
+from recog.files import _fsync_dir, atomic_write
 from recog.model import state_mismatch
 
 if TYPE_CHECKING:  # the recipe's module imports this one
     from recog.build import StepRecipe
 
 log = logging.getLogger("recog")
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | Path, write) -> Path:
-    """Call `write(file)` on a temporary file beside `path`, then rename it into place.
-
-    A crash at any moment leaves either the old file or the new one, never half
-    of one: the rename is atomic on POSIX file systems.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-    return path
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
@@ -114,10 +85,6 @@ def load_newest_checkpoint(folder: str | Path, log) -> tuple[Path, dict[str, Any
         raise ConfigError(f"none of the {len(paths)} checkpoints in {folder} can be read; move them away to "
                           "start this run over, or give resume= a good one.")
     return None
-
-
-def write_json(data: dict, path: str | Path) -> Path:
-    return atomic_write(path, lambda f: f.write(json.dumps(data, indent=2).encode()))
 
 
 def load_checkpoint(path: str | Path, option: str = "resume=") -> dict[str, Any]:

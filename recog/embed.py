@@ -43,7 +43,6 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from recog import dist  # noqa: E402
-from recog.checkpoint import write_json  # noqa: E402
 from recog.config import check_number  # noqa: E402
 from recog.data.embed_stream import Part, PartBatch, PartStream, rank_parts  # noqa: E402
 from recog.data.loader import make_loader, stop_data_workers  # noqa: E402
@@ -53,6 +52,7 @@ from recog.data.source import ShardSource  # noqa: E402
 from recog.embedder import ExportedEmbedder, Preprocess  # noqa: E402
 from recog.embeddings import DTYPES, MANIFEST, part_name, write_manifest, write_part  # noqa: E402
 from recog.errors import ConfigError, RecogError, sentence  # noqa: E402
+from recog.files import write_json  # noqa: E402
 from recog.log import setup_logging  # noqa: E402
 from recog.preempt import SIGNALS, Preempted  # noqa: E402
 from recog.rundir import project_dir  # noqa: E402

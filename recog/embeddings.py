@@ -28,12 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recog.checkpoint import atomic_write, write_json
 from recog.data.decode import decode_sample
 from recog.data.manifest import load_manifest
 from recog.data.plan import Piece
 from recog.data.stream import read_pieces
 from recog.errors import ConfigError, RecogError
+from recog.files import atomic_write, write_json
 
 FORMAT = "recog-embeddings/1"
 MANIFEST = "manifest.json"

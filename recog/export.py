@@ -15,7 +15,6 @@ Writes into OUT_DIR, each file atomically, `model.json` last (its presence means
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -25,11 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import recog
-from recog.checkpoint import atomic_write, load_checkpoint, write_json
+from recog.checkpoint import load_checkpoint
 from recog.data.manifest import load_manifest
 from recog.data.prepare import class_names as preset_class_names
 from recog.data.source import is_remote
 from recog.errors import ConfigError, RecogError
+from recog.files import atomic_write, sha256_of, write_json
 from recog.model import RecognitionModel, state_mismatch
 
 FORMAT = "recog-embedder/1"
@@ -52,14 +52,6 @@ class Embedder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = (images.float() - self.mean) / self.std
         return F.normalize(self.embed(self.backbone(x)), dim=1)
-
-
-def sha256_of(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_checkpoint(path: str | Path, option: str = "python -m recog.export") -> dict:

@@ -40,9 +40,9 @@ from pathlib import Path
 import numpy as np
 
 import recog
-from recog.checkpoint import atomic_write, write_json
 from recog.embeddings import Embeddings, open_embeddings
 from recog.errors import ConfigError, RecogError
+from recog.files import atomic_write, write_json
 from recog.listen import bind
 
 FORMAT = "recog-index/1"

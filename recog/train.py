@@ -19,9 +19,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from recog import dist
 from recog.build import StepRecipe, build_data, build_recipe
-from recog.checkpoint import Checkpoints, Position, check_resume_point, find_resume_point, write_json
+from recog.checkpoint import Checkpoints, Position, check_resume_point, find_resume_point
 from recog.config import check_config
 from recog.data.loader import Batch, stop_data_workers
+from recog.files import write_json
 from recog.log import make_writer, setup_logging
 from recog.model import Output
 from recog.preempt import Preempted, StopOnSignal

@@ -13,7 +13,8 @@ from identify_setup import random_checkpoint, run_module
 
 from recog.data.normalize import Normalize
 from recog.data.write import FASHION_MNIST_CLASSES
-from recog.export import export, sha256_of
+from recog.export import export
+from recog.files import sha256_of
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -23,6 +23,7 @@ from typing import BinaryIO
 from urllib.parse import urlparse
 
 from recog.errors import ConfigError, DataError
+from recog.files import sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -156,14 +157,6 @@ class ShardSource:
 
 
 _VERIFIED: set[str] = set()  # cached shards this process has checked
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @contextmanager
