@@ -46,13 +46,21 @@ from recog import dist  # noqa: E402
 from recog.config import check_number  # noqa: E402
 from recog.data.embed_stream import Part, PartBatch, PartStream, rank_parts  # noqa: E402
 from recog.data.loader import make_loader, stop_data_workers  # noqa: E402
-from recog.data.manifest import Manifest, load_manifest  # noqa: E402
+from recog.data.manifest import Manifest, item_key, load_manifest  # noqa: E402
 from recog.data.plan import rank_pieces  # noqa: E402
 from recog.data.source import ShardSource  # noqa: E402
 from recog.embedder import ExportedEmbedder, Preprocess  # noqa: E402
-from recog.embeddings import DTYPES, MANIFEST, part_name, write_manifest, write_part  # noqa: E402
+from recog.embeddings import (  # noqa: E402
+    DTYPES,
+    MANIFEST,
+    part_name,
+    refuse_foreign_manifest,
+    source_of,
+    write_manifest,
+    write_part,
+)
 from recog.errors import ConfigError, RecogError, sentence  # noqa: E402
-from recog.files import write_json  # noqa: E402
+from recog.files import FolderLock, exclusive, plain_name, write_json  # noqa: E402
 from recog.log import setup_logging  # noqa: E402
 from recog.preempt import SIGNALS, Preempted  # noqa: E402
 from recog.rundir import project_dir  # noqa: E402
@@ -87,6 +95,7 @@ class RankWork:
     stream: PartStream  # the batches of the parts still to embed
     parts: list[Part]  # all of this rank's parts
     records: dict[int, dict]  # part number -> record, for the parts complete on disk
+    lock: FolderLock | None  # rank 0's hold on the out folder: one embedding run writes it at a time
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -133,13 +142,13 @@ def record_path(out: Path, rank: int, number: int) -> Path:
 def read_records(out: Path, plan: Plan, rank: int, parts: list[Part]) -> dict[int, dict]:
     """This rank's parts complete on disk: a record (written after the part's two files) for the same plan and
     slots, and both files. Any record of another plan is an error: mixing would duplicate or lose samples."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"out={out} is a file; give a folder for the embeddings.")
+    refuse_foreign_manifest(out)
     records = {}
     for path in sorted(out.glob("part-*.json")):
         try:
             record = json.loads(path.read_text())
             theirs, their_rank, number = record["plan"], int(record["rank"]), int(record["number"])
+            name = record["name"]
         except (ValueError, KeyError, TypeError, OSError) as e:
             raise ConfigError(f"{path} is not a part record of python -m recog.embed ({e}); remove it, or choose "
                               "another out folder.") from None
@@ -149,8 +158,9 @@ def read_records(out: Path, plan: Plan, rank: int, parts: list[Part]) -> dict[in
         if their_rank != rank or number >= len(parts):
             continue
         part = parts[number]
+        plain_name(name, path, "remove it, or choose another out folder.")  # a part's files lie in this folder
         if record.get("slots") == [part.start, part.stop] and all(
-                (out / f"{record['name']}{ext}").is_file() for ext in (".npy", ".npz")):
+                (out / f"{name}{ext}").is_file() for ext in (".npy", ".npz")):
             records[number] = record
     if not records and (out / MANIFEST).exists() and not any(out.glob("part-*.json")):
         raise ConfigError(f"{out} already holds embeddings written by another command; choose another out folder.")
@@ -173,10 +183,11 @@ def open_inputs(cfg: DictConfig, ctx: dist.Dist) -> RankWork:
     parts = rank_parts(sum(len(p) for p in pieces), cfg.part_size)
     out = Path(cfg.out)
     records = read_records(out, plan, ctx.rank, parts)
+    lock = exclusive(out, "embedding run") if ctx.is_main else None  # read first: a file for out is one sentence
     todo = [p for p in parts if p.number not in records]
     stream = PartStream(manifest, pieces, todo, batch_size=cfg.batch_size, preprocess=Preprocess.of(info),
                         channels=channels, strict=cfg.strict, source=source)
-    return RankWork(model, info, manifest, plan, stream, parts, records)
+    return RankWork(model, info, manifest, plan, stream, parts, records, lock)
 
 
 class RankParts:
@@ -185,7 +196,7 @@ class RankParts:
     copy off the GPU, its float16 conversion and three fsyncs); at most `ahead` parts wait to be written."""
 
     def __init__(self, out: Path, rank: int, work: RankWork, ahead: int = 2):
-        self.out, self.rank, self.plan = out, rank, work.plan
+        self.out, self.rank, self.plan, self.identity = out, rank, work.plan, work.manifest.identity
         self.parts, self.dim, self.ahead = work.parts, work.info["embedding_dim"], ahead
         self.pending: dict[int, list[tuple[PartBatch, torch.Tensor | None]]] = {}
         self.records = dict(work.records)  # part number -> record: complete on disk, or written by this run
@@ -213,7 +224,7 @@ class RankParts:
         found = [v for _, v in batches if v is not None]
         # one copy off the device per part, not per batch: the model calls are not held up waiting for it
         vectors = torch.cat(found).float().cpu().numpy() if found else np.zeros((0, self.dim), np.float32)
-        keys = np.concatenate([b.keys for b, _ in batches])
+        keys = np.asarray([item_key(self.identity, key) for b, _ in batches for key in b.keys.tolist()], dtype=str)
         labels = torch.cat([b.labels for b, _ in batches]).numpy()
         name, part = part_name(number, self.rank), self.parts[number]
         record = {"name": name, "count": len(keys), "skipped": sum(b.skipped for b, _ in batches),
@@ -326,7 +337,8 @@ def finish(cfg: DictConfig, ctx: dist.Dist, work: RankWork, mine: list[dict], ti
     parts_listed = [{"name": p["name"], "count": p["count"]} for p in listed if p["count"]]
     if ctx.is_main:
         write_manifest(out, work.plan.model_sha256, info["embedding_dim"], cfg.dtype, parts_listed,
-                       work.manifest.classes, world_size=ctx.world_size, part_size=cfg.part_size, skipped=skipped)
+                       work.manifest.classes, [source_of(work.manifest, cfg.data)], world_size=ctx.world_size,
+                       part_size=cfg.part_size, skipped=skipped)
     embedded, slowest = sum(r["images"] for r in everyone), max(r["seconds"] for r in everyone)
     result = {"count": sum(p["count"] for p in parts_listed), "parts": len(parts_listed), "skipped": skipped,
               "images": embedded, "seconds": slowest, "images_per_s": embedded / slowest if slowest else 0.0,

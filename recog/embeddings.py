@@ -5,9 +5,15 @@ and a `manifest.json` written last, whose presence means the folder is complete:
 
     manifest.json     {"format": "recog-embeddings/1", "model_sha256": the export's checkpoint sha256 (model.json),
                        "dim": D, "dtype": "float16" | "float32", "count": N, "classes": [names of the labels],
-                       "parts": [{"name": "part-00000", "count": n0}, ...]}
+                       "parts": [{"name": "part-00000", "count": n0}, ...],
+                       "sources": [{"identity": the shard folder's identity, "location": where it was read}]}
     part-00000.npy    n0×D vectors, unit length, in `dtype`
-    part-00000.npz    "keys": n0 strings (the samples' keys in their shards), "labels": n0 int64 (-1: none)
+    part-00000.npz    "keys": n0 strings, "labels": n0 int64 (-1: none)
+
+A key names its sample across folders: `IDENTITY:KEY`, the shard folder's identity (recog.data.manifest
+`shards_identity`: a hash of its shard list) and the sample's key in its shards, so that galleries grown from
+many folders never hold two items of one name, and a service shows an item's image only from the shards it came
+from. A part's name is a plain file name in the folder: a manifest naming anything else is refused.
 
 Vectors are read part by part, a chunk at a time, memory-mapped: a reader's memory is bounded by a chunk.
 
@@ -29,11 +35,11 @@ import numpy as np
 import torch
 
 from recog.data.decode import decode_sample
-from recog.data.manifest import load_manifest
+from recog.data.manifest import item_key, load_manifest
 from recog.data.plan import Piece
 from recog.data.stream import read_pieces
 from recog.errors import ConfigError, RecogError
-from recog.files import atomic_write, write_json
+from recog.files import atomic_write, exclusive, plain_name, write_json
 
 FORMAT = "recog-embeddings/1"
 MANIFEST = "manifest.json"
@@ -67,12 +73,17 @@ def save_npz(file, **arrays: np.ndarray) -> None:
 
 
 def write_manifest(folder: str | Path, model_sha256: str, dim: int, dtype: str, parts: list[dict],
-                   classes: list[str], **extra) -> Path:
-    """Last: once it is there, every part it lists is complete. `extra`: what the writer adds for the record
-    (readers ignore it)."""
+                   classes: list[str], sources: list[dict] = (), **extra) -> Path:
+    """Last: once it is there, every part it lists is complete. `sources`: the shard folders embedded, each
+    {"identity", "location"}; `extra`: what the writer adds for the record (readers ignore it)."""
     return write_json({"format": FORMAT, "model_sha256": model_sha256, "dim": dim, "dtype": dtype,
-                       "count": sum(p["count"] for p in parts), "classes": list(classes), "parts": parts, **extra},
-                      Path(folder) / MANIFEST)
+                       "count": sum(p["count"] for p in parts), "classes": list(classes), "parts": parts,
+                       "sources": list(sources), **extra}, Path(folder) / MANIFEST)
+
+
+def source_of(manifest, location) -> dict:
+    """A shard folder as an embeddings manifest's `sources` lists it."""
+    return {"identity": manifest.identity, "location": str(location)}
 
 
 @dataclass(frozen=True)
@@ -92,6 +103,7 @@ class Embeddings:
     count: int
     classes: list[str]
     parts: list[dict]
+    sources: list[dict]  # the shard folders embedded: {"identity", "location"} (empty: written by another tool)
 
     def vectors(self, part: dict) -> np.ndarray:
         """A part's vectors, memory-mapped (nothing is read until used)."""
@@ -153,14 +165,36 @@ def open_embeddings(folder: str | Path) -> Embeddings:
         if raw.get("format") != FORMAT or raw["dtype"] not in DTYPES:
             raise ValueError(f"format {raw.get('format')}, dtype {raw.get('dtype')}")
         emb = Embeddings(folder, str(raw["model_sha256"]), int(raw["dim"]), raw["dtype"], int(raw["count"]),
-                         list(raw.get("classes") or []), [{"name": str(p["name"]), "count": int(p["count"])}
-                                                          for p in raw["parts"]])
+                         list(raw.get("classes") or []), [{"name": p["name"], "count": int(p["count"])}
+                                                          for p in raw["parts"]],
+                         [{"identity": str(s["identity"]), "location": str(s["location"])}
+                          for s in raw.get("sources") or []])
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ConfigError(f"{path} is not a recog embeddings manifest ({e}); write the embeddings again.") from None
+    for part in emb.parts:  # a part is a pair of files beside the manifest: never a path out of its folder
+        plain_name(part["name"], path, "write the embeddings again.")
     if emb.count != sum(p["count"] for p in emb.parts):
         raise ConfigError(f"{path} counts {emb.count} vectors but its parts hold "
                           f"{sum(p['count'] for p in emb.parts)}; write the embeddings again.")
     return emb
+
+
+def refuse_foreign_manifest(out: Path) -> None:
+    """An embeddings writer's `out` may hold embeddings (its own to continue, or to refuse), never another kind of
+    folder: a manifest.json of shards or of another tool there is one sentence, and is never replaced."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file; give a folder for the embeddings.")
+    path = out / MANIFEST
+    if not path.exists():
+        return
+    try:
+        kind = json.loads(path.read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    if kind == FORMAT:
+        return
+    what = "shards (python -m recog.data write)" if kind == "recog-shards/1" else "another tool's manifest.json"
+    raise ConfigError(f"{out} holds {what}, not embeddings; choose another folder for the embeddings.")
 
 
 class PartWriter:
@@ -196,10 +230,16 @@ def embed_shards(export_dir: str | Path, shards: str | Path, out_dir: str | Path
     from recog.embedder import ExportedEmbedder  # loads torch.export: not needed to read embeddings
 
     out_dir = Path(out_dir)
+    refuse_foreign_manifest(out_dir)
     if (out_dir / MANIFEST).exists():
         raise ConfigError(f"{out_dir} already holds embeddings; choose another folder.")
-    out_dir.mkdir(parents=True, exist_ok=True)
     embedder, manifest = ExportedEmbedder(export_dir), load_manifest(shards)
+    with exclusive(out_dir, "embedding run"):
+        return _embed_shards(embedder, manifest, shards, out_dir, part_size, batch_size, dtype)
+
+
+def _embed_shards(embedder, manifest, shards, out_dir: Path, part_size: int, batch_size: int,
+                  dtype: str) -> Embeddings:
     pieces = [Piece(i, 0, s.samples) for i, s in enumerate(manifest.shards)]
     writer = PartWriter(out_dir, part_size, dtype)
     images, keys, labels, skipped = [], [], [], 0
@@ -216,7 +256,7 @@ def embed_shards(export_dir: str | Path, shards: str | Path, out_dir: str | Path
             skipped += 1
             continue
         images.append(embedder.preprocess(image))
-        keys.append(sample["__key__"])
+        keys.append(item_key(manifest.identity, sample["__key__"]))
         labels.append(label)
         if len(images) == batch_size:
             embed_batch()
@@ -225,7 +265,8 @@ def embed_shards(export_dir: str | Path, shards: str | Path, out_dir: str | Path
     writer.flush()
     if not writer.parts:
         raise ConfigError(f"no image of {shards} could be read; write the shards again.")
-    write_manifest(out_dir, embedder.sha256, embedder.dim, dtype, writer.parts, manifest.classes)
+    write_manifest(out_dir, embedder.sha256, embedder.dim, dtype, writer.parts, manifest.classes,
+                   [source_of(manifest, shards)])
     if skipped:
         print(f"skipped {skipped} unreadable sample(s) of {shards}", file=sys.stderr)
     return open_embeddings(out_dir)

@@ -42,7 +42,7 @@ import numpy as np
 import recog
 from recog.embeddings import Embeddings, open_embeddings
 from recog.errors import ConfigError, RecogError
-from recog.files import atomic_write, write_json
+from recog.files import atomic_write, disk_error, exclusive, is_plain_name, write_json
 from recog.listen import bind
 
 FORMAT = "recog-index/1"
@@ -85,7 +85,8 @@ def choose_kind(kind: str, count: int, dim: int) -> tuple[dict, str]:
         return params, f"index: HNSW (32 links, efSearch {HNSW_EF_SEARCH}) for {count:,} vectors{why}"
     nlist = max(1, min(round(4 * math.sqrt(count)), count // 39))  # faiss's k-means wants ≥ 39 points per list
     if count < 256:
-        raise ConfigError(f"IVF-PQ needs at least 256 vectors to train its codebooks and the gallery has {count}; "
+        name = "IVF-SQ8" if kind == "ivfsq" else "IVF-PQ"
+        raise ConfigError(f"{name} needs at least 256 vectors to train its quantizer and the gallery has {count}; "
                           "use --kind flat.")
     m, nprobe = pq_bytes(dim), max(1, nlist // NPROBE_SHARE)
     if kind == "ivfsq":  # 8-bit scalar codes: a byte per dimension, near-exact scores
@@ -160,6 +161,12 @@ class IndexInfo:
     def classes(self) -> list[str]:
         return self.raw["classes"]
 
+    @property
+    def sources(self) -> list[dict]:
+        """The shard folders its items come from: {"identity", "location"} (recog.embeddings); empty for
+        embeddings written by another tool."""
+        return self.raw.get("sources", [])
+
     def files(self) -> list[str]:
         return [*self.raw["shards"], self.raw["ids"]]
 
@@ -175,14 +182,21 @@ def read_index_info(folder: str | Path) -> IndexInfo:
             raise ValueError(f"format {raw.get('format')}")
         info = IndexInfo(folder, raw)
         _ = (info.model_sha256, info.dim, info.count, info.classes, info.files(), raw["params"], raw["generation"])
+        _ = [(s["identity"], s["location"]) for s in info.sources]
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ConfigError(f"{path} is not a recog index description ({e}); build the index again.") from None
+    # every file it names lies beside it: commit() removes an old version's files, open_gallery reads them
+    outside = [name for name in info.files() if not is_plain_name(name)]
+    if outside:
+        raise ConfigError(f"{path} names {str(outside[0])[:80]!r}, which is not a plain file name inside {folder}, "
+                          f"so it is not recog's; build the index into another folder, or move {path} away.")
     return info
 
 
 def commit(folder: Path, raw: dict, old: IndexInfo | None) -> IndexInfo:
     """Replace index.json (the switch from the old version's files to the new), then remove the old files that
-    the new version does not use: only files an index.json of ours named."""
+    the new version does not use: only files an index.json of ours named, each a plain name in `folder`
+    (read_index_info refuses any other)."""
     write_json(raw, folder / INDEX_JSON)
     new = IndexInfo(folder, raw)
     for name in set(old.files() if old else ()) - set(new.files()):
@@ -202,16 +216,48 @@ def check_out_dir(out_dir: Path, overwrite: bool) -> IndexInfo | None:
     return read_index_info(out_dir)
 
 
+def read_ids(info: IndexInfo) -> tuple[np.ndarray, np.ndarray]:
+    """The index's keys and labels (numbers and strings only: never a pickled object)."""
+    path = info.folder / info.raw["ids"]
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            keys, labels = npz["keys"], npz["labels"]
+    except (OSError, ValueError, KeyError, EOFError) as e:  # missing, damaged, or arrays of objects (pickles)
+        raise ConfigError(f"{path} cannot be read as the index's keys and labels ({str(e)[:80]}); build the index "
+                          "again.") from None
+    if keys.dtype.kind != "U" or labels.dtype.kind not in "iu" or keys.shape != labels.shape:
+        raise ConfigError(f"{path} does not hold string keys and integer labels of one length; build the index "
+                          "again.")
+    return keys, labels
+
+
+def sources_of(emb: Embeddings) -> list[dict]:
+    return [dict(s) for s in emb.sources]
+
+
 def build(embeddings: str | Path, out_dir: str | Path, kind: str = "auto", shards: int = 1,
           train_size: int = 100_000, chunk: int = 65536, overwrite: bool = False, log=print) -> IndexInfo:
-    """Build the index of a folder of embeddings in `out_dir`."""
+    """Build the index of a folder of embeddings in `out_dir` (held for this writer alone while it builds)."""
     out_dir = Path(out_dir)
-    old = check_out_dir(out_dir, overwrite)
+    check_out_dir(out_dir, overwrite)
     emb = open_embeddings(embeddings)
+    if emb.count == 0:
+        raise ConfigError(f"the embeddings in {embeddings} hold no vectors; embed a folder of shards with readable "
+                          "images first.")
     if not 1 <= shards <= emb.count:
         raise ConfigError(f"--shards {shards} does not fit {emb.count} vectors; give 1 to {emb.count}.")
     params, line = choose_kind(kind, emb.count, emb.dim)
-    log(line + (f", in {shards} shards" if shards > 1 else ""))
+    try:
+        with exclusive(out_dir, "index build"):
+            old = check_out_dir(out_dir, overwrite)  # again, under the lock: another writer may have finished
+            log(line + (f", in {shards} shards" if shards > 1 else ""))
+            return _build(emb, out_dir, params, shards, train_size, chunk, old)
+    except OSError as e:  # a full disk, a read-only folder: nothing half-written is left (atomic writes)
+        raise disk_error(e, out_dir) from None
+
+
+def _build(emb: Embeddings, out_dir: Path, params: dict, shards: int, train_size: int, chunk: int,
+           old: IndexInfo | None) -> IndexInfo:
     empty = new_index(params, emb.dim)
     if not empty.is_trained:
         # faiss's k-means wants at least 39 training points per list: a large gallery's many lists get more
@@ -228,14 +274,24 @@ def build(embeddings: str | Path, out_dir: str | Path, kind: str = "auto", shard
     write_ids(out_dir, f"ids.g{generation}.npz", keys, labels)
     raw = {"format": FORMAT, "recog_version": recog.__version__, "model_sha256": emb.model_sha256,
            "dim": emb.dim, "count": emb.count, "classes": emb.classes, "metric": "inner_product", "params": params,
-           "shards": names, "ids": f"ids.g{generation}.npz", "generation": generation}
+           "shards": names, "ids": f"ids.g{generation}.npz", "generation": generation, "sources": sources_of(emb)}
     return commit(out_dir, raw, old)
 
 
 def add(index_dir: str | Path, embeddings: str | Path, chunk: int = 65536) -> IndexInfo:
-    """Append a folder of embeddings (of the same model and classes) to the index's last shard."""
-    old = read_index_info(index_dir)
-    emb = open_embeddings(embeddings)
+    """Append a folder of embeddings (of the same model and classes, and of other items) to the index's last
+    shard. One writer at a time: the folder is held while it adds."""
+    index_dir = Path(index_dir)
+    read_index_info(index_dir)  # an index is there: the lock file is not written into any other folder
+    try:
+        with exclusive(index_dir, "index add"):
+            return _add(read_index_info(index_dir), open_embeddings(embeddings), embeddings, chunk)
+    except OSError as e:
+        raise disk_error(e, index_dir) from None
+
+
+def _add(old: IndexInfo, emb: Embeddings, embeddings: str | Path, chunk: int) -> IndexInfo:
+    index_dir = old.folder
     if emb.model_sha256 != old.model_sha256:
         raise ConfigError(f"the embeddings in {embeddings} come from another model (sha256 {emb.model_sha256[:12]}) "
                           f"than the index in {index_dir} ({old.model_sha256[:12]}); embed the new images with the "
@@ -243,17 +299,28 @@ def add(index_dir: str | Path, embeddings: str | Path, chunk: int = 65536) -> In
     if emb.dim != old.dim or emb.classes != old.classes:
         raise ConfigError(f"the embeddings in {embeddings} have other {'widths' if emb.dim != old.dim else 'classes'} "
                           f"than the index in {index_dir}; build a new index from both.")
+    if emb.count == 0:
+        raise ConfigError(f"the embeddings in {embeddings} hold no vectors; there is nothing to add.")
+    new_keys, new_labels = ids_of(emb)
+    old_keys, old_labels = read_ids(old)
+    # one item, one key: a gallery must never hold an item twice (the same embeddings added again, or shards
+    # written again into a folder whose items it holds)
+    twice = np.intersect1d(old_keys, new_keys)
+    if len(twice) or len(np.unique(new_keys)) != len(new_keys):
+        first = twice[0] if len(twice) else new_keys[0]
+        raise ConfigError(f"the embeddings in {embeddings} hold items the index in {index_dir} already holds "
+                          f"({len(twice) or 'some'} key(s), first {str(first)!r}); add only embeddings of new items "
+                          "(new shard folders), or build the index again.")
     folder, generation = old.folder, old.raw["generation"] + 1
     last = read_shard(folder / old.raw["shards"][-1])
     add_range(last, emb, 0, emb.count, chunk)
     last_name = f"shard-{len(old.raw['shards']) - 1:05d}.g{generation}.faiss"
     write_faiss(last, folder / last_name)
-    keys, labels = ids_of(emb)
-    with np.load(folder / old.raw["ids"], allow_pickle=False) as npz:
-        keys, labels = np.concatenate([npz["keys"], keys]), np.concatenate([npz["labels"], labels])
+    keys, labels = np.concatenate([old_keys, new_keys]), np.concatenate([old_labels, new_labels])
     write_ids(folder, f"ids.g{generation}.npz", keys, labels)
+    sources = old.sources + [s for s in sources_of(emb) if s not in old.sources]
     raw = {**old.raw, "count": old.count + emb.count, "shards": [*old.raw["shards"][:-1], last_name],
-           "ids": f"ids.g{generation}.npz", "generation": generation}
+           "ids": f"ids.g{generation}.npz", "generation": generation, "sources": sources}
     return commit(folder, raw, old)
 
 
@@ -300,8 +367,7 @@ def open_gallery(folder: str | Path, shard_servers: list[tuple[str, int]] | None
         index = faiss.IndexShards(info.dim, False, True)
         for number in range(len(info.raw["shards"])):
             index.add_shard(open_shard(info, number))
-    with np.load(info.folder / info.raw["ids"], allow_pickle=False) as npz:
-        keys, labels = npz["keys"], npz["labels"]
+    keys, labels = read_ids(info)
     if not index.ntotal == len(keys) == info.count:
         raise ConfigError(f"the index in {folder} holds {index.ntotal} vectors and {len(keys)} ids where "
                           f"{INDEX_JSON} says {info.count}; build the index again.")

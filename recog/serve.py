@@ -214,7 +214,7 @@ class Batcher:
 class Service:
     """An export and an index, loaded once; optionally the gallery's shards, to show the matches' images."""
 
-    def __init__(self, model_dir: str, index_dir: str, shards: str | None = None, *, max_batch: int = 32,
+    def __init__(self, model_dir: str, index_dir: str, shards: list[str] | str | None = None, *, max_batch: int = 32,
                  max_wait_ms: float = 0.0, max_inflight: int = 256, max_bytes: int = 20 << 20,
                  max_pixels: int = Image.MAX_IMAGE_PIXELS, default_k: int = 5, read_timeout_s: float = 30.0,
                  cache_dir: str | None = None, decode_threads: int = 0,
@@ -228,7 +228,9 @@ class Service:
         self.embedder, self.gallery = ExportedEmbedder(model_dir), open_gallery(index_dir, shard_servers)
         check_match(self.embedder, self.gallery, model_dir, index_dir)
         self.classes = class_names(self.embedder, self.gallery)
-        self.items = GalleryImages(shards, self.gallery.keys, cache_dir) if shards else None
+        if isinstance(shards, str):
+            shards = [shards]
+        self.items = GalleryImages(shards, self.gallery.info.sources, cache_dir, index_dir) if shards else None
         self.max_k = min(MAX_K, self.gallery.info.count)
         self.default_k = min(default_k, self.max_k)
         self.max_inflight, self.max_bytes, self.max_pixels = max_inflight, max_bytes, max_pixels
@@ -268,35 +270,47 @@ class Service:
 
 
 class GalleryImages:
-    """The gallery items' encoded images, looked up by key in the shards' index (never joined into a path)."""
+    """The gallery items' encoded images, looked up by key (`IDENTITY:KEY`, recog.embeddings) in the index of the
+    shard folder whose identity the key names, never joined into a path. Every folder given must be one the
+    gallery was embedded from (its identity, a hash of its shard list, is in the index's sources)."""
 
-    def __init__(self, location: str, gallery_keys: np.ndarray, cache_dir: str | None = None):
+    def __init__(self, locations: list[str], sources: list[dict], cache_dir: str | None = None,
+                 index_dir: str = "the index"):
         from recog.data.manifest import load_manifest
         from recog.data.random_access import ShardRandomAccess
         from recog.data.source import ShardSource
 
-        self.location, source = location, ShardSource(cache_dir=cache_dir)
-        self.shards = ShardRandomAccess(load_manifest(location, source), source)
-        self.position = {str(key): i for i, key in enumerate(self.shards.keys().tolist())}
-        sample = [str(key) for key in gallery_keys[:: max(1, len(gallery_keys) // 100)]]
-        missing = [key for key in sample if key not in self.position]
-        if missing:
-            raise ConfigError(f"the shards at {location} do not hold the gallery's items ({len(missing)} of "
-                              f"{len(sample)} sampled keys missing, first {missing[0]!r}); give the shards the "
-                              "gallery was embedded from.")
+        if not sources:
+            raise ConfigError(f"{index_dir} does not record which shard folders its items come from (it was built "
+                              "from embeddings of another tool or an older recog); build it again from "
+                              "python -m recog.embed's embeddings to show its images, or leave out --shards.")
+        source, known = ShardSource(cache_dir=cache_dir), {s["identity"]: s["location"] for s in sources}
+        self.folders = {}
+        for location in locations:
+            manifest = load_manifest(location, source)
+            if manifest.identity not in known:
+                listed = ", ".join(f"{where} ({identity})" for identity, where in known.items())
+                raise ConfigError(f"the shards at {location} (identity {manifest.identity}) are not ones the gallery "
+                                  f"in {index_dir} was embedded from: {listed}; give those shard folders to --shards.")
+            shards = ShardRandomAccess(manifest, source)
+            self.folders[manifest.identity] = (shards, {str(key): i for i, key in enumerate(shards.keys().tolist())})
+        self.missing = [where for identity, where in known.items() if identity not in self.folders]
         self.open_all()
 
     def __len__(self) -> int:
-        return len(self.position)
+        return sum(len(position) for _, position in self.folders.values())
 
     def open_all(self) -> None:
         """Open (and, for remote shards, fetch into the cache) every shard now, not from several threads later."""
-        for shard in np.unique(self.shards.shard).tolist():
-            self.shards.read_bytes(int(np.flatnonzero(self.shards.shard == shard)[0]))
+        for shards, _ in self.folders.values():
+            for shard in np.unique(shards.shard).tolist():
+                shards.read_bytes(int(np.flatnonzero(shards.shard == shard)[0]))
 
     def read(self, key: str) -> bytes | None:
-        i = self.position.get(key)
-        return None if i is None else self.shards.read_bytes(i)
+        identity, _, key = key.partition(":")
+        shards, position = self.folders.get(identity, (None, {}))
+        i = position.get(key)
+        return None if i is None else shards.read_bytes(i)
 
 
 def create_app(service: Service) -> FastAPI:
@@ -426,7 +440,9 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a folder written by python -m recog.export")
     p.add_argument("--index", required=True, help="a folder written by python -m recog.index build")
-    p.add_argument("--shards", help="the shards the gallery was embedded from: GET /items/{key}/image reads them")
+    p.add_argument("--shards", action="append", metavar="GALLERY_SHARDS",
+                   help="a shard folder the gallery was embedded from: GET /items/{key}/image reads it (give "
+                        "--shards once per folder)")
     p.add_argument("--shard-servers", type=addresses, metavar="HOST:PORT,...",
                    help="search the index's shards in their serve-shard processes (one per shard, in order)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
@@ -480,8 +496,9 @@ def main(argv: list[str] | None = None) -> int:
     log.info("index %s: %s (%s), %s vectors in %d shard(s)%s%s", Path(args.index).resolve(), d["index"]["kind"],
              d["index"]["factory"], f"{d['index']['count']:,}", d["index"]["shards"],
              f" searched by {', '.join(d['index']['shard_servers'])}" if args.shard_servers else "",
-             f"; gallery images from {args.shards} ({len(service.items):,} items)" if service.items else
-             "; no gallery images (no --shards)")
+             f"; gallery images from {', '.join(args.shards)} ({len(service.items):,} items"
+             f"{'; none from ' + ', '.join(service.items.missing) if service.items.missing else ''})"
+             if service.items else "; no gallery images (no --shards)")
     host, port = sock.getsockname()[:2]
     log.info("listening on http://%s:%d (batches of up to %d, %g ms wait, %d requests in flight at most)",
              host, port, args.max_batch, args.max_wait_ms, args.max_inflight)

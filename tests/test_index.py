@@ -12,6 +12,7 @@ from identify_setup import clustered, run_module, write_embeddings
 
 from recog.embeddings import open_embeddings
 from recog.errors import ConfigError
+from recog.files import LOCK_FILE
 from recog.index import add, build, choose_kind, open_gallery
 
 
@@ -113,7 +114,7 @@ def test_add_extends_the_index_as_if_built_from_both(tmp_path, shards):
     before = json.loads((tmp_path / "index" / "index.json").read_text())
     info = add(tmp_path / "index", write_embeddings(tmp_path / "b", second, part_size=600, first_key=1500))
     assert info.count == 2200 and len(info.raw["shards"]) == shards
-    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == sorted([*info.files(), "index.json"])
+    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == sorted([*info.files(), "index.json", LOCK_FILE])
     assert before["shards"][-1] not in info.files()  # the replaced version's file is gone
     gallery = open_gallery(tmp_path / "index")
     both = np.concatenate([first, second])
@@ -149,7 +150,7 @@ def test_build_cli_and_an_index_that_is_not_replaced_without_overwrite(tmp_path)
     (tmp_path / "index" / "mine.txt").write_text("not the index's")
     build(emb, tmp_path / "index", overwrite=True, log=quiet)
     assert sorted(p.name for p in (tmp_path / "index").iterdir()) == [
-        "ids.g1.npz", "index.json", "mine.txt", "shard-00000.g1.faiss"]
+        LOCK_FILE, "ids.g1.npz", "index.json", "mine.txt", "shard-00000.g1.faiss"]
 
 
 def test_ivfsq_recall_against_flat_at_the_default_settings(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -11,10 +12,26 @@ from braceexpand import braceexpand
 
 from recog.data.source import ShardSource, is_remote, join
 from recog.errors import ConfigError
+from recog.files import plain_name
 
 MANIFEST = "manifest.json"
 INDEX = "index.npz"  # per sample: shard, offset and size of the image in the tar, label, key (random access)
 FORMAT = "recog-shards/1"
+EMBEDDINGS_FORMAT = "recog-embeddings/1"  # recog.embeddings' manifest, also named manifest.json: told apart here
+
+
+def shards_identity(shards: list[ShardInfo]) -> str:
+    """A shard folder's identity: 16 hex digits of the sha256 of its shard list (names, sample counts, sizes and
+    the shards' own sha256). The same shards give the same identity wherever they lie (a copy, an HTTP mirror);
+    shards written again with other images give another. A sample's key is unique within its folder only, so a
+    gallery item is named `identity:key` (`item_key`) across folders."""
+    listed = [asdict(s) for s in shards]
+    return hashlib.sha256(json.dumps(listed, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def item_key(identity: str, key: str) -> str:
+    """A sample's name across folders: its folder's identity and its key there."""
+    return f"{identity}:{key}"
 
 
 @dataclass(frozen=True)
@@ -35,6 +52,12 @@ class Manifest:
     # what the images are, measured on a sample while writing (write.data_stats): channels, height and width
     # (min/median/max), per-channel mean and std. Empty for shards written before recog recorded it.
     stats: dict = field(default_factory=dict, compare=False)
+    folder_identity: str = field(default="", compare=False)  # of the whole folder, when a pattern selects shards
+
+    @property
+    def identity(self) -> str:
+        """The identity of the folder these shards belong to (shards_identity of all of its shards)."""
+        return self.folder_identity or shards_identity(self.shards)
 
     @property
     def num_samples(self) -> int:
@@ -100,6 +123,10 @@ def load_manifest(location: str | Path, source: ShardSource | None = None, *, ch
     except ValueError as e:  # not JSON (or not text)
         raise ConfigError(f"{path} is not valid JSON ({e}); write the shards again, or restore the manifest "
                           "from a copy.") from None
+    if isinstance(raw, dict) and raw.get("format") == EMBEDDINGS_FORMAT:
+        raise ConfigError(f"{location} is a folder of embeddings (python -m recog.embed writes those), not of "
+                          "shards; give the folder of shards the images were written to (python -m recog.data "
+                          "write ...).")
     try:
         shards = [ShardInfo(**s) for s in raw["shards"]]
         root = path.rsplit("/", 1)[0] if is_remote(path) else str(Path(path).parent)
@@ -107,6 +134,8 @@ def load_manifest(location: str | Path, source: ShardSource | None = None, *, ch
                             index=raw.get("index", ""), stats=dict(raw.get("stats") or {}))
     except (ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"shard manifest {path} is not valid ({e!r}); write the shards again.") from None
+    for name in [s.name for s in shards] + [manifest.index] * bool(manifest.index):
+        plain_name(name, path, "write the shards again with python -m recog.data write.")  # never out of the folder
     if not shards or manifest.num_samples == 0:
         raise ConfigError(f"shard manifest {path} lists no samples; write the shards again from a non-empty source.")
     if check_files:
@@ -136,7 +165,7 @@ def _select_shards(pattern: str, source: ShardSource, check_files: bool) -> Mani
         raise ConfigError(f"shard {unknown[0]} (from {pattern}) is not in the manifest of {full.root}; "
                           "check the pattern against `python -m recog.data info`.")
     manifest = Manifest([by_name[n] for n in wanted], full.classes, full.class_counts, root=full.root,
-                        index=full.index, stats=full.stats)
+                        index=full.index, stats=full.stats, folder_identity=full.identity)
     if check_files:
         _check_files(manifest, f"selected by {pattern}")
     return manifest
