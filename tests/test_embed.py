@@ -24,7 +24,7 @@ from identify_setup import random_checkpoint
 
 from recog.data.embed_stream import Part, PartStream, consecutive_runs, rank_parts, worker_parts
 from recog.data.idx import find_idx_pair
-from recog.data.manifest import load_manifest
+from recog.data.manifest import item_key, load_manifest
 from recog.data.plan import Piece, rank_pieces
 from recog.data.stream import read_pieces
 from recog.data.write import FASHION_MNIST_CLASSES, Record, idx_records, write_shards
@@ -33,6 +33,7 @@ from recog.embedder import Preprocess
 from recog.embeddings import embed_shards, open_embeddings
 from recog.errors import ConfigError, DataError
 from recog.export import export
+from recog.files import LOCK_FILE
 
 # small batches and parts, so that a run has many of each (2 × 13 parts of the 1,000 tiny training images)
 SETTINGS = ["batch_size=8", "part_size=40", "num_workers=1"]
@@ -74,9 +75,11 @@ def two_processes(tmp_path_factory, tiny_data, model) -> Path:
 
 
 def shard_keys(shards: Path) -> list[str]:
+    """The gallery keys of every sample, in the shards' order: the folder's identity, then the sample's key."""
     manifest = load_manifest(shards)
     pieces = [Piece(i, 0, s.samples) for i, s in enumerate(manifest.shards)]
-    return [sample["__key__"] for sample in read_pieces(manifest, pieces, strict=True)]
+    return [item_key(manifest.identity, sample["__key__"])
+            for sample in read_pieces(manifest, pieces, strict=True)]
 
 
 def everything(folder: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -91,6 +94,7 @@ def test_two_processes_embed_each_sample_once_as_one_process_does(two_processes,
     manifest, emb = load_manifest(tiny_data["train"]), open_embeddings(two_processes)
     assert list(keys) == shard_keys(tiny_data["train"])  # each sample once, in the shards' order
     assert emb.count == manifest.num_samples == 1000 and emb.dim == 128 and emb.classes == manifest.classes
+    assert emb.sources == [{"identity": manifest.identity, "location": str(tiny_data["train"])}]
     assert sorted(p["name"] for p in emb.parts) == [p["name"] for p in emb.parts]  # rank 0's parts, then rank 1's
     assert {p["name"][:10] for p in emb.parts} == {"part-00000", "part-00001"} and len(emb.parts) == 26
     assert np.bincount(labels, minlength=10).tolist() == manifest.class_counts
@@ -119,7 +123,8 @@ def recog_traceback(stderr: str) -> bool:
 
 
 def files(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    """Every file the embedder wrote (the lock file names its last holder's pid: not output)."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != LOCK_FILE}
 
 
 @pytest.mark.slow  # starts processes
@@ -247,7 +252,7 @@ def stream(shards: Path, parts: list[Part], strict: bool = False) -> PartStream:
 
 
 def test_an_undecodable_sample_is_skipped_and_counted_and_batches_stay_within_parts(damaged_shards):
-    keys = shard_keys(damaged_shards)
+    keys = [key.partition(":")[2] for key in shard_keys(damaged_shards)]  # batches carry the keys in their shards
     parts = rank_parts(20, 6)  # 6, 6, 6, 2: batches of 4, 2 per part (the last part: one of 2)
     batches = list(stream(damaged_shards, parts))
     assert [(b.part, len(b.keys) + b.skipped, b.last) for b in batches] == [
