@@ -97,11 +97,32 @@ def stored_with(orientation: int, image: Image.Image, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
+def chunks(png: bytes) -> list[bytes]:
+    found, position = [], 8
+    while position < len(png):
+        end = position + 12 + int.from_bytes(png[position:position + 4], "big")
+        found.append(png[position:end])
+        position = end
+    return found
+
+
+def exif_after_the_pixels(png: bytes) -> bytes:
+    """The same PNG with its eXIf chunk moved after the image data (libpng and PIL read it there too)."""
+    parts = chunks(png)
+    exif = next(c for c in parts if c[4:8] == b"eXIf")
+    rest = [c for c in parts if c is not exif]
+    return png[:8] + b"".join(rest[:-1]) + exif + rest[-1]
+
+
 @pytest.mark.parametrize("orientation", range(1, 9))
 @pytest.mark.parametrize("mode", ["L", "RGB"])
-def test_every_exif_orientation_of_a_png_decodes_as_the_upright_image(orientation, mode):
+@pytest.mark.parametrize("exif", ["before the pixels", "after the pixels"])
+def test_every_exif_orientation_of_a_png_decodes_as_the_upright_image(orientation, mode, exif):
     upright = upright_image(mode)
     data = stored_with(orientation, upright, "PNG")
+    if exif == "after the pixels":
+        data = exif_after_the_pixels(data)
+        assert [c[4:8] for c in chunks(data)][-2:] == [b"eXIf", b"IEND"]
     assert not plain_png(data, 1 if mode == "L" else 3)  # an eXIf chunk keeps it off TorchCodec's fast path
     expected = torch.from_numpy(np.array(upright))
     expected = expected[None] if mode == "L" else expected.permute(2, 0, 1)
