@@ -313,3 +313,19 @@ def test_an_idx_file_that_is_not_what_its_name_says_is_one_sentence(tmp_path, ca
     err = capsys.readouterr().err
     assert err.startswith(f"error: {tmp_path / ('images' + suffix)} is not a readable {suffix} file (")
     assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def idx_bytes(values: np.ndarray, code: int) -> bytes:
+    """An MNIST-format idx file: magic (0, 0, element type, dimensions), each dimension, the values big-endian."""
+    header = bytes([0, 0, code, values.ndim]) + np.array(values.shape, dtype=">u4").tobytes()
+    return header + values.astype({0x08: "u1", 0x0C: ">i4"}[code]).tobytes()
+
+
+@pytest.mark.parametrize("label", [2_000_000_000, -1])
+def test_an_idx_label_file_with_indices_no_class_list_could_hold_is_one_sentence(tmp_path, capsys, label):
+    (tmp_path / "images").write_bytes(idx_bytes(np.zeros((2, 4, 4)), 0x08))
+    (tmp_path / "labels").write_bytes(idx_bytes(np.array([0, label]), 0x0C))
+    assert data_cli(["write", "idx", str(tmp_path / "images"), str(tmp_path / "labels"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'labels'} holds labels from ") and "give class indices 0, 1" in err
+    assert not (tmp_path / "out").exists()
