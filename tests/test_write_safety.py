@@ -250,8 +250,8 @@ def small_disk(tmp_path):
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
     try:
         yield disk
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
+    finally:  # lazily: a file a failed write left open (in a traceback) must not leave the mount behind
+        subprocess.run(["umount", "--lazy", str(disk)], check=True)
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])
