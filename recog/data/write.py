@@ -165,7 +165,7 @@ def writing_to(out_dir: Path):
     try:
         yield
     except OSError as e:
-        if e.filename is not None and Path(e.filename).parent != out_dir:
+        if e.filename is not None and out_dir not in (Path(e.filename), Path(e.filename).parent):
             raise
         raise disk_error(e, out_dir) from None
 
@@ -461,7 +461,8 @@ def write_shards(
             earlier = prepare_output(out_dir, overwrite, new_files)
             write_marker(out_dir, [*new_files, *earlier])
             for name in sorted(earlier, key=lambda n: n != MANIFEST):  # the manifest first: no longer 'complete'
-                (out_dir / name).unlink()
+                if (out_dir / name).is_file() or (out_dir / name).is_symlink():  # never a folder
+                    (out_dir / name).unlink()
             return _write_all(records, classes, out_dir, order, jobs, new_files, workers, progress)
 
 
