@@ -242,14 +242,19 @@ def test_a_truncated_shard_read_by_its_index_keeps_the_samples_before_the_cut(tm
 @pytest.mark.parametrize("channels", [1, 3])
 def test_png_decoding_gives_what_pil_gives(mode, channels):
     """8-bit grey and RGB PNGs go through TorchCodec's decoder (faster), the rest through PIL: the pixels are
-    PIL's either way, and a damaged PNG raises."""
+    PIL's either way (16-bit ones their high byte: tests/test_decode.py), and a damaged PNG raises."""
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 256, (37, 29, 3), dtype=np.uint8))
-    image = image.convert("I").convert("I;16") if mode == "I;16" else image.convert(mode)
+    if mode == "I;16":  # the whole 16-bit range: × 257
+        image = Image.fromarray(np.asarray(image.convert("L")).astype(np.uint16) * 257)
+    else:
+        image = image.convert(mode)
     out = io.BytesIO()
     image.save(out, format="PNG")
     data = out.getvalue()
     with Image.open(io.BytesIO(data)) as pil:
+        if mode == "I;16":
+            pil = Image.fromarray((np.asarray(pil) >> 8).astype(np.uint8))
         expected = np.array(pil.convert("L" if channels == 1 else "RGB"))
     decoded = decode_image(data, channels)
     assert decoded.dtype == torch.uint8 and decoded.shape == (channels, 37, 29)
@@ -484,7 +489,8 @@ def test_the_data_layer_imports_nothing_of_torch_distributed():
             "print(sorted(m for m in sys.modules if m.startswith('recog') and not m.startswith('recog.data')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == "['recog', 'recog.errors', 'recog.preempt']"  # preempt: stdlib signal only
+    # preempt: stdlib signal only; files: atomic writes and the folder lock, stdlib only
+    assert result.stdout.strip() == "['recog', 'recog.errors', 'recog.files', 'recog.preempt']"
 
 
 def test_a_data_loader_worker_imports_train_py_without_the_model():

@@ -1,10 +1,16 @@
 """Encoded image bytes -> uint8 tensors, in the data-loader workers.
 
-`decode_image` decodes the whole image (PIL). With data.jpeg_scaled_decode (on by default), a training
-transform that starts with a RandomResizedCrop has that crop done while decoding (`CropWhileDecoding`): the
-crop torchvision would draw is drawn, and the JPEG decoded by libjpeg-turbo (simplejpeg) at 1/8, 1/4 or 1/2
-of its size where the crop still covers the output there. 1.3-1.9x the images/s per core; reduced crops
-differ from full decoding by about one level of 255 (bench/decode.py, docs/data.md).
+`decode_image` decodes the whole image (PIL, or TorchCodec for a plain PNG), and is the one place that decides
+what an image's pixels are: 16-bit images keep their high byte (v >> 8, as PIL reads 16-bit colour PNGs), and
+an image with an EXIF orientation is turned upright (as a phone or a browser shows it). Every other decoding path
+(`CropWhileDecoding`, data.decode=gpu, the shard writer's check, re-encoding and statistics, identify, serve)
+either calls it or hands it the images it would not decode the same way.
+
+With data.jpeg_scaled_decode (on by default), a training transform that starts with a RandomResizedCrop has
+that crop done while decoding (`CropWhileDecoding`): the crop torchvision would draw is drawn, and the JPEG
+decoded by libjpeg-turbo (simplejpeg) at 1/8, 1/4 or 1/2 of its size where the crop still covers the output
+there. 1.3-1.9x the images/s per core; reduced crops differ from full decoding by about one level of 255
+(bench/decode.py, docs/data.md).
 """
 
 from __future__ import annotations
@@ -33,32 +39,109 @@ except (ImportError, OSError):  # not installed, or built for another torch: PIL
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # PIL's modes of a grey image
+SIXTEEN_BIT = ("I", "I;16", "I;16B", "I;16L", "I;16N")  # grey images of more than 8 bits (16-bit PNGs)
+ORIENTATION = 0x0112  # the EXIF tag: how the stored pixels are to be turned to be upright (1: as stored)
+UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+           5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}  # orientation -> the turn that makes the image upright (as ImageOps does)
 
 
 def plain_png(data: bytes, channels: int) -> bool:
-    """An 8-bit PNG already in the wanted colour type (grey for 1 channel, RGB for 3): nothing to convert.
-    TorchCodec (libpng) decodes those to PIL's pixels in less than half the time (~25 against ~80 µs for a
-    28×28 grey image here, most of PIL's being per-image Python). Every other image goes through PIL."""
+    """An 8-bit PNG already in the wanted colour type (grey for 1 channel, RGB for 3), with no EXIF (`eXIf`
+    chunk: it may turn the image): nothing to convert. TorchCodec (libpng) decodes those to PIL's pixels in less
+    than half the time (~25 against ~80 µs for a 28×28 grey image here, most of PIL's being per-image Python).
+    Every other image goes through PIL."""
     return (decode_png is not None and data[:8] == PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) > 26
-            and data[24] == 8 and data[25] == (0 if channels == 1 else 2))
+            and data[24] == 8 and data[25] == (0 if channels == 1 else 2) and not png_has_exif(data))
+
+
+def png_has_exif(data: bytes) -> bool:
+    """Whether a PNG has an eXIf chunk, before or after its pixels (both occur): its chunks' headers are walked
+    (~0.5 µs a chunk; a 28×28 PNG has 4, one of 500 KB a few dozen), faster than searching the bytes."""
+    position = 8
+    while position + 8 <= len(data):
+        kind = data[position + 4:position + 8]
+        if kind == b"eXIf":
+            return True
+        if kind == b"IEND":
+            return False
+        position += 12 + int.from_bytes(data[position:position + 4], "big")  # length, type, data, CRC
+    return False
 
 
 SCALED_DECODE_AVAILABLE = simplejpeg is not None
 Decode = Callable[[bytes, int], torch.Tensor]  # (encoded bytes, channels) -> uint8 C×H×W; raises on damaged data
 
 
-def decode_image(data: bytes, channels: int) -> torch.Tensor:
-    """Encoded image bytes -> uint8 tensor C×H×W. Raises on damaged data."""
-    if plain_png(data, channels):
+def decode_image(data: bytes, channels: int | None) -> torch.Tensor:
+    """Encoded image bytes -> uint8 tensor C×H×W, upright (EXIF orientation applied), 16-bit images reduced to
+    their high byte. channels: 1 (grey), 3 (RGB), or None: as stored (1 for a grey image, 3 for any other).
+    Raises on damaged data."""
+    if channels is not None and plain_png(data, channels):
         return decode_png(bytes(data), mode="GRAY" if channels == 1 else "RGB")  # raises on damaged data
-    mode = "L" if channels == 1 else "RGB"
+    mode = {1: "L", 3: "RGB", None: None}[channels]
     with Image.open(io.BytesIO(data)) as image:
-        if image.format == "JPEG":
+        if image.format == "JPEG" and mode:
             image.draft(mode, None)  # decode straight into the wanted mode
+        image.load()  # decodes (raises on damaged data); a PNG's eXIf chunk may come after the pixels
+        turn = UPRIGHT.get(orientation(image))
+        if image.mode in SIXTEEN_BIT:  # PIL's convert would clip 16-bit values to 255: white
+            image = Image.fromarray((np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8))
+        mode = mode or ("L" if image.mode in GREY_MODES else "RGB")
         if image.mode != mode:
             image = image.convert(mode)
-        pixels = torch.from_numpy(np.array(image))  # decodes (raises on damaged data) into a writable array
-    return pixels.unsqueeze(0) if channels == 1 else pixels.permute(2, 0, 1)
+        if turn is not None:
+            image = image.transpose(turn)
+        pixels = torch.from_numpy(np.array(image))  # a writable array
+    return pixels.unsqueeze(0) if mode == "L" else pixels.permute(2, 0, 1)
+
+
+def orientation(image: Image.Image) -> int:
+    """The EXIF orientation of an opened image (1-8; 1, as stored, when it has no EXIF or a bad value)."""
+    if "exif" not in image.info:  # no EXIF: no parsing at all
+        return 1
+    try:
+        value = image.getexif().get(ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - damaged EXIF: the pixels as stored
+        return 1
+    return value if value in UPRIGHT else 1
+
+
+def jpeg_orientation(data) -> int:
+    """The EXIF orientation of a JPEG (1 when it has none), from its header alone (bytes, or a NumPy array of
+    them): the application segments after SOI are walked, where EXIF lives (an APP1 segment, first or after
+    JFIF's APP0), up to the first other segment; usually one or two steps, about a microsecond each."""
+    position, end = 2, len(data)
+    while position + 4 <= end and data[position] == 0xFF:
+        marker = data[position + 1]
+        if marker == 0xFF:  # a fill byte before a marker
+            position += 1
+            continue
+        if not (0xE0 <= marker <= 0xEF or marker == 0xFE):  # past the application segments and comments
+            return 1
+        length = int.from_bytes(bytes(data[position + 2:position + 4]), "big")
+        if marker == 0xE1 and bytes(data[position + 4:position + 10]) == b"Exif\0\0":
+            return exif_orientation(bytes(data[position + 10:position + 2 + length]))
+        position += 2 + length
+    return 1
+
+
+def exif_orientation(tiff: bytes) -> int:
+    """The orientation tag of EXIF's first directory (a TIFF header, then 12-byte entries), 1 if none or damaged."""
+    order = {b"II": "little", b"MM": "big"}.get(tiff[:2])
+    if order is None or len(tiff) < 8:
+        return 1
+    directory = int.from_bytes(tiff[4:8], order)
+    count = int.from_bytes(tiff[directory:directory + 2], order)
+    for entry in range(directory + 2, directory + 2 + 12 * count, 12):
+        if entry + 12 > len(tiff):
+            break
+        if int.from_bytes(tiff[entry:entry + 2], order) == ORIENTATION:
+            short = int.from_bytes(tiff[entry + 2:entry + 4], order) == 3  # the tag's type: SHORT
+            value = int.from_bytes(tiff[entry + 8:entry + 10], order) if short else 1
+            return value if value in UPRIGHT else 1
+    return 1
 
 
 def decode_sample(sample: dict, channels: int, decode: Decode | None = None) -> tuple[torch.Tensor, int]:
@@ -86,8 +169,9 @@ class CropWhileDecoding:
     the entropy decoding stays), else at full size, and the crop's box, in reduced pixels, resized to the
     output. A crop decoded at full size comes out exactly as `crop` gives it (libjpeg-turbo decodes as PIL's
     does); a reduced one differs by the reduction's filter (about one level of 255 on average: docs/data.md).
-    Other formats (PNG, WebP), CMYK JPEGs, and JPEGs libjpeg-turbo stops at go through PIL as without; an
-    image that cannot be decoded raises and draws nothing, as without.
+    Other formats (PNG, WebP), CMYK JPEGs, JPEGs with an EXIF orientation other than 1 (libjpeg-turbo decodes
+    them as stored, not upright), and JPEGs libjpeg-turbo stops at go through decode_image as without; an image
+    that cannot be decoded raises and draws nothing, as without.
     """
 
     def __init__(self, crop: v2.RandomResizedCrop):
@@ -101,7 +185,7 @@ class CropWhileDecoding:
             height, width, colourspace, _ = simplejpeg.decode_jpeg_header(data)
         except ValueError:  # not a JPEG, or a header libjpeg-turbo cannot read
             colourspace = None
-        if colourspace not in COLOURSPACES:
+        if colourspace not in COLOURSPACES or jpeg_orientation(data) != 1:
             return self.crop(decode_image(data, channels))
         before = torch.get_rng_state()
         box = self.draw([torch.empty(1, 1, 1).expand(1, height, width)])  # only the size is read: no pixels

@@ -5,8 +5,9 @@ the training process decodes it on its GPU with TorchCodec (nvJPEG, the whole ba
 there (`decode_batch`), before the loop sees it (`DecodeOnDevice`). The workers' CPU then no longer caps the
 images/s of a GPU that trains faster than they decode (bench/gpu_session.sh, part 5, measures both).
 
-JPEGs are decoded on the device. Any other image (PNG, WebP), and a JPEG the device's decoder refuses (CMYK, say),
-is decoded on the CPU in the training process as a worker would decode it (`decode_image`), then moved to the
+JPEGs are decoded on the device. Any other image (PNG, WebP), a JPEG with an EXIF orientation other than 1 (nvJPEG
+decodes it as stored; `decode_image` turns it upright), and a JPEG the device's decoder refuses (CMYK, say), is
+decoded on the CPU in the training process as a worker would decode it (`decode_image`), then moved to the
 device: a folder of mixed formats trains as with data.decode=cpu, its non-JPEGs only slower (a warning says so
 once). An image that cannot be decoded at all is skipped and counted, or stops the run under data.strict=true.
 
@@ -25,7 +26,7 @@ from typing import NamedTuple
 
 import torch
 
-from recog.data.decode import decode_image
+from recog.data.decode import decode_image, jpeg_orientation
 from recog.data.loader import Batch, join_batches
 from recog.errors import DataError
 
@@ -70,6 +71,12 @@ def is_jpeg(data: torch.Tensor) -> bool:
     return data[:3].numpy().tobytes() == JPEG_SIGNATURE
 
 
+def for_the_device(data: torch.Tensor) -> bool:
+    """A JPEG the device decodes as decode_image would: one stored upright (no EXIF orientation other than 1; its
+    header is read, not its pixels)."""
+    return is_jpeg(data) and jpeg_orientation(data.numpy()) == 1
+
+
 def decode_jpegs(encoded: list[torch.Tensor], device: torch.device, channels: int) -> list[torch.Tensor | None]:
     """JPEGs -> uint8 C×H×W on `device`, in one call; None for one the decoder there refuses."""
     mode = "GRAY" if channels == 1 else "RGB"
@@ -91,18 +98,18 @@ def decode_batch(encoded: list[torch.Tensor], labels: torch.Tensor, device: torc
     """Encoded images (1-D uint8 tensors on the CPU) and their labels -> (the decoded images after `transform`,
     uint8 N×C×H×W on `device`; their labels; the positions of those that could not be decoded, left out, and why).
 
-    JPEGs are decoded on `device` in one call, the others (and JPEGs refused there) on the CPU and then moved to
+    Upright JPEGs are decoded on `device` in one call, the others (and JPEGs refused there) on the CPU and then moved to
     `device`. `transform` runs on each image in turn, drawing from torch's RNG in the order the CPU path draws:
     seeded alike, the same crops. No image left: an empty tensor (0,)."""
     device = torch.device(device)
     images: list[torch.Tensor | None] = [None] * len(encoded)
-    jpegs = [i for i, data in enumerate(encoded) if is_jpeg(data)]
+    jpegs = [i for i, data in enumerate(encoded) if for_the_device(data)]
     if jpegs:
         for i, image in zip(jpegs, decode_jpegs([encoded[i] for i in jpegs], device, channels), strict=True):
             images[i] = image
     failed = {}
     for i, image in enumerate(images):
-        if image is None:  # not a JPEG, or refused: as a worker decodes it (PIL, or TorchCodec for plain PNGs)
+        if image is None:  # not an upright JPEG, or refused: as a worker decodes it (PIL, or TorchCodec for plain PNGs)
             try:
                 images[i] = decode_image(encoded[i].numpy().tobytes(), channels).to(device)
             except Exception as e:  # anything a worker's decoding would skip (stream.py)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import lzma
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +28,12 @@ def read_idx(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"idx file {path} does not exist; point to an MNIST-format file (raw, .gz or .xz).")
-    with _open(path) as f:
-        raw = f.read()
+    try:
+        with _open(path) as f:
+            raw = f.read()
+    except (gzip.BadGzipFile, lzma.LZMAError, zlib.error, EOFError) as e:  # damaged, truncated, or not compressed
+        raise ConfigError(f"{path} is not a readable {path.suffix} file ({e or type(e).__name__}); fetch it again, "
+                          "or name it for what it is (raw idx files end in neither .gz nor .xz).") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _DTYPES:
         raise ConfigError(f"{path} is not an MNIST-format idx file (bad magic number); check the path.")
     ndim = raw[3]

@@ -4,6 +4,10 @@ Sources: a folder of class sub-folders of images, a list file (`path<TAB>label`
 per line), or MNIST-format idx files. Each source is a list of `Record`s that
 read their bytes lazily, so writing streams through data sets larger than
 memory; shards can be written by several processes at once.
+
+An output folder has one writer at a time (`exclusive`), and the writer replaces only what recog's shard writer
+wrote: a manifest of format `recog-shards/1` and the files it names, or the files a writer that was killed named in
+its marker (`.recog-shard-write.json`, written before anything else and removed once the manifest is written).
 """
 
 from __future__ import annotations
@@ -14,24 +18,29 @@ import logging
 import multiprocessing
 import os
 import random
+import socket
 import tarfile
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 from PIL import UnidentifiedImageError
 from tqdm import tqdm
 
 from recog.data.idx import read_idx
-from recog.data.manifest import INDEX, MANIFEST, Manifest, ShardInfo, write_manifest
+from recog.data.manifest import FORMAT, INDEX, MANIFEST, Manifest, ShardInfo, write_manifest
 from recog.data.source import sha256_of
 from recog.errors import ConfigError
+from recog.files import LOCK_FILE, atomic_write, disk_error, exclusive, is_plain_name
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
+MARKER = ".recog-shard-write.json"  # while a write runs: the files it may create (see finish_dead_write)
+MARKER_FORMAT = "recog-shard-write/1"
+MAX_CLASSES = 1_000_000  # class indices in a list file reach at most this, or the number of listed images
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -71,7 +80,9 @@ def folder_records(root: str | Path) -> tuple[list[Record], list[str]]:
 def list_records(list_file: str | Path) -> tuple[list[Record], list[str]]:
     """`path<TAB>label` per line; relative paths are relative to the list's folder.
 
-    Labels are class names, or class indices when every label is a whole number.
+    Labels are class names, or class indices (0, 1, ...) when every label is a whole number in ASCII digits
+    (`²` is a name). An index may not exceed max(MAX_CLASSES, images listed): each index up to the largest is
+    a class, and 1e11 of them would fill the memory.
     """
     list_file = Path(list_file)
     if not list_file.is_file():
@@ -87,17 +98,24 @@ def list_records(list_file: str | Path) -> tuple[list[Record], list[str]]:
         ext = IMAGE_EXTS.get(path.suffix.lower())
         if ext is None or not path.is_file():
             raise ConfigError(f"{list_file}:{number}: {path} is not a .jpg/.jpeg/.png/.webp file; fix the line.")
-        rows.append((path, ext, parts[1].strip()))
+        rows.append((path, ext, parts[1].strip(), number))
     if not rows:
         raise ConfigError(f"list file {list_file} lists no images; add `path<TAB>label` lines.")
-    labels = [label for _, _, label in rows]
-    if all(label.isdigit() for label in labels):
+    labels = [label for _, _, label, _ in rows]
+    if all(label.isascii() and label.isdigit() for label in labels):
+        limit = max(MAX_CLASSES, len(rows))
+        for _, _, label, number in rows:
+            digits = label.lstrip("0")
+            if len(digits) > len(str(limit)) or int(digits or 0) >= limit:  # int() of 5,000 digits would raise
+                raise ConfigError(f"{list_file}:{number}: class index {label[:24]} is far above the {len(rows)} "
+                                  f"images listed (indices name the classes 0, 1, ..., at most {limit:,} of them); "
+                                  "number the classes from 0, or give class names.")
         classes = [str(i) for i in range(max(map(int, labels)) + 1)]
-        index = {c: i for i, c in enumerate(classes)}
     else:
         classes = sorted(set(labels))
-        index = {c: i for i, c in enumerate(classes)}
-    records = [Record(index[label], ext, path.read_bytes, path.stat().st_size, str(path)) for path, ext, label in rows]
+    index = {c: i for i, c in enumerate(classes)}
+    records = [Record(index[label], ext, path.read_bytes, path.stat().st_size, str(path))
+               for path, ext, label, _ in rows]
     return records, classes
 
 
@@ -111,6 +129,10 @@ def idx_records(images: str | Path, labels: str | Path, class_names: Sequence[st
             f"{images} and {labels} do not match: images {pixels.shape}, labels {targets.shape}; "
             "give an (N, H, W) image file and its (N,) label file."
         )
+    limit = max(MAX_CLASSES, len(targets))
+    if targets.dtype.kind not in "iu" or targets.min() < 0 or targets.max() >= limit:  # as list_records' indices
+        raise ConfigError(f"{labels} holds labels from {targets.min()} to {targets.max()} ({targets.dtype}); "
+                          f"give class indices 0, 1, ... (whole numbers, at most {limit:,} classes).")
     num_classes = int(targets.max()) + 1
     classes = list(class_names) if class_names else [str(i) for i in range(num_classes)]
     if len(classes) < num_classes:
@@ -128,32 +150,105 @@ def idx_records(images: str | Path, labels: str | Path, class_names: Sequence[st
     return [Record(int(targets[i]), "png", encoder(i), size, check=False) for i in range(len(targets))], classes
 
 
-def prepare_output(out_dir: Path, overwrite: bool, shard_names: Sequence[str], sources: Sequence[Path]) -> None:
-    """Refuse, before touching anything, an output folder that is, holds or lies inside a source, or whose
-    files recog did not write would be replaced. With `overwrite`, remove only an earlier write's files."""
+def check_apart(out_dir: Path, sources: Sequence[Path]) -> None:
+    """Refuse, before touching anything, an output folder that is, holds or lies inside a source."""
     for src in sources:
         if src == out_dir or out_dir in src.parents or src in out_dir.parents:
             raise ConfigError(f"output folder {out_dir} is, holds or lies inside the source {src}; "
                               "choose an output folder outside the source.")
-    if not out_dir.exists() or not any(out_dir.iterdir()):
-        out_dir.mkdir(parents=True, exist_ok=True)
+
+
+@contextmanager
+def writing_to(out_dir: Path):
+    """An OSError met writing into `out_dir` (a full disk, a read-only folder) as one sentence; one about another
+    file (a source image that cannot be read) keeps its traceback."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None and out_dir not in (Path(e.filename), Path(e.filename).parent):
+            raise
+        raise disk_error(e, out_dir) from None
+
+
+def earlier_write(out_dir: Path) -> set[str]:
+    """The files of an earlier write in `out_dir`: its manifest (format recog-shards/1), the shards it names and
+    its index. A manifest of any other kind (another tool's, recog's embeddings) is refused: not recog's to
+    replace."""
+    path = out_dir / MANIFEST
+    if not path.exists() and not path.is_symlink():
+        return set()
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raw = None
+    found = raw.get("format") if isinstance(raw, dict) else None
+    if found != FORMAT or not isinstance(raw.get("shards"), list):
+        kind = f"format {found!r}" if isinstance(found, str) else "no format recog knows"
+        raise ConfigError(f"{path} is not a manifest of recog's shard writer ({kind}), so it is not recog's to "
+                          "replace; move it away or choose another output folder.")
+    names = {MANIFEST} | {s.get("name") for s in raw["shards"] if isinstance(s, dict)}
+    if raw.get("index") == INDEX:
+        names.add(INDEX)
+    return {name for name in names if is_plain_name(name)}  # never follow a manifest out of the folder
+
+
+def finish_dead_write(out_dir: Path) -> None:
+    """Remove what a shard writer that was killed left in `out_dir` (the folder is held: no writer is running).
+
+    Its marker names the files it could create (and an earlier write's, with --overwrite). If a manifest of
+    recog's is there, the write got to its end but for removing the marker: only the marker goes. Otherwise
+    exactly the files it names go (plain names in this folder, nothing else), then the marker."""
+    marker = out_dir / MARKER
+    if not marker.exists():
         return
+    try:
+        raw = json.loads(marker.read_text())
+        files = raw["files"] if raw.get("format") == MARKER_FORMAT else None
+    except (OSError, ValueError, AttributeError, KeyError):
+        files = None
+    if not isinstance(files, list):
+        raise ConfigError(f"{marker} is not a shard writer's marker recog can read; move it away or choose another "
+                          "output folder.")
+    try:
+        earlier_write(out_dir)
+        finished = (out_dir / MANIFEST).exists()
+    except ConfigError:
+        finished = False
+    if not finished:
+        removed = 0
+        for name in files:  # never a manifest: one of recog's means 'finished', another's is not ours
+            if is_plain_name(name) and name not in (MARKER, LOCK_FILE, MANIFEST) and (out_dir / name).is_file():
+                (out_dir / name).unlink()
+                removed += 1
+        log.warning("removed %d files left in %s by a shard write that did not finish (%s)", removed, out_dir,
+                    raw.get("writer", "?"))
+    marker.unlink()
+
+
+def prepare_output(out_dir: Path, overwrite: bool, new_files: Sequence[str]) -> set[str]:
+    """With `out_dir` held: finish a killed writer's business, then refuse a folder that holds anything (but
+    recog's lock) unless `overwrite`, and with it refuse one where a file recog did not write would be replaced.
+    Returns the files of an earlier write, for the caller to remove."""
+    finish_dead_write(out_dir)
+    present = {p.name for p in out_dir.iterdir()} - {LOCK_FILE}
+    if not present:
+        return set()
     if not overwrite:
         raise ConfigError(f"output folder {out_dir} is not empty; choose another folder or pass --overwrite.")
-    ours = {MANIFEST, INDEX}
-    try:
-        ours |= {s["name"] for s in json.loads((out_dir / MANIFEST).read_text())["shards"]}
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # no readable manifest: no earlier shard is known to be ours
-    ours = {name for name in ours if name == Path(name).name}  # never follow a manifest out of the folder
-    for name in shard_names:
-        if name not in ours and (out_dir / name).exists():
+    ours = earlier_write(out_dir)
+    for name in sorted(new_files):
+        if name in present and name not in ours:
             raise ConfigError(f"{out_dir / name} is not listed in a manifest there, so it is not recog's to replace; "
                               "move it away or choose another output folder.")
-    leftovers = [p.name for p in out_dir.glob(".*.tar.tmp")] + [p.name for p in out_dir.glob(f".{MANIFEST}.tmp-*")]
-    for name in ours | set(leftovers):
-        if (out_dir / name).is_file():
-            (out_dir / name).unlink()
+    return ours & present
+
+
+def write_marker(out_dir: Path, files: Sequence[str]) -> None:
+    """Before this write creates or removes anything: the files it may create or remove, so that if it is killed
+    the next write can remove exactly them (finish_dead_write)."""
+    marker = {"format": MARKER_FORMAT, "writer": f"shard write, pid {os.getpid()} on {socket.gethostname()}",
+              "files": sorted(files)}
+    atomic_write(out_dir / MARKER, lambda f: f.write(json.dumps(marker, indent=1).encode()))
 
 
 def plan_shards(records: Sequence[Record], order: Sequence[int], shard_samples: int,
@@ -173,19 +268,34 @@ def plan_shards(records: Sequence[Record], order: Sequence[int], shard_samples: 
 
 
 def reencode(data: bytes, fmt: str, quality: int) -> bytes:
+    """The image as decode_image gives it (grey or RGB, upright, 8 bits), encoded as `fmt`."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as image:
-        image = image.convert("L" if image.mode in ("L", "I;16", "1") else "RGB")
-        out = io.BytesIO()
-        image.save(out, format="JPEG" if fmt == "jpg" else fmt.upper(), quality=quality)
-        return out.getvalue()
+    pixels = decoder()(data, None)
+    image = Image.fromarray(pixels[0].numpy() if len(pixels) == 1 else pixels.permute(1, 2, 0).numpy())
+    out = io.BytesIO()
+    image.save(out, format="JPEG" if fmt == "jpg" else fmt.upper(), quality=quality)
+    return out.getvalue()
+
+
+def decoder():
+    """recog.data.decode's decode_image, imported on first use, as webdataset's TarWriter (tar_writer): they bring
+    torch and its image libraries (seconds and ~700 MB at start), which a command refused for its input never
+    needs. write_shards imports both before its writer processes fork."""
+    from recog.data.decode import decode_image
+
+    return decode_image
+
+
+def tar_writer():
+    from webdataset import TarWriter
+
+    return TarWriter
 
 
 _RECORDS: Sequence[Record] = ()  # the records a forked writer process reads (closures do not pickle)
 
 
-GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 STATS_SAMPLE = 5000  # images measured for the manifest's statistics: mean/std settle well before this
 
 
@@ -193,18 +303,16 @@ def check_image(data: bytes, measure: bool = False) -> tuple | None:
     """Raise if the bytes do not decode to a whole image: training would only skip it later.
 
     With `measure`: (grey?, height, width, per-channel sum, per-channel sum of squares, pixels), on [0, 1]
-    RGB values (a grey image counts the same in each channel), for the manifest's statistics.
+    RGB values (a grey image counts the same in each channel), for the manifest's statistics: of the pixels
+    training sees (decode_image: upright, 16-bit images at 8 bits).
     """
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()
-        if not measure:
-            return None
-        grey = image.mode in GREY_MODES
-        pixels = np.asarray(image.convert("L" if grey else "RGB"), dtype=np.float64).reshape(-1, 1 if grey else 3)
+    decoded = decoder()(data, None)
+    if not measure:
+        return None
+    channels, height, width = decoded.shape
+    pixels = decoded.reshape(channels, -1).T.numpy().astype(np.float64)
     pixels = np.broadcast_to(pixels / 255.0, (len(pixels), 3))
-    return grey, image.height, image.width, pixels.sum(0), (pixels ** 2).sum(0), len(pixels)
+    return channels == 1, height, width, pixels.sum(0), (pixels ** 2).sum(0), len(pixels)
 
 
 def measure_quietly(data: bytes) -> tuple | None:
@@ -239,9 +347,15 @@ def _write_shard(job: tuple[Path, str, list[int], str | None, int, bool, frozens
     (key, offset, size) of each image inside the tar, (file, reason) of each image skipped, and the
     measurements of the images in `sample` (see check_image)."""
     out_dir, name, indices, fmt, quality, strict, sample = job
+    with writing_to(out_dir):
+        return _write_one_shard(out_dir, name, indices, fmt, quality, strict, sample)
+
+
+def _write_one_shard(out_dir: Path, name: str, indices: list[int], fmt: str | None, quality: int, strict: bool,
+                     sample: frozenset):
     tmp = out_dir / f".{name}.tmp"
     labels, skipped, measured = [], [], []
-    with wds.TarWriter(str(tmp), encoder=False, mtime=0) as tar:  # fixed mtime: same input, same bytes
+    with tar_writer()(str(tmp), encoder=False, mtime=0) as tar:  # fixed mtime: same input, same bytes
         for i in indices:
             rec = _RECORDS[i]
             data, ext = rec.read(), rec.ext
@@ -278,13 +392,13 @@ def _write_shard(job: tuple[Path, str, list[int], str | None, int, bool, frozens
 def write_index(out_dir: Path, shards: list[ShardInfo], labels: list[list[int]], places: list[list[tuple]]) -> str:
     """index.npz: for every sample, its shard, the offset and size of its image in the tar, its label and key."""
     counts = [len(x) for x in labels]
-    np.savez(out_dir / INDEX,
-             shard=np.repeat(np.arange(len(shards), dtype=np.int32), counts),
+    atomic_write(out_dir / INDEX, lambda f: np.savez(
+             f, shard=np.repeat(np.arange(len(shards), dtype=np.int32), counts),
              offset=np.array([o for p in places for _, o, _ in p], dtype=np.int64),
              size=np.array([n for p in places for _, _, n in p], dtype=np.int64),
              key=np.array([k for p in places for k, _, _ in p], dtype=str),
              label=np.array([x for per_shard in labels for x in per_shard], dtype=np.int64),
-             shard_names=np.array([s.name for s in shards]))
+             shard_names=np.array([s.name for s in shards])))
     return INDEX
 
 
@@ -309,17 +423,22 @@ def write_shards(
     """Write `records` into tar shards, then the manifest (last, so its presence means 'complete').
 
     shard_samples / shard_mb: a shard ends at whichever limit comes first.
-    overwrite: replace an earlier write's files in `out_dir`; no other file is ever removed or replaced.
+    overwrite: replace an earlier write's files in `out_dir` (its manifest is recog's, format recog-shards/1);
+    no other file is ever removed or replaced. A killed writer's files (named in its marker) are removed with
+    or without it. One writer per folder: a second one gets one sentence.
     sources: the folder, list file or idx files read, which `out_dir` must stay apart from.
     strict: stop at the first image that does not decode, instead of skipping it with a warning.
     workers: processes writing shards at once. reencode_to: 'jpg' or 'png'
     re-encodes images in another format; None passes the bytes through.
     """
-    global _RECORDS
     if shard_samples < 1 or (shard_mb is not None and shard_mb <= 0):
         raise ConfigError(f"shard size must be positive (shard_samples={shard_samples}, shard_mb={shard_mb}).")
     if reencode_to not in (None, "jpg", "png", "webp"):
         raise ConfigError(f"cannot re-encode to '{reencode_to}'; use jpg, png or webp.")
+    if not 1 <= quality <= 100:
+        raise ConfigError(f"JPEG/WebP quality {quality} is out of range (--quality); give 1 to 100.")
+    if workers < 1:
+        raise ConfigError(f"{workers} writer processes (--workers) cannot write; give 1 or more.")
     if not records:
         raise ConfigError("no samples to write; check the source.")
     out_dir = Path(out_dir).resolve()
@@ -332,9 +451,28 @@ def write_shards(
             for n, chunk in enumerate(plan_shards(records, order, shard_samples, shard_mb))]
     inside = str(out_dir) + os.sep  # records' paths are resolved: a prefix test is exact, and fast for millions
     held = [Path(r.path) for r in records if r.path.startswith(inside)][:1]
-    prepare_output(out_dir, overwrite, [job[1] for job in jobs], [Path(s).resolve() for s in sources] + held)
+    check_apart(out_dir, [Path(s).resolve() for s in sources] + held)
+    names = [job[1] for job in jobs]
+    pid = os.getpid()
+    new_files = [*names, *(f".{name}.tmp" for name in names), INDEX, f".{INDEX}.tmp-{pid}", MANIFEST,
+                 f".{MANIFEST}.tmp-{pid}"]  # every file this write may create (atomic_write's temporary names)
+    with writing_to(out_dir):
+        with exclusive(out_dir, "shard write"):  # the lock file is created in out_dir, now that it is apart
+            earlier = prepare_output(out_dir, overwrite, new_files)
+            write_marker(out_dir, [*new_files, *earlier])
+            for name in sorted(earlier, key=lambda n: n != MANIFEST):  # the manifest first: no longer 'complete'
+                if (out_dir / name).is_file() or (out_dir / name).is_symlink():  # never a folder
+                    (out_dir / name).unlink()
+            return _write_all(records, classes, out_dir, order, jobs, new_files, workers, progress)
 
+
+def _write_all(records: Sequence[Record], classes: Sequence[str], out_dir: Path, order: list[int], jobs: list,
+               new_files: list[str], workers: int, progress: bool) -> Manifest:
+    """write_shards' writing, with the folder held and the marker written: the shards, the index, the manifest;
+    then the marker goes. On any failure every file of this write goes, the marker last."""
+    global _RECORDS
     _RECORDS = records
+    decoder(), tar_writer()  # imported once, before the pool forks, not in every writer process
     counts = [0] * len(classes)
     shards: list[ShardInfo] = []
     all_labels: list[list[int]] = []
@@ -343,6 +481,7 @@ def write_shards(
     measured: list[tuple] = []
     bar = tqdm(total=len(order), desc=f"writing {out_dir}", unit="img", disable=not progress)
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    complete = False
     try:
         for info, labels, places, bad, seen in (pool.imap(_write_shard, jobs) if pool else map(_write_shard, jobs)):
             measured += seen
@@ -364,12 +503,14 @@ def write_shards(
         manifest = Manifest(shards, list(classes), counts, root=str(out_dir), index=index,
                             stats=data_stats(measured) if measured else {})
         write_manifest(manifest, out_dir)
+        complete = True
+        (out_dir / MARKER).unlink()  # nothing here is left to remove
     except BaseException:  # a bad image under strict, an error, Ctrl-C: leave nothing of this write behind
         if pool:
             pool.terminate()  # first, so that no worker still writes what is removed here
-        names = [job[1] for job in jobs]
-        for name in names + [f".{name}.tmp" for name in names] + [INDEX, f".{MANIFEST}.tmp-{os.getpid()}"]:
+        for name in new_files if not complete else ():  # a write interrupted once complete keeps its files
             (out_dir / name).unlink(missing_ok=True)
+        (out_dir / MARKER).unlink(missing_ok=True)
         raise
     finally:
         if pool:
