@@ -196,6 +196,7 @@ class ShardHandler(BaseHTTPRequestHandler):
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own refusals (a request that is not HTTP, headers too long, an unknown method): JSON too."""
         phrase = http.client.responses.get(code, "refused")
+        self.request_version = "HTTP/1.1"  # a line it could not read counts as HTTP/0.9, answered without a status
         self.refuse(code, f"the request is not one this shard server reads ({code} {phrase}); speak HTTP to its "
                           f"endpoints, {ENDPOINTS}.")
 
