@@ -106,6 +106,7 @@ class ShardHandler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     timeout = SOCKET_TIMEOUT_S  # every read on the connection, the wait for its next request included
+    disable_nagle_algorithm = True  # headers and body are two writes: Nagle would hold the body for a delayed ACK
 
     def __init__(self, *args, shard: Shard, **kwargs):
         self.shard = shard
