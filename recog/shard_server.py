@@ -29,7 +29,9 @@ import ipaddress
 import json
 import logging
 import re
+import socket
 import threading
+import time
 from functools import partial
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from multiprocessing.pool import ThreadPool
@@ -49,6 +51,7 @@ MAX_QUERIES = 1024  # queries per request: the client sends larger batches in pi
 MAX_CONNECTIONS = 64  # threads serving connections at once; past it a connection is answered 503 and closed
 SOCKET_TIMEOUT_S = 60.0  # a client that stalls mid-request, or a keep-alive connection idle that long, is dropped
 MAX_JSON_BYTES = 1 << 16  # the longest /describe or error answer the client reads
+LINGER_S, LINGER_BYTES = 2.0, 64 << 20  # after a refusal: how long, and how much, of the unread request is read
 TOKEN = re.compile(r"[\x21-\x7e]{1,256}")  # visible ASCII: sent in an HTTP header as it is
 NUMBER = re.compile(r"[0-9]{1,9}")
 ENDPOINTS = "GET /describe and POST /search?k=K&dim=D"
@@ -193,6 +196,25 @@ class ShardHandler(BaseHTTPRequestHandler):
     def refuse(self, status: int, message: str) -> None:
         # the connection is closed after every refusal: the body of a refused request may not have been read
         self.answer(status, json.dumps({"error": message}).encode(), "application/json", close=True)
+        self.linger = True
+
+    def finish(self) -> None:
+        """After a refusal, read (and drop) what the client still sends before closing: closing a socket with unread
+        data resets the connection, and the reset can reach the client before the refusal it should read."""
+        super().finish()
+        if not getattr(self, "linger", False):
+            return
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(LINGER_S)
+            deadline, read = time.monotonic() + LINGER_S, 0
+            while read < LINGER_BYTES and time.monotonic() < deadline:
+                chunk = self.connection.recv(1 << 16)
+                if not chunk:
+                    break
+                read += len(chunk)
+        except OSError:  # the client closed or went quiet: either way, done
+            pass
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own refusals (a request that is not HTTP, headers too long, an unknown method): JSON too."""
