@@ -2,7 +2,7 @@
 
     python -m recog.index build EMBEDDINGS OUT_DIR [--kind auto|flat|ivfsq|ivfpq|hnsw] [--shards N]
     python -m recog.index add INDEX_DIR NEW_EMBEDDINGS
-    python -m recog.index serve-shard INDEX_DIR --shard I [--host 0.0.0.0] [--port P]
+    python -m recog.index serve-shard INDEX_DIR --shard I [--host 127.0.0.1] [--port P] [--token T]
 
 Embeddings are unit length, so the inner product is the cosine similarity, and the score identify reports.
 `--kind auto` picks an exact flat index for galleries up to FLAT_UP_TO vectors and IVF-SQ8 above (nlist about
@@ -19,10 +19,11 @@ trained index, searched as one through `faiss.IndexShards`; flat and IVF then gi
 index (an HNSW graph per shard differs from one graph over all). `add` appends to the last shard.
 
 A gallery larger than one machine's memory: `serve-shard` holds one shard in a process of its own (on any
-machine that sees the folder) and answers searches over faiss's RPC (`faiss.contrib.rpc`, as
-`faiss.contrib.client_server` uses it: pickled arguments, so on a trusted network only); `open_gallery(folder,
-shard_servers=[(host, port), ...])` then searches every shard's server and merges the answers per query, the
-largest scores first, each shard's ids offset as IndexShards offsets them: the same results as the local index.
+machine that sees the folder) and answers searches over HTTP with JSON and raw float32/int64 numbers
+(recog.shard_server: 127.0.0.1 by default; another address needs a shared token); `open_gallery(folder,
+shard_servers=[(host, port), ...], shard_token=...)` then searches every shard's server and merges the answers
+per query, the largest scores first, each shard's ids offset as IndexShards offsets them: the same results as the
+local index.
 """
 
 from __future__ import annotations
@@ -31,9 +32,7 @@ import argparse
 import json
 import math
 import os
-import socket
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +42,6 @@ import recog
 from recog.embeddings import Embeddings, open_embeddings
 from recog.errors import ConfigError, RecogError
 from recog.files import atomic_write, disk_error, exclusive, is_plain_name, write_json
-from recog.listen import bind
 
 FORMAT = "recog-index/1"
 INDEX_JSON = "index.json"
@@ -354,13 +352,16 @@ def open_shard(info: IndexInfo, number: int):
     return shard
 
 
-def open_gallery(folder: str | Path, shard_servers: list[tuple[str, int]] | None = None) -> Gallery:
+def open_gallery(folder: str | Path, shard_servers: list[tuple[str, int]] | None = None,
+                 shard_token: str | None = None) -> Gallery:
     """The index in `folder`, ready to search: its shards opened here, or searched by their `serve-shard`
-    processes at `shard_servers` (one address per shard, in shard order)."""
+    processes at `shard_servers` (one address per shard, in shard order; `shard_token` if they want one)."""
     faiss = import_faiss()
     info = read_index_info(folder)
     if shard_servers:
-        index = RemoteShards(info, shard_servers)
+        from recog.shard_server import RemoteShards
+
+        index = RemoteShards(info, shard_servers, shard_token)
     elif len(info.raw["shards"]) == 1:
         index = open_shard(info, 0)
     else:  # successive ids: shard i's local ids are offset by the sizes of the shards before it
@@ -374,90 +375,9 @@ def open_gallery(folder: str | Path, shard_servers: list[tuple[str, int]] | None
     return Gallery(info, index, keys, labels)
 
 
-def serve_shard(folder: str | Path, number: int, host: str = "0.0.0.0", port: int = 0, log=print) -> None:
-    """Hold shard `number` of the index in `folder` and answer searches on host:port until killed."""
-    info = read_index_info(folder)
-    if not 0 <= number < len(info.raw["shards"]):
-        raise ConfigError(f"the index in {folder} has {len(info.raw['shards'])} shard(s), numbered from 0; "
-                          f"--shard {number} is not one of them.")
-    from faiss.contrib import rpc
-
-    index = open_shard(info, number)
-    described = {"model_sha256": info.model_sha256, "generation": info.raw["generation"], "shard": number,
-                 "file": info.raw["shards"][number], "count": index.ntotal}
-
-    class Connection(rpc.Server):
-        """One client's calls, by method name, in faiss's RPC protocol."""
-
-        def __init__(self, conn: socket.socket):
-            super().__init__(conn, logf=open(os.devnull, "w"))  # it logs every call otherwise
-
-        def search_bytes(self, queries: bytes, dim: int, k: int) -> tuple[bytes, bytes]:
-            """Plain bytes both ways: faiss's RPC unpickles numpy's arrays by module name, which numpy 2 changed."""
-            scores, ids = index.search(np.frombuffer(queries, dtype=np.float32).reshape(-1, dim), k)
-            return scores.astype(np.float32).tobytes(), ids.astype(np.int64).tobytes()
-
-        def describe(self) -> dict:
-            return described
-
-    listener = bind(host, port)
-    bound = listener.getsockname()
-    log(f"shard {number} of {info.folder} ({described['file']}, {index.ntotal:,} vectors): listening on "
-        f"{bound[0]}:{bound[1]}")
-    while True:
-        conn, _ = listener.accept()
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        threading.Thread(target=Connection(conn).exec_loop, daemon=True).start()
-
-
-class RemoteShards:
-    """An index's shards searched by their servers (`serve-shard`), one thread per shard, merged per query: the k
-    largest scores, each shard's ids offset by the sizes of the shards before it, as faiss.IndexShards does."""
-
-    def __init__(self, info: IndexInfo, addresses: list[tuple[str, int]], timeout_s: float = 60.0):
-        from multiprocessing.pool import ThreadPool
-
-        from faiss.contrib import rpc
-
-        if len(addresses) != len(info.raw["shards"]):
-            raise ConfigError(f"the index in {info.folder} has {len(info.raw['shards'])} shard(s) and "
-                              f"{len(addresses)} shard server(s) were given; give one per shard, in shard order.")
-        self.clients, sizes = [], []
-        for number, (host, port) in enumerate(addresses):
-            try:
-                client = rpc.Client(host, port)
-                client.sock.settimeout(timeout_s)  # a server that died mid-answer: an error, not a wait forever
-                described = client.describe()
-            except OSError as e:
-                raise ConfigError(f"the shard server at {host}:{port} cannot be reached ({e.strerror or e}); start "
-                                  f"python -m recog.index serve-shard {info.folder} --shard {number} there.") from None
-            wanted = {"model_sha256": info.model_sha256, "generation": info.raw["generation"], "shard": number,
-                      "file": info.raw["shards"][number]}
-            if {key: described.get(key) for key in wanted} != wanted:
-                raise ConfigError(f"the shard server at {host}:{port} serves shard {described.get('shard')} "
-                                  f"({described.get('file')}), not shard {number} ({wanted['file']}) of this "
-                                  "index; give the servers in shard order, each started on this index.")
-            self.clients.append(client)
-            sizes.append(described["count"])
-        self.offsets = np.cumsum([0, *sizes[:-1]])
-        self.ntotal = int(sum(sizes))
-        self.pool = ThreadPool(len(self.clients))
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        faiss = import_faiss()
-        merged = faiss.ResultHeap(len(queries), k, keep_max=True)  # inner products: the largest are the nearest
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
-        answers = self.pool.map(lambda client: client.search_bytes(queries.tobytes(), queries.shape[1], k),
-                                self.clients)
-        for (scores, ids), offset in zip(answers, self.offsets):
-            scores = np.frombuffer(scores, dtype=np.float32).reshape(len(queries), k)
-            ids = np.frombuffer(ids, dtype=np.int64).reshape(len(queries), k)
-            merged.add_result(np.ascontiguousarray(scores), np.where(ids >= 0, ids + offset, -1))
-        merged.finalize()
-        return merged.D, merged.I
-
-
 def main(argv: list[str] | None = None) -> int:
+    from recog.shard_server import TOKEN_ENV, port_number, serve_shard
+
     parser = argparse.ArgumentParser(prog="python -m recog.index", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -476,12 +396,16 @@ def main(argv: list[str] | None = None) -> int:
                                                 "--shard-servers)")
     s.add_argument("index_dir")
     s.add_argument("--shard", type=int, required=True, help="which shard (from 0)")
-    s.add_argument("--host", default="0.0.0.0", help="address to listen on (a trusted network only)")
-    s.add_argument("--port", type=int, default=0, help="0: any free port (printed)")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (127.0.0.1; any other needs --token or RECOG_SHARD_TOKEN)")
+    s.add_argument("--port", type=port_number, default=0, help="0: any free port (printed)")
+    s.add_argument("--token", help="the shared token every request must carry (default: $RECOG_SHARD_TOKEN; the "
+                                   "environment keeps it out of the process list)")
     args = parser.parse_args(argv)
     try:
         if args.command == "serve-shard":
-            serve_shard(args.index_dir, args.shard, args.host, args.port, log=lambda line: print(line, flush=True))
+            serve_shard(args.index_dir, args.shard, args.host, args.port, args.token or os.environ.get(TOKEN_ENV),
+                        log=lambda line: print(line, flush=True))
             return 0
         if args.command == "build":
             info = build(args.embeddings, args.out_dir, args.kind, args.shards, args.train_size,

@@ -5,7 +5,8 @@
     POST /identify?k=5        an image, as the request body or a multipart file field -> {"vote", "matches":
                               [{"key", "label", "class", "score"}, ...], "timing_ms": {"decode", "model",
                               "search"}, "batch"}: recog.identify --json's fields, and where the time went
-    GET  /items/{key}/image   a gallery item's image, read from --shards (the shards the gallery was embedded from)
+    GET  /items/{key}/image   a gallery item's image, read from --shards (the shards the gallery was embedded from);
+                              revalidated by its ETag (a rebuilt gallery may give a key another image)
     GET  /healthz             what is served, and the requests in flight
     GET  /                    a page: choose or drop a photo, see its nearest gallery items
 
@@ -17,14 +18,16 @@ sentence}, and the next request is served as if it had not happened. SIGTERM: no
 in flight are finished (at most --grace-s seconds), then the process exits with status 0.
 
 One process serves one export and one index, loaded once: all its shards, or (--shard-servers) none of them, each
-searched by its own `python -m recog.index serve-shard` process, on any machine. More traffic: more replicas
-behind a load balancer (README, "Serve").
+searched by its own `python -m recog.index serve-shard` process, on any machine (recog.shard_server; with
+--shard-token or RECOG_SHARD_TOKEN when the servers want one). More traffic: more replicas behind a load balancer
+(README, "Serve").
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import io
 import logging
 import os
@@ -46,6 +49,7 @@ from recog.data.decode import decode_image
 from recog.errors import ConfigError, RecogError
 from recog.identify import answer, check_match, class_names
 from recog.listen import bind
+from recog.shard_server import TOKEN_ENV, port_number
 
 try:  # the serve extra (module level: FastAPI reads the endpoints' annotations from this module's names)
     import uvicorn
@@ -218,14 +222,14 @@ class Service:
                  max_wait_ms: float = 0.0, max_inflight: int = 256, max_bytes: int = 20 << 20,
                  max_pixels: int = Image.MAX_IMAGE_PIXELS, default_k: int = 5, read_timeout_s: float = 30.0,
                  cache_dir: str | None = None, decode_threads: int = 0,
-                 shard_servers: list[tuple[str, int]] | None = None):
+                 shard_servers: list[tuple[str, int]] | None = None, shard_token: str | None = None):
         from recog.embedder import ExportedEmbedder
         from recog.index import open_gallery
 
         for name, value in (("--max-batch", max_batch), ("--max-inflight", max_inflight), ("-k", default_k)):
             if value < 1:
                 raise ConfigError(f"{name} {value} must be 1 or more.")
-        self.embedder, self.gallery = ExportedEmbedder(model_dir), open_gallery(index_dir, shard_servers)
+        self.embedder, self.gallery = ExportedEmbedder(model_dir), open_gallery(index_dir, shard_servers, shard_token)
         check_match(self.embedder, self.gallery, model_dir, index_dir)
         self.classes = class_names(self.embedder, self.gallery)
         if isinstance(shards, str):
@@ -404,14 +408,20 @@ def create_app(service: Service) -> FastAPI:
             service.inflight -= 1
 
     @app.get("/items/{key}/image")
-    async def item_image(key: str):
+    async def item_image(key: str, request: Request):
         if service.items is None:
             raise BadRequest(404, "this service was started without --shards, so it serves no gallery images; "
                                   "start it with --shards GALLERY_SHARDS.")
         data = await run_in_threadpool(service.items.read, key)
         if data is None:
             raise BadRequest(404, f"no gallery item has the key {key[:40]!r}.")
-        return Response(data, media_type=image_kind(data), headers={"Cache-Control": "public, max-age=3600"})
+        # no-cache, not max-age: a rebuilt gallery may give a key another image; the ETag (the bytes' hash) lets a
+        # browser keep its copy after a 304. nosniff: the bytes are shown as the image type they were sent as only
+        tag = f'"{hashlib.sha256(data).hexdigest()[:32]}"'
+        headers = {"ETag": tag, "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+        if etag_matches(request.headers.get("if-none-match", ""), tag):
+            return Response(status_code=304, headers=headers)
+        return Response(data, media_type=image_kind(data), headers=headers)
 
     @app.get("/healthz")
     async def healthz():
@@ -425,12 +435,18 @@ def create_app(service: Service) -> FastAPI:
     return app
 
 
+def etag_matches(if_none_match: str, tag: str) -> bool:
+    """Whether an If-None-Match header names `tag` (weakly compared, as RFC 9110 asks for GET), or is `*`."""
+    given = [part.strip().removeprefix("W/") for part in if_none_match.split(",")]
+    return "*" in given or tag in given
+
+
 def addresses(text: str) -> list[tuple[str, int]]:
     out = []
     for item in text.split(","):
         host, _, port = item.strip().rpartition(":")
-        if not host or not port.isdigit():
-            raise argparse.ArgumentTypeError(f"{item!r} is not HOST:PORT")
+        if not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
+            raise argparse.ArgumentTypeError(f"{item[:60]!r} is not HOST:PORT (a port from 0 to 65535)")
         out.append((host.strip("[]"), int(port)))
     return out
 
@@ -445,8 +461,10 @@ def parser() -> argparse.ArgumentParser:
                         "--shards once per folder)")
     p.add_argument("--shard-servers", type=addresses, metavar="HOST:PORT,...",
                    help="search the index's shards in their serve-shard processes (one per shard, in order)")
+    p.add_argument("--shard-token", help=f"the token the shard servers were started with (default: ${TOKEN_ENV}; "
+                                         "the environment keeps it out of the process list)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000, help="0: any free port (the log names it)")
+    p.add_argument("--port", type=port_number, default=8000, help="0: any free port (the log names it)")
     p.add_argument("-k", type=int, default=5, help="matches per request when it gives no k= (5)")
     p.add_argument("--max-batch", type=int, default=32, help="images per model call (32)")
     # 0, measured (bench/serve.py, 2 cores): as many requests/s as a 5 ms wait at 8 clients (139 and 142), and one
@@ -485,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
                           max_wait_ms=args.max_wait_ms, max_inflight=args.max_inflight,
                           max_bytes=int(args.max_mb * (1 << 20)), max_pixels=args.max_pixels, default_k=args.k,
                           read_timeout_s=args.read_timeout_s, cache_dir=args.cache_dir,
-                          decode_threads=args.decode_threads, shard_servers=args.shard_servers)
+                          decode_threads=args.decode_threads, shard_servers=args.shard_servers,
+                          shard_token=args.shard_token or os.environ.get(TOKEN_ENV))
         sock = bind(args.host, args.port)
     except RecogError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -169,7 +169,8 @@ def test_ivfsq_recall_against_flat_at_the_default_settings(tmp_path):
 @pytest.mark.parametrize("kind", ["flat", "ivfsq"])
 def test_shards_searched_by_their_servers_give_the_local_indexs_results(tmp_path, kind):
     """Each shard held by its own `python -m recog.index serve-shard` process (as on its own machine), searched
-    over faiss's RPC and merged per query: the same ids and scores as the index opened in one process."""
+    over HTTP (recog.shard_server) and merged per query: the same ids and scores as the index opened in one
+    process."""
     from recog.testing import ServeProcess
 
     vectors, queries = np.split(clustered(12_050, dim=64, seed=3), [12_000])

@@ -168,6 +168,39 @@ def test_every_bad_input_gets_its_4xx_sentence_and_the_next_request_is_served(se
         assert server.process.poll() is None
 
 
+@pytest.mark.slow  # starts a server process
+def test_a_gallery_image_is_revalidated_by_its_etag_and_never_sniffed(served):
+    """A rebuilt gallery may give a key another image: no max-age, but no-cache and an ETag (the bytes' hash) that
+    a browser sends back (If-None-Match) for a 304; nosniff, so the bytes are only ever the image type sent."""
+    with Server(served) as server:
+        key = post_image(server.client, served["images"][0][0]).json()["matches"][0]["key"]
+        image = server.client.get(f"/items/{key}/image")
+        assert image.status_code == 200 and image.headers["x-content-type-options"] == "nosniff"
+        assert image.headers["cache-control"] == "no-cache" and "max-age" not in image.headers["cache-control"]
+        tag = image.headers["etag"]
+        assert tag.startswith('"') and tag.endswith('"') and len(tag) > 10
+        for sent in [tag, f"W/{tag}", f'"other", {tag}', "*"]:
+            again = server.client.get(f"/items/{key}/image", headers={"If-None-Match": sent})
+            assert again.status_code == 304 and again.content == b"" and again.headers["etag"] == tag, sent
+            assert again.headers["x-content-type-options"] == "nosniff", sent
+        changed = server.client.get(f"/items/{key}/image", headers={"If-None-Match": '"an older image"'})
+        assert changed.status_code == 200 and changed.content == image.content
+
+
+@pytest.mark.parametrize("port", ["99999", "65536", "-1", "eighty"])
+def test_a_port_outside_0_to_65535_is_one_sentence(port, capsys):
+    from recog.serve import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["--model", "m", "--index", "i", "--port", port])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"argument --port: '{port}' is not a port number; give 0 to 65535" in error, error
+    with pytest.raises(SystemExit):
+        main(["--model", "m", "--index", "i", "--shard-servers", f"h:{port}"])
+    assert "is not HOST:PORT" in capsys.readouterr().err
+
+
 def test_a_grey_upload_is_converted_for_an_rgb_model_and_an_rgb_one_for_a_grey_model():
     from recog.serve import decode_upload
 
@@ -308,17 +341,18 @@ def test_the_listening_socket_gives_connections_without_nagles_delay():
 @pytest.mark.slow  # starts a server and two shard servers
 def test_an_index_sharded_over_shard_servers_answers_as_the_local_index(served, tmp_path):
     """The gallery indexed in 2 shards, each held by its own `recog.index serve-shard` process (as on two
-    machines); recog.serve searches both and merges: the same answers as recog.identify on the one-shard index."""
+    machines, here wanting a token); recog.serve searches both with the token and merges: the same answers as
+    recog.identify on the one-shard index."""
     build(served["root"] / "embeddings", tmp_path / "index2", shards=2, log=lambda line: None)
     paths = [path for path, _ in served["images"]]
     expected = identify(str(served["export"]), str(served["index"]), [str(p) for p in paths], k=7)
-    shard_servers = [ServeProcess("serve-shard", tmp_path / "index2", "--shard", str(n), module="recog.index")
-                     for n in (0, 1)]
+    shard_servers = [ServeProcess("serve-shard", tmp_path / "index2", "--shard", str(n), "--token", "tok-3n2",
+                                  module="recog.index") for n in (0, 1)]
     try:
         assert "500 vectors" in shard_servers[0].log and "500 vectors" in shard_servers[1].log
         sharded = {**served, "index": tmp_path / "index2"}
         addresses = ",".join(server.url for server in shard_servers)
-        with Server(sharded, "--shard-servers", addresses) as server:
+        with Server(sharded, "--shard-servers", addresses, "--shard-token", "tok-3n2") as server:
             for path, want in zip(paths, expected):
                 got = post_image(server.client, path, 7).json()["matches"]
                 np.testing.assert_allclose([m["score"] for m in got], [m["score"] for m in want["matches"]],
@@ -332,7 +366,10 @@ def test_an_index_sharded_over_shard_servers_answers_as_the_local_index(served, 
         # the servers in the wrong order: one sentence, before serving anything
         swapped = ",".join(server.url for server in reversed(shard_servers))
         with pytest.raises(RuntimeError, match="serves shard 1 .* not shard 0 .* give the servers in shard order"):
-            Server(sharded, "--shard-servers", swapped)
+            Server(sharded, "--shard-servers", swapped, "--shard-token", "tok-3n2")
+        # no token: one sentence naming the fix, before serving anything
+        with pytest.raises(RuntimeError, match="refused a missing token; give --shard-token or RECOG_SHARD_TOKEN"):
+            Server(sharded, "--shard-servers", addresses)
     finally:
         for shard_server in shard_servers:
             shard_server.stop()
