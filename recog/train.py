@@ -204,6 +204,7 @@ def train_one_epoch(recipe: StepRecipe, batches: Iterable[Batch], position: Posi
         loss = r.step_gradients(batch)
         for meter in (window, epoch):
             meter.add(loss=loss, images=len(batch.labels), skipped=batch.skipped, wait=waited)
+        lr = r.optimizer.param_groups[0]["lr"]  # this step's: what train/lr shows at it
         r.scaler.step(r.optimizer)
         r.scaler.update()
         r.optimizer.zero_grad(set_to_none=True)
@@ -211,7 +212,7 @@ def train_one_epoch(recipe: StepRecipe, batches: Iterable[Batch], position: Posi
         position.step += 1
         position.mark_done(batch.step)
         if position.step % log_steps.every == 0:  # every rank reaches this at the same step: cannot hang
-            log_steps.write(position.step, window, r.scheduler.get_last_lr()[0], r.device)
+            log_steps.write(position.step, window, lr, r.device)
         if after_step(position):
             stopped = True
             break
