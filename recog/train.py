@@ -27,6 +27,7 @@ from recog.log import make_writer, setup_logging
 from recog.model import Output
 from recog.preempt import Preempted, StopOnSignal
 from recog.retrieval import metrics_from_sums, retrieval_sums
+from recog.rundir import hold_run_dir
 
 log = logging.getLogger("recog")
 
@@ -44,7 +45,9 @@ def run(cfg: DictConfig, run_dir: Path | None = None, stop: StopOnSignal | None 
         ctx = dist.setup(cfg.dist.backend, cfg.dist.timeout_s)
         stop.flag = dist.AnyRankFlag()  # from here on the ranks agree on when to stop
         try:
-            metrics = train(cfg, ctx, Path(run_dir or HydraConfig.get().runtime.output_dir), stop)
+            run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
+            with hold_run_dir(run_dir, ctx):  # one run at a time in it: a second one stops here, on every rank
+                metrics = train(cfg, ctx, run_dir, stop)
             stop.finish()
             return metrics
         except RuntimeError as e:
