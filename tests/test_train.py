@@ -10,6 +10,7 @@ import torch
 from conftest import run_train, tiny_args, tiny_split
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_data import corrupt_copy
+from test_failures import recog_frames
 
 from recog.checkpoint import load_checkpoint
 
@@ -153,8 +154,7 @@ def test_bad_input_stops_with_one_sentence(tiny_data, tmp_path, override, messag
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr  # one sentence, from rank 0 only
     # torchrun's agent prints its own ChildFailedError report; no traceback comes from recog's processes
-    assert not [line for line in result.stderr.splitlines()
-                if 'File "' in line and ("recog" in line or "train.py" in line)]
+    assert not recog_frames(result.stderr), result.stderr
     assert not (tmp_path / "outputs").exists() or not list((tmp_path / "outputs").rglob("*.pt"))
 
 
