@@ -26,7 +26,7 @@ from recog.files import write_json
 from recog.log import make_writer, setup_logging
 from recog.model import Output
 from recog.preempt import Preempted, StopOnSignal
-from recog.retrieval import metrics_from_sums, retrieval_sums
+from recog.retrieval import metrics_from_sums, retrieval_sums, undefined
 from recog.rundir import hold_run_dir
 
 log = logging.getLogger("recog")
@@ -270,7 +270,10 @@ def evaluate(model, loader, normalize, ctx: dist.Dist, retrieval: bool = False, 
             gallery = dist.all_gather_uneven(torch.cat([e for e, _ in gallery_parts]))
             gallery_labels = dist.all_gather_uneven(torch.cat([lab for _, lab in gallery_parts]))
         sums = retrieval_sums(result.embeddings, result.labels, gallery, gallery_labels, query_offset=offset)
-        result.retrieval = metrics_from_sums(dist.all_reduce_sum(sums))
+        sums = dist.all_reduce_sum(sums)
+        result.retrieval = metrics_from_sums(sums)
+        if undefined(sums) and ctx.is_main:
+            log.warning("%s; they are NaN", undefined(sums))
     return result
 
 

@@ -255,6 +255,35 @@ def test_bad_values_are_named_before_training(tiny_data, tmp_path, override, mes
     one_sentence(Run(tiny_args(tiny_data, **override), tmp_path).finish(), message)
 
 
+def test_fewer_training_samples_than_processes_is_named_not_called_damage(tiny_data, tmp_path):
+    """One training sample trains on 1 process; on 2, rank 1 would have none: said as that, with the fix (it
+    was "the shards are damaged")."""
+    from conftest import tiny_split
+
+    tiny_split(tmp_path / "one", "train", 1, 1)
+    run = Run(tiny_args(tiny_data, **{"data.train": tmp_path / "one"}), tmp_path).finish()
+    one_sentence(run, "holds 1 training sample(s), fewer than the 2 parts")
+    assert "rank 1 would have none; train on at most 1 process(es)" in run.errors()[0]
+
+
+def test_a_gallery_without_retrieval_is_named():
+    """eval.gallery was ignored without eval.retrieval=true."""
+    from hydra import compose, initialize_config_dir
+
+    from recog.config import check_config
+    from recog.errors import ConfigError
+    from recog.rundir import register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        with pytest.raises(ConfigError, match=r"eval\.gallery=train is the gallery of the retrieval metrics, which "
+                                              r"are off; add eval\.retrieval=true"):
+            check_config(compose("train", overrides=["eval.gallery=train", "data.train=x", "data.test=y"]))
+        with pytest.raises(ConfigError, match="no shards at x"):  # with retrieval, the gallery passes
+            check_config(compose("train", overrides=["eval.gallery=train", "eval.retrieval=true", "data.train=x",
+                                                     "data.test=y"]))
+
+
 def test_a_manifest_that_is_not_json_is_named(tiny_data, tmp_path):
     data = copy_data(tiny_data, tmp_path)
     (data["train"] / "manifest.json").write_text("{ this is not json")
