@@ -30,7 +30,7 @@ from recog.data.gpu_decode import DecodeOnDevice
 from recog.data.loader import Batch, loader_workers, make_loader
 from recog.data.manifest import load_manifest
 from recog.data.normalize import Normalize
-from recog.data.plan import rank_parts
+from recog.data.plan import rank_parts, ranks_without_samples
 from recog.data.prepare import missing_splits, prepare_shards
 from recog.data.random_access import ShardRandomAccess, collate
 from recog.data.source import ShardSource
@@ -110,6 +110,7 @@ def build_data(cfg: DictConfig, ctx: dist.Dist, saved: dict | None = None) -> Tr
             log.info("%s | %d loader worker(s) per rank%s", choices, workers, f" (auto: {cores} "
                      f"cores, {ctx.local_world_size} rank(s) on this node)" if cfg.data.num_workers == "auto" else "")
         if not pk:
+            check_samples_for_ranks(train.num_samples, cfg, global_batch, parts, ctx.world_size)
             return train, test, gallery, None
         p, k = cfg.sampler.p, cfg.sampler.k
         if p > train.num_classes:
@@ -157,6 +158,18 @@ def build_data(cfg: DictConfig, ctx: dist.Dist, saved: dict | None = None) -> Tr
                                       cfg.data.strict) if on_gpu else None
     return TrainData(loader, epochs, test_loader, batch_size, train_manifest.classes, layout, gallery_loader,
                      decode_on_device)
+
+
+def check_samples_for_ranks(num_samples: int, cfg: DictConfig, global_batch: int, parts: int, world_size: int) -> None:
+    """Every rank must have a sample to train on: the same shards may train on 1 process and leave a rank of 2
+    with none (the epoch's samples are cut into one stretch per part of the global batch)."""
+    empty = ranks_without_samples(num_samples, parts, world_size)
+    if empty:
+        raise ConfigError(f"{cfg.data.train} holds {num_samples} training sample(s), fewer than the {parts} parts "
+                          f"(forward passes of batch_size={cfg.batch_size}) the global batch of {global_batch} is "
+                          f"split into over {world_size} processes, so rank {empty[0]} would have none; train on "
+                          f"at most {num_samples} process(es) with a global_batch of at most "
+                          f"{num_samples * cfg.batch_size}, or on more samples.")
 
 
 def train_decoding(cfg: DictConfig, keep_decoded: bool) -> tuple[Decode, Callable | None]:

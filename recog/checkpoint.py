@@ -131,6 +131,13 @@ class Position:
     def steps_done(self) -> int:
         return count_done(self.done)
 
+    @property
+    def schedule_step(self) -> int:
+        """Where the LR schedule stands: the data trained on, in steps of this run's global batch. Equal to `step`
+        in a run whose global batch never changed; after a resume with another global batch, `step` (what the
+        checkpoints and TensorBoard count, never going back) still counts the old run's smaller or larger steps."""
+        return self.epoch * self.batches_per_epoch + self.steps_done
+
     def mark_done(self, step: int) -> None:
         self.done = mark_done(self.done, step)
 
@@ -201,10 +208,6 @@ class Checkpoints:
         r.scheduler.load_state_dict(ckpt["scheduler"])
         if "scaler" in ckpt:
             r.scaler.load_state_dict(ckpt["scaler"])
-        # This run's LR, which differs from the checkpoint's if the world size or the number of epochs changed.
-        r.scheduler.base_lrs = [r.lr * scale for scale in scales]
-        for group, scale in zip(r.optimizer.param_groups, scales):
-            group["lr_scale"], group["lr"] = scale, r.lr * scale * r.lr_factor(r.scheduler.last_epoch)
         torch.set_rng_state(ckpt["rng"])
         if "cuda_rng" in ckpt and self.device.type == "cuda":
             torch.cuda.set_rng_state(ckpt["cuda_rng"])
@@ -218,9 +221,22 @@ class Checkpoints:
                             "starts again from its first step", path, {k: saved.get(k) for k in self.layout},
                             self.layout, ckpt["epoch"] + 1)
         position = Position(ckpt["epoch"], ckpt["step"], done, position.batches_per_epoch, path)
+        # This run's LR schedule, at this run's point in it: its peak LR differs from the checkpoint's if the global
+        # batch changed, its length if the epochs or the global batch did (the steps of another global batch are
+        # not this run's steps: the schedule goes by the data trained on, `schedule_step`).
+        r.scheduler.base_lrs = [r.lr * scale for scale in scales]
+        r.scheduler.last_epoch = position.schedule_step
+        for group, scale in zip(r.optimizer.param_groups, scales):
+            group["lr_scale"], group["lr"] = scale, r.lr * scale * r.lr_factor(position.schedule_step)
+        r.scheduler._last_lr = [group["lr"] for group in r.optimizer.param_groups]  # what get_last_lr() says
         log.info("resumed from %s: step %d, %d epoch(s) done%s", path, position.step, position.epoch,
                  f" and {position.steps_done} of {position.batches_per_epoch} steps of epoch {position.epoch + 1}"
                  if position.mid_epoch else "")
+        if saved.get("global_batch", self.layout.get("global_batch")) != self.layout.get("global_batch"):
+            log.info("global batch changed from %d to %d: the LR schedule continues at its step %d (%d epoch(s) "
+                     "of %d steps trained), not at the checkpoint's step %d", saved["global_batch"],
+                     self.layout["global_batch"], position.schedule_step, position.epoch,
+                     position.batches_per_epoch, position.step)
         if saved.get("world_size", self.world_size) != self.world_size:
             log.info("world size changed from %d to %d: the %d parts of each step are read by %d rank(s) now; "
                      "the global batch, the LR schedule and the epoch's samples stay as they were",

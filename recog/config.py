@@ -97,6 +97,9 @@ def check_config(cfg: DictConfig) -> None:
                           "(ArcFace uses 0.5, 0.2-0.3 suits small logit scales).")
     if cfg.loss.get("cross_rank") and not pk:
         raise ConfigError("loss.cross_rank=true needs equal batches on every rank; use sampler=pk.")
+    if cfg.eval.gallery is not None and not cfg.eval.retrieval:
+        raise ConfigError(f"eval.gallery={cfg.eval.gallery} is the gallery of the retrieval metrics, which are off; "
+                          "add eval.retrieval=true, or leave eval.gallery out.")
     if cfg.global_batch is not None:
         check_number("global_batch", cfg.global_batch, True, 1, False)
     world_size = int(os.environ.get("WORLD_SIZE", 1))

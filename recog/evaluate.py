@@ -23,7 +23,7 @@ import torch
 from recog import dist
 from recog.embeddings import Embeddings, open_embeddings
 from recog.errors import ConfigError, RecogError, sentence
-from recog.retrieval import metrics_from_sums, retrieval_sums
+from recog.retrieval import metrics_from_sums, retrieval_sums, undefined
 
 
 def rows(emb: Embeddings, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         sums = dist.fail_together(lambda: evaluate(args.queries, args.gallery, ctx.rank, ctx.world_size,
                                                    args.chunk), ctx, "evaluating")
         total = dist.all_reduce_sum(sums)  # its last entry: the queries searched, over all ranks
+        if undefined(total):
+            raise ConfigError(f"{undefined(total)}; give more labelled embeddings.")
         if ctx.is_main:
             print(json.dumps({"queries": int(total[-1]), **metrics_from_sums(total)}))
         return 0

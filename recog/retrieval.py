@@ -64,8 +64,21 @@ def retrieval_sums(queries: torch.Tensor, query_labels: torch.Tensor, gallery: t
     return sums
 
 
+def undefined(sums: torch.Tensor, ks=KS) -> str | None:
+    """Why the metrics of `retrieval_sums` are undefined, or None: no query has an image of its class in the
+    gallery to find (a single test image left out of its own search, or every class a single image), so a recall
+    of 0 would say the model failed where there was nothing to succeed at."""
+    queries, findable = int(sums[-1]), int(sums[len(ks) + 1])
+    if findable:
+        return None
+    return (f"retrieval metrics are undefined: none of the {queries} queries has an image of its class in the "
+            "gallery to find (leave-one-out needs two test images of a class or more)")
+
+
 def metrics_from_sums(sums: torch.Tensor, ks=KS) -> dict[str, float]:
-    """Recall@k and MAP@R from `retrieval_sums` (added up over every query slice)."""
+    """Recall@k and MAP@R from `retrieval_sums` (added up over every query slice); NaN where `undefined`."""
+    if undefined(sums, ks):
+        return dict.fromkeys([*(f"recall@{k}" for k in ks), "map@r", "vote_top1"], float("nan"))
     sums = sums.tolist()
     queries = max(sums[-1], 1)
     metrics = {f"recall@{k}": sums[i] / queries for i, k in enumerate(ks)}

@@ -1,4 +1,4 @@
-"""One run directory for every rank of a launch.
+"""One run directory for every rank of a launch, and one run in it at a time.
 
 Hydra resolves `${now:...}` separately in each process, so under torchrun two
 ranks started a second apart would create two run directories. `${launch_time:}`
@@ -9,13 +9,17 @@ restarted job also finds its old directory), and every rank reads that value.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from datetime import datetime, timedelta
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from recog import dist
 from recog.dist import env_rank
+from recog.errors import ConfigError
+from recog.files import exclusive
 
 _cache: dict[str, str] = {}
 
@@ -42,6 +46,22 @@ def _agree_across_ranks(key: str, mine: str) -> str:
     if job:
         return f"job-{job}"
     raise RuntimeError("cannot agree on a run directory across ranks; set hydra.run.dir=DIR explicitly.")
+
+
+def hold_run_dir(run_dir: Path, ctx: dist.Dist) -> contextlib.AbstractContextManager:
+    """The run directory, held by this run for its life: rank 0 holds its lock (recog.files.exclusive), which the
+    kernel drops when the process ends, however it ends (so a worker torchrun restarts takes it again). A second
+    run given the same directory stops here, before it writes anything there, on every rank (one exchange, the
+    first after the process group exists): interleaved checkpoints of two runs would be worse than either."""
+    def lock():
+        if not ctx.is_main:
+            return contextlib.nullcontext()
+        try:
+            return exclusive(run_dir, "training run")
+        except ConfigError as e:
+            raise ConfigError(f"{str(e).rstrip('.')} (hydra.run.dir=...).") from None
+
+    return dist.fail_together(lock, ctx, "locking the run directory")
 
 
 def if_rank0(value):

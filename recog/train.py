@@ -26,7 +26,8 @@ from recog.files import write_json
 from recog.log import make_writer, setup_logging
 from recog.model import Output
 from recog.preempt import Preempted, StopOnSignal
-from recog.retrieval import metrics_from_sums, retrieval_sums
+from recog.retrieval import metrics_from_sums, retrieval_sums, undefined
+from recog.rundir import hold_run_dir
 
 log = logging.getLogger("recog")
 
@@ -44,7 +45,9 @@ def run(cfg: DictConfig, run_dir: Path | None = None, stop: StopOnSignal | None 
         ctx = dist.setup(cfg.dist.backend, cfg.dist.timeout_s)
         stop.flag = dist.AnyRankFlag()  # from here on the ranks agree on when to stop
         try:
-            metrics = train(cfg, ctx, Path(run_dir or HydraConfig.get().runtime.output_dir), stop)
+            run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
+            with hold_run_dir(run_dir, ctx):  # one run at a time in it: a second one stops here, on every rank
+                metrics = train(cfg, ctx, run_dir, stop)
             stop.finish()
             return metrics
         except RuntimeError as e:
@@ -204,6 +207,7 @@ def train_one_epoch(recipe: StepRecipe, batches: Iterable[Batch], position: Posi
         loss = r.step_gradients(batch)
         for meter in (window, epoch):
             meter.add(loss=loss, images=len(batch.labels), skipped=batch.skipped, wait=waited)
+        lr = r.optimizer.param_groups[0]["lr"]  # this step's: what train/lr shows at it
         r.scaler.step(r.optimizer)
         r.scaler.update()
         r.optimizer.zero_grad(set_to_none=True)
@@ -211,7 +215,7 @@ def train_one_epoch(recipe: StepRecipe, batches: Iterable[Batch], position: Posi
         position.step += 1
         position.mark_done(batch.step)
         if position.step % log_steps.every == 0:  # every rank reaches this at the same step: cannot hang
-            log_steps.write(position.step, window, r.scheduler.get_last_lr()[0], r.device)
+            log_steps.write(position.step, window, lr, r.device)
         if after_step(position):
             stopped = True
             break
@@ -266,7 +270,10 @@ def evaluate(model, loader, normalize, ctx: dist.Dist, retrieval: bool = False, 
             gallery = dist.all_gather_uneven(torch.cat([e for e, _ in gallery_parts]))
             gallery_labels = dist.all_gather_uneven(torch.cat([lab for _, lab in gallery_parts]))
         sums = retrieval_sums(result.embeddings, result.labels, gallery, gallery_labels, query_offset=offset)
-        result.retrieval = metrics_from_sums(dist.all_reduce_sum(sums))
+        sums = dist.all_reduce_sum(sums)
+        result.retrieval = metrics_from_sums(sums)
+        if undefined(sums) and ctx.is_main:
+            log.warning("%s; they are NaN", undefined(sums))
     return result
 
 

@@ -12,6 +12,7 @@ child inherits.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -118,8 +119,17 @@ class Run:
 
     def recog_traceback(self) -> bool:
         """Whether recog's processes printed a traceback (torchrun's own ChildFailedError report aside)."""
-        return any('File "' in line and ("recog" in line or "train.py" in line) and "torch/distributed" not in line
-                   for line in self.stderr.splitlines())
+        return bool(recog_frames(self.stderr))
+
+
+# A traceback line of recog's own code: a module of a `recog` package folder (recog/train.py, recog/data/plan.py)
+# or a checkout's train.py, never a library's. Not any line that names "recog": in a checkout named recog (where
+# `git clone` puts it) with its .venv inside, torchrun's own frames do.
+RECOG_FRAME = re.compile(r'File "[^"]*/(?:recog/(?:\w+/)*\w+|train)\.py"')
+
+
+def recog_frames(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if RECOG_FRAME.search(line) and "site-packages" not in line]
 
 
 def describe(pid: int) -> str:
@@ -245,6 +255,35 @@ def test_bad_values_are_named_before_training(tiny_data, tmp_path, override, mes
     one_sentence(Run(tiny_args(tiny_data, **override), tmp_path).finish(), message)
 
 
+def test_fewer_training_samples_than_processes_is_named_not_called_damage(tiny_data, tmp_path):
+    """One training sample trains on 1 process; on 2, rank 1 would have none: said as that, with the fix (it
+    was "the shards are damaged")."""
+    from conftest import tiny_split
+
+    tiny_split(tmp_path / "one", "train", 1, 1)
+    run = Run(tiny_args(tiny_data, **{"data.train": tmp_path / "one"}), tmp_path).finish()
+    one_sentence(run, "holds 1 training sample(s), fewer than the 2 parts")
+    assert "rank 1 would have none; train on at most 1 process(es)" in run.errors()[0]
+
+
+def test_a_gallery_without_retrieval_is_named():
+    """eval.gallery was ignored without eval.retrieval=true."""
+    from hydra import compose, initialize_config_dir
+
+    from recog.config import check_config
+    from recog.errors import ConfigError
+    from recog.rundir import register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        with pytest.raises(ConfigError, match=r"eval\.gallery=train is the gallery of the retrieval metrics, which "
+                                              r"are off; add eval\.retrieval=true"):
+            check_config(compose("train", overrides=["eval.gallery=train", "data.train=x", "data.test=y"]))
+        with pytest.raises(ConfigError, match="no shards at x"):  # with retrieval, the gallery passes
+            check_config(compose("train", overrides=["eval.gallery=train", "eval.retrieval=true", "data.train=x",
+                                                     "data.test=y"]))
+
+
 def test_a_manifest_that_is_not_json_is_named(tiny_data, tmp_path):
     data = copy_data(tiny_data, tmp_path)
     (data["train"] / "manifest.json").write_text("{ this is not json")
@@ -317,6 +356,27 @@ def test_warnings_about_skipped_samples_go_to_train_log(tiny_data, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     log = (tmp_path / "r" / "train.log").read_text()
     assert "skipping undecodable sample" in log and "000000400" in log, log[-3000:]
+
+
+def test_a_second_run_in_the_same_run_directory_stops_before_writing_there(tiny_data, tmp_path):
+    """Two runs given one hydra.run.dir at once would interleave their checkpoints (best.pt of one, last.pt of the
+    other). The first holds the directory (rank 0's lock, for the run's life); the second, started while the
+    first trains, stops on both ranks with one sentence naming the directory, before it writes anything there."""
+    run_dir = tmp_path / "run"
+    first = Run(tiny_args(tiny_data, epochs=200, seed=0, **{"checkpoint.every_steps": 4})
+                + [f"hydra.run.dir={run_dir}"], tmp_path)
+    try:
+        first.wait_for("per-rank batch")  # set up, holding the directory, training
+        second = Run(tiny_args(tiny_data, epochs=200, seed=1) + [f"hydra.run.dir={run_dir}"], tmp_path).finish()
+        one_sentence(second, f"{run_dir} is being written by training run (pid ")
+        assert "hydra.run.dir=" in second.errors()[0]
+        assert first.proc.poll() is None, first.stderr[-3000:]  # the first goes on, undisturbed
+        first.wait_for("epoch 1/200")  # and writes its checkpoints
+    finally:
+        first.kill()
+    assert "seed: 1" not in (run_dir / "train.log").read_text()  # the second never logged there ...
+    seeds = {load_checkpoint(p)["config"]["seed"] for p in (run_dir / "checkpoints").glob("*.pt")}
+    assert seeds == {0}  # ... nor saved a checkpoint
 
 
 def test_the_sentence_reaches_the_user_whichever_rank_finds_it_first(tiny_data, tmp_path):

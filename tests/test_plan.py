@@ -71,3 +71,14 @@ def test_slice_pieces_crosses_shard_boundaries():
     pieces = [Piece(2, 10, 20), Piece(0, 0, 5)]
     assert slice_pieces(pieces, 8, 13) == [Piece(2, 18, 20), Piece(0, 0, 3)]
     assert slice_pieces(pieces, 15, 15) == []
+
+
+def test_ranks_without_samples():
+    """Fewer training samples than parts: the last parts are empty, and a rank holding only those has none."""
+    from recog.data.plan import ranks_without_samples
+
+    assert ranks_without_samples(1, 2, 2) == [1]
+    assert ranks_without_samples(1, 1, 1) == [] and ranks_without_samples(2, 2, 2) == []
+    assert ranks_without_samples(3, 4, 1) == []  # one rank accumulating 4 parts, 3 of them with a sample
+    assert ranks_without_samples(3, 8, 2) == [1]  # parts 4..7 are empty
+    assert ranks_without_samples(5, 8, 4) == [3]

@@ -78,3 +78,18 @@ def test_vote_top1_is_recog_identify_s_vote():
     got = retrieval_metrics(queries, q_labels, gallery, g_labels)["vote_top1"]
     assert got == pytest.approx(want, abs=1e-12) and got != retrieval_metrics(queries, q_labels, gallery,
                                                                                g_labels)["recall@1"]
+
+
+def test_nothing_to_find_is_undefined_not_a_recall_of_zero():
+    """One test image left out of its own search (or every class a single image) has nothing to find: its
+    metrics are NaN, with the reason, never 0.0 (which would say the model failed)."""
+    import math
+
+    from recog.retrieval import retrieval_sums, undefined
+
+    for emb, labels in ((unit([0]), torch.tensor([0])), (unit([0, 90, 180]), torch.tensor([0, 1, 2]))):
+        assert all(math.isnan(v) for v in retrieval_metrics(emb, labels).values())
+        reason = undefined(retrieval_sums(emb, labels, emb, labels, query_offset=0))
+        assert reason and f"none of the {len(labels)} queries has an image of its class" in reason
+    defined = retrieval_metrics(unit([0, 10, 180]), torch.tensor([0, 0, 1]))  # the lone query counts as a miss
+    assert defined["recall@1"] == pytest.approx(2 / 3) and defined["map@r"] == 1.0

@@ -110,6 +110,14 @@ def rank_parts(parts: int, rank: int, world_size: int) -> range:
     return range(rank * parts // world_size, (rank + 1) * parts // world_size)
 
 
+def ranks_without_samples(num_samples: int, parts: int, world_size: int) -> list[int]:
+    """The ranks none of whose parts holds a sample of a training epoch. Parts differ by at most one sample, so
+    with fewer samples than parts the last `parts - num_samples` are empty, and a rank holding only those would
+    have nothing to train on from its first step."""
+    return [rank for rank in range(world_size) if all(part >= num_samples for part in rank_parts(parts, rank,
+                                                                                                  world_size))]
+
+
 def epoch_steps(num_samples: int, parts: int, batch_size: int) -> int:
     """Steps of a training epoch: the largest part's batches (parts differ by at most one sample)."""
     return max(1, num_batches(samples_per_rank(num_samples, parts), batch_size))
