@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +29,16 @@ def tiny_data(tmp_path_factory) -> dict[str, Path]:
     tiny_split(root / "train", "train", 1000, 384)
     tiny_split(root / "test", "test", 301, 128)
     return {"train": root / "train", "test": root / "test"}
+
+
+# A traceback frame of recog's own code (its package or train.py), wherever the checkout lies: a checkout named
+# `recog` puts that word in the paths of its .venv's packages (torchrun's own report) too.
+RECOG_FRAME = re.compile(r'File "[^"]*/(?:recog/(?:\w+/)*\w+|train)\.py"')
+
+
+def recog_frames(stderr: str) -> list[str]:
+    """The lines of `stderr` that are frames of recog's code: none where recog printed one sentence."""
+    return [line for line in stderr.splitlines() if RECOG_FRAME.search(line) and "site-packages" not in line]
 
 
 def train_cmd(nproc: int | None) -> list[str]:

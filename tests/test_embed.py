@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import BUNDLED, ROOT
+from conftest import BUNDLED, ROOT, recog_frames
 from identify_setup import random_checkpoint
 
 from recog.data.embed_stream import Part, PartStream, consecutive_runs, rank_parts, worker_parts
@@ -119,7 +119,7 @@ def test_two_processes_embed_each_sample_once_as_one_process_does(two_processes,
 
 def recog_traceback(stderr: str) -> bool:
     """Whether recog's processes printed a traceback (torchrun's own report aside)."""
-    return any('File "' in line and "recog" in line and "torch/distributed" not in line for line in stderr.splitlines())
+    return bool(recog_frames(stderr))
 
 
 def files(folder: Path) -> dict[str, bytes]:

@@ -12,7 +12,6 @@ child inherits.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_train, tiny_args, train_cmd
+from conftest import ROOT, recog_frames, run_train, tiny_args, train_cmd
 from http_server import CountingServer
 
 from recog.checkpoint import load_checkpoint
@@ -125,13 +124,6 @@ class Run:
 # A traceback line of recog's own code: a module of a `recog` package folder (recog/train.py, recog/data/plan.py)
 # or a checkout's train.py, never a library's. Not any line that names "recog": in a checkout named recog (where
 # `git clone` puts it) with its .venv inside, torchrun's own frames do.
-RECOG_FRAME = re.compile(r'File "[^"]*/(?:recog/(?:\w+/)*\w+|train)\.py"')
-
-
-def recog_frames(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if RECOG_FRAME.search(line) and "site-packages" not in line]
-
-
 def describe(pid: int) -> str:
     try:
         return f"{pid}: " + Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]

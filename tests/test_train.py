@@ -7,10 +7,9 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from conftest import run_train, tiny_args, tiny_split
+from conftest import recog_frames, run_train, tiny_args, tiny_split
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_data import corrupt_copy
-from test_failures import recog_frames
 
 from recog.checkpoint import load_checkpoint
 
