@@ -3,9 +3,14 @@ embeddings folders of synthetic clustered vectors."""
 
 from __future__ import annotations
 
+import builtins
+import io
+import json
 import os
+import pickle
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -91,3 +96,91 @@ def run_module(module: str, *args: str, timeout: float = 120) -> subprocess.Comp
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", f"recog.{module}", *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+class WritesMarker:
+    """Unpickled, it creates the file `marker`: the proof that loading ran code from the file."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return builtins.open, (self.marker, "w")
+
+
+def pickled(marker: Path) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(WritesMarker(marker), buffer)
+    return buffer.getvalue()
+
+
+def rewrite_archive(path: Path, change) -> None:
+    """Rewrite the zip `path` after `change(records)` edits its records (name inside the archive folder -> bytes;
+    a name starting with / is put at the top of the zip, outside that folder)."""
+    with zipfile.ZipFile(path) as archive:
+        root = archive.namelist()[0].split("/")[0]
+        records = {name[len(root) + 1:]: archive.read(name) for name in archive.namelist()}
+    change(records)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in records.items():
+            archive.writestr(name[1:] if name.startswith("/") else f"{root}/{name}", data)  # "/x": at the top
+
+
+def edit_json(records: dict, name: str, edit) -> None:
+    value = json.loads(records[name])
+    edit(value)
+    records[name] = json.dumps(value).encode()
+
+
+WEIGHTS_CONFIG = "data/weights/model_weights_config.json"
+CONSTANTS_CONFIG = "data/constants/model_constants_config.json"
+PROGRAM = "models/model.json"
+
+
+def first_node(records: dict, edit) -> None:
+    edit_json(records, PROGRAM, lambda program: edit(program["graph_module"]["graph"]["nodes"][0]))
+
+
+def first_size(records: dict, expression: str) -> None:
+    def edit(program):
+        values = program["graph_module"]["graph"]["tensor_values"]
+        sizes = next(v["sizes"] for v in values.values() if any("as_expr" in s for s in v["sizes"]))
+        next(s for s in sizes if "as_expr" in s)["as_expr"]["expr_str"] = expression
+
+    edit_json(records, PROGRAM, edit)
+
+
+def constant(records: dict, path_name: str, data: bytes) -> None:
+    """A constant the program does not even use: torch's loader reads every entry of the config."""
+    records[f"data/constants/{path_name}"] = data
+    edit_json(records, CONSTANTS_CONFIG, lambda c: c["config"].update(
+        {"extra": {"path_name": path_name, "is_param": False, "use_pickle": True, "tensor_meta": None}}))
+
+
+def pickled_weight(records: dict, marker: Path) -> None:
+    """The issue's payload: one weight marked use_pickle, its file a pickle that writes `marker`."""
+    edit_json(records, WEIGHTS_CONFIG, lambda c: c["config"]["backbone.0.0.weight"].update(use_pickle=True))
+    records["data/weights/weight_0"] = pickled(marker)
+
+
+# Every way found for a torch 2.14 embedder.pt2 to run code of its own (torch/export/pt2_archive/_package.py,
+# torch/_export/serde/serialize.py, torch/export/_unlift.py), as {name: (edit of the archive's records, when
+# torch.export.load would run it: "load" (in .module()), "call" (when the program runs), None (torch's own
+# checks stop it first, or the payload here is a stand-in))}. recog refuses every one before torch reads it.
+ATTACKS = {
+    "pickled weight": (pickled_weight, "load"),
+    "pickled constant": (lambda r, m: constant(r, "tensor_0", pickled(m)), "load"),
+    "opaque object constant": (lambda r, m: constant(r, "opaque_obj_0", pickle.dumps(WritesMarker(m))), "load"),
+    "sample inputs": (lambda r, m: r.update({"data/sample_inputs/model.pt": pickled(m)}), "load"),
+    "symbolic size": (lambda r, m: first_size(r, f"Symbol('s0', positive=True) if __import__('builtins').open("
+                                                 f"{str(m)!r}, 'w') else 0"), "load"),
+    "guards code": (lambda r, m: edit_json(r, PROGRAM, lambda p: p.update(
+        guards_code=[f"__import__('builtins').open({str(m)!r}, 'w') is not None"])), "call"),
+    # torch's verifier allows only operators here, and the others are stand-ins for a payload
+    "node target": (lambda r, m: first_node(r, lambda node: node.update(
+        target="torch.serialization.os.system", outputs=[{"as_none": True}],
+        inputs=[{"name": "command", "arg": {"as_string": f"touch {m}"}, "kind": 1}])), None),
+    "custom object constant": (lambda r, m: constant(r, "custom_obj_0", pickled(m)), None),
+    "compiled code": (lambda r, m: r.update({"data/aotinductor/model/model.so": b"\x7fELF"}), None),
+    "old format": (lambda r, m: r.update({"/version": b"1", "/serialized_state_dict.pt": pickled(m)}), None),
+}
