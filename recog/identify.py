@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"largest image decoded, in pixels by its header ({MAX_PIXELS:,})")
     parser.add_argument("images", nargs="+", metavar="IMAGE")
     args = parser.parse_args(argv)
-    Image.MAX_IMAGE_PIXELS = max(args.max_pixels, 1)  # PIL's own bomb check: the same limit
+    if Image.MAX_IMAGE_PIXELS is not None:  # PIL's own bomb check, where --max-pixels goes beyond it
+        Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS, args.max_pixels)
     try:
         results = identify(args.model, args.index, args.images, args.k, args.max_mb, args.max_pixels)
     except RecogError as e:

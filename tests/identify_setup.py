@@ -11,6 +11,7 @@ import pickle
 import subprocess
 import sys
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -184,3 +185,59 @@ ATTACKS = {
     "compiled code": (lambda r, m: r.update({"data/aotinductor/model/model.so": b"\x7fELF"}), None),
     "old format": (lambda r, m: r.update({"/version": b"1", "/serialized_state_dict.pt": pickled(m)}), None),
 }
+
+
+def png_bomb(path: Path, side: int = 20000) -> Path:
+    """A valid 8-bit grey PNG of side×side black pixels (400 MB decoded at 20000) in a file of ~0.5 MB: its rows
+    deflated in blocks that repeat after each full flush, the checksum computed over the whole."""
+    rows = 100
+    chunk = (b"\0" * (side + 1)) * rows  # each row: filter type 0, then its pixels
+    deflate = zlib.compressobj(9)
+    head = deflate.compress(chunk) + deflate.flush(zlib.Z_FULL_FLUSH)
+    block = deflate.compress(chunk) + deflate.flush(zlib.Z_FULL_FLUSH)
+    tail = deflate.flush()[:-4]  # the final block, without the checksum of these few chunks
+    checksum = 1
+    for _ in range(side // rows):
+        checksum = zlib.adler32(chunk, checksum)
+    stream = head + block * (side // rows - 1) + tail + checksum.to_bytes(4, "big")
+
+    def chunk_of(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    header = side.to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])  # 8-bit grey, deflate, no interlace
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk_of(b"IHDR", header) + chunk_of(b"IDAT", stream)
+                     + chunk_of(b"IEND", b""))
+    return path
+
+
+# One child runs identify's main on each case in turn, after the imports (torch alone: ~650 MB and seconds on a
+# busy machine), which are not what is measured. Each case has `seconds` (SIGALRM ends the child: a FIFO that
+# blocks fails the test) and the address space of the imports plus 1 GB (an unbounded read fails there instead
+# of taking the machine's memory); its line on stdout: exit code, stderr, seconds taken, peak resident bytes.
+BOUNDED = """
+import contextlib, io, json, os, resource, signal, sys, time
+from recog.identify import main
+pages = int(open("/proc/self/statm").read().split()[0])
+resource.setrlimit(resource.RLIMIT_AS, (pages * os.sysconf("SC_PAGE_SIZE") + (1 << 30), resource.RLIM_INFINITY))
+seconds, cases = int(sys.argv[1]), json.loads(sys.argv[2])
+for name, args in cases.items():
+    err, start = io.StringIO(), time.monotonic()
+    signal.alarm(seconds)
+    with contextlib.redirect_stderr(err):
+        code = main(args)
+    signal.alarm(0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps([name, code, err.getvalue(), time.monotonic() - start, peak]), flush=True)
+"""
+
+
+def identify_bounded(cases: dict[str, list], seconds: int = 10) -> dict[str, tuple[int, str, float, int]]:
+    """{case: identify's arguments} -> {case: (exit code, stderr, seconds, peak resident bytes of the process so
+    far)}, run as BOUNDED says; a case missing from the answer did not end (the child's stderr says why)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cases = {name: [str(arg) for arg in args] for name, args in cases.items()}
+    result = subprocess.run([sys.executable, "-c", BOUNDED, str(seconds), json.dumps(cases)], capture_output=True,
+                            text=True, env=env, cwd=ROOT, timeout=600)  # the imports may be slow; not forever
+    answers = {line[0]: tuple(line[1:]) for line in map(json.loads, result.stdout.splitlines())}
+    return answers | {name: (result.returncode, result.stderr[-2000:], None, None) for name in cases
+                      if name not in answers}
