@@ -79,16 +79,16 @@ def read_model_json(folder: str | Path) -> dict:
         raise ConfigError(f"{path} is not a recog export's {MODEL_JSON} (format {FORMAT}); give a folder written by "
                           "python -m recog.export.")
     try:  # what readers use, so that a hand-edited model.json is one sentence, not a KeyError
-        plain_name(info["files"]["pt2"], path, "export the checkpoint again")
         channels, size = info["input"]["channels"], info["preprocess"]["size"]
         Preprocess.of(info)
         valid = (channels in (1, 3) and type(size) is int and 0 < size <= 4096 and type(info["embedding_dim"]) is int
                  and isinstance(info["checkpoint"]["sha256"], str) and isinstance(info["classes"], list))
     except (KeyError, TypeError, ValueError):
         valid = False
-    if not valid:
+    if not valid or not isinstance(info.get("files"), dict):
         raise ConfigError(f"{path} lacks or garbles what a recog export's {MODEL_JSON} says (files, input, "
                           "preprocess, embedding_dim, checkpoint, classes); export the checkpoint again.")
+    plain_name(info["files"].get("pt2"), path, "export the checkpoint again")  # never a path to another folder
     return info
 
 

@@ -26,6 +26,7 @@ import argparse
 import importlib.util
 import io
 import json
+import math
 import re
 import sys
 import zipfile
@@ -78,18 +79,22 @@ def plain_expression(text: object) -> bool:
     return True
 
 
-def payload_problem(config: dict, folder: str, prefix: str, records: set[str]) -> str | None:
-    """A weights or constants config (`{"config": {name: PayloadMeta}}`): every entry raw bytes, none pickled."""
+def payload_problem(config: dict, folder: str, prefix: str, records: set[str], limit: int) -> str | None:
+    """A weights or constants config (`{"config": {name: PayloadMeta}}`): every entry raw bytes, none pickled, of
+    at most `limit` elements (the archive's size: torch allocates a tensor of an empty record's sizes)."""
     entries = config.get("config") if isinstance(config, dict) else None
     if not isinstance(entries, dict):
         return f"has no readable data/{folder}/ config"
     for name, meta in entries.items():
         if not isinstance(meta, dict) or meta.get("use_pickle") is not False or meta.get("tensor_meta") is None:
-            return f"holds {name!r} as a pickled object"
+            return f"holds {name[:60]!r} as a pickled object"
         path = meta.get("path_name")
         if not (isinstance(path, str) and re.fullmatch(rf"{prefix}\d+", path)
                 and f"data/{folder}/{path}" in records):
-            return f"names {str(path)[:40]!r} for {name!r}, not a tensor file of the archive"
+            return f"names {str(path)[:40]!r} for {name[:60]!r}, not a tensor file of the archive"
+        sizes = [size.get("as_int") for size in meta["tensor_meta"].get("sizes")]
+        if not all(type(size) is int and size >= 0 for size in sizes) or math.prod(sizes) > limit:
+            return f"gives {name[:60]!r} sizes that its bytes cannot hold"
     return None
 
 
@@ -155,7 +160,7 @@ def pt2_problem(data: bytes) -> str | None:
             return "is not a torch.export archive"
         for folder, prefix in (("weights", "weight_"), ("constants", "tensor_")):
             config = json.loads(reader.get_record(f"data/{folder}/model_{folder}_config.json"))
-            problem = payload_problem(config, folder, prefix, records)
+            problem = payload_problem(config, folder, prefix, records, len(data))
             if problem:
                 return problem
         program = json.loads(reader.get_record("models/model.json"))
@@ -164,7 +169,8 @@ def pt2_problem(data: bytes) -> str | None:
         in_spec = torch.utils._pytree.treespec_dumps(torch.utils._pytree.tree_structure(example))
         out_spec = torch.utils._pytree.treespec_dumps(torch.utils._pytree.tree_structure(torch.zeros(1)))
         problem = program_problem(program, in_spec, out_spec)
-    except (RuntimeError, ValueError, UnicodeDecodeError):  # a record missing, not JSON, or nested too deep
+    # a record missing, not JSON, nested too deep (RecursionError), or JSON of other shapes than torch writes
+    except (RuntimeError, ValueError, UnicodeDecodeError, TypeError, AttributeError, KeyError):
         return "is damaged or not a complete torch.export archive"
     if problem:
         return problem
@@ -210,6 +216,9 @@ def read_checkpoint(path: str | Path, option: str = "python -m recog.export") ->
         fix = f"give a checkpoint file inside it, e.g. {path / inside}" if inside else \
             "give a checkpoint file written by train.py, e.g. outputs/<run>/checkpoints/best.pt"
         raise ConfigError(f"{path} is a folder, not a checkpoint; {fix} to {option}.")
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"{path} is not a regular file (a device, FIFO or socket); give {option} a checkpoint "
+                          "file written by train.py.")
     ckpt = load_checkpoint(path, option)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or \
             not isinstance(ckpt.get("config"), dict):

@@ -61,14 +61,15 @@ def identify(model_dir: str, index_dir: str, images: list[str], k: int = 5, max_
     """One result per image, in order: {"image", "vote", "matches": [{"key", "label", "class", "score"}, ...]}."""
     if k < 1:
         raise ConfigError(f"-k {k} asks for no match; give -k 1 or more.")
-    if not max_mb > 0 or not max_pixels > 0:
-        raise ConfigError(f"--max-mb {max_mb} and --max-pixels {max_pixels} must both be above 0.")
-    # every image read (and its size checked) before the export is loaded: a bad one costs no model load
-    files = [read_image(path, int(max_mb * 2**20), max_pixels) for path in images]
+    if not (0 < max_mb < 1e6 and max_pixels > 0):  # not nan, not inf
+        raise ConfigError(f"--max-mb {max_mb} and --max-pixels {max_pixels} are not sizes; give numbers above 0.")
+    max_bytes = int(max_mb * 2**20)
+    for path in images:  # each checked before the export is loaded (a bad one costs no model load), then let go
+        read_image(path, max_bytes, max_pixels)
     embedder, gallery = ExportedEmbedder(model_dir), open_gallery(index_dir)
     check_match(embedder, gallery, model_dir, index_dir)
-    pixels = torch.stack([embedder.decode(data, path) for data, path in zip(files, images)])
-    del files
+    # read again (and checked again: a file may change), one at a time: only the preprocessed pixels are kept
+    pixels = torch.stack([embedder.load_image(path, max_bytes, max_pixels) for path in images])
     # faiss sets aside k results per query: more than the gallery holds would only be padding
     scores, ids = gallery.search(embedder.embed(pixels), min(k, max(1, len(gallery.keys))))
     classes = class_names(embedder, gallery)

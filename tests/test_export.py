@@ -225,3 +225,27 @@ def test_torch_export_load_alone_runs_the_crafted_code(classifier, tmp_path, att
     except Exception:  # the payload's value is no tensor: torch fails, after running it
         pass
     assert marker.exists()
+
+
+def test_a_device_given_as_the_checkpoint_is_one_sentence(tmp_path, capsys):
+    from recog.export import main
+
+    assert main(["/dev/zero", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == ("error: /dev/zero is not a regular file (a device, FIFO or socket); give "
+                                       "python -m recog.export a checkpoint file written by train.py.\n")
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda info: info["files"].update(pt2="../../elsewhere.pt2"), "which is not a plain file name inside its folder"),
+    (lambda info: info.pop("preprocess"), "lacks or garbles what a recog export's model.json says"),
+    (lambda info: info["input"].update(channels="3"), "lacks or garbles what a recog export's model.json says"),
+])
+def test_a_model_json_that_names_a_file_elsewhere_or_lacks_a_field_is_one_sentence(classifier, tmp_path, edit,
+                                                                                   words):
+    folder = tmp_path / "export"
+    shutil.copytree(classifier[2] / "export", folder)
+    info = json.loads((folder / "model.json").read_text())
+    edit(info)
+    (folder / "model.json").write_text(json.dumps(info))
+    with pytest.raises(ConfigError, match=words):
+        ExportedEmbedder(folder)
