@@ -1,6 +1,6 @@
 """Identify images: their nearest gallery items and a class vote.
 
-    python -m recog.identify --model EXPORT_DIR --index INDEX_DIR [-k 5] [--json] IMAGE...
+    python -m recog.identify --model EXPORT_DIR --index INDEX_DIR [-k 5] [--json] [--max-mb 50] IMAGE...
 
 Each image is decoded, resized and cropped as the export's model.json says, embedded, and searched in the index
 (built with python -m recog.index from embeddings of the same export). The vote weighs each of the k matches'
@@ -8,18 +8,24 @@ labels by its score (cosine similarity), so one very close match outweighs two d
 it is the label with the largest sum, named by the gallery's class names. `--json` prints one list with one
 object per image: {"image": path, "vote": class name, "matches": [{"key", "label", "class", "score"}, ...]}
 (label: the gallery item's class index, class: its name).
+
+Every image is read before the export is loaded, and refused in one sentence (exit code 2) unless it is a regular
+file (not a FIFO, a device or a folder) of at most --max-mb whose header says at most --max-pixels pixels; the
+export is refused if its embedder.pt2 holds anything that could run code when loaded (recog.export.check_pt2).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections import defaultdict
 
 import torch
+from PIL import Image
 
-from recog.embedder import ExportedEmbedder
+from recog.embedder import MAX_IMAGE_MB, MAX_PIXELS, ExportedEmbedder, read_image
 from recog.errors import ConfigError, RecogError
 from recog.index import Gallery, open_gallery
 
@@ -50,14 +56,22 @@ def class_name(label: int | None, classes: list[str]) -> str | None:
     return classes[label] if 0 <= label < len(classes) else str(label)
 
 
-def identify(model_dir: str, index_dir: str, images: list[str], k: int = 5) -> list[dict]:
+def identify(model_dir: str, index_dir: str, images: list[str], k: int = 5, max_mb: float = MAX_IMAGE_MB,
+             max_pixels: int = MAX_PIXELS) -> list[dict]:
     """One result per image, in order: {"image", "vote", "matches": [{"key", "label", "class", "score"}, ...]}."""
     if k < 1:
         raise ConfigError(f"-k {k} asks for no match; give -k 1 or more.")
+    if not (0 < max_mb < 1e6 and max_pixels > 0):  # not nan, not inf
+        raise ConfigError(f"--max-mb {max_mb} and --max-pixels {max_pixels} are not sizes; give numbers above 0.")
+    max_bytes = int(max_mb * 2**20)
+    for path in images:  # each checked before the export is loaded (a bad one costs no model load), then let go
+        read_image(path, max_bytes, max_pixels)
     embedder, gallery = ExportedEmbedder(model_dir), open_gallery(index_dir)
     check_match(embedder, gallery, model_dir, index_dir)
-    pixels = torch.stack([embedder.load_image(path) for path in images])  # every image read before any search
-    scores, ids = gallery.search(embedder.embed(pixels), k)
+    # read again (and checked again: a file may change), one at a time: only the preprocessed pixels are kept
+    pixels = torch.stack([embedder.load_image(path, max_bytes, max_pixels) for path in images])
+    # faiss sets aside k results per query: more than the gallery holds would only be padding
+    scores, ids = gallery.search(embedder.embed(pixels), min(k, max(1, len(gallery.keys))))
     classes = class_names(embedder, gallery)
     return [{"image": path, **answer(gallery, classes, row_scores, row_ids)}
             for path, row_scores, row_ids in zip(images, scores, ids)]
@@ -91,17 +105,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index", required=True, help="a folder written by python -m recog.index build")
     parser.add_argument("-k", type=int, default=5, help="matches per image, and the votes (5)")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
+    parser.add_argument("--max-mb", type=float, default=MAX_IMAGE_MB,
+                        help=f"largest image file read, in MB ({MAX_IMAGE_MB:g})")
+    parser.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                        help=f"largest image decoded, in pixels by its header ({MAX_PIXELS:,})")
     parser.add_argument("images", nargs="+", metavar="IMAGE")
     args = parser.parse_args(argv)
+    if Image.MAX_IMAGE_PIXELS is not None:  # PIL's own bomb check, where --max-pixels goes beyond it
+        Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS, args.max_pixels)
     try:
-        results = identify(args.model, args.index, args.images, args.k)
+        results = identify(args.model, args.index, args.images, args.k, args.max_mb, args.max_pixels)
     except RecogError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(results, indent=1))
-    else:
-        print_table(results)
+    try:
+        if args.json:
+            print(json.dumps(results, indent=1))
+        else:
+            print_table(results)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `| head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush is silent
     return 0
 
 

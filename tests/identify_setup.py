@@ -3,9 +3,15 @@ embeddings folders of synthetic clustered vectors."""
 
 from __future__ import annotations
 
+import builtins
+import io
+import json
 import os
+import pickle
 import subprocess
 import sys
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -91,3 +97,147 @@ def run_module(module: str, *args: str, timeout: float = 120) -> subprocess.Comp
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", f"recog.{module}", *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+class WritesMarker:
+    """Unpickled, it creates the file `marker`: the proof that loading ran code from the file."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return builtins.open, (self.marker, "w")
+
+
+def pickled(marker: Path) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(WritesMarker(marker), buffer)
+    return buffer.getvalue()
+
+
+def rewrite_archive(path: Path, change) -> None:
+    """Rewrite the zip `path` after `change(records)` edits its records (name inside the archive folder -> bytes;
+    a name starting with / is put at the top of the zip, outside that folder)."""
+    with zipfile.ZipFile(path) as archive:
+        root = archive.namelist()[0].split("/")[0]
+        records = {name[len(root) + 1:]: archive.read(name) for name in archive.namelist()}
+    change(records)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in records.items():
+            archive.writestr(name[1:] if name.startswith("/") else f"{root}/{name}", data)  # "/x": at the top
+
+
+def edit_json(records: dict, name: str, edit) -> None:
+    value = json.loads(records[name])
+    edit(value)
+    records[name] = json.dumps(value).encode()
+
+
+WEIGHTS_CONFIG = "data/weights/model_weights_config.json"
+CONSTANTS_CONFIG = "data/constants/model_constants_config.json"
+PROGRAM = "models/model.json"
+
+
+def first_node(records: dict, edit) -> None:
+    edit_json(records, PROGRAM, lambda program: edit(program["graph_module"]["graph"]["nodes"][0]))
+
+
+def first_size(records: dict, expression: str) -> None:
+    def edit(program):
+        values = program["graph_module"]["graph"]["tensor_values"]
+        sizes = next(v["sizes"] for v in values.values() if any("as_expr" in s for s in v["sizes"]))
+        next(s for s in sizes if "as_expr" in s)["as_expr"]["expr_str"] = expression
+
+    edit_json(records, PROGRAM, edit)
+
+
+def constant(records: dict, path_name: str, data: bytes) -> None:
+    """A constant the program does not even use: torch's loader reads every entry of the config."""
+    records[f"data/constants/{path_name}"] = data
+    edit_json(records, CONSTANTS_CONFIG, lambda c: c["config"].update(
+        {"extra": {"path_name": path_name, "is_param": False, "use_pickle": True, "tensor_meta": None}}))
+
+
+def pickled_weight(records: dict, marker: Path) -> None:
+    """The issue's payload: one weight marked use_pickle, its file a pickle that writes `marker`."""
+    edit_json(records, WEIGHTS_CONFIG, lambda c: c["config"]["backbone.0.0.weight"].update(use_pickle=True))
+    records["data/weights/weight_0"] = pickled(marker)
+
+
+# Every way found for a torch 2.14 embedder.pt2 to run code of its own (torch/export/pt2_archive/_package.py,
+# torch/_export/serde/serialize.py, torch/export/_unlift.py), as {name: (edit of the archive's records, when
+# torch.export.load would run it: "load" (in .module()), "call" (when the program runs), None (torch's own
+# checks stop it first, or the payload here is a stand-in))}. recog refuses every one before torch reads it.
+ATTACKS = {
+    "pickled weight": (pickled_weight, "load"),
+    "pickled constant": (lambda r, m: constant(r, "tensor_0", pickled(m)), "load"),
+    "opaque object constant": (lambda r, m: constant(r, "opaque_obj_0", pickle.dumps(WritesMarker(m))), "load"),
+    "sample inputs": (lambda r, m: r.update({"data/sample_inputs/model.pt": pickled(m)}), "load"),
+    "symbolic size": (lambda r, m: first_size(r, f"Symbol('s0', positive=True) if __import__('builtins').open("
+                                                 f"{str(m)!r}, 'w') else 0"), "load"),
+    "guards code": (lambda r, m: edit_json(r, PROGRAM, lambda p: p.update(
+        guards_code=[f"__import__('builtins').open({str(m)!r}, 'w') is not None"])), "call"),
+    # torch's verifier allows only operators here, and the others are stand-ins for a payload
+    "node target": (lambda r, m: first_node(r, lambda node: node.update(
+        target="torch.serialization.os.system", outputs=[{"as_none": True}],
+        inputs=[{"name": "command", "arg": {"as_string": f"touch {m}"}, "kind": 1}])), None),
+    "custom object constant": (lambda r, m: constant(r, "custom_obj_0", pickled(m)), None),
+    "compiled code": (lambda r, m: r.update({"data/aotinductor/model/model.so": b"\x7fELF"}), None),
+    "old format": (lambda r, m: r.update({"/version": b"1", "/serialized_state_dict.pt": pickled(m)}), None),
+}
+
+
+def png_bomb(path: Path, side: int = 20000) -> Path:
+    """A valid 8-bit grey PNG of side×side black pixels (400 MB decoded at 20000) in a file of ~0.5 MB: its rows
+    deflated in blocks that repeat after each full flush, the checksum computed over the whole."""
+    rows = 100
+    chunk = (b"\0" * (side + 1)) * rows  # each row: filter type 0, then its pixels
+    deflate = zlib.compressobj(9)
+    head = deflate.compress(chunk) + deflate.flush(zlib.Z_FULL_FLUSH)
+    block = deflate.compress(chunk) + deflate.flush(zlib.Z_FULL_FLUSH)
+    tail = deflate.flush()[:-4]  # the final block, without the checksum of these few chunks
+    checksum = 1
+    for _ in range(side // rows):
+        checksum = zlib.adler32(chunk, checksum)
+    stream = head + block * (side // rows - 1) + tail + checksum.to_bytes(4, "big")
+
+    def chunk_of(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    header = side.to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])  # 8-bit grey, deflate, no interlace
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk_of(b"IHDR", header) + chunk_of(b"IDAT", stream)
+                     + chunk_of(b"IEND", b""))
+    return path
+
+
+# One child runs identify's main on each case in turn, after the imports (torch alone: ~650 MB and seconds on a
+# busy machine), which are not what is measured. Each case has `seconds` (SIGALRM ends the child: a FIFO that
+# blocks fails the test) and the address space of the imports plus 1 GB (an unbounded read fails there instead
+# of taking the machine's memory); its line on stdout: exit code, stderr, seconds taken, peak resident bytes.
+BOUNDED = """
+import contextlib, io, json, os, resource, signal, sys, time
+from recog.identify import main
+pages = int(open("/proc/self/statm").read().split()[0])
+resource.setrlimit(resource.RLIMIT_AS, (pages * os.sysconf("SC_PAGE_SIZE") + (1 << 30), resource.RLIM_INFINITY))
+seconds, cases = int(sys.argv[1]), json.loads(sys.argv[2])
+for name, args in cases.items():
+    err, start = io.StringIO(), time.monotonic()
+    signal.alarm(seconds)
+    with contextlib.redirect_stderr(err):
+        code = main(args)
+    signal.alarm(0)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps([name, code, err.getvalue(), time.monotonic() - start, peak]), flush=True)
+"""
+
+
+def identify_bounded(cases: dict[str, list], seconds: int = 10) -> dict[str, tuple[int, str, float, int]]:
+    """{case: identify's arguments} -> {case: (exit code, stderr, seconds, peak resident bytes of the process so
+    far)}, run as BOUNDED says; a case missing from the answer did not end (the child's stderr says why)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cases = {name: [str(arg) for arg in args] for name, args in cases.items()}
+    result = subprocess.run([sys.executable, "-c", BOUNDED, str(seconds), json.dumps(cases)], capture_output=True,
+                            text=True, env=env, cwd=ROOT, timeout=600)  # the imports may be slow; not forever
+    answers = {line[0]: tuple(line[1:]) for line in map(json.loads, result.stdout.splitlines())}
+    return answers | {name: (result.returncode, result.stderr[-2000:], None, None) for name in cases
+                      if name not in answers}

@@ -1,14 +1,26 @@
 """python -m recog.identify on real Fashion-MNIST test images, with a checkpoint trained for one short epoch by
-train.py, exported, its gallery (the tiny training shards) embedded and indexed; and its refusals."""
+train.py, exported, its gallery (the tiny training shards) embedded and indexed; and its refusals: of an export
+crafted to run code, and of hostile image paths (a device, a FIFO, a folder, a decompression bomb), each one
+sentence, in bounded time and memory."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 
 import pytest
 import torch
 from conftest import BUNDLED, run_train, tiny_args
-from identify_setup import fashion_test_images, random_checkpoint, run_module
+from identify_setup import (
+    fashion_test_images,
+    identify_bounded,
+    pickled_weight,
+    png_bomb,
+    random_checkpoint,
+    rewrite_archive,
+    run_module,
+)
 
 from recog.data.idx import find_idx_pair
 from recog.data.write import FASHION_MNIST_CLASSES, idx_records
@@ -103,3 +115,90 @@ def test_vote_weighs_labels_by_score():
     assert vote([3, 5, 5], [0.5, 0.4, 0.4]) == 5
     assert vote([2, 4], [0.5, 0.5]) == 2  # a tie: the best match's label
     assert vote([], []) is None
+
+
+@pytest.fixture(scope="module")
+def plain_export(tmp_path_factory):
+    """An export of random weights (no training): what the refusals below need."""
+    root = tmp_path_factory.mktemp("plain-export")
+    random_checkpoint(root / "last.pt")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        export(root / "last.pt", root / "export", onnx=False)
+    finally:
+        torch.set_num_threads(threads)
+    return root / "export"
+
+
+@pytest.mark.slow  # runs identify as a process
+def test_an_export_crafted_to_run_code_is_refused_before_anything_runs(plain_export, tmp_path):
+    """Issue 27's payload: one weight marked use_pickle in embedder.pt2, its file a pickle whose __reduce__ writes a
+    file. torch.export.load unpickles it with weights_only=False; identify must refuse the archive first."""
+    crafted, marker = tmp_path / "crafted", tmp_path / "ran-code"
+    shutil.copytree(plain_export, crafted)
+    rewrite_archive(crafted / "embedder.pt2", lambda records: pickled_weight(records, marker))
+    image = fashion_test_images(tmp_path / "test", 1)[0][0]
+    result = run_module("identify", "--model", crafted, "--index", tmp_path / "no-index", image)
+    assert not marker.exists()
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (f"error: {crafted / 'embedder.pt2'} holds 'backbone.0.0.weight' as a pickled object, "
+                             "which recog does not load (loading it could run code); export the checkpoint again "
+                             "with python -m recog.export.\n")
+
+
+def hostile(kind: str, folder):
+    """An image path a user (or a script) might pass: (path, extra arguments, what the sentence says)."""
+    if kind == "device":
+        return "/dev/zero", [], "is not a regular file (a device, FIFO or socket)"
+    if kind == "fifo":
+        os.mkfifo(folder / "pipe.png")
+        return folder / "pipe.png", [], "is not a regular file (a device, FIFO or socket)"
+    if kind == "folder":
+        return folder, [], "is a folder"
+    if kind == "too large":
+        (folder / "big.png").write_bytes(bytes(3 << 20))
+        return folder / "big.png", ["--max-mb", "2"], "is 3.0 MB, more than the 2.0 MB read"
+    if kind == "bomb":  # grey, as the model takes: decoded by TorchCodec, which knows no pixel limit
+        return png_bomb(folder / "bomb.png"), [], "has more pixels than the 89,478,485 decoded"
+    if kind == "bomb under --max-pixels":
+        return png_bomb(folder / "bomb.png", side=2000), ["--max-pixels", "1000000"], \
+            "is 2000×2000 pixels, more than the 1,000,000 decoded"
+    if kind == "thin":
+        from PIL import Image
+
+        Image.new("L", (4000, 10)).save(folder / "thin.png")
+        return folder / "thin.png", [], "too thin to resize"
+    raise ValueError(kind)
+
+
+HOSTILE = ["device", "fifo", "folder", "too large", "bomb", "bomb under --max-pixels", "thin"]
+
+
+@pytest.fixture(scope="module")
+def hostile_answers(plain_export, tmp_path_factory):
+    """identify on each hostile path, all in one process (its imports take seconds): {kind: (code, stderr,
+    seconds, peak bytes)}, with the path and the words expected."""
+    folder = tmp_path_factory.mktemp("hostile")
+    cases, expected = {}, {}
+    for kind in HOSTILE:
+        (folder / kind).mkdir()
+        path, extra, words = hostile(kind, folder / kind)
+        cases[kind] = ["--model", plain_export, "--index", folder / "no-index", *extra, path]
+        expected[kind] = (path, words)
+    return identify_bounded(cases, seconds=10), expected
+
+
+@pytest.mark.slow  # runs identify as a process
+@pytest.mark.parametrize("kind", HOSTILE)
+def test_a_hostile_image_path_is_one_sentence_in_bounded_time_and_memory(hostile_answers, kind):
+    """/dev/zero was read until the kernel killed identify (exit 137); a FIFO blocked it forever; a PNG bomb's
+    pixels were all decoded. Now each is one sentence within 10 s, the process under 1 GB (imports included)."""
+    answers, expected = hostile_answers
+    code, stderr, seconds, peak = answers[kind]
+    path, words = expected[kind]
+    assert code == 2, (code, stderr)  # the child's -14: SIGALRM, it was still waiting
+    assert stderr.count("\n") == 1 and stderr.startswith(f"error: image {path} " if kind in HOSTILE[:4] else
+                                                           f"error: {path} ")
+    assert words in stderr, stderr
+    assert seconds < 10 and peak < 1 << 30, f"{seconds:.1f} s, {peak / 2**20:.0f} MB"
