@@ -93,6 +93,10 @@ def load_checkpoint(path: str | Path, option: str = "resume=") -> dict[str, Any]
     `option` is the setting the path came from, so that a message names what to fix.
     """
     path = Path(path)
+    if path.is_dir():
+        inside = next((p for p in (path / "checkpoints" / "last.pt", path / "last.pt") if p.is_file()), None)
+        raise ConfigError(f"checkpoint {path} is a folder; give {option} a checkpoint file"
+                          + (f", e.g. {inside}." if inside else " (a run's checkpoints/last.pt or best.pt)."))
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} does not exist; check the path given to {option}")
     try:
