@@ -64,9 +64,18 @@ def hold_run_dir(run_dir: Path, ctx: dist.Dist) -> contextlib.AbstractContextMan
     return dist.fail_together(lock, ctx, "locking the run directory")
 
 
-def if_rank0(value):
-    """`value` on rank 0, None elsewhere: e.g. only rank 0 saves Hydra's .hydra/ config copy."""
-    return value if env_rank() == 0 else None
+def config_copy_dir(subdir: str, run_dir: str) -> str | None:
+    """Where Hydra saves its copy of the config (`hydra.output_subdir`): `subdir` on rank 0, None (no copy) on the
+    other ranks, and None when another run holds `run_dir`. Hydra writes that copy before recog's code runs, so
+    without this a second run given a busy directory would replace the first run's copy before `hold_run_dir`
+    stopped it."""
+    if env_rank() != 0:
+        return None
+    try:
+        exclusive(run_dir, "training run").release()  # free now; the run takes it for good in hold_run_dir
+    except ConfigError:
+        return None
+    return subdir
 
 
 def project_dir() -> str:
@@ -77,4 +86,4 @@ def project_dir() -> str:
 def register_resolvers() -> None:
     OmegaConf.register_new_resolver("project_dir", project_dir, replace=True)
     OmegaConf.register_new_resolver("launch_time", launch_time, replace=True)
-    OmegaConf.register_new_resolver("if_rank0", if_rank0, replace=True)
+    OmegaConf.register_new_resolver("config_copy_dir", config_copy_dir, replace=True)

@@ -359,10 +359,12 @@ def test_a_second_run_in_the_same_run_directory_stops_before_writing_there(tiny_
                 + [f"hydra.run.dir={run_dir}"], tmp_path)
     try:
         first.wait_for("per-rank batch")  # set up, holding the directory, training
+        copy = {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()}  # Hydra's copy of the config
         second = Run(tiny_args(tiny_data, epochs=200, seed=1) + [f"hydra.run.dir={run_dir}"], tmp_path).finish()
         one_sentence(second, f"{run_dir} is being written by training run (pid ")
         assert "hydra.run.dir=" in second.errors()[0]
         assert first.proc.poll() is None, first.stderr[-3000:]  # the first goes on, undisturbed
+        assert {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()} == copy  # its config copy too
         first.wait_for("epoch 1/200")  # and writes its checkpoints
     finally:
         first.kill()
