@@ -22,18 +22,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from recog.data.decode import decode_image
+from recog.data.decode import MAX_SIDE_RATIO, ImageRefused, decode_image, header_size
 from recog.errors import ConfigError
 from recog.export import FORMAT, MODEL_JSON, check_pt2
 from recog.files import plain_name
 
 MAX_IMAGE_MB = 50.0  # the largest image file read (recog.identify --max-mb)
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # the largest image decoded, by its header (PIL's decompression-bomb limit)
-MAX_SIDE_RATIO = 20  # a thinner image would be enormous once its shorter side is resized to the model's size
 MAX_PT2_BYTES = 8 << 30  # embedder.pt2 is read whole; recog's models are far smaller
 MAX_JSON_BYTES = 64 << 20  # model.json: class names and a few numbers
 
@@ -128,23 +127,19 @@ def read_image(path: str | Path, max_bytes: int = int(MAX_IMAGE_MB * 2**20), max
     header says at most `max_pixels` pixels, sides within MAX_SIDE_RATIO of each other: nothing is decoded yet,
     so a decompression bomb costs its header."""
     data = read_regular_file(path, max_bytes, "image", "give an image file (--max-mb raises the limit)")
-    too_many = (f"{path} has more pixels than the {max_pixels:,} decoded (--max-pixels, a decompression-bomb "
-                "limit); give a smaller image.")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)  # an error here, not a line on stderr
-            with Image.open(io.BytesIO(data)) as probe:  # reads the header only
-                width, height = probe.size
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # over PIL's own limit
-        raise ConfigError(too_many) from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise ConfigError(f"{path} is not an image that can be decoded ({type(e).__name__}); give a PNG, JPEG or "
-                          "WebP file.") from None
-    if width * height > max_pixels:
-        raise ConfigError(too_many.replace("has more pixels", f"is {width}×{height} pixels, more"))
-    if max(width, height) > MAX_SIDE_RATIO * max(1, min(width, height)):
-        raise ConfigError(f"{path} is {width}×{height} pixels, too thin to resize (its sides differ by more than "
-                          f"{MAX_SIDE_RATIO}:1); give a photo of the object.")
+            header_size(data, max_pixels)
+    except ImageRefused as e:
+        if e.why == "not an image":
+            raise ConfigError(f"{path} is not an image that can be decoded; give a PNG, JPEG or WebP file.") from None
+        if e.why == "too thin":
+            raise ConfigError(f"{path} is {e.width}×{e.height} pixels, too thin to resize (its sides differ by more "
+                              f"than {MAX_SIDE_RATIO}:1); give a photo of the object.") from None
+        size = f"is {e.width}×{e.height} pixels, more" if e.width else "has more pixels"
+        raise ConfigError(f"{path} {size} than the {max_pixels:,} decoded (--max-pixels, a decompression-bomb "
+                          "limit); give a smaller image.") from None
     return data
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import io
 import logging
 import os
 import signal
@@ -43,9 +42,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from recog.data.decode import decode_image
+from recog.data.decode import MAX_SIDE_RATIO, ImageRefused, decode_image, header_size
 from recog.errors import ConfigError, RecogError
 from recog.identify import answer, check_match, class_names
 from recog.listen import bind
@@ -66,7 +65,6 @@ log = logging.getLogger("recog.serve")
 
 PAGE = "serve_page.html"
 MAX_K = 100
-MAX_SIDE_RATIO = 20  # a thinner image would be enormous once its shorter side is resized to the model's size
 ENDPOINTS = "POST /identify, GET /items/{key}/image, GET /healthz and GET /"
 
 
@@ -96,20 +94,19 @@ def decode_upload(data: bytes, channels: int, preprocess, max_pixels: int) -> to
         raise BadRequest(400, "the request holds no image; send the image file as the body or as a multipart file "
                               "field.")
     try:
-        with Image.open(io.BytesIO(data)) as probe:
-            width, height = probe.size
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise BadRequest(413, f"the image has more pixels than the {Image.MAX_IMAGE_PIXELS:,} of the "
-                              "decompression-bomb limit (--max-pixels); send a smaller image.") from None
-    except (UnidentifiedImageError, OSError, ValueError):
-        raise BadRequest(415, "the upload is not an image this service can decode; send a PNG, JPEG or WebP "
-                              "file.") from None
-    if width * height > max_pixels:
-        raise BadRequest(413, f"the image is {width}×{height} pixels, more than the {max_pixels:,} this service "
-                              "decodes (--max-pixels); send a smaller image.")
-    if max(width, height) > MAX_SIDE_RATIO * max(1, min(width, height)):
-        raise BadRequest(400, f"the image is {width}×{height} pixels, too thin to resize (its sides differ by more "
-                              f"than {MAX_SIDE_RATIO}:1); send a photo of the object.")
+        header_size(data, max_pixels)
+    except ImageRefused as e:
+        if e.why == "not an image":
+            raise BadRequest(415, "the upload is not an image this service can decode; send a PNG, JPEG or WebP "
+                                  "file.") from None
+        if e.why == "too thin":
+            raise BadRequest(400, f"the image is {e.width}×{e.height} pixels, too thin to resize (its sides differ "
+                                  f"by more than {MAX_SIDE_RATIO}:1); send a photo of the object.") from None
+        if not e.width:  # beyond Pillow's own limit, which --max-pixels sets
+            raise BadRequest(413, f"the image has more pixels than the {Image.MAX_IMAGE_PIXELS:,} of the "
+                                  "decompression-bomb limit (--max-pixels); send a smaller image.") from None
+        raise BadRequest(413, f"the image is {e.width}×{e.height} pixels, more than the {max_pixels:,} this "
+                              "service decodes (--max-pixels); send a smaller image.") from None
     try:
         return preprocess(decode_image(data, channels))
     except Exception as e:  # a truncated or damaged file: PIL raises many kinds

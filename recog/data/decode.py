@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torchvision import transforms as transforms_v1
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
@@ -142,6 +142,36 @@ def exif_orientation(tiff: bytes) -> int:
             value = int.from_bytes(tiff[entry + 8:entry + 10], order) if short else 1
             return value if value in UPRIGHT else 1
     return 1
+
+
+MAX_SIDE_RATIO = 20  # a thinner image would be enormous once its shorter side is resized to a model's size
+
+
+class ImageRefused(ValueError):
+    """An image refused by its header, before any pixel is decoded: `why` is "not an image", "too many pixels"
+    or "too thin"; `width` and `height` are the header's (0 when it has none)."""
+
+    def __init__(self, why: str, width: int = 0, height: int = 0):
+        super().__init__(why)
+        self.why, self.width, self.height = why, width, height
+
+
+def header_size(data: bytes, max_pixels: int) -> tuple[int, int]:
+    """(width, height) of an encoded image from its header alone, or ImageRefused: not an image PIL can open,
+    more than `max_pixels` (a decompression bomb costs its header), or sides beyond MAX_SIDE_RATIO:1. What
+    recog.identify and recog.serve check before decoding an image they were given."""
+    try:
+        with Image.open(io.BytesIO(data)) as probe:  # reads the header only
+            width, height = probe.size
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # beyond PIL's own limit
+        raise ImageRefused("too many pixels") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+        raise ImageRefused("not an image") from None
+    if width * height > max_pixels:
+        raise ImageRefused("too many pixels", width, height)
+    if max(width, height) > MAX_SIDE_RATIO * max(1, min(width, height)):
+        raise ImageRefused("too thin", width, height)
+    return width, height
 
 
 def decode_sample(sample: dict, channels: int, decode: Decode | None = None) -> tuple[torch.Tensor, int]:
