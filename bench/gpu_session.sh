@@ -9,7 +9,9 @@
 #   4. train.py's GPU-only knobs for 2 epochs each: fp16 + gradient scaler + channels_last, bf16 + compile;
 #   5. data.decode=gpu against cpu on 500x375 JPEGs with 16 loader workers: the loader's images/s
 #      (bench/gpu_decode.py), then one epoch of ResNet-50 bf16 + channels_last training with each: its images/s
-#      and data wait (the share of step time spent waiting for batches).
+#      and data wait (the share of step time spent waiting for batches);
+#   6. hostile input on the GPU paths (issue 27): JPEGs in each of the 8 EXIF orientations decode upright with
+#      data.decode=gpu (tests/test_decode.py, the device's decoder handing them to the CPU path).
 #
 #   bash bench/gpu_session.sh OUT_DIR
 #   PARTS=24 bash bench/gpu_session.sh OUT_DIR   # only parts 2 and 4
@@ -33,7 +35,7 @@ nvidia-smi -L
 $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 torchrun=("$py" -m torch.distributed.run --standalone --nproc_per_node=1 train.py)
 
-parts=${PARTS:-12345}
+parts=${PARTS:-123456}
 if [[ $parts == *1* ]]; then
 echo "== 1. the default job (10 epochs of the bundled 10k images), one GPU"
 start=$(date +%s)
@@ -96,4 +98,9 @@ for decode in cpu gpu; do
   echo "ResNet-50 bf16, data.decode=$decode: rc=$? in $(( $(date +%s) - start )) s"
   grep -E "epoch 1/1|not JPEGs|error" "$out/decode-$decode.log"
 done
+fi
+
+if [[ $parts == *6* ]]; then
+echo "== 6. EXIF-turned JPEGs through data.decode=gpu on the GPU (issue 27)"
+timeout 120 "$py" -m pytest -q -p no:cacheprovider tests/test_decode.py -k "exif_orientation_of_a_jpeg" 2>&1 | tail -3
 fi

@@ -133,7 +133,8 @@ def read_image(path: str | Path, max_bytes: int = int(MAX_IMAGE_MB * 2**20), max
             header_size(data, max_pixels)
     except ImageRefused as e:
         if e.why == "not an image":
-            raise ConfigError(f"{path} is not an image that can be decoded; give a PNG, JPEG or WebP file.") from None
+            raise ConfigError(f"{path} is not an image that can be decoded ({e.cause}); give a PNG, JPEG or WebP "
+                              "file.") from None
         if e.why == "too thin":
             raise ConfigError(f"{path} is {e.width}×{e.height} pixels, too thin to resize (its sides differ by more "
                               f"than {MAX_SIDE_RATIO}:1); give a photo of the object.") from None

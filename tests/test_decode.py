@@ -148,11 +148,13 @@ def test_every_exif_orientation_of_a_jpeg_decodes_upright_on_every_path(orientat
     torch.manual_seed(orientation)
     assert torch.equal(CropWhileDecoding(crop)(data, 3), expected)
 
-    # data.decode=gpu on a CPU device: a turned JPEG is decoded by decode_image, not by the device's decoder
+    # data.decode=gpu (on a CPU device here; on the GPU too where there is one: bench/gpu_session.sh part 6): a
+    # turned JPEG is decoded by decode_image, not by the device's decoder
     if GPU_DECODE_AVAILABLE:
         encoded = [torch.frombuffer(bytearray(data), dtype=torch.uint8)]
-        images, _, failed = decode_batch(encoded, torch.tensor([0]), "cpu", None, 3)
-        assert not failed and torch.equal(images[0], pixels)
+        for device in ["cpu"] + ["cuda"] * torch.cuda.is_available():
+            images, _, failed = decode_batch(encoded, torch.tensor([0]), device, None, 3)
+            assert not failed and torch.equal(images[0].cpu(), pixels)
 
     # the writer measures it upright
     _, height, width, *_ = check_image(data, measure=True)

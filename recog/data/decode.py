@@ -151,9 +151,9 @@ class ImageRefused(ValueError):
     """An image refused by its header, before any pixel is decoded: `why` is "not an image", "too many pixels"
     or "too thin"; `width` and `height` are the header's (0 when it has none)."""
 
-    def __init__(self, why: str, width: int = 0, height: int = 0):
+    def __init__(self, why: str, width: int = 0, height: int = 0, cause: str = ""):
         super().__init__(why)
-        self.why, self.width, self.height = why, width, height
+        self.why, self.width, self.height, self.cause = why, width, height, cause
 
 
 def header_size(data: bytes, max_pixels: int) -> tuple[int, int]:
@@ -165,8 +165,8 @@ def header_size(data: bytes, max_pixels: int) -> tuple[int, int]:
             width, height = probe.size
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):  # beyond PIL's own limit
         raise ImageRefused("too many pixels") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        raise ImageRefused("not an image") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise ImageRefused("not an image", cause=type(e).__name__) from None
     if width * height > max_pixels:
         raise ImageRefused("too many pixels", width, height)
     if max(width, height) > MAX_SIDE_RATIO * max(1, min(width, height)):
