@@ -11,6 +11,7 @@ import re
 import sys
 import traceback
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from recog.errors import ConfigError, RecogError
+from recog.preempt import Preempted
 
 
 @dataclass(frozen=True)
@@ -36,11 +38,6 @@ class Dist:
     @property
     def is_distributed(self) -> bool:
         return self.backend is not None
-
-
-def env_rank() -> int:
-    """This process's rank from the launcher's environment (0 without a launcher); usable before setup()."""
-    return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
 
 
 def first_host(nodelist: str) -> str:
@@ -77,13 +74,6 @@ def slurm_launch_env(environ: Mapping[str, str]) -> dict[str, str]:
 def adopt_slurm_env() -> None:
     """Under `srun python train.py`, set torchrun's variables from SLURM's; call before anything reads them."""
     os.environ.update(slurm_launch_env(os.environ))
-
-
-def print_once_per_node(*args, **kwargs) -> None:
-    """For errors: every rank raises the same sentence once it has been shared (see fail_together), but a
-    check that fails before the process group exists may fail on one machine only, so each machine says it."""
-    if int(os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or 0) == 0:
-        print(*args, **kwargs, flush=True)
 
 
 def setup(backend: str | None = None, timeout_s: float = 600.0) -> Dist:
@@ -201,6 +191,25 @@ def is_peer_lost(error: BaseException) -> bool:
     text = str(error).lower()
     return any(s in text for s in ("closed by peer", "reset by peer", "broken pipe", "remote process exited",
                                    "connection refused"))
+
+
+@contextmanager
+def collective_failures(ctx: Dist, timeout_s: float, stop=None):
+    """A collective that failed because another rank went away becomes one sentence: RankTimeout (it did not
+    answer within `timeout_s`) or PeerLost (its connection closed). With `stop` (a StopOnSignal) that caught a
+    signal, it is Preempted instead: torchrun stopped this rank's job too."""
+    try:
+        yield
+    except RuntimeError as e:
+        if stop is not None and stop.caught:
+            raise Preempted("stopped while waiting for the other ranks", stop.caught) from e
+        if ctx.is_distributed and is_timeout(e):
+            raise RankTimeout(f"rank {ctx.rank}: another rank did not answer within dist.timeout_s={timeout_s:g} s "
+                              "(it stopped, hung or died); stopping rather than waiting longer.") from e
+        if ctx.is_distributed and is_peer_lost(e):
+            raise PeerLost(f"rank {ctx.rank}: another rank went away (its error, if it had one, is above); "
+                           "stopping too.") from e
+        raise
 
 
 def teardown() -> None:

@@ -27,7 +27,6 @@ STOP = StopOnSignal().install() if __name__ == "__main__" else None
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
-import signal  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections import deque  # noqa: E402
@@ -59,11 +58,12 @@ from recog.embeddings import (  # noqa: E402
     write_manifest,
     write_part,
 )
-from recog.errors import ConfigError, RecogError, sentence  # noqa: E402
+from recog.errors import ConfigError, RecogError  # noqa: E402
 from recog.files import FolderLock, exclusive, plain_name, write_json  # noqa: E402
 from recog.log import setup_logging  # noqa: E402
-from recog.preempt import SIGNALS, Preempted  # noqa: E402
+from recog.preempt import Preempted  # noqa: E402
 from recog.rundir import project_dir  # noqa: E402
+from recog.shell import leave, run_command  # noqa: E402
 
 log = logging.getLogger("recog")
 
@@ -273,17 +273,8 @@ def embed(cfg: DictConfig, stop: StopOnSignal) -> dict:
                         "its error above)", stop.caught)
     ctx = dist.setup(cfg.dist.backend, cfg.dist.timeout_s)
     try:
-        return embed_on_rank(cfg, ctx, stop)
-    except RuntimeError as e:  # a collective that failed: another rank went away
-        if stop.caught:  # so did this one's job: it was stopped too
-            raise Preempted("stopped while waiting for the other ranks", stop.caught) from e
-        if ctx.is_distributed and dist.is_timeout(e):
-            raise dist.RankTimeout(f"rank {ctx.rank}: another rank did not answer within dist.timeout_s="
-                                   f"{cfg.dist.timeout_s:g} s (it stopped, hung or died); stopping.") from e
-        if ctx.is_distributed and dist.is_peer_lost(e):
-            raise dist.PeerLost(f"rank {ctx.rank}: another rank went away (its error, if it had one, is above); "
-                                "stopping too.") from e
-        raise
+        with dist.collective_failures(ctx, cfg.dist.timeout_s, stop):
+            return embed_on_rank(cfg, ctx, stop)
     finally:
         dist.teardown()
 
@@ -368,34 +359,12 @@ def register_config() -> None:
     ConfigStore.instance().store(name="embed", node=OmegaConf.load(Path(project_dir()) / "conf" / "embed.yaml"))
 
 
-def leave(code: int) -> None:
-    """Exit with `code`, ignoring the stop signals from here on. When one rank fails, torchrun sends SIGTERM to
-    the others; one that is already leaving with its own code would otherwise be killed by it during Python's
-    shutdown (which puts back the default action of every signal that had a handler) and report -15."""
-    for sig in SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    sys.exit(code)
-
-
 @hydra.main(version_base="1.3", config_path=None, config_name="embed")
 def main(cfg: DictConfig) -> None:
-    try:
+    def work() -> None:
         run(cfg, STOP or StopOnSignal().install())
-    except Preempted as e:  # the parts written so far are kept: the same command continues
-        print(f"{'interrupted' if e.interrupted else 'preempted'}: {e}; exit code {e.exit_code}", file=sys.stderr,
-              flush=True)
-        leave(e.exit_code)
-    except ConfigError as e:  # every rank found it (or was told of it): each node says it once
-        dist.print_once_per_node(f"error: {sentence(e)}", file=sys.stderr)
-        leave(2)
-    except RecogError as e:  # unreadable data (strict), a full disk, a lost rank: said by the rank that found it
-        print(f"error: {sentence(e)}", file=sys.stderr, flush=True)
-        leave(2)
-    except Exception as e:  # a programming error: its whole traceback, exit code 1
-        if getattr(e, "reported", False):
-            leave(1)
-        raise
 
+    leave(run_command(work))
 
 if __name__ == "__main__":
     dist.adopt_slurm_env()

@@ -22,8 +22,9 @@ import torch
 
 from recog import dist
 from recog.embeddings import Embeddings, open_embeddings
-from recog.errors import ConfigError, RecogError, sentence
+from recog.errors import ConfigError
 from recog.retrieval import metrics_from_sums, retrieval_sums, undefined
+from recog.shell import run_command
 
 
 def rows(emb: Embeddings, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,25 +69,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("gallery", nargs="?", help="another folder of embeddings (default: leave-one-out on queries)")
     p.add_argument("--chunk", type=int, default=1024, help="queries searched at a time (memory: chunk x gallery)")
     args = p.parse_args(argv)
+    return run_command(lambda: evaluate_on_ranks(args.queries, args.gallery, args.chunk))
+
+
+def evaluate_on_ranks(queries: str, gallery: str | None, chunk: int) -> None:
+    ctx = dist.setup(backend="gloo")  # tensors stay on the CPU: gloo all-reduces them
     try:
-        ctx = dist.setup(backend="gloo")  # tensors stay on the CPU: gloo all-reduces them
-        sums = dist.fail_together(lambda: evaluate(args.queries, args.gallery, ctx.rank, ctx.world_size,
-                                                   args.chunk), ctx, "evaluating")
+        sums = dist.fail_together(lambda: evaluate(queries, gallery, ctx.rank, ctx.world_size, chunk), ctx,
+                                  "evaluating")
         total = dist.all_reduce_sum(sums)  # its last entry: the queries searched, over all ranks
         if undefined(total):
             raise ConfigError(f"{undefined(total)}; give more labelled embeddings.")
         if ctx.is_main:
             print(json.dumps({"queries": int(total[-1]), **metrics_from_sums(total)}))
-        return 0
-    except ConfigError as e:
-        dist.print_once_per_node(f"error: {sentence(e)}", file=sys.stderr)
-        return 2
-    except RecogError as e:
-        print(f"error: {sentence(e)}", file=sys.stderr)
-        return 2
     finally:
         dist.teardown()
-
 
 if __name__ == "__main__":
     sys.exit(main())

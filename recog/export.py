@@ -41,9 +41,10 @@ from recog.checkpoint import load_checkpoint
 from recog.data.manifest import load_manifest
 from recog.data.prepare import class_names as preset_class_names
 from recog.data.source import is_remote
-from recog.errors import ConfigError, RecogError
+from recog.errors import ConfigError
 from recog.files import atomic_write, disk_error, exclusive, sha256_of, write_json
 from recog.model import RecognitionModel, state_mismatch
+from recog.shell import run_command
 
 FORMAT = "recog-embedder/1"
 MODEL_JSON, PT2, ONNX = "model.json", "embedder.pt2", "embedder.onnx"
@@ -371,19 +372,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", help="folder for embedder.pt2, embedder.onnx and model.json")
     parser.add_argument("--no-onnx", action="store_true", help="write embedder.pt2 and model.json only")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT_DIR")
-    args = parser.parse_args(argv)
-    try:
-        info = export(args.checkpoint, args.out_dir, onnx=not args.no_onnx, overwrite=args.overwrite)
-    except RecogError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(lambda: export_and_say(parser.parse_args(argv)))
+
+
+def export_and_say(args: argparse.Namespace) -> None:
+    info = export(args.checkpoint, args.out_dir, onnx=not args.no_onnx, overwrite=args.overwrite)
     files = ", ".join(info["files"].values())
     print(f"{args.out_dir}: {files}, {MODEL_JSON} | {info['backbone']}, {info['input']['channels']} channel(s), "
           f"{info['input']['image_size']} px, {info['embedding_dim']}-d embeddings, {len(info['classes'])} classes "
           f"(names from {info['classes_from']})")
     if not args.no_onnx and "onnx" not in info["files"]:
         print(f"{ONNX} not written: install onnx and onnxscript (pip install 'recog[onnx]')", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

@@ -26,8 +26,9 @@ import torch
 from PIL import Image
 
 from recog.embedder import MAX_IMAGE_MB, MAX_PIXELS, ExportedEmbedder, read_image
-from recog.errors import ConfigError, RecogError
+from recog.errors import ConfigError
 from recog.index import Gallery, open_gallery
+from recog.shell import run_command
 
 
 def check_match(embedder: ExportedEmbedder, gallery: Gallery, model_dir: str, index_dir: str) -> None:
@@ -113,11 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if Image.MAX_IMAGE_PIXELS is not None:  # PIL's own bomb check, where --max-pixels goes beyond it
         Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS, args.max_pixels)
-    try:
-        results = identify(args.model, args.index, args.images, args.k, args.max_mb, args.max_pixels)
-    except RecogError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(lambda: identify_and_say(args))
+
+
+def identify_and_say(args: argparse.Namespace) -> None:
+    results = identify(args.model, args.index, args.images, args.k, args.max_mb, args.max_pixels)
     try:
         if args.json:
             print(json.dumps(results, indent=1))
@@ -126,7 +127,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
     except BrokenPipeError:  # `| head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit's flush is silent
-    return 0
 
 
 if __name__ == "__main__":

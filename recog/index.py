@@ -40,8 +40,9 @@ import numpy as np
 
 import recog
 from recog.embeddings import Embeddings, open_embeddings
-from recog.errors import ConfigError, RecogError
+from recog.errors import ConfigError
 from recog.files import atomic_write, disk_error, exclusive, is_plain_name, write_json
+from recog.shell import run_command
 
 FORMAT = "recog-index/1"
 INDEX_JSON = "index.json"
@@ -376,7 +377,7 @@ def open_gallery(folder: str | Path, shard_servers: list[tuple[str, int]] | None
 
 
 def main(argv: list[str] | None = None) -> int:
-    from recog.shard_server import TOKEN_ENV, port_number, serve_shard
+    from recog.shard_server import port_number
 
     parser = argparse.ArgumentParser(prog="python -m recog.index", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -401,23 +402,22 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--port", type=port_number, default=0, help="0: any free port (printed)")
     s.add_argument("--token", help="the shared token every request must carry (default: $RECOG_SHARD_TOKEN; the "
                                    "environment keeps it out of the process list)")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "serve-shard":
-            serve_shard(args.index_dir, args.shard, args.host, args.port, args.token or os.environ.get(TOKEN_ENV),
-                        log=lambda line: print(line, flush=True))
-            return 0
-        if args.command == "build":
-            info = build(args.embeddings, args.out_dir, args.kind, args.shards, args.train_size,
-                         overwrite=args.overwrite)
-        else:
-            info = add(args.index_dir, args.embeddings)
-    except RecogError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_command(lambda: run(parser.parse_args(argv)))
+
+
+def run(args: argparse.Namespace) -> None:
+    from recog.shard_server import TOKEN_ENV, serve_shard
+
+    if args.command == "serve-shard":
+        serve_shard(args.index_dir, args.shard, args.host, args.port, args.token or os.environ.get(TOKEN_ENV),
+                    log=lambda line: print(line, flush=True))
+        return
+    if args.command == "build":
+        info = build(args.embeddings, args.out_dir, args.kind, args.shards, args.train_size, overwrite=args.overwrite)
+    else:
+        info = add(args.index_dir, args.embeddings)
     print(f"{info.folder}: {info.count:,} {info.dim}-d vectors, {info.raw['params']['factory']}, "
           f"{len(info.raw['shards'])} shard(s)")
-    return 0
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from recog import dist
-from recog.dist import env_rank
 from recog.errors import ConfigError
 from recog.files import exclusive
+from recog.shell import env_rank
 
 _cache: dict[str, str] = {}
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from recog.dist import env_rank
+from recog.shell import env_rank
 
 METRICS = ("top1", "best_top1", "recall@1", "map@r", "train_loss", "images_per_s", "epoch", "step")
 

@@ -46,20 +46,11 @@ def run(cfg: DictConfig, run_dir: Path | None = None, stop: StopOnSignal | None 
         stop.flag = dist.AnyRankFlag()  # from here on the ranks agree on when to stop
         try:
             run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
-            with hold_run_dir(run_dir, ctx):  # one run at a time in it: a second one stops here, on every rank
-                metrics = train(cfg, ctx, run_dir, stop)
-            stop.finish()
+            with dist.collective_failures(ctx, cfg.dist.timeout_s):
+                with hold_run_dir(run_dir, ctx):  # one run at a time in it: a second one stops here, on every rank
+                    metrics = train(cfg, ctx, run_dir, stop)
+                stop.finish()
             return metrics
-        except RuntimeError as e:
-            if ctx.is_distributed and dist.is_timeout(e):
-                raise dist.RankTimeout(
-                    f"rank {ctx.rank}: another rank did not answer within dist.timeout_s={cfg.dist.timeout_s:g} s "
-                    "(it stopped, hung or died); stopping rather than waiting longer."
-                ) from e
-            if ctx.is_distributed and dist.is_peer_lost(e):
-                raise dist.PeerLost(f"rank {ctx.rank}: another rank went away (its error, if it had one, is "
-                                    "above); stopping too.") from e
-            raise
         finally:
             stop.flag = None
             dist.teardown()
