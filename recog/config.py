@@ -20,7 +20,7 @@ from recog.data.manifest import Manifest
 from recog.data.prepare import check_can_prepare
 from recog.data.source import ShardSource
 from recog.data.write import measure_shards
-from recog.errors import ConfigError
+from recog.errors import ConfigError, check_number
 from recog.model import check_backbone_name
 
 # Every number a user can set, and what it must be: (key, whole number?, smallest allowed, strictly above it?)
@@ -40,14 +40,6 @@ NUMBERS = [
 
 
 SAMPLERS = ("stream", "pk")  # conf/sampler: what recog/build.py builds
-
-
-def check_number(key: str, value, whole: bool, least: float, above: bool) -> None:
-    kind = "a whole number" if whole else "a number"
-    bound = f"above {least}" if above else f"at least {least}"
-    is_number = isinstance(value, int if whole else (int, float)) and not isinstance(value, bool)
-    if not is_number or value < least or (above and value == least):
-        raise ConfigError(f"{key}={value} is not valid; give {kind} {bound}.")
 
 
 def check_config(cfg: DictConfig) -> None:

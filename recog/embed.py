@@ -42,7 +42,6 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from recog import dist  # noqa: E402
-from recog.config import check_number  # noqa: E402
 from recog.data.embed_stream import Part, PartBatch, PartStream, rank_parts  # noqa: E402
 from recog.data.loader import make_loader, stop_data_workers  # noqa: E402
 from recog.data.manifest import Manifest, item_key, load_manifest  # noqa: E402
@@ -58,7 +57,7 @@ from recog.embeddings import (  # noqa: E402
     write_manifest,
     write_part,
 )
-from recog.errors import ConfigError, RecogError  # noqa: E402
+from recog.errors import ConfigError, RecogError, check_number  # noqa: E402
 from recog.files import FolderLock, exclusive, plain_name, write_json  # noqa: E402
 from recog.log import setup_logging  # noqa: E402
 from recog.preempt import Preempted  # noqa: E402
