@@ -14,7 +14,8 @@ import os
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
 
 from recog import dist
 from recog.errors import ConfigError
@@ -87,3 +88,11 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("project_dir", project_dir, replace=True)
     OmegaConf.register_new_resolver("launch_time", launch_time, replace=True)
     OmegaConf.register_new_resolver("config_copy_dir", config_copy_dir, replace=True)
+
+
+def compose_train_config(*overrides: str, hydra: bool = False) -> DictConfig:
+    """conf/train.yaml composed with these overrides, as train.py composes it (its resolvers registered): for the
+    tests and benchmarks, which build runs without Hydra's entrypoint. hydra: keep the `hydra` node too."""
+    register_resolvers()
+    with initialize_config_dir(str(Path(project_dir()) / "conf"), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=hydra)
