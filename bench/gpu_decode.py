@@ -80,22 +80,19 @@ def write_set(workdir: Path, images: int, repeat: int) -> None:
 
 def measure(args, setting: str) -> dict:
     """One setting's images/s, in this process."""
-    from hydra import compose, initialize_config_dir
 
     from recog.build import build_data
     from recog.checkpoint import Position
     from recog.config import check_config
     from recog.dist import Dist
-    from recog.rundir import register_resolvers
+    from recog.rundir import compose_train_config
 
     device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    register_resolvers()
     overrides = ["data=images", f"data.train={args.workdir / 'train'}", f"data.test={args.workdir / 'test'}",
                  "augment=imagenet", f"data.image_size={args.size}", f"batch_size={args.batch_size}",
                  f"data.num_workers={args.workers}", f"data.decode={setting}",
                  "data.keep_decoded_mb=0"]  # decoded every epoch (the full set is too large to be kept anyway)
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
+    cfg = compose_train_config(*overrides)
     if device.type == "cuda" or setting == "cpu":  # --quick on a CPU machine: data.decode=gpu's code on the CPU
         check_config(cfg)
     if device.type == "cuda":

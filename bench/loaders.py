@@ -234,21 +234,18 @@ def augment(s: ImageSet, pil: bool):
 
 def recog_decode(s: ImageSet, workers: int, batch_size: int, keep_decoded: bool = True) -> Loader:
     """train.py's data: the composed config, built by recog.build.build_data as train.py builds it."""
-    from hydra import compose, initialize_config_dir
 
     from recog.build import build_data
     from recog.checkpoint import Position
     from recog.config import check_config
     from recog.dist import Dist
-    from recog.rundir import register_resolvers
+    from recog.rundir import compose_train_config
 
-    register_resolvers()
     overrides = ["data=images", f"data.train={s.shards}", f"data.test={s.shards}", f"batch_size={batch_size}",
                  f"augment={'imagenet' if s.name == 'jpeg' else 'none'}", f"data.num_workers={workers}"]
     if not keep_decoded:
         overrides.append("data.keep_decoded_mb=0")
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=overrides)
+    cfg = compose_train_config(*overrides)
     check_config(cfg)
     data = build_data(cfg, Dist(0, 0, 1, 1, torch.device("cpu"), None))
     assert cfg.data.image_size == s.size and cfg.data.channels == s.channels, (cfg.data.image_size, cfg.data.channels)

@@ -11,8 +11,7 @@ import logging
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_train, tiny_args
-from hydra import compose, initialize_config_dir
+from conftest import run_train, tiny_args
 from PIL import Image
 from torchvision.transforms import v2
 
@@ -23,7 +22,7 @@ from recog.data.loader import Batch
 from recog.data.write import Record, write_shards
 from recog.dist import Dist
 from recog.errors import DataError
-from recog.rundir import register_resolvers
+from recog.rundir import compose_train_config
 from recog.testing import photo_like_jpeg
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -154,12 +153,9 @@ def jpeg_shards(tmp_path_factory):
 
 
 def composed(shards, *overrides: str):
-    register_resolvers()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=["data=images", f"data.train={shards / 'train'}",
-                                           f"data.test={shards / 'test'}", "data.channels=3", "data.image_size=32",
-                                           "augment=imagenet", "data.jpeg_scaled_decode=false", "batch_size=8",
-                                           *overrides])
+    return compose_train_config("data=images", f"data.train={shards / 'train'}", f"data.test={shards / 'test'}",
+                                "data.channels=3", "data.image_size=32", "augment=imagenet",
+                                "data.jpeg_scaled_decode=false", "batch_size=8", *overrides)
 
 
 def epoch_batches(cfg, epochs: int = 1) -> list[Batch]:

@@ -211,13 +211,9 @@ def test_pytorchjob_manifest_has_what_the_operator_needs():
 
 
 def test_submitit_launcher_config_composes():
-    from hydra import compose, initialize_config_dir
+    from recog.rundir import compose_train_config
 
-    from recog.rundir import register_resolvers
-
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["hydra/launcher=slurm", "hydra.launcher.nodes=4"], return_hydra_config=True)
+    cfg = compose_train_config("hydra/launcher=slurm", "hydra.launcher.nodes=4", hydra=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert launcher.nodes == 4 and launcher.tasks_per_node == launcher.gpus_per_node == 8
