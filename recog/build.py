@@ -33,12 +33,12 @@ from recog.data.normalize import Normalize
 from recog.data.plan import rank_parts, ranks_without_samples
 from recog.data.prepare import missing_splits, prepare_shards
 from recog.data.random_access import ShardRandomAccess, collate
+from recog.data.sampler import DistributedBatchSampler
 from recog.data.source import ShardSource
 from recog.data.stream import ShardStream, fits_in_memory
 from recog.errors import ConfigError, DataError
 from recog.loss import ModelWithLoss, RecognitionLoss
 from recog.model import load_weights
-from recog.sampler import DistributedBatchSampler
 
 log = logging.getLogger("recog")
 

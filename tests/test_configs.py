@@ -27,13 +27,13 @@ from recog.data.manifest import load_manifest
 from recog.data.normalize import Normalize
 from recog.data.prepare import class_names
 from recog.data.random_access import ShardRandomAccess
+from recog.data.sampler import DistributedBatchSampler
 from recog.data.stream import ShardStream
 from recog.dist import Dist
 from recog.errors import ConfigError
 from recog.loss import RecognitionLoss
 from recog.model import Output
 from recog.rundir import register_resolvers
-from recog.sampler import DistributedBatchSampler
 
 CONF = ROOT / "conf"
 # The groups this file has a test for; conf/hydra/ holds Hydra's own groups (only its launcher is ours to test).

@@ -456,7 +456,7 @@ def test_mid_epoch_resume_of_pk_batches_through_the_loader(tiny_data):
     from torchvision.transforms import v2
 
     from recog.data.random_access import ShardRandomAccess, collate
-    from recog.sampler import DistributedBatchSampler
+    from recog.data.sampler import DistributedBatchSampler
 
     data = ShardRandomAccess(load_manifest(tiny_data["train"]), transform=v2.RandomHorizontalFlip())
 

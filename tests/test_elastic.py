@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from recog.data.plan import PartPlan, epoch_steps, mark_done, rank_parts, worker_steps
-from recog.sampler import DistributedBatchSampler
+from recog.data.sampler import DistributedBatchSampler
 
 SIZES = [100, 7, 250, 0, 31, 99, 64]  # 551 samples in uneven shards, one empty
 PARTS, BATCH, BLOCK = 4, 16, 40  # global batch 64; shuffle blocks of 48 (40 rounded up to whole batches)

@@ -5,8 +5,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from recog.data.sampler import DistributedBatchSampler
 from recog.errors import ConfigError
-from recog.sampler import DistributedBatchSampler
 
 # 12 classes of uneven size, two of them smaller than K
 LABELS = np.repeat(np.arange(12), [40, 3, 25, 60, 1, 18, 33, 9, 50, 12, 27, 44])
