@@ -12,6 +12,7 @@ that check: `IndexMismatch`, and the caller reads the shard through its tar head
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 from collections.abc import Iterator
@@ -22,8 +23,8 @@ import numpy as np
 
 from recog.data.decode import IMAGE_KEYS
 from recog.data.manifest import Manifest
-from recog.data.random_access import load_index, manifest_positions
-from recog.data.source import ShardSource
+from recog.data.source import ShardSource, join
+from recog.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,21 @@ BLOCK = 512  # a tar block: each member's header is one
 # then the slice), which for 100 KB photos costs more than the two extra reads. Smaller ones come in chunks.
 ON_ITS_OWN = 32 << 10
 NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # key and extension, split as webdataset splits them
+
+
+def load_index(manifest: Manifest, source: ShardSource) -> dict[str, np.ndarray]:
+    """The shards' index.npz, as arrays: shard, offset, size, label and key of every sample, and shard_names."""
+    if not manifest.index:
+        raise ConfigError(f"the shards at {manifest.root} have no index.npz (written by another tool); write them "
+                          "again with `python -m recog.data write ...` to read them by index (sampler=pk).")
+    with np.load(io.BytesIO(source.read_bytes(join(manifest.root, manifest.index))), allow_pickle=False) as npz:
+        return {key: npz[key] for key in npz.files}
+
+
+def manifest_positions(manifest: Manifest, index: dict[str, np.ndarray]) -> np.ndarray:
+    """For each shard the index lists, its position in the manifest, or -1 where a brace pattern left it out."""
+    position = {s.name: i for i, s in enumerate(manifest.shards)}
+    return np.array([position.get(str(n), -1) for n in index["shard_names"]], dtype=np.int64)
 
 
 class IndexMismatch(Exception):

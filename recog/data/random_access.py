@@ -3,16 +3,13 @@
 `index.npz`, written with the shards, gives each sample's shard and the offset
 and size of its image inside the tar, so a read is one seek and one read, with
 no tar parsing. Remote shards are read from the node cache (fetched on first use).
-It also records each sample's key (what `recog.serve` looks gallery images up
-by); for an index written before it did, `keys()` reads them from the tar headers.
+It also records each sample's key (what `recog.serve` looks gallery images up by).
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import os
-import tarfile
 import zlib
 from collections.abc import Callable
 
@@ -24,26 +21,13 @@ from recog.data.decode import Decode, decode_image
 from recog.data.gpu_decode import EncodedImages
 from recog.data.loader import Batch, WorkerWarnings, join_batches
 from recog.data.manifest import Manifest
-from recog.data.source import ShardSource, is_remote, join
+from recog.data.offsets import load_index, manifest_positions
+from recog.data.source import ShardSource, is_remote
 from recog.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 ALL_UNREADABLE = "every sample of a P×K batch was unreadable; the shards are damaged: write them again."
-
-
-def load_index(manifest: Manifest, source: ShardSource) -> dict[str, np.ndarray]:
-    if not manifest.index:
-        raise ConfigError(f"the shards at {manifest.root} have no index.npz (written by an older recog); write them "
-                          "again with `python -m recog.data write ...` to read them by index (sampler=pk).")
-    with np.load(io.BytesIO(source.read_bytes(join(manifest.root, manifest.index))), allow_pickle=False) as npz:
-        return {key: npz[key] for key in npz.files}
-
-
-def manifest_positions(manifest: Manifest, index: dict[str, np.ndarray]) -> np.ndarray:
-    """For each shard the index lists, its position in the manifest, or -1 where a brace pattern left it out."""
-    position = {s.name: i for i, s in enumerate(manifest.shards)}
-    return np.array([position.get(str(n), -1) for n in index["shard_names"]], dtype=np.int64)
 
 
 class ShardRandomAccess(Dataset):
@@ -61,7 +45,7 @@ class ShardRandomAccess(Dataset):
         keep = shard >= 0
         self.shard, self.offset, self.size = shard[keep], index["offset"][keep], index["size"][keep]
         self.labels = index["label"][keep]
-        self._keys = index["key"][keep] if "key" in index else None
+        self._keys = index["key"][keep]
         self.transform, self.channels, self.decode = transform, channels, decode
         self.encoded = encoded  # data.decode=gpu: a batch's encoded images, undecoded (see encoded_batch)
         self._files: dict[int, object] = {}
@@ -117,19 +101,6 @@ class ShardRandomAccess(Dataset):
 
     def keys(self) -> np.ndarray:
         """Every sample's key (its name in the shard, without the extension), in item order."""
-        if self._keys is None:  # an index written before it recorded them: the tar headers, in the same order
-            names: dict[int, list[str]] = {}
-            for shard in np.unique(self.shard).tolist():
-                f = self._file(shard)
-                f.seek(0)
-                with tarfile.open(fileobj=f, mode="r:") as tar:
-                    names[shard] = [m.name.split(".", 1)[0] for m in tar if not m.name.endswith(".cls")]
-            taken = dict.fromkeys(names, 0)
-            keys = []
-            for shard in self.shard.tolist():
-                keys.append(names[shard][taken[shard]])
-                taken[shard] += 1
-            self._keys = np.asarray(keys, dtype=str)
         return self._keys
 
     def read_bytes(self, i: int) -> bytes:
