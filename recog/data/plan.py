@@ -71,35 +71,17 @@ def samples_per_rank(num_samples: int, world_size: int) -> int:
     return math.ceil(num_samples / world_size)
 
 
-def rank_pieces(
-    shard_sizes: Sequence[int],
-    rank: int,
-    world_size: int,
-    *,
-    epoch: int = 0,
-    seed: int = 0,
-    shuffle: bool = True,
-    pad: bool = True,
-) -> list[Piece]:
-    """The samples rank `rank` reads this epoch (see the module docstring for the rule)."""
+def rank_pieces(shard_sizes: Sequence[int], rank: int, world_size: int, *, epoch: int = 0, seed: int = 0,
+                shuffle: bool = True) -> list[Piece]:
+    """Rank `rank`'s contiguous slice of the epoch's stream (see the module docstring): the slices differ in
+    size by at most one sample, and nothing repeats."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
     order = shard_order(len(shard_sizes), epoch=epoch, seed=seed, shuffle=shuffle)
     stream = [Piece(s, 0, shard_sizes[s]) for s in order if shard_sizes[s] > 0]
-    total = sum(len(p) for p in stream)
-    if total == 0:
-        return []
-    if not pad:
-        base, extra = divmod(total, world_size)
-        start = rank * base + min(rank, extra)
-        return slice_pieces(stream, start, start + base + (rank < extra))
-    per_rank = samples_per_rank(total, world_size)
-    pieces, position, needed = [], rank * per_rank % total, per_rank
-    while needed:  # past the end of the stream, wrap around to its start
-        take = min(needed, total - position)
-        pieces += slice_pieces(stream, position, position + take)
-        needed, position = needed - take, 0
-    return pieces
+    base, extra = divmod(sum(len(p) for p in stream), world_size)
+    start = rank * base + min(rank, extra)
+    return slice_pieces(stream, start, start + base + (rank < extra))
 
 
 def rank_parts(parts: int, rank: int, world_size: int) -> range:
@@ -142,7 +124,7 @@ class PartPlan:
     @classmethod
     def make(cls, shard_sizes: Sequence[int], part: int, parts: int, *, batch_size: int, block: int, epoch: int,
              seed: int) -> PartPlan:
-        pieces = rank_pieces(shard_sizes, part, parts, epoch=epoch, seed=seed, shuffle=True, pad=False)
+        pieces = rank_pieces(shard_sizes, part, parts, epoch=epoch, seed=seed, shuffle=True)
         return cls(tuple(pieces), part, batch_size, shuffle_block(block, batch_size), f"{seed}/{epoch}")
 
     def __len__(self) -> int:
@@ -210,15 +192,14 @@ def count_done(done: Sequence[Sequence[int]]) -> int:
     return sum(stop - start for start, stop in done)
 
 
-def num_batches(num_samples: int, batch_size: int, drop_last: bool = False) -> int:
-    return num_samples // batch_size if drop_last else math.ceil(num_samples / batch_size)
+def num_batches(num_samples: int, batch_size: int) -> int:
+    """Batches of `batch_size` holding `num_samples`, the last one short."""
+    return math.ceil(num_samples / batch_size)
 
 
-def worker_pieces(
-    pieces: Sequence[Piece], batch_size: int, worker: int, num_workers: int, *, drop_last: bool = False
-) -> list[Piece]:
+def worker_pieces(pieces: Sequence[Piece], batch_size: int, worker: int, num_workers: int) -> list[Piece]:
     """Worker `worker`'s contiguous block of whole batches out of a rank's `pieces`."""
     total = sum(len(p) for p in pieces)
-    batches = num_batches(total, batch_size, drop_last)
+    batches = num_batches(total, batch_size)
     first, last = worker * batches // num_workers, (worker + 1) * batches // num_workers
     return slice_pieces(pieces, first * batch_size, min(last * batch_size, total))

@@ -203,7 +203,7 @@ class ShardStream(IterableDataset):
     def pieces(self) -> list[Piece]:
         """Evaluation: this rank's slice of the stream, in shard order, each sample exactly once (training reads
         parts: _steps)."""
-        return rank_pieces(self.manifest.shard_sizes, self.rank, self.world_size, shuffle=False, pad=False)
+        return rank_pieces(self.manifest.shard_sizes, self.rank, self.world_size, shuffle=False)
 
     def __len__(self) -> int:
         """Training: the epoch's steps (every rank the same); evaluation: this rank's batches."""
