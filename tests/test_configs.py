@@ -83,7 +83,7 @@ def composed_on_tiny_data(tiny_data, *overrides: str):
     from the manifest as train.py settles them (channels 1, 28 px, unless the overrides say otherwise)."""
     cfg = composed(*tiny_paths(tiny_data), *overrides)
     check_config(cfg)
-    settle_data_settings(cfg, load_manifest(tiny_data["train"]), None)
+    settle_data_settings(cfg, load_manifest(tiny_data["train"]), None).write_into(cfg)
     check_config(cfg)  # the settled values pass the same checks
     return cfg
 

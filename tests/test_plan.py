@@ -44,11 +44,11 @@ def test_slice_pieces_crosses_shard_boundaries():
 
 
 def test_ranks_without_samples():
-    """Fewer training samples than parts: the last parts are empty, and a rank holding only those has none."""
+    """Fewer training samples than micro-batches: the last ones are empty, and a rank holding only those has none."""
     from recog.data.plan import ranks_without_samples
 
     assert ranks_without_samples(1, 2, 2) == [1]
     assert ranks_without_samples(1, 1, 1) == [] and ranks_without_samples(2, 2, 2) == []
-    assert ranks_without_samples(3, 4, 1) == []  # one rank accumulating 4 parts, 3 of them with a sample
-    assert ranks_without_samples(3, 8, 2) == [1]  # parts 4..7 are empty
+    assert ranks_without_samples(3, 4, 1) == []  # one rank accumulating 4 micro-batches, 3 of them with a sample
+    assert ranks_without_samples(3, 8, 2) == [1]  # micro-batches 4..7 are empty
     assert ranks_without_samples(5, 8, 4) == [3]

@@ -16,7 +16,7 @@ def all_ranks(world, epoch=0, p=3, k=4, seed=0):
     samplers = [DistributedBatchSampler(LABELS, p, k, rank=r, world_size=world, seed=seed) for r in range(world)]
     for s in samplers:
         s.set_epoch(epoch)
-    return [[sum(parts, []) for _, parts in s] for s in samplers]
+    return [[sum(micro_batches, []) for _, micro_batches in s] for s in samplers]
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])

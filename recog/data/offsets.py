@@ -162,15 +162,15 @@ def _member(header: memoryview, size: int) -> tuple[str, str]:
 
 
 def _read_exactly(stream: BinaryIO, n: int) -> bytes:
-    parts, left = [], n
-    while left > 0 and (part := stream.read(left)):
-        parts.append(part)
-        left -= len(part)
-    return b"".join(parts)
+    chunks, left = [], n
+    while left > 0 and (chunk := stream.read(left)):
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 def _discard(stream: BinaryIO, n: int) -> None:
-    while n > 0 and (part := stream.read(min(n, 1 << 20))):
-        n -= len(part)
+    while n > 0 and (chunk := stream.read(min(n, 1 << 20))):
+        n -= len(chunk)
     if n > 0:
         raise EOFError("the shard ends before the first wanted sample")

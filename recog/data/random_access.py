@@ -64,13 +64,13 @@ class ShardRandomAccess(Dataset):
         return self._files[shard]
 
     def __getitems__(self, step: tuple[int, list[list[int]]]) -> tuple[int, list]:
-        """A whole step (what the P×K sampler yields: the step and its indices, part by part; the DataLoader
-        calls this when a batch sampler is used). Augmentation is seeded from each part's indices, so a part's
-        batch looks the same after a mid-epoch resume, on any number of ranks. data.decode=gpu: each part's
+        """A whole step (what the P×K sampler yields: the step and its indices, micro-batch by micro-batch; the
+        DataLoader calls this when a batch sampler is used). Augmentation is seeded from each micro-batch's
+        indices, so it looks the same after a mid-epoch resume, on any number of ranks. data.decode=gpu: each one's
         encoded images (encoded_batch)."""
-        number, parts = step
+        number, micro_batches = step
         items = []
-        for indices in parts:
+        for indices in micro_batches:
             seed = zlib.crc32(np.asarray(indices, dtype=np.int64).tobytes())
             if self.encoded:
                 items.append(self.encoded_batch(indices, seed))
@@ -119,17 +119,17 @@ class ShardRandomAccess(Dataset):
 
 
 def collate(step: tuple[int, list]) -> Batch:
-    """Stack the readable items of a step's P×K batches (one per part of this rank, one after another:
+    """Stack the readable items of a step's P×K batches (one per micro-batch of this rank, one after another:
     `Batch.sizes`); unreadable ones are counted in `skipped`. Batches of encoded images (encoded_batch,
     data.decode=gpu) are joined as they are."""
-    number, parts = step
-    if all(isinstance(items, Batch) for items in parts):
-        return join_batches(parts)._replace(step=number)
-    good = [[item for item in items if item is not None] for items in parts]
+    number, micro_batches = step
+    if all(isinstance(items, Batch) for items in micro_batches):
+        return join_batches(micro_batches)._replace(step=number)
+    good = [[item for item in items if item is not None] for items in micro_batches]
     if not any(good):
         raise DataError(ALL_UNREADABLE)
     warnings = WorkerWarnings.in_this_worker()
     images = [image for items in good for image, _ in items]
     return Batch(torch.stack(images), torch.tensor([label for items in good for _, label in items]),
-                 sum(map(len, parts)) - len(images), warnings=warnings.take() if warnings else (), step=number,
+                 sum(map(len, micro_batches)) - len(images), warnings=warnings.take() if warnings else (), step=number,
                  sizes=tuple(map(len, good)) if len(good) > 1 else ())
