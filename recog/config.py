@@ -72,12 +72,6 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"data.{key}={values} is not valid; give a list of numbers, one per channel"
                               f"{' (above 0)' if key == 'std' else ''}, e.g. data.{key}=[0.5], or auto.")
     check_values_per_channel(cfg.data)
-    scaled_decode = cfg.data.jpeg_scaled_decode
-    if scaled_decode != "auto" and not isinstance(scaled_decode, bool):
-        raise ConfigError(f"data.jpeg_scaled_decode={scaled_decode} is not valid; give true, false or auto.")
-    if scaled_decode is True and not SCALED_DECODE_AVAILABLE:
-        raise ConfigError("data.jpeg_scaled_decode=true needs simplejpeg, which is not installed here: "
-                          "`pip install simplejpeg`, or set data.jpeg_scaled_decode=auto.")
     check_number("augment.flip", cfg.augment.flip, False, 0, False)
     if cfg.augment.flip > 1:
         raise ConfigError(f"augment.flip={cfg.augment.flip} is a probability; give a number from 0 to 1.")
@@ -142,7 +136,14 @@ def global_batch_micro_batches(cfg: DictConfig, world_size: int, saved: dict | N
 
 
 def check_decode(data: DictConfig, cuda: bool) -> None:
-    """data.decode. `cuda`: whether this run will train on GPUs (NCCL) rather than CPUs (gloo)."""
+    """data.decode and data.jpeg_scaled_decode. `cuda`: whether this run will train on GPUs (NCCL) rather than CPUs
+    (gloo)."""
+    scaled_decode = data.jpeg_scaled_decode
+    if scaled_decode != "auto" and not isinstance(scaled_decode, bool):
+        raise ConfigError(f"data.jpeg_scaled_decode={scaled_decode} is not valid; give true, false or auto.")
+    if scaled_decode is True and not SCALED_DECODE_AVAILABLE:
+        raise ConfigError("data.jpeg_scaled_decode=true needs simplejpeg, which is not installed here: "
+                          "`pip install simplejpeg`, or set data.jpeg_scaled_decode=auto.")
     if data.decode not in ("cpu", "gpu"):
         raise ConfigError(f"data.decode={data.decode} is not valid; give cpu (in the loader workers) or gpu.")
     if data.decode == "cpu":
@@ -155,7 +156,7 @@ def check_decode(data: DictConfig, cuda: bool) -> None:
     if not GPU_DECODE_AVAILABLE:
         raise ConfigError("data.decode=gpu needs TorchCodec, which is not installed here (or not for this torch): "
                           "`pip install torchcodec`, or use data.decode=cpu.")
-    if data.jpeg_scaled_decode is True:
+    if scaled_decode is True:
         raise ConfigError("data.jpeg_scaled_decode=true asks the loader workers to decode, but data.decode=gpu "
                           "decodes on the GPU: leave data.jpeg_scaled_decode at auto, or use data.decode=cpu.")
 
