@@ -300,6 +300,24 @@ def test_bad_worker_count_is_one_sentence(value, tiny_data):
         check_config(composed(*tiny_paths(tiny_data), f"data.num_workers={value}"))
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["model=resnet18", "model.backbone=mobilenet_v2"], "model.small_input=true is only for ResNet-style models"),
+    (["data.channels=3", "data.mean=[0.5]"], r"data.mean has 1 values for 3 channel\(s\)"),
+    (["data.channels=1", "data.std=[0.2,0.2,0.2]"], r"data.std has 3 values for 1 channel\(s\)"),
+])
+def test_values_that_need_no_data_are_checked_before_any_process_group(tiny_data, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        check_config(composed(*tiny_paths(tiny_data), *overrides))
+
+
+def test_values_that_need_the_data_are_checked_once_the_shards_are_read(tiny_data):
+    """data.channels=auto: a mean of 3 values is wrong only for the grey shards; check_config cannot know."""
+    cfg = composed(*tiny_paths(tiny_data), "data.mean=[0.5,0.5,0.5]", "data.num_workers=0")
+    check_config(cfg)
+    with pytest.raises(ConfigError, match=r"data.mean has 3 values for 1 channel\(s\)"):
+        build_data(cfg, ONE_PROCESS)
+
+
 def test_jpeg_scaled_decode_takes_the_preset_crop_into_decoding_unless_off_or_kept_decoded(tiny_data):
     cfg = composed_on_tiny_data(tiny_data, "augment=imagenet", "data.image_size=96")
     decode, transform = train_decoding(cfg, keep_decoded=False)  # auto: on
