@@ -1,9 +1,10 @@
 """Read a shard's samples by the offsets its index records, in a few large reads, instead of tar header by header.
 
-`index.npz` (written with the shards) holds each image's offset and size in its tar and its label. A piece
-of a shard is then read in sequential reads of up to `CHUNK` bytes and sliced there: on local disk and from
-the node cache a seek and a read per chunk; on an HTTP stream the bytes before the first wanted one are read
-and dropped (a stream cannot seek). Python's tarfile costs ~50-130 µs per member; this costs a few µs.
+`index.npz` (written with the shards, loaded by `load_index`; random access reads it too) holds each image's
+offset and size in its tar, its label and its key. A piece of a shard is then read in sequential reads of up
+to `CHUNK` bytes and sliced there: on local disk and from the node cache a seek and a read per chunk; on an
+HTTP stream the bytes before the first wanted one are read and dropped (a stream cannot seek). Python's
+tarfile costs ~50-130 µs per member; this costs a few µs.
 
 Each sample's own tar header (the 512 bytes before its image) is read with it and must name an image of the
 recorded size; the key is taken from it. A shard rewritten after its index was written (other offsets) fails
