@@ -94,7 +94,7 @@ def build_data(cfg: DictConfig, ctx: dist.Dist, saved: dict | None = None) -> Tr
     test_loader = evaluation_loader(cfg, test_manifest, common, workers, pin)
     # eval.gallery's images, embedded like the test images: each rank its own slice, each image once
     gallery_loader = evaluation_loader(cfg, gallery_manifest, common, workers, pin) if gallery_manifest else None
-    if random_access:  # class-balanced P×K batches for metric learning: one sequence of batches, whatever the workers
+    if random_access is not None:  # class-balanced P×K batches for metric learning: one sequence, whatever the workers
         epochs = DistributedBatchSampler(random_access.labels, cfg.sampler.p, cfg.sampler.k, rank=ctx.rank,
                                          world_size=ctx.world_size, seed=cfg.seed, micro_batches=micro_batches)
         loader = make_loader(random_access, workers, pin, batch_sampler=epochs, collate_fn=collate)
