@@ -192,12 +192,12 @@ def main() -> None:
     offsets = {"local": ShardOffsets.load(manifest, ShardSource()), "remote": ShardOffsets.load(remote, ShardSource())}
 
     def shards_bytes(m, source, where=None):
-        pieces = rank_pieces(m.shard_sizes, 0, 1, shuffle=False, pad=False)
+        pieces = rank_pieces(m.shard_sizes, 0, 1, shuffle=False)
         index = offsets[where] if where else ShardOffsets.load(m, source)  # None: within the pass
         return sum(1 for s in read_pieces(m, pieces, strict=True, source=source, offsets=index) if s is not None)
 
     def tar_headers(m, source):
-        pieces = rank_pieces(m.shard_sizes, 0, 1, shuffle=False, pad=False)
+        pieces = rank_pieces(m.shard_sizes, 0, 1, shuffle=False)
         return sum(1 for s in read_pieces(m, pieces, strict=True, source=source) if s is not None)
 
     def loose_run(items, decode):

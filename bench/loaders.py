@@ -258,8 +258,8 @@ def recog_decode(s: ImageSet, workers: int, batch_size: int, keep_decoded: bool 
 
 
 class RecogBytes(IterableDataset):
-    """Bytes only, through recog's reading: one rank's epoch as ShardStream plans it (one part, recog.data.plan),
-    this worker's steps of it, read by recog.data.stream.read_pieces through a PartReader (shuffled within
+    """Bytes only, through recog's reading: one rank's epoch as ShardStream plans it (one micro-batch, recog.data.plan),
+    this worker's steps of it, read by recog.data.stream.read_pieces through a MicroBatchReader (shuffled within
     blocks), in batches of (encoded images, labels). ShardStream is this plus decoding, the transform and the
     per-batch bookkeeping."""
 
@@ -272,18 +272,19 @@ class RecogBytes(IterableDataset):
     def __iter__(self):
         from recog.data.decode import IMAGE_KEYS
         from recog.data.offsets import ShardOffsets
-        from recog.data.plan import PartPlan, epoch_steps, worker_steps
+        from recog.data.plan import MicroBatchPlan, epoch_steps, worker_steps
         from recog.data.source import ShardSource
-        from recog.data.stream import PartReader, read_pieces
+        from recog.data.stream import MicroBatchReader, read_pieces
 
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         if self.offsets is None:
             self.offsets = ShardOffsets.load(self.manifest, ShardSource())
         steps = worker_steps(epoch_steps(self.manifest.num_samples, 1, self.batch_size), worker, workers)
-        plan = PartPlan.make(self.manifest.shard_sizes, 0, 1, batch_size=self.batch_size, block=SHUFFLE_BUFFER,
-                             epoch=0, seed=0)
-        reader = PartReader(plan, steps, lambda pieces: read_pieces(self.manifest, pieces, True, offsets=self.offsets))
+        plan = MicroBatchPlan.make(self.manifest.shard_sizes, 0, 1, batch_size=self.batch_size,
+                                   block=SHUFFLE_BUFFER, epoch=0, seed=0)
+        reader = MicroBatchReader(plan, steps,
+                                  lambda pieces: read_pieces(self.manifest, pieces, True, offsets=self.offsets))
         for step in steps:
             chunk = reader.step(step)
             key = next(k for k in IMAGE_KEYS if k in chunk[0])

@@ -17,7 +17,7 @@ import numpy as np
 from _common import medians, rounds, timed
 from torch.utils.data import BatchSampler, DistributedSampler
 
-from recog.sampler import DistributedBatchSampler
+from recog.data.sampler import DistributedBatchSampler
 
 
 def main() -> None:

@@ -148,7 +148,7 @@ class StepClock:
 
 
 def recog_side(job: Job, clock: StepClock) -> Callable[[int], float]:
-    """recog's step as train.py takes it: build_recipe's parts, distribute(), train_one_epoch."""
+    """recog's step as train.py takes it: what build_recipe builds, distribute(), train_one_epoch."""
     cfg, ctx = job.cfg, job.ctx
     model, loss_fn = job.model(), build_loss(cfg, CLASSES).to(ctx.device)
     optimizer = job.optimizer(parameter_groups(model, loss_fn, job.lr))

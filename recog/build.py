@@ -17,28 +17,28 @@ from functools import partial
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
 from recog import dist, parallel
 from recog.checkpoint import Position, load_checkpoint
-from recog.config import global_batch_parts, settle_data_settings
+from recog.config import check_against_data, global_batch_micro_batches, settle_data_settings
 from recog.data.decode import Decode, crop_while_decoding, decode_image
 from recog.data.gpu_decode import DecodeOnDevice
 from recog.data.loader import Batch, loader_workers, make_loader
-from recog.data.manifest import load_manifest
+from recog.data.manifest import Manifest, load_manifest
 from recog.data.normalize import Normalize
-from recog.data.plan import rank_parts, ranks_without_samples
+from recog.data.plan import rank_micro_batches
 from recog.data.prepare import missing_splits, prepare_shards
 from recog.data.random_access import ShardRandomAccess, collate
+from recog.data.sampler import DistributedBatchSampler
 from recog.data.source import ShardSource
 from recog.data.stream import ShardStream, fits_in_memory
-from recog.errors import ConfigError, DataError
+from recog.errors import DataError
 from recog.loss import ModelWithLoss, RecognitionLoss
 from recog.model import load_weights
-from recog.sampler import DistributedBatchSampler
 
 log = logging.getLogger("recog")
 
@@ -48,7 +48,7 @@ class TrainData:
     loader: DataLoader
     epochs: ShardStream | DistributedBatchSampler  # set_epoch(e) before each epoch; len() = batches per epoch
     test_loader: DataLoader
-    batch_size: int  # of one part: one forward pass
+    batch_size: int  # of one micro-batch: one forward pass
     classes: list[str]
     layout: dict  # what a mid-epoch data position is valid for: saved with it, compared on resume
     gallery_loader: DataLoader | None = None  # eval.gallery's images (each once over the ranks); None: leave-one-out
@@ -79,97 +79,91 @@ def shard_source(data_cfg: DictConfig) -> ShardSource:
 def build_data(cfg: DictConfig, ctx: dist.Dist, saved: dict | None = None) -> TrainData:
     """Write missing shards (first use), read the manifests, settle data.*=auto, and make the loaders: a
     stream of shuffled shard samples, or (sampler=pk) class-balanced P×K batches read by index. Each step's
-    global batch is made of parts (recog.data.plan): `saved` is the data position of the checkpoint this run
-    continues from (its global batch is kept)."""
-    def write_missing_shards():  # first use: one process per node writes them, the others wait
-        if ctx.local_rank == 0 and missing_splits(cfg.data):
-            prepare_shards(cfg.data, progress=ctx.is_main)
-
+    global batch is made of micro-batches (recog.data.plan): `saved` is the data position of the checkpoint
+    this run continues from (its global batch is kept)."""
     source = shard_source(cfg.data)
-    pk = cfg.sampler.name == "pk"
-    on_gpu = cfg.data.decode == "gpu"  # the workers hand over the training images encoded (recog/data/gpu_decode.py)
-    cores = len(os.sched_getaffinity(0))  # the CPUs this process may run on, shared by the node's ranks
-    workers = loader_workers(cfg.data.num_workers, ctx.local_world_size, cores)
-    gallery_path = None  # eval.gallery's shards; None: leave-one-out on the test split
-    if cfg.eval.retrieval and cfg.eval.gallery not in (None, "test"):
-        gallery_path = cfg.data.train if cfg.eval.gallery == "train" else cfg.eval.gallery
-
-    def open_manifests():
-        train, test = load_manifest(cfg.data.train, source), load_manifest(cfg.data.test, source)
-        if train.classes != test.classes:
-            raise ConfigError(f"the train and test shards name different classes ({cfg.data.train} vs "
-                              f"{cfg.data.test}); write both from the same source.")
-        gallery = None
-        if gallery_path:
-            gallery = train if gallery_path == cfg.data.train else load_manifest(gallery_path, source)
-            if gallery.classes != test.classes:
-                raise ConfigError(f"eval.gallery={gallery_path} names other classes than the test shards; write "
-                                  "both from the same source.")
-        choices = settle_data_settings(cfg, train, source)  # the same on every rank: from the same manifest
-        if ctx.is_main:
-            log.info("%s | %d loader worker(s) per rank%s", choices, workers, f" (auto: {cores} "
-                     f"cores, {ctx.local_world_size} rank(s) on this node)" if cfg.data.num_workers == "auto" else "")
-        if not pk:
-            check_samples_for_ranks(train.num_samples, cfg, global_batch, parts, ctx.world_size)
-            return train, test, gallery, None
-        p, k = cfg.sampler.p, cfg.sampler.k
-        if p > train.num_classes:
-            raise ConfigError(f"sampler.p={p} asks for more classes per batch than the {train.num_classes} of "
-                              f"{cfg.data.train}; use sampler.p={train.num_classes} or fewer.")
-        if p * k > train.num_samples:
-            raise ConfigError(f"sampler.p={p} x sampler.k={k} is a batch larger than the {train.num_samples} "
-                              f"training samples of {cfg.data.train}; make P x K smaller.")
-        if on_gpu:
-            return train, test, gallery, ShardRandomAccess(train, source, channels=cfg.data.channels, encoded=True)
-        decode, transform = train_decoding(cfg, keep_decoded=False)
-        return train, test, gallery, ShardRandomAccess(train, source, transform, cfg.data.channels, decode)
-
-    global_batch, parts = global_batch_parts(cfg, ctx.world_size, saved)
+    workers, workers_line = data_workers(cfg, ctx)
+    global_batch, micro_batches = global_batch_micro_batches(cfg, ctx.world_size, saved)
     # Every rank makes both calls, whatever it finds on its own disk, so the collectives stay paired.
-    dist.fail_together(write_missing_shards, ctx, "writing the shards")
-    train_manifest, test_manifest, gallery_manifest, random_access = dist.fail_together(open_manifests, ctx,
-                                                                                        "opening the shards")
+    dist.fail_together(partial(write_missing_shards, cfg.data, ctx), ctx, "writing the shards")
+    train_manifest, test_manifest, gallery_manifest, random_access = dist.fail_together(
+        partial(open_shards, cfg, ctx, source, workers_line, micro_batches), ctx, "opening the shards")
     pin = ctx.device.type == "cuda"
     common = dict(rank=ctx.rank, world_size=ctx.world_size, batch_size=cfg.batch_size, channels=cfg.data.channels,
                   seed=cfg.seed, strict=cfg.data.strict, source=source)
-    test_set = ShardStream(test_manifest, transform=instantiate(cfg.augment.test), train=False,
-                           keep_decoded=fits_in_memory(test_manifest, cfg.data.keep_decoded_mb), **common)
-    test_loader = make_loader(test_set, workers, pin)
-    gallery_loader = None
-    if gallery_manifest:  # embedded like the test images: each rank its own slice, each image once
-        gallery_set = ShardStream(gallery_manifest, transform=instantiate(cfg.augment.test), train=False,
-                                  keep_decoded=fits_in_memory(gallery_manifest, cfg.data.keep_decoded_mb), **common)
-        gallery_loader = make_loader(gallery_set, workers, pin)
-    if pk:  # class-balanced P×K batches for metric learning: one sequence of batches, whatever the workers
+    test_loader = evaluation_loader(cfg, test_manifest, common, workers, pin)
+    # eval.gallery's images, embedded like the test images: each rank its own slice, each image once
+    gallery_loader = evaluation_loader(cfg, gallery_manifest, common, workers, pin) if gallery_manifest else None
+    if random_access is not None:  # class-balanced P×K batches for metric learning: one sequence, whatever the workers
         epochs = DistributedBatchSampler(random_access.labels, cfg.sampler.p, cfg.sampler.k, rank=ctx.rank,
-                                         world_size=ctx.world_size, seed=cfg.seed, parts=parts)
+                                         world_size=ctx.world_size, seed=cfg.seed, micro_batches=micro_batches)
         loader = make_loader(random_access, workers, pin, batch_sampler=epochs, collate_fn=collate)
         batch_size = cfg.sampler.p * cfg.sampler.k
     else:  # each data-loader worker makes its own block of the epoch's steps
-        keep_decoded = fits_in_memory(train_manifest, cfg.data.keep_decoded_mb)  # on_gpu: the encoded bytes kept
-        decode, transform = train_decoding(cfg, keep_decoded) if not on_gpu else (None, None)
-        epochs = ShardStream(train_manifest, transform=transform, decode=decode, train=True,
-                             shuffle_block=cfg.data.shuffle_block, keep_decoded=keep_decoded, encoded=on_gpu,
-                             parts=parts, **common)
+        epochs = training_stream(cfg, train_manifest, common, micro_batches)
         loader = make_loader(epochs, workers, pin)
         batch_size = cfg.batch_size
-    layout = {"global_batch": global_batch, "parts": parts, "batch_size": batch_size, "sampler": cfg.sampler.name}
+    layout = {"global_batch": global_batch, "micro_batches": micro_batches, "batch_size": batch_size,
+              "sampler": cfg.sampler.name}
     decode_on_device = DecodeOnDevice(instantiate(cfg.augment.train), ctx.device, cfg.data.channels,
-                                      cfg.data.strict) if on_gpu else None
+                                      cfg.data.strict) if cfg.data.decode == "gpu" else None
     return TrainData(loader, epochs, test_loader, batch_size, train_manifest.classes, layout, gallery_loader,
                      decode_on_device)
 
 
-def check_samples_for_ranks(num_samples: int, cfg: DictConfig, global_batch: int, parts: int, world_size: int) -> None:
-    """Every rank must have a sample to train on: the same shards may train on 1 process and leave a rank of 2
-    with none (the epoch's samples are cut into one stretch per part of the global batch)."""
-    empty = ranks_without_samples(num_samples, parts, world_size)
-    if empty:
-        raise ConfigError(f"{cfg.data.train} holds {num_samples} training sample(s), fewer than the {parts} parts "
-                          f"(forward passes of batch_size={cfg.batch_size}) the global batch of {global_batch} is "
-                          f"split into over {world_size} processes, so rank {empty[0]} would have none; train on "
-                          f"at most {num_samples} process(es) with a global_batch of at most "
-                          f"{num_samples * cfg.batch_size}, or on more samples.")
+def data_workers(cfg: DictConfig, ctx: dist.Dist) -> tuple[int, str]:
+    """Loader workers per rank (data.num_workers; auto: this node's cores shared among its ranks), and the words
+    that tell the user so."""
+    cores = len(os.sched_getaffinity(0))  # the CPUs this process may run on, shared by the node's ranks
+    workers = loader_workers(cfg.data.num_workers, ctx.local_world_size, cores)
+    auto = cfg.data.num_workers == "auto"
+    why = f" (auto: {cores} cores, {ctx.local_world_size} rank(s) on this node)" if auto else ""
+    return workers, f"{workers} loader worker(s) per rank{why}"
+
+
+def write_missing_shards(data_cfg: DictConfig, ctx: dist.Dist) -> None:
+    """First use: one process per node writes the shards, the others wait."""
+    if ctx.local_rank == 0 and missing_splits(data_cfg):
+        prepare_shards(data_cfg, progress=ctx.is_main)
+
+
+def open_shards(cfg: DictConfig, ctx: dist.Dist, source: ShardSource, workers_line: str, micro_batches: int
+                ) -> tuple[Manifest, Manifest, Manifest | None, ShardRandomAccess | None]:
+    """The train, test and eval.gallery manifests (None: leave-one-out on the test split), with data.*=auto
+    settled into `cfg` from the training manifest and the config checked against the data (the same on every
+    rank: from the same manifests), and for sampler=pk the training samples, read by index."""
+    train, test = load_manifest(cfg.data.train, source), load_manifest(cfg.data.test, source)
+    gallery = None
+    if cfg.eval.retrieval and cfg.eval.gallery not in (None, "test"):
+        gallery = train if cfg.eval.gallery == "train" else load_manifest(cfg.eval.gallery, source)
+    settings = settle_data_settings(cfg, train, source)
+    settings.write_into(cfg)
+    if ctx.is_main:
+        log.info("%s | %s", settings.line, workers_line)
+    check_against_data(cfg, train, test, gallery, micro_batches, ctx.world_size)
+    if cfg.sampler.name != "pk":
+        return train, test, gallery, None
+    if cfg.data.decode == "gpu":  # the workers hand over the training images encoded (recog/data/gpu_decode.py)
+        return train, test, gallery, ShardRandomAccess(train, source, channels=cfg.data.channels, encoded=True)
+    decode, transform = train_decoding(cfg, keep_decoded=False)
+    return train, test, gallery, ShardRandomAccess(train, source, transform, cfg.data.channels, decode)
+
+
+def evaluation_loader(cfg: DictConfig, manifest: Manifest, common: dict, workers: int, pin: bool) -> DataLoader:
+    """A split read for evaluation: each rank its own slice, each image once, kept decoded if it fits."""
+    images = ShardStream(manifest, transform=instantiate(cfg.augment.test), train=False,
+                         keep_decoded=fits_in_memory(manifest, cfg.data.keep_decoded_mb), **common)
+    return make_loader(images, workers, pin)
+
+
+def training_stream(cfg: DictConfig, manifest: Manifest, common: dict, micro_batches: int) -> ShardStream:
+    """sampler=stream's training epochs: shuffled shard samples, a batch of each of this rank's micro-batches a
+    step. data.decode=gpu: the workers hand over the images encoded (recog/data/gpu_decode.py)."""
+    on_gpu = cfg.data.decode == "gpu"
+    keep_decoded = fits_in_memory(manifest, cfg.data.keep_decoded_mb)  # on_gpu: the encoded bytes kept
+    decode, transform = train_decoding(cfg, keep_decoded) if not on_gpu else (None, None)
+    return ShardStream(manifest, transform=transform, decode=decode, train=True, shuffle_block=cfg.data.shuffle_block,
+                       keep_decoded=keep_decoded, encoded=on_gpu, micro_batches=micro_batches, **common)
 
 
 def train_decoding(cfg: DictConfig, keep_decoded: bool) -> tuple[Decode, Callable | None]:
@@ -273,24 +267,12 @@ class StepRecipe:
 
 
 def build_loss(cfg: DictConfig, num_classes: int) -> RecognitionLoss:
-    """The loss of `cfg.loss`, told what only the data knows: a proxy loss's `num_classes: auto` becomes the
-    training shards' number of classes (written into `cfg`, so the saved config holds the number). The same on
-    every rank: a loss that cannot work is the same sentence everywhere."""
+    """The loss of `cfg.loss`, told what only the data knows: a proxy loss's `num_classes: auto` is the training
+    shards' `num_classes` (`cfg` stays as configured; recog.config checks the loss, before and against the data)."""
     metric = cfg.loss.get("metric")
-    if metric is not None and "num_classes" in metric:
-        if metric.num_classes == "auto":
-            with open_dict(cfg):
-                metric.num_classes = num_classes
-        elif metric.num_classes != num_classes:
-            raise ConfigError(f"loss.metric.num_classes={metric.num_classes} but the training shards have "
-                              f"{num_classes} classes; leave it at auto.")
-    loss_fn = instantiate(cfg.loss)
-    if loss_fn.cross_rank and any(p.requires_grad for p in loss_fn.parameters()):
-        # every rank would compute the global batch's whole gradient for them: DDP's average would be world size x it
-        raise ConfigError(f"loss.cross_rank=true mines over all ranks' embeddings, which does not work for a loss "
-                          f"with parameters of its own ({type(loss_fn.metric).__name__}); set loss.cross_rank=false "
-                          "(a proxy loss compares each embedding with the proxies, not with other embeddings).")
-    return loss_fn
+    if metric is not None and metric.get("num_classes") == "auto":
+        return instantiate(cfg.loss, metric={"num_classes": num_classes})
+    return instantiate(cfg.loss)
 
 
 def parameter_groups(model: nn.Module, loss_fn: nn.Module, lr: float) -> list[dict]:
@@ -318,13 +300,13 @@ def build_recipe(cfg: DictConfig, ctx: dist.Dist, data: TrainData) -> StepRecipe
         loss_fn.gather = dist.all_gather_with_grad
 
     steps_per_epoch = len(data.epochs)  # optimizer steps, whatever the world size
-    global_batch, parts = data.global_batch, data.layout["parts"]
+    global_batch, micro_batches = data.global_batch, data.layout["micro_batches"]
     lr = cfg.optim.lr * global_batch / cfg.optim.reference_batch  # linear scaling rule (Goyal et al., 2017)
     optimizer = instantiate(cfg.optim.optimizer)(parameter_groups(model, loss_fn, lr), lr=lr)
     lr_factor = partial(warmup_cosine, warmup_steps=round(cfg.schedule.warmup_epochs * steps_per_epoch),
                         total_steps=cfg.epochs * steps_per_epoch)
     own = sum(p.numel() for p in loss_fn.parameters() if p.requires_grad)
-    mine = len(rank_parts(parts, ctx.rank, ctx.world_size))
+    mine = len(rank_micro_batches(micro_batches, ctx.rank, ctx.world_size))
     log.info("world size %d (%s on %s) | per-rank batch %d%s, global batch %d | %d steps per epoch, %d epochs | "
              "%s lr %.4g = %.4g x %d / %d%s | %s", ctx.world_size, ctx.backend or "single process", ctx.device,
              data.batch_size, f" x {mine} accumulated" if mine > 1 else "", global_batch,

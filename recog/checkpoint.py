@@ -217,7 +217,7 @@ class Checkpoints:
             torch.cuda.set_rng_state(ckpt["cuda_rng"])
         self.best_top1, self.top1, self.last_step = ckpt["best_top1"], ckpt.get("top1", float("nan")), ckpt["step"]
         done, saved = position.done, ckpt.get("data", {})
-        if saved.get("done") or any(saved.get("consumed", [])):  # "consumed": a position of recog before parts
+        if saved.get("done") or any(saved.get("consumed", [])):  # "consumed": a position of recog before micro-batches
             if {key: saved.get(key) for key in self.layout} == self.layout and "done" in saved:
                 done = [list(r) for r in saved["done"]]
             else:  # the steps of another global batch or batch size: not this run's
@@ -242,9 +242,9 @@ class Checkpoints:
                      self.layout["global_batch"], position.schedule_step, position.epoch,
                      position.batches_per_epoch, position.step)
         if saved.get("world_size", self.world_size) != self.world_size:
-            log.info("world size changed from %d to %d: the %d parts of each step are read by %d rank(s) now; "
+            log.info("world size changed from %d to %d: the %d micro-batches of each step are read by %d rank(s) now; "
                      "the global batch, the LR schedule and the epoch's samples stay as they were",
-                     saved["world_size"], self.world_size, self.layout.get("parts", 0), self.world_size)
+                     saved["world_size"], self.world_size, self.layout.get("micro_batches", 0), self.world_size)
         return position
 
 

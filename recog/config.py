@@ -1,29 +1,36 @@
 """Every check of the configuration, and the values recog settles for `auto` from the data.
 
 `check_config` runs on every rank before any process group exists, so a value that cannot work is one
-sentence on every rank and no rank is left waiting in a collective. `settle_data_settings` replaces the
-`auto` data settings by what the training shards' manifest says the images are.
+sentence on every rank and no rank is left waiting in a collective: every check of a configured value that
+does not need the data is there. The few that do (the shards' classes and samples against the sampler, the
+global batch and the loss) are `check_against_data`, which `recog.build.build_data` runs on every rank once
+the manifests are read. `settle_data_settings` returns what the `auto` data settings become, from what the
+training shards' manifest says the images are; `DataSettings.write_into` puts them into the run's config.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from recog import parallel
 from recog.data.decode import SCALED_DECODE_AVAILABLE
 from recog.data.gpu_decode import GPU_DECODE_AVAILABLE
 from recog.data.manifest import Manifest
+from recog.data.plan import ranks_without_samples
 from recog.data.prepare import check_can_prepare
 from recog.data.source import ShardSource
 from recog.data.write import measure_shards
 from recog.errors import ConfigError, check_number
-from recog.model import check_backbone_name
+from recog.model import check_backbone
 
-# Every number a user can set, and what it must be: (key, whole number?, smallest allowed, strictly above it?)
+# The numbers checked alike, each always a number: (key, whole number?, smallest allowed, strictly above it?).
+# Numbers that may be `auto` or null, or matter only with another setting, are checked in check_config below.
 NUMBERS = [
     ("epochs", True, 1, False), ("batch_size", True, 1, False), ("accumulate", True, 1, False),
     ("log_every", True, 1, False), ("seed", True, 0, False), ("eval.projector", True, 0, False),
@@ -44,7 +51,8 @@ SAMPLERS = ("stream", "pk")  # conf/sampler: what recog/build.py builds
 
 def check_config(cfg: DictConfig) -> None:
     """Values that cannot work, each as one sentence. Runs on every rank before any process group exists:
-    every check of a configured value is here (or called from here)."""
+    every check of a configured value that does not need the data is here (or called from here); those that
+    need it are `check_against_data`."""
     for key in ("train", "test"):
         if OmegaConf.is_missing(cfg.data, key):
             raise ConfigError(f"data.{key} is not set; give the folder of its shards, e.g. "
@@ -63,12 +71,7 @@ def check_config(cfg: DictConfig) -> None:
                 isinstance(v, (int, float)) and (v > 0 or key == "mean") for v in values)):
             raise ConfigError(f"data.{key}={values} is not valid; give a list of numbers, one per channel"
                               f"{' (above 0)' if key == 'std' else ''}, e.g. data.{key}=[0.5], or auto.")
-    scaled_decode = cfg.data.jpeg_scaled_decode
-    if scaled_decode != "auto" and not isinstance(scaled_decode, bool):
-        raise ConfigError(f"data.jpeg_scaled_decode={scaled_decode} is not valid; give true, false or auto.")
-    if scaled_decode is True and not SCALED_DECODE_AVAILABLE:
-        raise ConfigError("data.jpeg_scaled_decode=true needs simplejpeg, which is not installed here: "
-                          "`pip install simplejpeg`, or set data.jpeg_scaled_decode=auto.")
+    check_values_per_channel(cfg.data)
     check_number("augment.flip", cfg.augment.flip, False, 0, False)
     if cfg.augment.flip > 1:
         raise ConfigError(f"augment.flip={cfg.augment.flip} is a probability; give a number from 0 to 1.")
@@ -80,7 +83,7 @@ def check_config(cfg: DictConfig) -> None:
     if pk:
         for key in ("sampler.p", "sampler.k"):
             check_number(key, OmegaConf.select(cfg, key), True, 1, False)
-    check_backbone_name(cfg.model.backbone)
+    check_backbone(cfg.model.backbone, cfg.model.get("small_input", False))
     cuda = torch.cuda.is_available() and cfg.dist.backend != "gloo"
     check_perf_config(cfg, cuda)
     check_decode(cfg.data, cuda)
@@ -89,48 +92,58 @@ def check_config(cfg: DictConfig) -> None:
                           "(ArcFace uses 0.5, 0.2-0.3 suits small logit scales).")
     if cfg.loss.get("cross_rank") and not pk:
         raise ConfigError("loss.cross_rank=true needs equal batches on every rank; use sampler=pk.")
+    if cfg.loss.get("cross_rank"):
+        check_cross_rank_loss(cfg.loss)
     if cfg.eval.gallery is not None and not cfg.eval.retrieval:
         raise ConfigError(f"eval.gallery={cfg.eval.gallery} is the gallery of the retrieval metrics, which are off; "
                           "add eval.retrieval=true, or leave eval.gallery out.")
     if cfg.global_batch is not None:
         check_number("global_batch", cfg.global_batch, True, 1, False)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
-    global_batch_parts(cfg, world_size)
+    global_batch_micro_batches(cfg, world_size)
     check_can_prepare(cfg.data)
 
 
-def global_batch_parts(cfg: DictConfig, world_size: int, saved: dict | None = None) -> tuple[int, int]:
-    """The global batch (images per optimizer step, over all ranks) and the parts it is made of, each one
-    forward pass of `batch_size` (sampler=pk: P×K) images. `global_batch` when given; else the global batch a
-    checkpoint of this run was saved with (`saved`: its data position), so a run restarted on another number
+def global_batch_micro_batches(cfg: DictConfig, world_size: int, saved: dict | None = None) -> tuple[int, int]:
+    """The global batch (images per optimizer step, over all ranks) and the micro-batches it is cut into, each
+    one forward pass of `batch_size` (sampler=pk: P×K) images. `global_batch` when given; else the global batch
+    a checkpoint of this run was saved with (`saved`: its data position), so a run restarted on another number
     of ranks keeps its global batch, LR and epochs; else batch_size × world size × accumulate."""
-    part = cfg.sampler.p * cfg.sampler.k if cfg.sampler.name == "pk" else cfg.batch_size
+    micro_batch = cfg.sampler.p * cfg.sampler.k if cfg.sampler.name == "pk" else cfg.batch_size
     what = "sampler.p x sampler.k" if cfg.sampler.name == "pk" else "batch_size"
     kept = (saved or {}).get("global_batch")
-    if not cfg.global_batch and kept and (kept % part or kept // part < world_size):
+    if not cfg.global_batch and kept and (kept % micro_batch or kept // micro_batch < world_size):
         logging.getLogger("recog").warning(
             "the checkpoint's global batch %d cannot be split into forward passes of %s=%d over %d processes; "
-            "this run's global batch is %d (the LR follows it), and its epoch starts again", kept, what, part,
-            world_size, part * world_size * cfg.accumulate)
+            "this run's global batch is %d (the LR follows it), and its epoch starts again", kept, what,
+            micro_batch, world_size, micro_batch * world_size * cfg.accumulate)
         kept = None
-    global_batch = cfg.global_batch or kept or part * world_size * cfg.accumulate
-    if global_batch % part:
-        raise ConfigError(f"global_batch={global_batch} is not a multiple of {what}={part} (the images of one "
+    global_batch = cfg.global_batch or kept or micro_batch * world_size * cfg.accumulate
+    micro_batches = global_batch // micro_batch
+    if global_batch % micro_batch:
+        raise ConfigError(f"global_batch={global_batch} is not a multiple of {what}={micro_batch} (the images of one "
                           f"forward pass); give a multiple of it.")
-    if global_batch // part < world_size:
-        raise ConfigError(f"global_batch={global_batch} is {global_batch // part} forward pass(es) of {what}={part}, "
-                          f"fewer than the {world_size} processes; give global_batch={part * world_size} or more, "
-                          f"or a smaller {what}.")
-    if cfg.loss.get("cross_rank") and global_batch // part != world_size:
+    if micro_batches < world_size:
+        raise ConfigError(f"global_batch={global_batch} is {micro_batches} forward pass(es) of {what}={micro_batch}, "
+                          f"fewer than the {world_size} processes; give global_batch={micro_batch * world_size} or "
+                          f"more, or a smaller {what}.")
+    if cfg.loss.get("cross_rank") and micro_batches != world_size:
         raise ConfigError(f"loss.cross_rank=true gathers one batch per rank at each forward pass, but each step "
-                          f"here has {global_batch // part} batches of {what}={part} for {world_size} process(es) "
+                          f"here has {micro_batches} batches of {what}={micro_batch} for {world_size} process(es) "
                           "(global_batch, accumulate, or a restart on fewer processes); set loss.cross_rank=false "
                           "or keep one batch per process and step.")
-    return global_batch, global_batch // part
+    return global_batch, micro_batches
 
 
 def check_decode(data: DictConfig, cuda: bool) -> None:
-    """data.decode. `cuda`: whether this run will train on GPUs (NCCL) rather than CPUs (gloo)."""
+    """data.decode and data.jpeg_scaled_decode. `cuda`: whether this run will train on GPUs (NCCL) rather than CPUs
+    (gloo)."""
+    scaled_decode = data.jpeg_scaled_decode
+    if scaled_decode != "auto" and not isinstance(scaled_decode, bool):
+        raise ConfigError(f"data.jpeg_scaled_decode={scaled_decode} is not valid; give true, false or auto.")
+    if scaled_decode is True and not SCALED_DECODE_AVAILABLE:
+        raise ConfigError("data.jpeg_scaled_decode=true needs simplejpeg, which is not installed here: "
+                          "`pip install simplejpeg`, or set data.jpeg_scaled_decode=auto.")
     if data.decode not in ("cpu", "gpu"):
         raise ConfigError(f"data.decode={data.decode} is not valid; give cpu (in the loader workers) or gpu.")
     if data.decode == "cpu":
@@ -143,7 +156,7 @@ def check_decode(data: DictConfig, cuda: bool) -> None:
     if not GPU_DECODE_AVAILABLE:
         raise ConfigError("data.decode=gpu needs TorchCodec, which is not installed here (or not for this torch): "
                           "`pip install torchcodec`, or use data.decode=cpu.")
-    if data.jpeg_scaled_decode is True:
+    if scaled_decode is True:
         raise ConfigError("data.jpeg_scaled_decode=true asks the loader workers to decode, but data.decode=gpu "
                           "decodes on the GPU: leave data.jpeg_scaled_decode at auto, or use data.decode=cpu.")
 
@@ -171,43 +184,124 @@ SMALLEST_AUTO_STD = 0.05  # data.std=auto: a channel's std (0..1 scale) below th
 LARGEST_AUTO_SIZE = 224  # image_size=auto never trains above this: ImageNet's size, what pretrained models expect
 
 
-def settle_data_settings(cfg: DictConfig, manifest: Manifest, source: ShardSource | None) -> str:
-    """Replace every `auto` in data.channels / image_size / mean / std, and augment=auto, by what the training
-    manifest says the images are (measured on a sample now if the shards were written by another tool).
-    Returns the line that tells the user what was chosen and why."""
+def check_values_per_channel(data: DictConfig) -> None:
+    """data.mean and data.std hold one value per channel: in check_config where the config gives both, after
+    settling (check_against_data) where data.channels was auto."""
+    for key in ("mean", "std"):
+        if "auto" not in (data.channels, data[key]) and len(data[key]) != data.channels:
+            raise ConfigError(f"data.{key} has {len(data[key])} values for {data.channels} channel(s); give one "
+                              f"per channel, or data.{key}=auto.")
+
+
+def check_cross_rank_loss(loss: DictConfig) -> None:
+    """loss.cross_rank=true mines over every rank's embeddings: for a loss with parameters of its own, every rank
+    would compute the global batch's whole gradient for them, and DDP's average would be world size x it. Whether
+    it has any does not depend on the number of classes: the loss is built with a stand-in one, and the random
+    numbers its parameters drew are given back."""
+    metric = loss.get("metric")
+    stand_in = {"metric": {"num_classes": 2}} if metric is not None and "num_classes" in metric else {}
+    with torch.random.fork_rng(devices=[]):
+        built = instantiate(loss, **stand_in)
+    if any(p.requires_grad for p in built.parameters()):
+        raise ConfigError(f"loss.cross_rank=true mines over all ranks' embeddings, which does not work for a loss "
+                          f"with parameters of its own ({type(built.metric).__name__}); set loss.cross_rank=false "
+                          "(a proxy loss compares each embedding with the proxies, not with other embeddings).")
+
+
+def check_against_data(cfg: DictConfig, train: Manifest, test: Manifest, gallery: Manifest | None,
+                       micro_batches: int, world_size: int) -> None:
+    """The checks of configured values that need the data (the shards' classes and samples), after the data
+    settings are settled. Runs on every rank, on the same manifests, in recog.build.build_data."""
+    if train.classes != test.classes:
+        raise ConfigError(f"the train and test shards name different classes ({cfg.data.train} vs "
+                          f"{cfg.data.test}); write both from the same source.")
+    if gallery is not None and gallery.classes != test.classes:
+        raise ConfigError(f"eval.gallery={cfg.eval.gallery} names other classes than the test shards; write "
+                          "both from the same source.")
+    check_values_per_channel(cfg.data)
+    metric = cfg.loss.get("metric")
+    if metric is not None and metric.get("num_classes", "auto") not in ("auto", train.num_classes):
+        raise ConfigError(f"loss.metric.num_classes={metric.num_classes} but the training shards have "
+                          f"{train.num_classes} classes; leave it at auto.")
+    if cfg.sampler.name == "pk":
+        p, k = cfg.sampler.p, cfg.sampler.k
+        if p > train.num_classes:
+            raise ConfigError(f"sampler.p={p} asks for more classes per batch than the {train.num_classes} of "
+                              f"{cfg.data.train}; use sampler.p={train.num_classes} or fewer.")
+        if p * k > train.num_samples:
+            raise ConfigError(f"sampler.p={p} x sampler.k={k} is a batch larger than the {train.num_samples} "
+                              f"training samples of {cfg.data.train}; make P x K smaller.")
+        return
+    empty = ranks_without_samples(train.num_samples, micro_batches, world_size)
+    if empty:  # the same shards may train on 1 process and leave a rank of 2 with none
+        raise ConfigError(f"{cfg.data.train} holds {train.num_samples} training sample(s), fewer than the "
+                          f"{micro_batches} micro-batches (forward passes of batch_size={cfg.batch_size}) the global "
+                          f"batch of {micro_batches * cfg.batch_size} is split into over {world_size} processes, so "
+                          f"rank {empty[0]} would have none; train on at most {train.num_samples} process(es) with a "
+                          f"global_batch of at most {train.num_samples * cfg.batch_size}, or on more samples.")
+
+
+SMALL_IMAGES = 64  # px: up to this (median shorter side), augment=auto picks the `small` preset, above `imagenet`
+SMALLEST_AUTO_STD = 0.05  # data.std=auto: a channel's std (0..1 scale) below this is taken as this
+LARGEST_AUTO_SIZE = 224  # image_size=auto never trains above this: ImageNet's size, what pretrained models expect
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """What data.channels / image_size / mean / std and the augment config are, with no `auto` left, and the
+    line that tells the user what was chosen and why."""
+
+    channels: int
+    image_size: int
+    mean: list[float]
+    std: list[float]
+    augment: dict  # the augment config: augment=auto's chosen preset, pad=auto settled
+    line: str
+
+    def write_into(self, cfg: DictConfig) -> None:
+        """Into the run's config, which is saved (.hydra, every checkpoint): an export reads them there."""
+        with open_dict(cfg):
+            cfg.data.channels, cfg.data.image_size = self.channels, self.image_size
+            cfg.data.mean, cfg.data.std = self.mean, self.std
+            cfg.augment = self.augment
+
+
+def settle_data_settings(cfg: DictConfig, manifest: Manifest, source: ShardSource | None) -> DataSettings:
+    """What every `auto` in data.channels / image_size / mean / std, and augment=auto, becomes: what the training
+    manifest says the images are (measured on a sample now if the shards were written by another tool). The
+    values the config gives are kept; `cfg` is left as it is."""
     data = cfg.data
     auto = [key for key in ("channels", "image_size", "mean", "std") if data[key] == "auto"]
     stats = manifest.stats
     if auto and not stats:
         stats = measure_shards(manifest, source)
-    with open_dict(cfg):
-        if "channels" in auto:
-            data.channels = stats["channels"]
-        if "image_size" in auto:
-            data.image_size = min(stats["height"]["median"], stats["width"]["median"], LARGEST_AUTO_SIZE)
-        for key in ("mean", "std"):
-            if key in auto:  # a grey data set read as RGB (channels=3) repeats its one value, and the reverse
-                values = stats[key] * 3 if len(stats[key]) < data.channels else stats[key]
-                data[key] = [round(sum(values) / len(values), 4)] if data.channels == 1 else values[:3]
-        if "std" in auto:  # a channel that hardly varies (solid colours) is not blown up into noise
-            data.std = [max(value, SMALLEST_AUTO_STD) for value in data.std]
-        chose = cfg.augment.name == "auto"
-        if chose:
-            preset = OmegaConf.to_container(cfg.augment["small" if data.image_size <= SMALL_IMAGES else "imagenet"],
-                                            resolve=False)
-            # the overrides given to augment=auto, for the knobs the chosen preset has (imagenet has no pad)
-            preset.update({key: cfg.augment[key] for key in ("flip", "pad") if key in preset})
-            cfg.augment = preset
-        if cfg.augment.get("pad") == "auto":  # 4 px at 28-32 px, 1 at 8 px: the same share of the image
-            cfg.augment.pad = max(1, round(data.image_size / 8))
+    channels = stats["channels"] if "channels" in auto else data.channels
+    image_size = (min(stats["height"]["median"], stats["width"]["median"], LARGEST_AUTO_SIZE)
+                  if "image_size" in auto else data.image_size)
+    settled = {}
     for key in ("mean", "std"):
-        if len(data[key]) != data.channels:
-            raise ConfigError(f"data.{key} has {len(data[key])} values for {data.channels} channel(s); give one "
-                              f"per channel, or data.{key}=auto.")
-    line = f"data: {data.channels} channel(s), {data.image_size} px, mean {list(data.mean)}, std {list(data.std)}"
+        if key in auto:  # a grey data set read as RGB (channels=3) repeats its one value, and the reverse
+            values = stats[key] * 3 if len(stats[key]) < channels else stats[key]
+            settled[key] = [round(sum(values) / len(values), 4)] if channels == 1 else values[:3]
+        else:
+            settled[key] = list(data[key])
+    if "std" in auto:  # a channel that hardly varies (solid colours) is not blown up into noise
+        settled["std"] = [max(value, SMALLEST_AUTO_STD) for value in settled["std"]]
+    chose = cfg.augment.name == "auto"
+    if chose:
+        augment = OmegaConf.to_container(cfg.augment["small" if image_size <= SMALL_IMAGES else "imagenet"],
+                                         resolve=False)
+        # the overrides given to augment=auto, for the knobs the chosen preset has (imagenet has no pad)
+        augment.update({key: cfg.augment[key] for key in ("flip", "pad") if key in augment})
+    else:
+        augment = OmegaConf.to_container(cfg.augment, resolve=False)
+    if augment.get("pad") == "auto":  # 4 px at 28-32 px, 1 at 8 px: the same share of the image
+        augment["pad"] = max(1, round(image_size / 8))
+    line = f"data: {channels} channel(s), {image_size} px, mean {settled['mean']}, std {settled['std']}"
     if auto:
         height, width = stats["height"], stats["width"]
         line += (f" ({', '.join(auto)} from {stats['sampled']} images of {height['min']}-{height['max']} x "
                  f"{width['min']}-{width['max']} px)")
-    knobs = ", ".join(f"{key} {cfg.augment[key]}" for key in ("pad", "flip") if key in cfg.augment)
-    return line + f" | augment={cfg.augment.name} ({knobs}){' for that size' if chose else ''}"
+    knobs = ", ".join(f"{key} {augment[key]}" for key in ("pad", "flip") if key in augment)
+    line += f" | augment={augment['name']} ({knobs}){' for that size' if chose else ''}"
+    return DataSettings(channels, image_size, settled["mean"], settled["std"], augment, line)

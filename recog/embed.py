@@ -6,7 +6,7 @@
 Config: conf/embed.yaml (batch_size, num_workers, dtype, strict, part_size, dist.*). `model` is a folder written
 by `python -m recog.export` or a checkpoint written by train.py (its embedder is built as the export builds it).
 
-Each rank embeds its exact, unpadded slice of the shards (the evaluation's split: `rank_pieces(pad=False)`, no
+Each rank embeds its exact, unpadded slice of the shards (the evaluation's split: `rank_pieces`, no
 shuffle), cut into parts of `part_size` samples (recog/data/embed_stream.py), and writes each part as soon as
 it is complete: `part-RRRRR-NNNNN.npy` and `.npz` (the format of recog/embeddings.py), then its record
 `part-RRRRR-NNNNN.json`, each atomically. The record is the part's proof of completion and says what it was
@@ -178,7 +178,7 @@ def open_inputs(cfg: DictConfig, ctx: dist.Dist) -> RankWork:
                           f"shards of {cfg.data} are {grey.get(measured, measured)} ({measured} channel(s)); embed "
                           "them with a model trained on such images.")
     plan = Plan(ctx.world_size, cfg.part_size, info["checkpoint"]["sha256"], cfg.dtype, data_sha256(manifest))
-    pieces = rank_pieces(manifest.shard_sizes, ctx.rank, ctx.world_size, shuffle=False, pad=False)
+    pieces = rank_pieces(manifest.shard_sizes, ctx.rank, ctx.world_size, shuffle=False)
     parts = rank_parts(sum(len(p) for p in pieces), cfg.part_size)
     out = Path(cfg.out)
     records = read_records(out, plan, ctx.rank, parts)

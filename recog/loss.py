@@ -49,8 +49,8 @@ class RecognitionLoss(nn.Module):
         self.cross_rank = cross_rank
         self.arc_margin, self.logit_scale = arc_margin, logit_scale
         self.lr_scale = lr_scale  # the LR of the metric term's own parameters, as a multiple of the model's
-        # With cross_rank, the training loop sets this to a function that concatenates a tensor over all
-        # ranks, keeping the gradient of this rank's part (recog.dist.all_gather_with_grad).
+        # With cross_rank on several ranks, recog.build.build_recipe sets this to a function that concatenates
+        # a tensor over all ranks, keeping the gradient of this rank's own rows (recog.dist.all_gather_with_grad).
         self.gather: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, output: Output, labels: torch.Tensor) -> dict[str, torch.Tensor]:

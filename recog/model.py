@@ -44,12 +44,19 @@ def convnet(in_channels: int, width: int = 32, blocks: Sequence[int] = (2, 2, 2)
 OWN_BACKBONES = {"convnet": convnet}
 
 
-def check_backbone_name(name: str) -> None:
+def check_backbone(name: str, small_input: bool = False) -> None:
+    """model.backbone, and model.small_input, which only a ResNet-style stem (conv1, then maxpool) can take: that
+    is looked up on the model built on the meta device (no memory, no weights initialised, no random numbers)."""
     if name not in OWN_BACKBONES and name not in torchvision.models.list_models(module=torchvision.models):
         raise ConfigError(
             f"unknown model '{name}'; use model=convnet, model=resnet18, model=resnet50 "
             "or set model.backbone to any torchvision classification model name."
         )
+    if small_input and name not in OWN_BACKBONES:
+        with torch.device("meta"):
+            model = torchvision.models.get_model(name, weights=None)
+        if not (hasattr(model, "conv1") and hasattr(model, "maxpool")):
+            raise ConfigError(f"model.small_input=true is only for ResNet-style models, not '{name}'; set it to false.")
 
 
 def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
@@ -80,9 +87,7 @@ def _remove_head(model: nn.Module) -> int:
 
 def torchvision_backbone(name: str, in_channels: int, small_input: bool) -> tuple[nn.Module, int]:
     model = torchvision.models.get_model(name, weights=None)
-    if small_input:  # 28-32 px images: a 3×3 stride-1 stem and no max-pool (the CIFAR ResNet stem)
-        if not (hasattr(model, "conv1") and hasattr(model, "maxpool")):
-            raise ConfigError(f"model.small_input=true is only for ResNet-style models, not '{name}'; set it to false.")
+    if small_input:  # 28-32 px images: a 3×3 stride-1 stem and no max-pool (the CIFAR ResNet stem; check_backbone)
         model.conv1 = nn.Conv2d(in_channels, model.conv1.out_channels, 3, 1, 1, bias=False)
         model.maxpool = nn.Identity()
     elif in_channels != 3:
@@ -105,7 +110,7 @@ class RecognitionModel(nn.Module):
         blocks: Sequence[int] = (2, 2, 2),
     ):
         super().__init__()
-        check_backbone_name(backbone)
+        check_backbone(backbone, small_input)
         if backbone in OWN_BACKBONES:
             self.backbone, features = OWN_BACKBONES[backbone](in_channels, width, blocks)
         else:

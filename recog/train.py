@@ -1,7 +1,7 @@
 """A recog training run, top to bottom: check, set up, build, restore, train, evaluate, checkpoint, log.
 
 Every rank runs `run(cfg)`. Rank 0 alone writes files (checkpoints, TensorBoard, metrics.json); the other
-ranks log through stand-ins that do nothing. The parts: recog/config.py checks the configuration,
+ranks log through stand-ins that do nothing. Where each thing lives: recog/config.py checks the configuration,
 recog/build.py builds the data and the step recipe, recog/checkpoint.py saves and restores.
 """
 
@@ -183,7 +183,7 @@ def train_one_epoch(recipe: StepRecipe, batches: Iterable[Batch], position: Posi
                     after_step: Callable[[Position], bool]) -> EpochStats:
     """One epoch (or the rest of one) of DDP training, advancing `position` (its step and the steps of the
     epoch done: what a mid-epoch checkpoint records). Each batch is one optimizer step: a batch from each of
-    this rank's parts of the global batch (`Batch.sizes`; recog.data.plan), whose gradients are summed, DDP
+    this rank's micro-batches of the global batch (`Batch.sizes`; recog.data.plan), whose gradients are summed, DDP
     all-reducing on the last only (no_sync). `after_step` decides checkpoints and stops (True: leave the epoch
     now; every rank gets the same answer)."""
     r, stopped = recipe, False

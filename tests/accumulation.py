@@ -1,8 +1,8 @@
-"""Gradient accumulation (a step made of several parts, `Batch.sizes`) against one step on the whole batch,
+"""Gradient accumulation (a step made of several micro-batches, `Batch.sizes`) against one step on the whole batch,
 through recog's real training loop.
 
 Used by test_parallel.py (one process) and dist_checks.py (2 processes under DDP, where the
-non-final parts run under no_sync). The model has no BatchNorm: BatchNorm's batch
+non-final micro-batches run under no_sync). The model has no BatchNorm: BatchNorm's batch
 statistics differ between 4 batches of 8 and one of 32, accumulation or not.
 """
 
@@ -50,5 +50,5 @@ def accumulation_max_difference(ctx) -> float:
     images = torch.randint(0, 256, (32, 1, 4, 4), dtype=torch.uint8, generator=g)
     labels = torch.randint(0, 3, (32,), generator=g)
     whole = one_optimizer_step(ctx, Batch(images, labels, 0), 32 * ctx.world_size)
-    parts = one_optimizer_step(ctx, Batch(images, labels, 0, sizes=(8, 8, 8, 8)), 32 * ctx.world_size)
-    return max((whole[k] - parts[k]).abs().max().item() for k in whole)
+    accumulated = one_optimizer_step(ctx, Batch(images, labels, 0, sizes=(8, 8, 8, 8)), 32 * ctx.world_size)
+    return max((whole[k] - accumulated[k]).abs().max().item() for k in whole)

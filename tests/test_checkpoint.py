@@ -127,7 +127,7 @@ def test_mid_epoch_checkpoints_every_n_steps_and_every_t_minutes(tmp_path):
 def test_restore_puts_back_everything_save_wrote(tmp_path):
     from recog.checkpoint import Position
 
-    layout = {"global_batch": 64, "parts": 2}
+    layout = {"global_batch": 64, "micro_batches": 2}
     trained = linear_recipe(0)
     loss = trained.model(torch.ones(4, 3)).sum()
     loss.backward()
@@ -153,11 +153,11 @@ def test_restore_puts_back_everything_save_wrote(tmp_path):
     assert fresh.scheduler.last_epoch == position.schedule_step == 20  # the schedule goes by the data trained on
     assert torch.equal(torch.get_rng_state(), rng_after_save)  # the RNG as it was at the save
 
-    # a mid-epoch position comes back for the same global batch and parts, whatever the world size
+    # a mid-epoch position comes back for the same global batch and micro-batches, whatever the world size
     mid = load_checkpoint(tmp_path / "step-000000007.pt")
     again = restorer.restore(("mid", mid), Position(batches_per_epoch=10))
     assert (again.epoch, again.done, again.steps_done) == (1, [[0, 2], [5, 8]], 5) and again.mid_epoch
-    other = checkpoints_of(tmp_path, fresh, layout={"global_batch": 128, "parts": 4})
+    other = checkpoints_of(tmp_path, fresh, layout={"global_batch": 128, "micro_batches": 4})
     assert other.restore(("mid", mid), Position(batches_per_epoch=10)).done == []
 
 

@@ -27,13 +27,13 @@ from recog.data.manifest import load_manifest
 from recog.data.normalize import Normalize
 from recog.data.prepare import class_names
 from recog.data.random_access import ShardRandomAccess
+from recog.data.sampler import DistributedBatchSampler
 from recog.data.stream import ShardStream
 from recog.dist import Dist
 from recog.errors import ConfigError
 from recog.loss import RecognitionLoss
 from recog.model import Output
 from recog.rundir import register_resolvers
-from recog.sampler import DistributedBatchSampler
 
 CONF = ROOT / "conf"
 # The groups this file has a test for; conf/hydra/ holds Hydra's own groups (only its launcher is ours to test).
@@ -83,7 +83,7 @@ def composed_on_tiny_data(tiny_data, *overrides: str):
     from the manifest as train.py settles them (channels 1, 28 px, unless the overrides say otherwise)."""
     cfg = composed(*tiny_paths(tiny_data), *overrides)
     check_config(cfg)
-    settle_data_settings(cfg, load_manifest(tiny_data["train"]), None)
+    settle_data_settings(cfg, load_manifest(tiny_data["train"]), None).write_into(cfg)
     check_config(cfg)  # the settled values pass the same checks
     return cfg
 
@@ -298,6 +298,24 @@ def test_every_hydra_launcher_config_composes_fits_its_plugin_and_instantiates(n
 def test_bad_worker_count_is_one_sentence(value, tiny_data):
     with pytest.raises(ConfigError, match=rf"data.num_workers={value} is not valid; give a whole number at least 0"):
         check_config(composed(*tiny_paths(tiny_data), f"data.num_workers={value}"))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model=resnet18", "model.backbone=mobilenet_v2"], "model.small_input=true is only for ResNet-style models"),
+    (["data.channels=3", "data.mean=[0.5]"], r"data.mean has 1 values for 3 channel\(s\)"),
+    (["data.channels=1", "data.std=[0.2,0.2,0.2]"], r"data.std has 3 values for 1 channel\(s\)"),
+])
+def test_values_that_need_no_data_are_checked_before_any_process_group(tiny_data, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        check_config(composed(*tiny_paths(tiny_data), *overrides))
+
+
+def test_values_that_need_the_data_are_checked_once_the_shards_are_read(tiny_data):
+    """data.channels=auto: a mean of 3 values is wrong only for the grey shards; check_config cannot know."""
+    cfg = composed(*tiny_paths(tiny_data), "data.mean=[0.5,0.5,0.5]", "data.num_workers=0")
+    check_config(cfg)
+    with pytest.raises(ConfigError, match=r"data.mean has 3 values for 1 channel\(s\)"):
+        build_data(cfg, ONE_PROCESS)
 
 
 def test_jpeg_scaled_decode_takes_the_preset_crop_into_decoding_unless_off_or_kept_decoded(tiny_data):

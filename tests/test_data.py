@@ -419,15 +419,15 @@ def test_mid_epoch_resume_reads_exactly_the_samples_not_yet_seen(tiny_data, work
     assert sum(not torch.equal(a.images, b.images) for a, b in zip(uninterrupted, unflipped)) == 16
 
 
-def global_steps(manifest, world, parts, done=(), **kw) -> dict[int, Batch]:
+def global_steps(manifest, world, micro_batches, done=(), **kw) -> dict[int, Batch]:
     """Every step of epoch 2 not in `done`, as the ranks of `world` make it: the ranks' batches joined in rank
-    order (= the parts in order)."""
+    order (= the micro-batches in order)."""
     from torchvision.transforms import v2
 
     per_rank = []
     for rank in range(world):
-        stream = ShardStream(manifest, rank=rank, world_size=world, batch_size=16, train=True, seed=9, parts=parts,
-                             shuffle_block=40, transform=v2.RandomHorizontalFlip(), **kw)
+        stream = ShardStream(manifest, rank=rank, world_size=world, batch_size=16, train=True, seed=9,
+                             micro_batches=micro_batches, shuffle_block=40, transform=v2.RandomHorizontalFlip(), **kw)
         stream.set_epoch(2, done)
         per_rank.append({b.step: b for b in make_loader(stream, 0, pin_memory=False)})
     assert len({tuple(steps) for steps in per_rank}) == 1  # every rank makes the same steps, in the same order
@@ -437,7 +437,7 @@ def global_steps(manifest, world, parts, done=(), **kw) -> dict[int, Batch]:
 
 @pytest.mark.parametrize("before, after", [(4, 1), (2, 3), (1, 4), (3, 2)])
 def test_a_new_world_size_mid_epoch_continues_with_the_same_global_batches(tiny_data, before, after):
-    """4 parts of 16 (global batch 64) on `before` ranks for 5 steps, the rest on `after` ranks: the steps are
+    """4 micro-batches of 16 (global batch 64) on `before` ranks for 5 steps, the rest on `after` ranks: the steps are
     those of the epoch on 4 ranks, image for image (augmentation included); none is made twice or left out."""
     manifest = load_manifest(tiny_data["train"])
     reference = global_steps(manifest, 4, 4)
@@ -456,12 +456,12 @@ def test_mid_epoch_resume_of_pk_batches_through_the_loader(tiny_data):
     from torchvision.transforms import v2
 
     from recog.data.random_access import ShardRandomAccess, collate
-    from recog.sampler import DistributedBatchSampler
+    from recog.data.sampler import DistributedBatchSampler
 
     data = ShardRandomAccess(load_manifest(tiny_data["train"]), transform=v2.RandomHorizontalFlip())
 
     def batches(done=(), rank=0, world=2):
-        sampler = DistributedBatchSampler(data.labels, 4, 8, rank=rank, world_size=world, seed=2, parts=2)
+        sampler = DistributedBatchSampler(data.labels, 4, 8, rank=rank, world_size=world, seed=2, micro_batches=2)
         sampler.set_epoch(3, done)
         return list(make_loader(data, 2, False, batch_sampler=sampler, collate_fn=collate))
 
@@ -470,7 +470,7 @@ def test_mid_epoch_resume_of_pk_batches_through_the_loader(tiny_data):
     assert len(uninterrupted) == 15 and len(resumed) == 9  # 1000 // (2 × 4 × 8) steps
     for got, want in zip(resumed, uninterrupted[6:]):
         assert torch.equal(got.images, want.images) and torch.equal(got.labels, want.labels)
-    # the same steps on one rank: both parts, one after the other, are what the two ranks had
+    # the same steps on one rank: both micro-batches, one after the other, are what the two ranks had
     alone = batches([[0, 6]], world=1)
     other = batches([[0, 6]], rank=1)
     for mine, first, second in zip(alone, resumed, other):

@@ -24,6 +24,13 @@ def composed(*overrides: str):
         return compose("train", overrides=list(overrides))
 
 
+def settle(cfg, manifest) -> str:
+    """The data settings settled from `manifest` and written into `cfg`, as recog.build.build_data does."""
+    settings = settle_data_settings(cfg, manifest, None)
+    settings.write_into(cfg)
+    return settings.line
+
+
 def test_the_writer_records_channels_size_and_statistics(tiny_data):
     stats = load_manifest(tiny_data["train"]).stats
     pixels = read_idx(find_idx_pair(BUNDLED, "train")[0])[:1000] / 255.0  # the images tiny_data holds
@@ -52,7 +59,7 @@ def test_large_rgb_photos_get_imagenet_style_defaults(tmp_path):
     stats = write_shards(records, classes, tmp_path / "shards", progress=False).stats
     assert stats["channels"] == 3 and stats["height"] == {"min": 240, "median": 256, "max": 320}
     cfg = composed("data=images", f"data.train={tmp_path / 'shards'}", f"data.test={tmp_path / 'shards'}")
-    line = settle_data_settings(cfg, load_manifest(tmp_path / "shards"), None)
+    line = settle(cfg, load_manifest(tmp_path / "shards"))
     assert cfg.data.channels == 3 and cfg.data.image_size == 224  # the median is 256: capped at 224
     assert list(cfg.data.mean) == stats["mean"] and list(cfg.data.std) == stats["std"] and len(stats["std"]) == 3
     assert cfg.augment.name == "imagenet" and "augment=imagenet (flip 0.5) for that size" in line
@@ -66,17 +73,25 @@ def test_large_rgb_photos_get_imagenet_style_defaults(tmp_path):
 def test_small_grey_images_get_the_small_preset_and_overrides_win(tiny_data):
     manifest = load_manifest(tiny_data["train"])
     cfg = composed(f"data.train={tiny_data['train']}", f"data.test={tiny_data['test']}")
-    line = settle_data_settings(cfg, manifest, None)
+    line = settle(cfg, manifest)
     assert (cfg.data.channels, cfg.data.image_size, cfg.augment.name) == (1, 28, "small")
     assert (cfg.augment.pad, cfg.augment.flip) == (4, 0.5) and "pad 4, flip 0.5" in line
     # what a user sets is kept: no flip (digits), RGB decoding (the grey mean repeated), another size
     cfg = composed(f"data.train={tiny_data['train']}", f"data.test={tiny_data['test']}", "augment.flip=0",
                    "data.channels=3", "data.image_size=32")
-    settle_data_settings(cfg, manifest, None)
+    settle(cfg, manifest)
     assert cfg.augment.flip == 0 and cfg.data.image_size == 32 and list(cfg.data.mean) == manifest.stats["mean"] * 3
     cfg = composed(f"data.train={tiny_data['train']}", f"data.test={tiny_data['test']}", "augment=none")
-    settle_data_settings(cfg, manifest, None)
+    settle(cfg, manifest)
     assert cfg.augment.name == "none"
+
+
+def test_settling_returns_the_values_and_leaves_the_config_as_it_is(tiny_data):
+    cfg = composed(f"data.train={tiny_data['train']}", f"data.test={tiny_data['test']}")
+    settings = settle_data_settings(cfg, load_manifest(tiny_data["train"]), None)
+    assert (settings.channels, settings.image_size, settings.augment["name"], settings.augment["pad"]) == (
+        1, 28, "small", 4)
+    assert (cfg.data.channels, cfg.data.image_size, cfg.augment.name, cfg.augment.pad) == ("auto",) * 4
 
 
 def test_tiny_solid_colour_images_keep_a_shift_and_a_usable_std(tmp_path):
@@ -88,13 +103,13 @@ def test_tiny_solid_colour_images_keep_a_shift_and_a_usable_std(tmp_path):
     records, classes = folder_records(tmp_path / "src")
     stats = write_shards(records, classes, tmp_path / "shards", progress=False).stats
     cfg = composed("data=images", f"data.train={tmp_path / 'shards'}", f"data.test={tmp_path / 'shards'}")
-    line = settle_data_settings(cfg, load_manifest(tmp_path / "shards"), None)
+    line = settle(cfg, load_manifest(tmp_path / "shards"))
     assert (cfg.data.image_size, cfg.augment.name, cfg.augment.pad) == (8, "small", 1) and "pad 1" in line
     # two solid greys 4 levels apart: std 2/255, which would scale the pixels up 128x; floored at 0.05
     assert stats["std"][0] == pytest.approx(2 / 255, abs=1e-4) and cfg.data.std == [0.05]
     cfg = composed("data=images", f"data.train={tmp_path / 'shards'}", f"data.test={tmp_path / 'shards'}",
                    "augment=small", "augment.pad=2")
-    settle_data_settings(cfg, load_manifest(tmp_path / "shards"), None)
+    settle(cfg, load_manifest(tmp_path / "shards"))
     assert cfg.augment.pad == 2
 
 
@@ -106,7 +121,7 @@ def test_shards_without_statistics_are_measured_at_start(tiny_data, tmp_path):
     del raw["stats"]  # as written by another tool, or by recog before it recorded them
     (tmp_path / "train" / "manifest.json").write_text(json.dumps(raw))
     cfg = composed(f"data.train={tmp_path / 'train'}", f"data.test={tiny_data['test']}")
-    settle_data_settings(cfg, load_manifest(tmp_path / "train"), None)
+    settle(cfg, load_manifest(tmp_path / "train"))
     full = load_manifest(tiny_data["train"]).stats
     assert (cfg.data.channels, cfg.data.image_size) == (1, 28)
     assert cfg.data.mean[0] == pytest.approx(full["mean"][0], abs=0.02)

@@ -1,4 +1,4 @@
-"""Epochs that do not depend on the world size (recog.data.plan's parts and steps, the P×K sampler's schedule),
+"""Epochs that do not depend on the world size (recog.data.plan's micro-batches and steps, the P×K sampler's schedule),
 tested with explicit ranks and loader workers: no processes. A run stopped after any step and continued on
 another number of ranks, or of loader workers, sees every sample of the epoch exactly once."""
 
@@ -7,11 +7,11 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from recog.data.plan import PartPlan, epoch_steps, mark_done, rank_parts, worker_steps
-from recog.sampler import DistributedBatchSampler
+from recog.data.plan import MicroBatchPlan, epoch_steps, mark_done, rank_micro_batches, worker_steps
+from recog.data.sampler import DistributedBatchSampler
 
 SIZES = [100, 7, 250, 0, 31, 99, 64]  # 551 samples in uneven shards, one empty
-PARTS, BATCH, BLOCK = 4, 16, 40  # global batch 64; shuffle blocks of 48 (40 rounded up to whole batches)
+MICRO_BATCHES, BATCH, BLOCK = 4, 16, 40  # global batch 64; shuffle blocks of 48 (40 rounded up to whole batches)
 
 
 def loader_order(steps: int, workers: int, done=()) -> list[int]:
@@ -27,11 +27,11 @@ def loader_order(steps: int, workers: int, done=()) -> list[int]:
 
 
 def step_samples(epoch: int, step: int, world: int) -> list[tuple[int, int]]:
-    """Step `step`'s global batch as the ranks of `world` read it: each rank its parts, ranks in order."""
-    plans = {part: PartPlan.make(SIZES, part, PARTS, batch_size=BATCH, block=BLOCK, epoch=epoch, seed=3)
-             for part in range(PARTS)}
-    return [x for rank in range(world) for part in rank_parts(PARTS, rank, world)
-            for x in plans[part].step_samples(step)]
+    """Step `step`'s global batch as the ranks of `world` read it: each rank its micro-batches, ranks in order."""
+    plans = {m: MicroBatchPlan.make(SIZES, m, MICRO_BATCHES, batch_size=BATCH, block=BLOCK, epoch=epoch, seed=3)
+             for m in range(MICRO_BATCHES)}
+    return [x for rank in range(world) for m in rank_micro_batches(MICRO_BATCHES, rank, world)
+            for x in plans[m].step_samples(step)]
 
 
 def everything() -> Counter:
@@ -40,11 +40,12 @@ def everything() -> Counter:
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_every_world_size_reads_the_same_global_batches_each_sample_once(world):
-    steps = epoch_steps(sum(SIZES), PARTS, BATCH)
+    steps = epoch_steps(sum(SIZES), MICRO_BATCHES, BATCH)
     assert steps == 9  # ceil(ceil(551 / 4) / 16)
-    assert sorted(p for r in range(world) for p in rank_parts(PARTS, r, world)) == list(range(PARTS))
+    read = sorted(m for r in range(world) for m in rank_micro_batches(MICRO_BATCHES, r, world))
+    assert read == list(range(MICRO_BATCHES))
     batches = [step_samples(1, s, world) for s in range(steps)]
-    assert batches == [step_samples(1, s, 4) for s in range(steps)]  # world size 4, one part per rank
+    assert batches == [step_samples(1, s, 4) for s in range(steps)]  # world size 4, one micro-batch per rank
     assert Counter(x for b in batches for x in b) == everything()
 
 
@@ -53,7 +54,7 @@ def test_every_world_size_reads_the_same_global_batches_each_sample_once(world):
 @pytest.mark.parametrize("stop_after", [0, 1, 4, 8])
 def test_a_new_world_size_mid_epoch_reads_each_remaining_sample_once(before, after, workers_before,
                                                                       workers_after, stop_after):
-    steps = epoch_steps(sum(SIZES), PARTS, BATCH)
+    steps = epoch_steps(sum(SIZES), MICRO_BATCHES, BATCH)
     first = loader_order(steps, workers_before)[:stop_after]
     done = []
     for step in first:
@@ -68,7 +69,8 @@ def test_a_new_world_size_mid_epoch_reads_each_remaining_sample_once(before, aft
 
 
 def test_a_short_last_step_and_the_shuffle():
-    plans = [PartPlan.make(SIZES, p, PARTS, batch_size=BATCH, block=BLOCK, epoch=0, seed=3) for p in range(PARTS)]
+    plans = [MicroBatchPlan.make(SIZES, m, MICRO_BATCHES, batch_size=BATCH, block=BLOCK, epoch=0, seed=3)
+             for m in range(MICRO_BATCHES)]
     assert [len(p) for p in plans] == [138, 138, 138, 137]
     assert [len(plans[0].step_samples(s)) for s in range(9)] == [16] * 8 + [10]
     in_order = [(p.shard, i) for piece in plans[0].pieces for p in [piece] for i in range(p.start, p.stop)]
@@ -79,14 +81,15 @@ def test_a_short_last_step_and_the_shuffle():
 LABELS = np.repeat(np.arange(12), [40, 3, 25, 60, 1, 18, 33, 9, 50, 12, 27, 44])
 
 
-def pk_steps(world: int, done=(), parts=4) -> dict[int, list[int]]:
+def pk_steps(world: int, done=(), micro_batches=4) -> dict[int, list[int]]:
     """Each step not in `done` as the ranks of `world` make it: their indices, ranks in order."""
     out: dict[int, list[int]] = {}
     for rank in range(world):
-        sampler = DistributedBatchSampler(LABELS, 3, 2, rank=rank, world_size=world, seed=1, parts=parts)
+        sampler = DistributedBatchSampler(LABELS, 3, 2, rank=rank, world_size=world, seed=1,
+                                          micro_batches=micro_batches)
         sampler.set_epoch(5, done)
-        for step, part_indices in sampler:
-            out.setdefault(step, []).extend(i for indices in part_indices for i in indices)
+        for step, micro_batch_indices in sampler:
+            out.setdefault(step, []).extend(i for indices in micro_batch_indices for i in indices)
     return out
 
 
@@ -112,18 +115,18 @@ def settings(**kw):
 
 
 def test_the_global_batch_is_kept_across_world_sizes_where_it_can_be(caplog):
-    from recog.config import global_batch_parts
+    from recog.config import global_batch_micro_batches
     from recog.errors import ConfigError
 
-    assert global_batch_parts(settings(), 2) == (32, 2)  # batch_size x world size
-    assert global_batch_parts(settings(), 1, saved={"global_batch": 64}) == (64, 4)  # a restart keeps its own
-    assert global_batch_parts(settings(global_batch=128), 1, saved={"global_batch": 64}) == (128, 8)
-    # a restart on more processes than the checkpoint's parts: this run's own, said once
-    assert global_batch_parts(settings(), 8, saved={"global_batch": 64}) == (128, 8)
+    assert global_batch_micro_batches(settings(), 2) == (32, 2)  # batch_size x world size
+    assert global_batch_micro_batches(settings(), 1, saved={"global_batch": 64}) == (64, 4)  # a restart keeps its own
+    assert global_batch_micro_batches(settings(global_batch=128), 1, saved={"global_batch": 64}) == (128, 8)
+    # a restart on more processes than the checkpoint's micro-batches: this run's own, said once
+    assert global_batch_micro_batches(settings(), 8, saved={"global_batch": 64}) == (128, 8)
     assert "cannot be split" in caplog.text
     with pytest.raises(ConfigError, match="global_batch=40 is not a multiple of batch_size=16"):
-        global_batch_parts(settings(global_batch=40), 1)
+        global_batch_micro_batches(settings(global_batch=40), 1)
     with pytest.raises(ConfigError, match="fewer than the 4 processes"):
-        global_batch_parts(settings(global_batch=32), 4)
+        global_batch_micro_batches(settings(global_batch=32), 4)
     with pytest.raises(ConfigError, match="loss.cross_rank=true"):
-        global_batch_parts(settings(global_batch=64, loss={"cross_rank": True}), 2)
+        global_batch_micro_batches(settings(global_batch=64, loss={"cross_rank": True}), 2)

@@ -26,7 +26,7 @@ def loss_curve(run_dir) -> dict[int, float]:
 
 def parameter_difference(a, b) -> float:
     """Largest |difference| of the models' parameters (BatchNorm's running statistics, used only when
-    evaluating, follow rank 0's parts under DDP and so differ by design)."""
+    evaluating, follow rank 0's micro-batches under DDP and so differ by design)."""
     x, y = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
     return max((x[k] - y[k]).abs().max().item() for k in x if "running" not in k and "num_batches" not in k)
 
@@ -73,11 +73,11 @@ def kill_machine(agent: subprocess.Popen) -> None:
 
 
 def test_losing_one_of_two_agents_mid_epoch_finishes_on_the_survivor_as_if_nothing_happened(tiny_data, tmp_path):
-    """Two agents, one process each, global batch 64 (4 parts of 16), checkpoints every 2 steps. One agent (not
+    """Two agents, one process each, global batch 64 (4 micro-batches of 16), checkpoints every 2 steps. One agent (not
     the one hosting the rendezvous store) is killed during epoch 2; the survivor's worker stops (its peer went
     away), torchrun starts it again in a group of one, and it continues from the last checkpoint with the same
     global batches: its first steps there give the uninterrupted run's losses to float precision; after that,
-    the order of float additions (one process sums the 4 parts, two sum 2 each and all-reduce) differs by a
+    the order of float additions (one process sums the 4 micro-batches, two sum 2 each and all-reduce) differs by a
     rounding, which training magnifies step by step as it does any rounding: the bound is set against a run on
     one process from the start, which differs from the reference in that way alone."""
     common = tiny_args(tiny_data, epochs=3, batch_size=16, global_batch=64, log_every=1,

@@ -247,7 +247,7 @@ def damaged_shards(tmp_path_factory) -> Path:
 
 def stream(shards: Path, parts: list[Part], strict: bool = False) -> PartStream:
     manifest = load_manifest(shards)
-    pieces = rank_pieces(manifest.shard_sizes, 0, 1, shuffle=False, pad=False)
+    pieces = rank_pieces(manifest.shard_sizes, 0, 1, shuffle=False)
     return PartStream(manifest, pieces, parts, batch_size=4, preprocess=Preprocess(28), channels=1, strict=strict)
 
 

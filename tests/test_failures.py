@@ -254,7 +254,7 @@ def test_fewer_training_samples_than_processes_is_named_not_called_damage(tiny_d
 
     tiny_split(tmp_path / "one", "train", 1, 1)
     run = Run(tiny_args(tiny_data, **{"data.train": tmp_path / "one"}), tmp_path).finish()
-    one_sentence(run, "holds 1 training sample(s), fewer than the 2 parts")
+    one_sentence(run, "holds 1 training sample(s), fewer than the 2 micro-batches")
     assert "rank 1 would have none; train on at most 1 process(es)" in run.errors()[0]
 
 

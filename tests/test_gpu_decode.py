@@ -173,9 +173,9 @@ def epoch_batches(cfg, epochs: int = 1) -> list[Batch]:
     ["data.num_workers=0"],  # two epochs: the second from the encoded bytes kept in memory
     ["data.num_workers=1", "data.keep_decoded_mb=0"],  # EncodedImages through a worker process
     ["data.num_workers=0", "sampler=pk", "sampler.p=2", "sampler.k=3"],
-    ["data.num_workers=1", "data.keep_decoded_mb=0", "global_batch=24"],  # 3 parts a step, decoded part by part
+    ["data.num_workers=1", "data.keep_decoded_mb=0", "global_batch=24"],  # 3 micro-batches a step, decoded one by one
     ["data.num_workers=0", "sampler=pk", "sampler.p=2", "sampler.k=3", "global_batch=12"],
-], ids=["stream", "stream-worker", "pk", "stream-3-parts", "pk-2-parts"])
+], ids=["stream", "stream-worker", "pk", "stream-3-micro-batches", "pk-2-micro-batches"])
 def test_gpu_decode_on_a_cpu_device_gives_the_batches_of_cpu_decode(jpeg_shards, overrides):
     epochs = 2 if overrides == ["data.num_workers=0"] else 1
     torch.manual_seed(0)

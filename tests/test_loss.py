@@ -13,7 +13,8 @@ from conftest import ROOT
 from hydra import compose, initialize_config_dir
 
 from recog.build import build_data, build_loss, build_recipe
-from recog.config import check_config
+from recog.config import check_against_data, check_config
+from recog.data.manifest import load_manifest
 from recog.dist import Dist
 from recog.errors import ConfigError
 from recog.loss import RecognitionLoss, additive_angular_margin
@@ -145,8 +146,8 @@ def test_a_proxy_losss_parameters_change_in_one_step_at_their_own_lr(tiny_data):
     torch.manual_seed(0)
     data = build_data(cfg, one)
     recipe = build_recipe(cfg, one, data)
-    assert cfg.loss.metric.num_classes == 10  # auto: the shards' classes, in the config every checkpoint keeps
     proxies = recipe.loss_fn.metric.proxies
+    assert proxies.shape[0] == 10 and cfg.loss.metric.num_classes == "auto"  # the shards' classes; cfg as given
     before = proxies.detach().clone()
     groups = recipe.optimizer.param_groups
     assert len(groups) == 2 and groups[1]["params"] == [proxies]
@@ -159,13 +160,19 @@ def test_a_proxy_losss_parameters_change_in_one_step_at_their_own_lr(tiny_data):
     assert recipe.model.state_dict().keys() == plain.keys()  # what weights= and exports read: no proxies
 
 
-def test_a_proxy_loss_refuses_cross_rank_mining_and_a_zero_weight_drops_the_term():
+def test_a_proxy_loss_refuses_cross_rank_mining_and_a_zero_weight_drops_the_term(tiny_data):
+    paths = f"data.train={tiny_data['train']}", f"data.test={tiny_data['test']}"
+    rng = torch.random.get_rng_state()
     with pytest.raises(ConfigError, match="loss.cross_rank=true .*ProxyAnchorLoss"):
-        loss_from_config("ce_proxyanchor", "loss.cross_rank=true")
+        check_config(composed(*paths, "loss=ce_proxyanchor", "loss.cross_rank=true", "sampler=pk"))
+    assert torch.equal(torch.random.get_rng_state(), rng)  # the stand-in loss drew its proxies off the record
+    check_config(composed(*paths, "loss=ce_triplet", "loss.cross_rank=true", "sampler=pk"))  # no parameters: fine
     # weight 0: no term, no parameters (DDP would wait forever for their gradients)
     assert not list(loss_from_config("ce_proxyanchor", "loss.metric_weight=0").parameters())
-    with pytest.raises(ConfigError, match="num_classes=5 but the training shards have 3 classes"):
-        loss_from_config("ce_proxyanchor", "loss.metric.num_classes=5")
+    manifest = load_manifest(tiny_data["train"])
+    with pytest.raises(ConfigError, match="num_classes=5 but the training shards have 10 classes"):
+        check_against_data(composed(*paths, "loss=ce_proxyanchor", "loss.metric.num_classes=5"), manifest,
+                           manifest, None, micro_batches=1, world_size=1)
 
 
 def test_an_empty_batch_gives_the_losss_parameters_a_zero_gradient():

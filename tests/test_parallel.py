@@ -24,7 +24,7 @@ def config(*overrides):
 def test_accumulating_4_batches_equals_one_step_on_the_4x_batch():
     ctx = dist.Dist(0, 0, 1, 1, torch.device("cpu"), None)
     assert accumulation_max_difference(ctx) < 1e-6
-    # and the check can fail: without dividing each part's loss by the rank's share of the global batch the
+    # and the check can fail: without dividing each micro-batch's loss by the rank's share of the global batch the
     # step would be 4x too large
     g = torch.Generator().manual_seed(100)
     from recog.data.loader import Batch

@@ -5,8 +5,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from recog.data.sampler import DistributedBatchSampler
 from recog.errors import ConfigError
-from recog.sampler import DistributedBatchSampler
 
 # 12 classes of uneven size, two of them smaller than K
 LABELS = np.repeat(np.arange(12), [40, 3, 25, 60, 1, 18, 33, 9, 50, 12, 27, 44])
@@ -16,7 +16,7 @@ def all_ranks(world, epoch=0, p=3, k=4, seed=0):
     samplers = [DistributedBatchSampler(LABELS, p, k, rank=r, world_size=world, seed=seed) for r in range(world)]
     for s in samplers:
         s.set_epoch(epoch)
-    return [[sum(parts, []) for _, parts in s] for s in samplers]
+    return [[sum(micro_batches, []) for _, micro_batches in s] for s in samplers]
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])

@@ -20,8 +20,6 @@ from conftest import ROOT
 from identify_setup import fashion_test_images, random_checkpoint
 from PIL import Image
 
-from recog.data.manifest import INDEX, load_manifest
-from recog.data.random_access import ShardRandomAccess
 from recog.data.write import FASHION_MNIST_CLASSES
 from recog.embeddings import embed_shards
 from recog.export import export
@@ -255,20 +253,6 @@ def test_sigterm_finishes_the_requests_in_flight_then_exits(served):
         assert [r.status_code for r in responses] == [200] * len(paths), [r.text for r in responses]
         assert server.process.wait(60) == 0, server.log
         assert "stopped after 4 requests answered" in server.log
-
-
-def test_gallery_keys_are_read_from_the_tar_headers_when_the_index_predates_them(tiny_data, tmp_path):
-    folder = tmp_path / "shards"
-    shutil.copytree(tiny_data["train"], folder)
-    with np.load(folder / INDEX) as npz:
-        arrays = {name: npz[name] for name in npz.files}
-    recorded = arrays.pop("key")
-    np.savez(folder / INDEX, **arrays)
-    old = ShardRandomAccess(load_manifest(folder))
-    new = ShardRandomAccess(load_manifest(tiny_data["train"]))
-    assert old.keys().tolist() == recorded.tolist() == new.keys().tolist()
-    assert len(set(recorded.tolist())) == 1000
-    assert Image.open(io.BytesIO(old.read_bytes(5))).size == (28, 28)
 
 
 def browser_path() -> str | None:

@@ -1,6 +1,6 @@
 """One rank's samples for `python -m recog.embed`, cut into parts and read in data-loader workers.
 
-The rank's samples are the evaluation split (`plan.rank_pieces` with `pad=False`, no shuffle): every
+The rank's samples are the evaluation split (`plan.rank_pieces`, no shuffle): every
 sample of the shards on exactly one rank, in the shards' order. They are cut into parts of `part_size`
 consecutive *slots* (planned samples, readable or not): a part covers the same samples whatever was
 written before, so a restarted run knows which samples the parts on disk hold and reads only the others.

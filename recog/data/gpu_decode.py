@@ -134,24 +134,26 @@ class DecodeOnDevice:
 
     def __call__(self, batch: Batch) -> Batch:
         if isinstance(batch.images, EncodedImages):
-            return self.decode_part(batch)
-        # several parts of one step (recog.data.plan): each decoded with its own seed, then joined again
-        parts = [self.decode_part(Batch(images, labels, 0)) for images, labels in
-                 zip(batch.images, batch.labels.split(list(batch.sizes)))]
-        joined = join_batches(parts)
+            return self.decode_micro_batch(batch)
+        # several micro-batches of one step (recog.data.plan): each decoded with its own seed, then joined again
+        micro_batches = [self.decode_micro_batch(Batch(images, labels, 0)) for images, labels in
+                         zip(batch.images, batch.labels.split(list(batch.sizes)))]
+        joined = join_batches(micro_batches)
         return batch._replace(images=joined.images, labels=joined.labels, skipped=batch.skipped + joined.skipped,
-                              sizes=joined.sizes, warnings=(*batch.warnings, *(w for p in parts for w in p.warnings)))
+                              sizes=joined.sizes,
+                              warnings=(*batch.warnings, *(w for m in micro_batches for w in m.warnings)))
 
-    def decode_part(self, batch: Batch) -> Batch:
+    def decode_micro_batch(self, batch: Batch) -> Batch:
         encoded: EncodedImages = batch.images
-        parts = encoded.unpack()
-        if not self.told_not_jpeg and not all(is_jpeg(data) for data in parts):
+        encoded_images = encoded.unpack()
+        if not self.told_not_jpeg and not all(is_jpeg(data) for data in encoded_images):
             self.told_not_jpeg = True
             log.warning("data.decode=gpu: some training images are not JPEGs (PNG, WebP); the training process "
                         "decodes those on its CPU, one at a time (data.decode=cpu decodes them in the loader workers)")
         with torch.random.fork_rng(devices=[]):  # the training process's own RNG is left as it was
             torch.manual_seed(encoded.seed)
-            images, labels, failed = decode_batch(parts, batch.labels, self.device, self.transform, self.channels)
+            images, labels, failed = decode_batch(encoded_images, batch.labels, self.device, self.transform,
+                                                  self.channels)
         bad = [(encoded.names[i] if encoded.names else f"#{i} of a batch", why) for i, why in failed.items()]
         if bad and self.strict:
             raise DataError(f"sample {bad[0][0]} could not be decoded ({bad[0][1]}); fix it or set data.strict=false.")

@@ -2,7 +2,7 @@
 
 A batch (`Batch`) carries its images, labels, the count of samples that could not be read, the worker
 that made it, the warnings the worker logged since its last batch, and for training the step of the epoch
-it belongs to (what the training loop marks done: the mid-epoch position) and its parts' sizes.
+it belongs to (what the training loop marks done: the mid-epoch position) and its micro-batches' sizes.
 """
 
 from __future__ import annotations
@@ -32,12 +32,13 @@ class Batch(NamedTuple):
     worker: int = 0  # the data-loader worker that made it
     warnings: tuple[str, ...] = ()  # logged in a data-loader worker since the last batch: see WorkerWarnings
     step: int = -1  # training: the step of the epoch it is for (recog.data.plan), what the loop marks done
-    sizes: tuple[int, ...] = ()  # training: the images of each of the rank's parts, in order; () one part
+    sizes: tuple[int, ...] = ()  # training: the images of each of the rank's micro-batches, in order; () one
 
 
 def join_batches(batches: list[Batch]) -> Batch:
-    """One step's batches of several parts, one after another; `sizes` says where each ends. Encoded images
-    (data.decode=gpu) stay one object per part: a tuple of them, decoded part by part in the training process."""
+    """One step's batches of several micro-batches, one after another; `sizes` says where each ends. Encoded
+    images (data.decode=gpu) stay one object per micro-batch: a tuple of them, decoded one by one in the training
+    process."""
     if len(batches) == 1:
         return batches[0]
     if not isinstance(batches[0].images, torch.Tensor):

@@ -1,9 +1,10 @@
 """Read a shard's samples by the offsets its index records, in a few large reads, instead of tar header by header.
 
-`index.npz` (written with the shards) holds each image's offset and size in its tar and its label. A piece
-of a shard is then read in sequential reads of up to `CHUNK` bytes and sliced there: on local disk and from
-the node cache a seek and a read per chunk; on an HTTP stream the bytes before the first wanted one are read
-and dropped (a stream cannot seek). Python's tarfile costs ~50-130 µs per member; this costs a few µs.
+`index.npz` (written with the shards, loaded by `load_index`; random access reads it too) holds each image's
+offset and size in its tar, its label and its key. A piece of a shard is then read in sequential reads of up
+to `CHUNK` bytes and sliced there: on local disk and from the node cache a seek and a read per chunk; on an
+HTTP stream the bytes before the first wanted one are read and dropped (a stream cannot seek). Python's
+tarfile costs ~50-130 µs per member; this costs a few µs.
 
 Each sample's own tar header (the 512 bytes before its image) is read with it and must name an image of the
 recorded size; the key is taken from it. A shard rewritten after its index was written (other offsets) fails
@@ -12,6 +13,7 @@ that check: `IndexMismatch`, and the caller reads the shard through its tar head
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 from collections.abc import Iterator
@@ -22,8 +24,8 @@ import numpy as np
 
 from recog.data.decode import IMAGE_KEYS
 from recog.data.manifest import Manifest
-from recog.data.random_access import load_index, manifest_positions
-from recog.data.source import ShardSource
+from recog.data.source import ShardSource, join
+from recog.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,21 @@ BLOCK = 512  # a tar block: each member's header is one
 # then the slice), which for 100 KB photos costs more than the two extra reads. Smaller ones come in chunks.
 ON_ITS_OWN = 32 << 10
 NAME = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # key and extension, split as webdataset splits them
+
+
+def load_index(manifest: Manifest, source: ShardSource) -> dict[str, np.ndarray]:
+    """The shards' index.npz, as arrays: shard, offset, size, label and key of every sample, and shard_names."""
+    if not manifest.index:
+        raise ConfigError(f"the shards at {manifest.root} have no index.npz (written by another tool); write them "
+                          "again with `python -m recog.data write ...` to read them by index (sampler=pk).")
+    with np.load(io.BytesIO(source.read_bytes(join(manifest.root, manifest.index))), allow_pickle=False) as npz:
+        return {key: npz[key] for key in npz.files}
+
+
+def manifest_positions(manifest: Manifest, index: dict[str, np.ndarray]) -> np.ndarray:
+    """For each shard the index lists, its position in the manifest, or -1 where a brace pattern left it out."""
+    position = {s.name: i for i, s in enumerate(manifest.shards)}
+    return np.array([position.get(str(n), -1) for n in index["shard_names"]], dtype=np.int64)
 
 
 class IndexMismatch(Exception):
@@ -146,15 +163,15 @@ def _member(header: memoryview, size: int) -> tuple[str, str]:
 
 
 def _read_exactly(stream: BinaryIO, n: int) -> bytes:
-    parts, left = [], n
-    while left > 0 and (part := stream.read(left)):
-        parts.append(part)
-        left -= len(part)
-    return b"".join(parts)
+    chunks, left = [], n
+    while left > 0 and (chunk := stream.read(left)):
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 def _discard(stream: BinaryIO, n: int) -> None:
-    while n > 0 and (part := stream.read(min(n, 1 << 20))):
-        n -= len(part)
+    while n > 0 and (chunk := stream.read(min(n, 1 << 20))):
+        n -= len(chunk)
     if n > 0:
         raise EOFError("the shard ends before the first wanted sample")

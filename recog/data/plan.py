@@ -1,32 +1,21 @@
 """Which samples each rank and each data-loader worker reads in an epoch. Pure functions.
 
-Training epochs (`PartPlan`, `rank_parts`, `worker_steps`) do not depend on the world size: an epoch's
-shard stream is cut into `parts` contiguous stretches (parts = global batch / batch size, fixed for a run),
-and each step takes one batch from every part. Which part's batch a sample lands in, in which step, and how
-it is augmented, follow from (seed, epoch, part, step) alone; the world size only decides which rank reads
-which parts (`rank_parts`), and the loader workers which steps (`worker_steps`). So a run resumed on another
+Training epochs (`MicroBatchPlan`, `rank_micro_batches`, `worker_steps`) do not depend on the world size: a
+step's global batch is cut into `micro_batches` forward passes (global batch / batch size, fixed for a run),
+and an epoch's shard stream into as many contiguous stretches, one per micro-batch; each step takes one batch
+from every stretch. Which micro-batch a sample lands in, in which step, and how it is augmented, follow from
+(seed, epoch, micro-batch, step) alone; the world size only decides which rank reads which micro-batches
+(`rank_micro_batches`), and the loader workers which steps (`worker_steps`). So a run resumed on another
 number of ranks continues the same epoch with every remaining sample seen exactly once, in the same global
-batches. Each part is read as one long sequential stretch (a rank holding one part reads what it read before
-parts existed), shuffled in blocks of `block` samples (a multiple of the batch size, so that no batch
-straddles two blocks).
+batches. Each micro-batch's stretch is read sequentially, shuffled in blocks of `block` samples (a multiple
+of the batch size, so that no batch straddles two blocks).
 
-Evaluation (and `rank_pieces` in general) splits the stream among the ranks directly:
-
-1. The shard order is shuffled from (seed, epoch), the same on every rank.
-2. The shards, in that order, form one stream of N samples; rank r takes the
-   r-th contiguous slice of ceil(N / world_size) samples. When N does not divide,
-   the last slice wraps around to the start of the stream, so the first
-   `world_size * ceil(N / world_size) - N` samples are read twice in that epoch
-   (fewer than world_size samples: nothing is dropped and no rank runs out early).
-3. Every rank therefore has the same number of samples, hence the same number
-   of batches: ceil(ceil(N / world_size) / batch_size) steps per epoch.
-4. A rank's batches are dealt to its data-loader workers in contiguous blocks,
-   so each worker reads a few consecutive shard ranges sequentially.
-
-A slice boundary may fall inside a shard: that shard is then read by two ranks,
-each taking its own range of samples. For evaluation (`pad=False`) the slices
-differ in size by at most one sample and nothing repeats: every test sample is
-counted exactly once.
+Evaluation (`rank_pieces`) splits the stream among the ranks directly: the shards, in their order (training
+shuffles it from seed and epoch), form one stream, and rank r takes its r-th contiguous slice. The slices
+differ in size by at most one sample and nothing repeats: every test sample is counted exactly once. A slice
+boundary may fall inside a shard: that shard is then read by two ranks, each taking its own range of samples.
+A rank's batches are dealt to its data-loader workers in contiguous blocks (`worker_pieces`), so each worker
+reads a few consecutive shard ranges sequentially.
 """
 
 from __future__ import annotations
@@ -71,56 +60,39 @@ def samples_per_rank(num_samples: int, world_size: int) -> int:
     return math.ceil(num_samples / world_size)
 
 
-def rank_pieces(
-    shard_sizes: Sequence[int],
-    rank: int,
-    world_size: int,
-    *,
-    epoch: int = 0,
-    seed: int = 0,
-    shuffle: bool = True,
-    pad: bool = True,
-) -> list[Piece]:
-    """The samples rank `rank` reads this epoch (see the module docstring for the rule)."""
+def rank_pieces(shard_sizes: Sequence[int], rank: int, world_size: int, *, epoch: int = 0, seed: int = 0,
+                shuffle: bool = True) -> list[Piece]:
+    """Rank `rank`'s contiguous slice of the epoch's stream (see the module docstring): the slices differ in
+    size by at most one sample, and nothing repeats."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
     order = shard_order(len(shard_sizes), epoch=epoch, seed=seed, shuffle=shuffle)
     stream = [Piece(s, 0, shard_sizes[s]) for s in order if shard_sizes[s] > 0]
-    total = sum(len(p) for p in stream)
-    if total == 0:
-        return []
-    if not pad:
-        base, extra = divmod(total, world_size)
-        start = rank * base + min(rank, extra)
-        return slice_pieces(stream, start, start + base + (rank < extra))
-    per_rank = samples_per_rank(total, world_size)
-    pieces, position, needed = [], rank * per_rank % total, per_rank
-    while needed:  # past the end of the stream, wrap around to its start
-        take = min(needed, total - position)
-        pieces += slice_pieces(stream, position, position + take)
-        needed, position = needed - take, 0
-    return pieces
+    base, extra = divmod(sum(len(p) for p in stream), world_size)
+    start = rank * base + min(rank, extra)
+    return slice_pieces(stream, start, start + base + (rank < extra))
 
 
-def rank_parts(parts: int, rank: int, world_size: int) -> range:
-    """The parts that rank `rank` reads at every step: a contiguous run of them (neighbouring parts are
-    neighbouring stretches of the stream), as even as the numbers allow; none if world_size > parts."""
+def rank_micro_batches(micro_batches: int, rank: int, world_size: int) -> range:
+    """The micro-batches that rank `rank` reads at every step: a contiguous run of them (neighbouring ones are
+    neighbouring stretches of the stream), as even as the numbers allow; none if world_size > micro_batches."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
-    return range(rank * parts // world_size, (rank + 1) * parts // world_size)
+    return range(rank * micro_batches // world_size, (rank + 1) * micro_batches // world_size)
 
 
-def ranks_without_samples(num_samples: int, parts: int, world_size: int) -> list[int]:
-    """The ranks none of whose parts holds a sample of a training epoch. Parts differ by at most one sample, so
-    with fewer samples than parts the last `parts - num_samples` are empty, and a rank holding only those would
-    have nothing to train on from its first step."""
-    return [rank for rank in range(world_size) if all(part >= num_samples for part in rank_parts(parts, rank,
-                                                                                                  world_size))]
+def ranks_without_samples(num_samples: int, micro_batches: int, world_size: int) -> list[int]:
+    """The ranks none of whose micro-batches holds a sample of a training epoch. Their stretches differ by at most
+    one sample, so with fewer samples than micro-batches the last `micro_batches - num_samples` are empty, and a
+    rank holding only those would have nothing to train on from its first step."""
+    return [rank for rank in range(world_size)
+            if all(m >= num_samples for m in rank_micro_batches(micro_batches, rank, world_size))]
 
 
-def epoch_steps(num_samples: int, parts: int, batch_size: int) -> int:
-    """Steps of a training epoch: the largest part's batches (parts differ by at most one sample)."""
-    return max(1, num_batches(samples_per_rank(num_samples, parts), batch_size))
+def epoch_steps(num_samples: int, micro_batches: int, batch_size: int) -> int:
+    """Steps of a training epoch: the batches of the largest micro-batch's stretch (they differ by at most one
+    sample)."""
+    return max(1, num_batches(samples_per_rank(num_samples, micro_batches), batch_size))
 
 
 def shuffle_block(block: int, batch_size: int) -> int:
@@ -129,21 +101,22 @@ def shuffle_block(block: int, batch_size: int) -> int:
 
 
 @dataclass(frozen=True)
-class PartPlan:
-    """Part `part` of `parts` of a training epoch: its stretch of the shard stream (`pieces`), shuffled in
-    blocks of `block` samples, cut into batches of `batch_size`. Steps past its end have empty batches."""
+class MicroBatchPlan:
+    """Micro-batch `micro_batch` of `micro_batches` of a training epoch: its stretch of the shard stream
+    (`pieces`), shuffled in blocks of `block` samples, cut into batches of `batch_size`, one a step. Steps past
+    its end have empty batches."""
 
     pieces: tuple[Piece, ...]
-    part: int
+    micro_batch: int
     batch_size: int
     block: int
     key: str  # the shuffle's seed: "seed/epoch"
 
     @classmethod
-    def make(cls, shard_sizes: Sequence[int], part: int, parts: int, *, batch_size: int, block: int, epoch: int,
-             seed: int) -> PartPlan:
-        pieces = rank_pieces(shard_sizes, part, parts, epoch=epoch, seed=seed, shuffle=True, pad=False)
-        return cls(tuple(pieces), part, batch_size, shuffle_block(block, batch_size), f"{seed}/{epoch}")
+    def make(cls, shard_sizes: Sequence[int], micro_batch: int, micro_batches: int, *, batch_size: int, block: int,
+             epoch: int, seed: int) -> MicroBatchPlan:
+        pieces = rank_pieces(shard_sizes, micro_batch, micro_batches, epoch=epoch, seed=seed, shuffle=True)
+        return cls(tuple(pieces), micro_batch, batch_size, shuffle_block(block, batch_size), f"{seed}/{epoch}")
 
     def __len__(self) -> int:
         return sum(len(p) for p in self.pieces)
@@ -161,7 +134,7 @@ class PartPlan:
     def block_order(self, block: int) -> list[int]:
         """Block `block`'s positions (0 = its first sample in the stream) in shuffled order."""
         order = list(range(self.block_length(block)))
-        random.Random(f"samples/{self.key}/{self.part}/{block}").shuffle(order)
+        random.Random(f"samples/{self.key}/{self.micro_batch}/{block}").shuffle(order)
         return order
 
     def step_slice(self, step: int) -> slice:
@@ -178,7 +151,7 @@ class PartPlan:
 
 def worker_steps(steps: int, worker: int, num_workers: int, done: Sequence[Sequence[int]] = ()) -> list[int]:
     """The steps data-loader worker `worker` makes: a contiguous block of the epoch's steps (the workers read
-    apart, each its own stretch of every part), less those trained on already (`done`: [start, stop) ranges).
+    apart, each its own stretch of every micro-batch), less those trained on already (`done`: [start, stop) ranges).
 
     The loader takes one step from each worker in turn, so the training order interleaves the blocks. After
     `len(done)` steps the next one is due from block `len(done) % num_workers`: a resumed loader, which starts
@@ -210,15 +183,14 @@ def count_done(done: Sequence[Sequence[int]]) -> int:
     return sum(stop - start for start, stop in done)
 
 
-def num_batches(num_samples: int, batch_size: int, drop_last: bool = False) -> int:
-    return num_samples // batch_size if drop_last else math.ceil(num_samples / batch_size)
+def num_batches(num_samples: int, batch_size: int) -> int:
+    """Batches of `batch_size` holding `num_samples`, the last one short."""
+    return math.ceil(num_samples / batch_size)
 
 
-def worker_pieces(
-    pieces: Sequence[Piece], batch_size: int, worker: int, num_workers: int, *, drop_last: bool = False
-) -> list[Piece]:
+def worker_pieces(pieces: Sequence[Piece], batch_size: int, worker: int, num_workers: int) -> list[Piece]:
     """Worker `worker`'s contiguous block of whole batches out of a rank's `pieces`."""
     total = sum(len(p) for p in pieces)
-    batches = num_batches(total, batch_size, drop_last)
+    batches = num_batches(total, batch_size)
     first, last = worker * batches // num_workers, (worker + 1) * batches // num_workers
     return slice_pieces(pieces, first * batch_size, min(last * batch_size, total))

@@ -3,16 +3,13 @@
 `index.npz`, written with the shards, gives each sample's shard and the offset
 and size of its image inside the tar, so a read is one seek and one read, with
 no tar parsing. Remote shards are read from the node cache (fetched on first use).
-It also records each sample's key (what `recog.serve` looks gallery images up
-by); for an index written before it did, `keys()` reads them from the tar headers.
+It also records each sample's key (what `recog.serve` looks gallery images up by).
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import os
-import tarfile
 import zlib
 from collections.abc import Callable
 
@@ -24,26 +21,13 @@ from recog.data.decode import Decode, decode_image
 from recog.data.gpu_decode import EncodedImages
 from recog.data.loader import Batch, WorkerWarnings, join_batches
 from recog.data.manifest import Manifest
-from recog.data.source import ShardSource, is_remote, join
+from recog.data.offsets import load_index, manifest_positions
+from recog.data.source import ShardSource, is_remote
 from recog.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 ALL_UNREADABLE = "every sample of a P×K batch was unreadable; the shards are damaged: write them again."
-
-
-def load_index(manifest: Manifest, source: ShardSource) -> dict[str, np.ndarray]:
-    if not manifest.index:
-        raise ConfigError(f"the shards at {manifest.root} have no index.npz (written by an older recog); write them "
-                          "again with `python -m recog.data write ...` to read them by index (sampler=pk).")
-    with np.load(io.BytesIO(source.read_bytes(join(manifest.root, manifest.index))), allow_pickle=False) as npz:
-        return {key: npz[key] for key in npz.files}
-
-
-def manifest_positions(manifest: Manifest, index: dict[str, np.ndarray]) -> np.ndarray:
-    """For each shard the index lists, its position in the manifest, or -1 where a brace pattern left it out."""
-    position = {s.name: i for i, s in enumerate(manifest.shards)}
-    return np.array([position.get(str(n), -1) for n in index["shard_names"]], dtype=np.int64)
 
 
 class ShardRandomAccess(Dataset):
@@ -61,7 +45,7 @@ class ShardRandomAccess(Dataset):
         keep = shard >= 0
         self.shard, self.offset, self.size = shard[keep], index["offset"][keep], index["size"][keep]
         self.labels = index["label"][keep]
-        self._keys = index["key"][keep] if "key" in index else None
+        self._keys = index["key"][keep]
         self.transform, self.channels, self.decode = transform, channels, decode
         self.encoded = encoded  # data.decode=gpu: a batch's encoded images, undecoded (see encoded_batch)
         self._files: dict[int, object] = {}
@@ -80,13 +64,13 @@ class ShardRandomAccess(Dataset):
         return self._files[shard]
 
     def __getitems__(self, step: tuple[int, list[list[int]]]) -> tuple[int, list]:
-        """A whole step (what the P×K sampler yields: the step and its indices, part by part; the DataLoader
-        calls this when a batch sampler is used). Augmentation is seeded from each part's indices, so a part's
-        batch looks the same after a mid-epoch resume, on any number of ranks. data.decode=gpu: each part's
+        """A whole step (what the P×K sampler yields: the step and its indices, micro-batch by micro-batch; the
+        DataLoader calls this when a batch sampler is used). Augmentation is seeded from each micro-batch's
+        indices, so it looks the same after a mid-epoch resume, on any number of ranks. data.decode=gpu: each one's
         encoded images (encoded_batch)."""
-        number, parts = step
+        number, micro_batches = step
         items = []
-        for indices in parts:
+        for indices in micro_batches:
             seed = zlib.crc32(np.asarray(indices, dtype=np.int64).tobytes())
             if self.encoded:
                 items.append(self.encoded_batch(indices, seed))
@@ -117,19 +101,6 @@ class ShardRandomAccess(Dataset):
 
     def keys(self) -> np.ndarray:
         """Every sample's key (its name in the shard, without the extension), in item order."""
-        if self._keys is None:  # an index written before it recorded them: the tar headers, in the same order
-            names: dict[int, list[str]] = {}
-            for shard in np.unique(self.shard).tolist():
-                f = self._file(shard)
-                f.seek(0)
-                with tarfile.open(fileobj=f, mode="r:") as tar:
-                    names[shard] = [m.name.split(".", 1)[0] for m in tar if not m.name.endswith(".cls")]
-            taken = dict.fromkeys(names, 0)
-            keys = []
-            for shard in self.shard.tolist():
-                keys.append(names[shard][taken[shard]])
-                taken[shard] += 1
-            self._keys = np.asarray(keys, dtype=str)
         return self._keys
 
     def read_bytes(self, i: int) -> bytes:
@@ -148,17 +119,17 @@ class ShardRandomAccess(Dataset):
 
 
 def collate(step: tuple[int, list]) -> Batch:
-    """Stack the readable items of a step's P×K batches (one per part of this rank, one after another:
+    """Stack the readable items of a step's P×K batches (one per micro-batch of this rank, one after another:
     `Batch.sizes`); unreadable ones are counted in `skipped`. Batches of encoded images (encoded_batch,
     data.decode=gpu) are joined as they are."""
-    number, parts = step
-    if all(isinstance(items, Batch) for items in parts):
-        return join_batches(parts)._replace(step=number)
-    good = [[item for item in items if item is not None] for items in parts]
+    number, micro_batches = step
+    if all(isinstance(items, Batch) for items in micro_batches):
+        return join_batches(micro_batches)._replace(step=number)
+    good = [[item for item in items if item is not None] for items in micro_batches]
     if not any(good):
         raise DataError(ALL_UNREADABLE)
     warnings = WorkerWarnings.in_this_worker()
     images = [image for items in good for image, _ in items]
     return Batch(torch.stack(images), torch.tensor([label for items in good for _, label in items]),
-                 sum(map(len, parts)) - len(images), warnings=warnings.take() if warnings else (), step=number,
+                 sum(map(len, micro_batches)) - len(images), warnings=warnings.take() if warnings else (), step=number,
                  sizes=tuple(map(len, good)) if len(good) > 1 else ())

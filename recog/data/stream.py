@@ -27,11 +27,11 @@ from recog.data.loader import Batch, WorkerWarnings, join_batches
 from recog.data.manifest import Manifest
 from recog.data.offsets import IndexMismatch, ShardOffsets, read_indexed
 from recog.data.plan import (
-    PartPlan,
+    MicroBatchPlan,
     Piece,
     epoch_steps,
     num_batches,
-    rank_parts,
+    rank_micro_batches,
     rank_pieces,
     worker_pieces,
     worker_steps,
@@ -99,11 +99,11 @@ def read_pieces(manifest: Manifest, pieces: list[Piece], strict: bool, source: S
             yield from [None] * (len(piece) - produced)
 
 
-class PartReader:
-    """One part's samples for the steps a data-loader worker makes: its blocks read in stream order (a block
-    this worker has no step in, between two it has, is read and dropped), each shuffled as its plan says."""
+class MicroBatchReader:
+    """One micro-batch's samples for the steps a data-loader worker makes: its blocks read in stream order (a
+    block this worker has no step in, between two it has, is read and dropped), each shuffled as its plan says."""
 
-    def __init__(self, plan: PartPlan, steps: Sequence[int], read: Callable[[list[Piece]], Iterator]):
+    def __init__(self, plan: MicroBatchPlan, steps: Sequence[int], read: Callable[[list[Piece]], Iterator]):
         self.plan = plan
         blocks = [plan.block_of(s) for s in steps if s * plan.batch_size < len(plan)]
         self.next_block = blocks[0] if blocks else 0
@@ -111,7 +111,8 @@ class PartReader:
         self.block, self.shuffled = -1, []
 
     def step(self, step: int) -> list:
-        """The items of step `step`'s batch of this part ([] past the part's end); steps in increasing order."""
+        """The items of step `step`'s batch of this micro-batch ([] past its stretch's end); steps in increasing
+        order."""
         plan = self.plan
         if step * plan.batch_size >= len(plan):
             return []
@@ -127,9 +128,9 @@ class PartReader:
 class ShardStream(IterableDataset):
     """One rank's batches of one epoch; call `set_epoch` before iterating each epoch.
 
-    Training (`train=True`): each item is one step: a batch from each of this rank's parts (recog.data.plan),
-    one after another (`Batch.sizes`), made by the worker `worker_steps` gives the step to. Evaluation: this
-    rank's slice of the stream in batches, each sample exactly once."""
+    Training (`train=True`): each item is one step: a batch from each of this rank's micro-batches
+    (recog.data.plan), one after another (`Batch.sizes`), made by the worker `worker_steps` gives the step to.
+    Evaluation: this rank's slice of the stream in batches, each sample exactly once."""
 
     def __init__(
         self,
@@ -148,10 +149,10 @@ class ShardStream(IterableDataset):
         source: ShardSource | None = None,
         keep_decoded: bool = False,
         encoded: bool = False,  # data.decode=gpu: batches of EncodedImages, undecoded (decode, transform unused)
-        parts: int | None = None,  # training: the epoch's parts (recog.data.plan); None: one per rank
+        micro_batches: int | None = None,  # training: a step's micro-batches (recog.data.plan); None: one per rank
     ):
         self.manifest, self.rank, self.world_size = manifest, rank, world_size
-        self.parts = parts or world_size
+        self.micro_batches = micro_batches or world_size
         self.batch_size, self.transform, self.channels, self.decode = batch_size, transform, channels, decode
         self.encoded = encoded
         if encoded:  # the training process decodes and augments (recog.data.gpu_decode); kept: the bytes
@@ -202,13 +203,13 @@ class ShardStream(IterableDataset):
 
     def pieces(self) -> list[Piece]:
         """Evaluation: this rank's slice of the stream, in shard order, each sample exactly once (training reads
-        parts: _steps)."""
-        return rank_pieces(self.manifest.shard_sizes, self.rank, self.world_size, shuffle=False, pad=False)
+        micro-batches: _steps)."""
+        return rank_pieces(self.manifest.shard_sizes, self.rank, self.world_size, shuffle=False)
 
     def __len__(self) -> int:
         """Training: the epoch's steps (every rank the same); evaluation: this rank's batches."""
         if self.train:
-            return epoch_steps(self.manifest.num_samples, self.parts, self.batch_size)
+            return epoch_steps(self.manifest.num_samples, self.micro_batches, self.batch_size)
         return num_batches(sum(len(p) for p in self.pieces()), self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
@@ -219,18 +220,19 @@ class ShardStream(IterableDataset):
             yield batch._replace(worker=worker, warnings=warnings.take() if warnings else ())
 
     def _steps(self, worker: int, num_workers: int) -> Iterator[Batch]:
-        """This worker's steps of the training epoch, each a batch from every part of this rank."""
+        """This worker's steps of the training epoch, each a batch from every micro-batch of this rank."""
         steps = worker_steps(len(self), worker, num_workers, self.done())
-        plans = [PartPlan.make(self.manifest.shard_sizes, part, self.parts, batch_size=self.batch_size,
-                               block=self.shuffle_block, epoch=self.epoch, seed=self.seed)
-                 for part in rank_parts(self.parts, self.rank, self.world_size)]
-        readers = [PartReader(plan, steps, self._read) for plan in plans]
+        plans = [MicroBatchPlan.make(self.manifest.shard_sizes, m, self.micro_batches, batch_size=self.batch_size,
+                                     block=self.shuffle_block, epoch=self.epoch, seed=self.seed)
+                 for m in rank_micro_batches(self.micro_batches, self.rank, self.world_size)]
+        readers = [MicroBatchReader(plan, steps, self._read) for plan in plans]
         for step in steps:
             batches = []
             for plan, reader in zip(plans, readers):
-                # Augmentation draws from torch's RNG, seeded per part and step: a batch looks the same whether
-                # the epoch ran through or resumed, on any number of ranks. (fork_rng: the caller's RNG is kept.)
-                seed = zlib.crc32(f"{self.seed}/{self.epoch}/{plan.part}/{step}".encode())
+                # Augmentation draws from torch's RNG, seeded per micro-batch and step: a batch looks the same
+                # whether the epoch ran through or resumed, on any number of ranks. (fork_rng: the caller's RNG
+                # is kept.)
+                seed = zlib.crc32(f"{self.seed}/{self.epoch}/{plan.micro_batch}/{step}".encode())
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(seed)
                     batches.append(self._collate(reader.step(step), seed))

@@ -1,26 +1,27 @@
 """DistributedBatchSampler: class-balanced P×K batches for metric learning, correct across ranks. Pure logic.
 
 Every rank computes the same global schedule from (seed, epoch) and takes its
-own part of it, so no process group is needed to agree, and the rule is:
+own share of it, so no process group is needed to agree, and the rule is:
 
-- A step has `parts` batches of P×K (parts: the global batch / (P×K), fixed for
-  a run; by default the world size), so `parts × P` class slots. Classes are
-  dealt from a shuffled deck of all classes (a new deck when the rest of the
-  current one is too short for a whole step); part q takes slots q·P … q·P+P−1,
-  and a rank takes the parts `recog.data.plan.rank_parts` gives it. With at
-  least parts × P classes, the classes of one step are all different, so the
-  parts share no class and no sample; with fewer, a class can appear twice in
-  a step (with different samples while the class has enough). The schedule
+- A step has `micro_batches` batches of P×K (the global batch / (P×K), fixed
+  for a run; by default the world size), so `micro_batches × P` class slots.
+  Classes are dealt from a shuffled deck of all classes (a new deck when the
+  rest of the current one is too short for a whole step); micro-batch q takes
+  slots q·P … q·P+P−1, and a rank takes the micro-batches
+  `recog.data.plan.rank_micro_batches` gives it. With at least
+  micro_batches × P classes, the classes of one step are all different, so
+  the micro-batches share no class and no sample; with fewer, a class can
+  appear twice in a step (with different samples while the class has enough). The schedule
   does not depend on the world size: a run resumed on another number of ranks
   continues with exactly the batches still to come.
 - Each class keeps a shuffled queue of its samples; a slot takes the next K.
   When a queue runs out it is reshuffled and starts again, so a class with
   fewer than K samples repeats samples within its slot (sampling with
   replacement, in effect), and no class is ever skipped.
-- An epoch has `len(labels) // (parts × P × K)` steps (at least 1) on
+- An epoch has `len(labels) // (micro_batches × P × K)` steps (at least 1) on
   every rank: about one pass over the data.
 - Iterating yields, for each step not yet done, `(step, [indices of each of
-  this rank's parts])`: `ShardRandomAccess.__getitems__` reads it.
+  this rank's micro-batches])`: `ShardRandomAccess.__getitems__` reads it.
 """
 
 from __future__ import annotations
@@ -29,13 +30,13 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from recog.data.plan import is_done, rank_parts
+from recog.data.plan import is_done, rank_micro_batches
 from recog.errors import ConfigError
 
 
 class DistributedBatchSampler:
     def __init__(self, labels: Sequence[int], p: int, k: int, *, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, parts: int | None = None, steps_per_epoch: int | None = None):
+                 seed: int = 0, micro_batches: int | None = None, steps_per_epoch: int | None = None):
         if p < 1 or k < 1:
             raise ConfigError(f"sampler P={p}, K={k}: both must be at least 1.")
         if not 0 <= rank < world_size:
@@ -44,12 +45,12 @@ class DistributedBatchSampler:
         if labels.size == 0:
             raise ConfigError("the sampler got no samples; check the data set.")
         self.p, self.k, self.rank, self.world_size, self.seed = p, k, rank, world_size, seed
-        self.parts = parts or world_size
+        self.micro_batches = micro_batches or world_size
         # samples of each class, as one array sorted by class plus the start of each class
         self._order = np.argsort(labels, kind="stable")
         self.classes, self._starts, self._counts = np.unique(labels[self._order], return_index=True,
                                                              return_counts=True)
-        self.steps = steps_per_epoch or max(1, len(labels) // (self.parts * p * k))
+        self.steps = steps_per_epoch or max(1, len(labels) // (self.micro_batches * p * k))
         self.epoch, self.done = 0, []
 
     def set_epoch(self, epoch: int, done: Sequence[Sequence[int]] = ()) -> None:
@@ -61,9 +62,9 @@ class DistributedBatchSampler:
         return self.steps - sum(min(stop, self.steps) - start for start, stop in self.done)
 
     def _global_schedule(self) -> np.ndarray:
-        """(steps, parts × P × K) sample indices: every part's batch of every step of this epoch."""
+        """(steps, micro_batches, P × K) sample indices: every micro-batch of every step of this epoch."""
         rng = np.random.default_rng([self.seed, self.epoch])
-        n_classes, per_step = len(self.classes), self.parts * self.p
+        n_classes, per_step = len(self.classes), self.micro_batches * self.p
         slots = self.steps * per_step
         if n_classes >= per_step:  # deal from shuffled decks; a new deck rather than split one step across two
             decks, deck, used = [], rng.permutation(n_classes), 0
@@ -87,10 +88,10 @@ class DistributedBatchSampler:
             queue = np.concatenate([rng.permutation(members) for _ in range(-(-need // len(members)))])
             out[slots_by_class[first : first + per_class[c]]] = queue[:need].reshape(-1, self.k)
             first += per_class[c]
-        return out.reshape(self.steps, self.parts, self.p * self.k)
+        return out.reshape(self.steps, self.micro_batches, self.p * self.k)
 
     def __iter__(self) -> Iterator[tuple[int, list[list[int]]]]:
-        mine = rank_parts(self.parts, self.rank, self.world_size)
+        mine = rank_micro_batches(self.micro_batches, self.rank, self.world_size)
         schedule = self._global_schedule()[:, mine.start : mine.stop]
         for step in range(self.steps):
             if not is_done(self.done, step):
