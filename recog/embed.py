@@ -47,7 +47,7 @@ from recog.data.loader import make_loader, stop_data_workers  # noqa: E402
 from recog.data.manifest import Manifest, item_key, load_manifest  # noqa: E402
 from recog.data.plan import rank_pieces  # noqa: E402
 from recog.data.source import ShardSource  # noqa: E402
-from recog.embedder import ExportedEmbedder, Preprocess  # noqa: E402
+from recog.exported import ExportedEmbedder, Preprocess  # noqa: E402
 from recog.embeddings import (  # noqa: E402
     DTYPES,
     MANIFEST,

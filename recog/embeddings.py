@@ -227,7 +227,7 @@ class PartWriter:
 def embed_shards(export_dir: str | Path, shards: str | Path, out_dir: str | Path, part_size: int = 10000,
                  batch_size: int = 256, dtype: str = "float32") -> Embeddings:
     """Embed every readable sample of a folder of shards, in order, with an export; unreadable ones are skipped."""
-    from recog.embedder import ExportedEmbedder  # loads torch.export: not needed to read embeddings
+    from recog.exported import ExportedEmbedder  # loads torch.export: not needed to read embeddings
 
     out_dir = Path(out_dir)
     refuse_foreign_manifest(out_dir)

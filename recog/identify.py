@@ -11,7 +11,7 @@ object per image: {"image": path, "vote": class name, "matches": [{"key", "label
 
 Every image is read before the export is loaded, and refused in one sentence (exit code 2) unless it is a regular
 file (not a FIFO, a device or a folder) of at most --max-mb whose header says at most --max-pixels pixels; the
-export is refused if its embedder.pt2 holds anything that could run code when loaded (recog.export.check_pt2).
+export is refused if its embedder.pt2 holds anything that could run code when loaded (recog.exported.check_pt2).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from collections import defaultdict
 import torch
 from PIL import Image
 
-from recog.embedder import MAX_IMAGE_MB, MAX_PIXELS, ExportedEmbedder, read_image
+from recog.exported import MAX_IMAGE_MB, MAX_PIXELS, ExportedEmbedder, read_image
 from recog.errors import ConfigError
 from recog.index import Gallery, open_gallery
 from recog.shell import run_command

@@ -220,7 +220,7 @@ class Service:
                  max_pixels: int = Image.MAX_IMAGE_PIXELS, default_k: int = 5, read_timeout_s: float = 30.0,
                  cache_dir: str | None = None, decode_threads: int = 0,
                  shard_servers: list[tuple[str, int]] | None = None, shard_token: str | None = None):
-        from recog.embedder import ExportedEmbedder
+        from recog.exported import ExportedEmbedder
         from recog.index import open_gallery
 
         for name, value in (("--max-batch", max_batch), ("--max-inflight", max_inflight), ("-k", default_k)):
