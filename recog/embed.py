@@ -47,7 +47,6 @@ from recog.data.loader import make_loader, stop_data_workers  # noqa: E402
 from recog.data.manifest import Manifest, item_key, load_manifest  # noqa: E402
 from recog.data.plan import rank_pieces  # noqa: E402
 from recog.data.source import ShardSource  # noqa: E402
-from recog.exported import ExportedEmbedder, Preprocess  # noqa: E402
 from recog.embeddings import (  # noqa: E402
     DTYPES,
     MANIFEST,
@@ -58,6 +57,7 @@ from recog.embeddings import (  # noqa: E402
     write_part,
 )
 from recog.errors import ConfigError, RecogError, check_number  # noqa: E402
+from recog.exported import ExportedEmbedder, Preprocess  # noqa: E402
 from recog.files import FolderLock, exclusive, plain_name, write_json  # noqa: E402
 from recog.log import setup_logging  # noqa: E402
 from recog.preempt import Preempted  # noqa: E402

@@ -25,8 +25,8 @@ from collections import defaultdict
 import torch
 from PIL import Image
 
-from recog.exported import MAX_IMAGE_MB, MAX_PIXELS, ExportedEmbedder, read_image
 from recog.errors import ConfigError
+from recog.exported import MAX_IMAGE_MB, MAX_PIXELS, ExportedEmbedder, read_image
 from recog.index import Gallery, open_gallery
 from recog.shell import run_command
 

@@ -29,10 +29,10 @@ from recog.data.plan import Piece, rank_pieces
 from recog.data.stream import read_pieces
 from recog.data.write import FASHION_MNIST_CLASSES, Record, idx_records, write_shards
 from recog.embed import Plan, read_records
-from recog.exported import Preprocess
 from recog.embeddings import embed_shards, open_embeddings
 from recog.errors import ConfigError, DataError
 from recog.export import export
+from recog.exported import Preprocess
 from recog.files import LOCK_FILE
 
 # small batches and parts, so that a run has many of each (2 × 13 parts of the 1,000 tiny training images)
