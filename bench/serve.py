@@ -48,7 +48,8 @@ def prepare(work: Path, checkpoint: str | None, galleries: list[str]) -> dict[st
     from recog.data.prepare import prepare_shards
     from recog.embeddings import embed_shards
     from recog.export import export
-    from recog.index import build, read_index_info
+    from recog.index import build
+    from recog.index_files import read_index_info
 
     work.mkdir(parents=True, exist_ok=True)
     export_dir = work / "export"

@@ -117,7 +117,7 @@ def rebuild_model(ckpt: dict, path: str | Path) -> RecognitionModel:
     return model.eval()
 
 
-def class_names(ckpt: dict, num_classes: int) -> tuple[list[str], str]:
+def training_class_names(ckpt: dict, num_classes: int) -> tuple[list[str], str]:
     """The training classes' names, and where they came from: the checkpoint, the training shards' manifest
     (a local folder that still exists), the data config's named preset, else '0', '1', ..."""
     if len(ckpt.get("classes") or []) == num_classes:
@@ -194,7 +194,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, onnx: bool = True, overw
     check_out_dir(out_dir, checkpoint, overwrite)
     ckpt = read_checkpoint(checkpoint)
     model = rebuild_model(ckpt, checkpoint)
-    classes, classes_from = class_names(ckpt, model.class_weights.shape[0])
+    classes, classes_from = training_class_names(ckpt, model.class_weights.shape[0])
     info = describe(ckpt, checkpoint, model, classes) | {"classes_from": classes_from}
     embedder = Embedder(model, info["mean"], info["std"]).eval()
     program = export_program(embedder, info["input"]["channels"], info["input"]["image_size"])

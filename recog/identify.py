@@ -27,7 +27,7 @@ from PIL import Image
 
 from recog.errors import ConfigError
 from recog.exported import MAX_IMAGE_MB, MAX_PIXELS, ExportedEmbedder, read_image
-from recog.index import Gallery, open_gallery
+from recog.gallery import Gallery, open_gallery
 from recog.shell import run_command
 
 
@@ -73,12 +73,12 @@ def identify(model_dir: str, index_dir: str, images: list[str], k: int = 5, max_
     pixels = torch.stack([embedder.load_image(path, max_bytes, max_pixels) for path in images])
     # faiss sets aside k results per query: more than the gallery holds would only be padding
     scores, ids = gallery.search(embedder.embed(pixels), min(k, max(1, len(gallery.keys))))
-    classes = class_names(embedder, gallery)
+    classes = gallery_class_names(embedder, gallery)
     return [{"image": path, **answer(gallery, classes, row_scores, row_ids)}
             for path, row_scores, row_ids in zip(images, scores, ids)]
 
 
-def class_names(embedder: ExportedEmbedder, gallery: Gallery) -> list[str]:
+def gallery_class_names(embedder: ExportedEmbedder, gallery: Gallery) -> list[str]:
     return gallery.info.classes or embedder.classes  # the gallery's labels: its own names first
 
 

@@ -24,7 +24,8 @@ from recog.embeddings import embed_shards, open_embeddings
 from recog.errors import ConfigError
 from recog.export import export
 from recog.files import LOCK_FILE
-from recog.index import add, build, choose_kind, open_gallery
+from recog.gallery import open_gallery
+from recog.index import add, build, choose_kind
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
