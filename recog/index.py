@@ -22,8 +22,8 @@ A gallery larger than one machine's memory: `serve-shard` holds one shard in a p
 machine that sees the folder) and answers searches over HTTP with JSON and raw float32/int64 numbers
 (recog.shard_server: 127.0.0.1 by default; another address needs a shared token);
 `recog.gallery.open_gallery(folder, shard_servers=[(host, port), ...], shard_token=...)` then searches every
-shard's server and merges the answers per query, the largest scores first, each shard's ids offset as IndexShards offsets them: the same results as the
-local index.
+shard's server and merges the answers per query, the largest scores first, each shard's ids offset as
+IndexShards offsets them: the same results as the local index.
 """
 
 from __future__ import annotations

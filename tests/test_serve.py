@@ -17,13 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ROOT
-from identify_setup import fashion_test_images, random_checkpoint
+from identify_setup import embed_gallery, fashion_test_images, random_checkpoint
 from PIL import Image
 
 from recog.data.manifest import INDEX, load_manifest
 from recog.data.random_access import ShardRandomAccess
 from recog.data.write import FASHION_MNIST_CLASSES
-from recog.embeddings import embed_shards
 from recog.export import export
 from recog.identify import identify
 from recog.index import build
@@ -43,7 +42,7 @@ def served(tmp_path_factory, tiny_data):
     root = tmp_path_factory.mktemp("serve")
     random_checkpoint(root / "model.pt")
     export(root / "model.pt", root / "export", onnx=False)
-    embed_shards(root / "export", tiny_data["train"], root / "embeddings", part_size=400)
+    embed_gallery(root / "export", tiny_data["train"], root / "embeddings", "part_size=400")
     build(root / "embeddings", root / "index", log=lambda line: None)
     return {"root": root, "export": root / "export", "index": root / "index", "shards": tiny_data["train"],
             "images": fashion_test_images(root / "test", 12)}
