@@ -97,7 +97,7 @@ class RankWork:
     lock: FolderLock | None  # rank 0's hold on the out folder: one embedding run writes it at a time
 
 
-def check_config(cfg: DictConfig) -> None:
+def check_embed_config(cfg: DictConfig) -> None:
     """Every configured value, each as one sentence, before any process group exists."""
     for key, example in (("model", "model=/tmp/export"), ("data", "data=data/shards/x/train"),
                          ("out", "out=/tmp/embeddings")):
@@ -266,7 +266,7 @@ def embed_batches(model, batches, parts: RankParts, device: torch.device, stop: 
 def embed(cfg: DictConfig, stop: StopOnSignal) -> dict:
     """Every rank: check, set up, embed its parts, then rank 0 writes the manifest. Returns the manifest's
     figures and the throughput."""
-    check_config(cfg)
+    check_embed_config(cfg)
     if stop.caught:  # torchrun stops every rank when one fails: it failed before this one started
         raise Preempted("stopped before embedding started (when one rank fails, torchrun stops the others: see "
                         "its error above)", stop.caught)

@@ -8,12 +8,13 @@ Embeddings are unit length, so the inner product is the cosine similarity, and t
 `--kind auto` picks an exact flat index for galleries up to FLAT_UP_TO vectors and IVF-SQ8 above (nlist about
 4·sqrt(n) lists, a byte per dimension); `ivfpq` takes PQ codes of m bytes (m dividing the width: 8x smaller,
 far less accurate) for galleries that would not fit otherwise; `hnsw` is a graph index (fast, all vectors
-kept). IVF indexes are trained on a random sample of `--train-size` vectors (or 39 per list, faiss's minimum, if
-that is more); vectors are then added a chunk at a time, so the vectors in memory are bounded by a chunk, and
-the index files by a shard.
+kept). IVF indexes are trained on a random sample of `--train-size` vectors (or 39 per list, the fewest faiss's
+k-means takes without a warning, if that is more); vectors are then added a chunk at a time, so the vectors in
+memory are bounded by a chunk, and the index files by a shard.
 
-OUT_DIR holds faiss's own files (`faiss.write_index`), one per shard, `ids-*.npz` (each id's key and label, in id
-order) and `index.json`, which names them and is replaced last: a reader sees the old index or the new one.
+OUT_DIR holds faiss's own files (`shard-NNNNN.gG.faiss`, `faiss.serialize_index`), one per shard, `ids.gG.npz`
+(each id's key and label, in id order), G the version (each build or add writes new files), and `index.json`,
+which names them and is replaced last: a reader sees the old index or the new one.
 With `--shards N` the ids are split into N contiguous ranges, one index each, every shard a copy of the same
 trained index, searched as one through `faiss.IndexShards`; flat and IVF then give exactly the results of one
 index (an HNSW graph per shard differs from one graph over all). `add` appends to the last shard.
@@ -73,10 +74,11 @@ def choose_kind(kind: str, count: int, dim: int) -> tuple[dict, str]:
         params = {"kind": "hnsw", "factory": "HNSW32,Flat", "search": {"efSearch": HNSW_EF_SEARCH}}
         return params, f"index: HNSW (32 links, efSearch {HNSW_EF_SEARCH}) for {count:,} vectors{why}"
     nlist = max(1, min(round(4 * math.sqrt(count)), count // 39))  # faiss's k-means wants ≥ 39 points per list
-    if count < 256:
-        name = "IVF-SQ8" if kind == "ivfsq" else "IVF-PQ"
-        raise ConfigError(f"{name} needs at least 256 vectors to train its quantizer and the gallery has {count}; "
-                          "use --kind flat.")
+    if count < 256:  # PQ's 8-bit codebooks need 256 training vectors; SQ8 trains on fewer, but gains nothing there
+        why_not = ("to train its codebooks (256 codes each)" if kind == "ivfpq" else
+                   "(below that, its lists save nothing over an exact search)")
+        raise ConfigError(f"{'IVF-PQ' if kind == 'ivfpq' else 'IVF-SQ8'} needs at least 256 vectors {why_not} and "
+                          f"the gallery has {count}; use --kind flat.")
     m, nprobe = pq_bytes(dim), max(1, nlist // NPROBE_SHARE)
     if kind == "ivfsq":  # 8-bit scalar codes: a byte per dimension, near-exact scores
         params = {"kind": "ivfsq", "factory": f"IVF{nlist},SQ8", "nlist": nlist, "search": {"nprobe": nprobe}}
@@ -247,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--kind", choices=KINDS, default="auto")
     b.add_argument("--shards", type=int, default=1, help="split the ids into this many indexes (1)")
     b.add_argument("--train-size", type=int, default=100_000,
-                   help="IVF-PQ trains on this many vectors (at least 39 per list)")
+                   help=f"IVF indexes (ivfsq, ivfpq; auto above {FLAT_UP_TO:,} vectors) train on a sample of this "
+                        "many vectors (at least 39 per list); flat and hnsw need no training")
     b.add_argument("--overwrite", action="store_true", help="replace an index already in OUT_DIR")
     a = commands.add_parser("add", help="add a folder of embeddings of the same model to an index")
     a.add_argument("index_dir")
