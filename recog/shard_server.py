@@ -1,5 +1,6 @@
 """One shard of an index held by its own process (`serve-shard`), and the client that searches every shard's server
-and merges the answers as one index (`open_gallery(folder, shard_servers=...)`, recog.serve --shard-servers).
+and merges the answers as one index (`recog.gallery.open_gallery(folder, shard_servers=...)`, recog.serve
+--shard-servers).
 
     python -m recog.index serve-shard INDEX_DIR --shard I [--host 127.0.0.1] [--port P] [--token T]
 
