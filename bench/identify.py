@@ -153,7 +153,8 @@ def write_gallery(folder: Path, count: int, model_sha256: str = "b" * 64) -> np.
 
 def index_worker(kind: str, gallery: Path, work: Path) -> dict:
     """One kind, in this process: build, search, and what it cost."""
-    from recog.index import build, open_gallery
+    from recog.gallery import open_gallery
+    from recog.index import build
 
     queries = np.load(work / "queries.npy")
     start = time.perf_counter()

@@ -29,6 +29,7 @@ import http.client
 import json
 import shutil
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -46,9 +47,9 @@ def prepare(work: Path, checkpoint: str | None, galleries: list[str]) -> dict[st
     from identify import random_checkpoint, train_config, write_gallery
 
     from recog.data.prepare import prepare_shards
-    from recog.embeddings import embed_shards
     from recog.export import export
-    from recog.index import build, read_index_info
+    from recog.index import build
+    from recog.index_files import read_index_info
 
     work.mkdir(parents=True, exist_ok=True)
     export_dir = work / "export"
@@ -64,7 +65,8 @@ def prepare(work: Path, checkpoint: str | None, galleries: list[str]) -> dict[st
             print(f"{name}: reusing {index_dir}", flush=True)
         elif name == "fashion":
             shutil.rmtree(work / "emb-fashion", ignore_errors=True)  # this script's own, from an earlier run
-            embed_shards(export_dir, data.train, work / "emb-fashion", part_size=10000)
+            subprocess.run([sys.executable, "-m", "recog.embed", f"model={export_dir}", f"data={data.train}",
+                            f"out={work / 'emb-fashion'}"], check=True, cwd=ROOT)
             build(work / "emb-fashion", index_dir, overwrite=True)
         else:
             shutil.rmtree(work / "emb-synthetic", ignore_errors=True)

@@ -47,7 +47,6 @@ from recog.data.loader import make_loader, stop_data_workers  # noqa: E402
 from recog.data.manifest import Manifest, item_key, load_manifest  # noqa: E402
 from recog.data.plan import rank_pieces  # noqa: E402
 from recog.data.source import ShardSource  # noqa: E402
-from recog.embedder import ExportedEmbedder, Preprocess  # noqa: E402
 from recog.embeddings import (  # noqa: E402
     DTYPES,
     MANIFEST,
@@ -58,6 +57,7 @@ from recog.embeddings import (  # noqa: E402
     write_part,
 )
 from recog.errors import ConfigError, RecogError, check_number  # noqa: E402
+from recog.exported import ExportedEmbedder, Preprocess  # noqa: E402
 from recog.files import FolderLock, exclusive, plain_name, write_json  # noqa: E402
 from recog.log import setup_logging  # noqa: E402
 from recog.preempt import Preempted  # noqa: E402
@@ -97,7 +97,7 @@ class RankWork:
     lock: FolderLock | None  # rank 0's hold on the out folder: one embedding run writes it at a time
 
 
-def check_config(cfg: DictConfig) -> None:
+def check_embed_config(cfg: DictConfig) -> None:
     """Every configured value, each as one sentence, before any process group exists."""
     for key, example in (("model", "model=/tmp/export"), ("data", "data=data/shards/x/train"),
                          ("out", "out=/tmp/embeddings")):
@@ -114,7 +114,7 @@ def check_config(cfg: DictConfig) -> None:
 
 def open_model(path: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict]:
     """An export's program, or a checkpoint's embedder built as recog.export builds it; with model.json's info."""
-    from recog.export import Embedder, class_names, describe, read_checkpoint, rebuild_model
+    from recog.export import Embedder, describe, read_checkpoint, rebuild_model, training_class_names
 
     path = Path(path)
     if path.is_dir():
@@ -125,7 +125,7 @@ def open_model(path: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict]
                           "checkpoint written by train.py.")
     ckpt = read_checkpoint(path, "model=")
     model = rebuild_model(ckpt, path)
-    info = describe(ckpt, path, model, class_names(ckpt, model.class_weights.shape[0])[0])
+    info = describe(ckpt, path, model, training_class_names(ckpt, model.class_weights.shape[0])[0])
     return Embedder(model, info["mean"], info["std"]).eval(), info
 
 
@@ -266,7 +266,7 @@ def embed_batches(model, batches, parts: RankParts, device: torch.device, stop: 
 def embed(cfg: DictConfig, stop: StopOnSignal) -> dict:
     """Every rank: check, set up, embed its parts, then rank 0 writes the manifest. Returns the manifest's
     figures and the throughput."""
-    check_config(cfg)
+    check_embed_config(cfg)
     if stop.caught:  # torchrun stops every rank when one fails: it failed before this one started
         raise Preempted("stopped before embedding started (when one rank fails, torchrun stops the others: see "
                         "its error above)", stop.caught)

@@ -17,29 +17,22 @@ from. A part's name is a plain file name in the folder: a manifest naming anythi
 
 Vectors are read part by part, a chunk at a time, memory-mapped: a reader's memory is bounded by a chunk.
 
-`python -m recog.embeddings EXPORT_DIR SHARDS OUT_DIR` writes one from an export and a folder of shards, in
-one process; the distributed embedder writes the same format.
+`python -m recog.embed` writes one from a model and a folder of shards, each rank its own parts (at world size 1,
+one process); this module is the format's home: its constants, its reader and the writers of its files.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from recog.data.decode import decode_sample
-from recog.data.manifest import item_key, load_manifest
-from recog.data.plan import Piece
-from recog.data.stream import read_pieces
-from recog.errors import ConfigError, RecogError
-from recog.files import atomic_write, exclusive, plain_name, write_json
+from recog.errors import ConfigError
+from recog.files import atomic_write, plain_name, write_json
 
 FORMAT = "recog-embeddings/1"
 MANIFEST = "manifest.json"
@@ -158,7 +151,7 @@ def open_embeddings(folder: str | Path) -> Embeddings:
     folder = Path(folder)
     path = folder / MANIFEST
     if not path.is_file():
-        raise ConfigError(f"no {MANIFEST} in {folder}; give a folder of embeddings (python -m recog.embeddings "
+        raise ConfigError(f"no {MANIFEST} in {folder}; give a folder of embeddings (python -m recog.embed "
                           "writes one), or wait until its writer has finished.")
     try:
         raw = json.loads(path.read_text())
@@ -195,101 +188,3 @@ def refuse_foreign_manifest(out: Path) -> None:
         return
     what = "shards (python -m recog.data write)" if kind == "recog-shards/1" else "another tool's manifest.json"
     raise ConfigError(f"{out} holds {what}, not embeddings; choose another folder for the embeddings.")
-
-
-class PartWriter:
-    """Collects vectors and writes a part of `part_size` each time there are that many (the rest at `flush`)."""
-
-    def __init__(self, folder: Path, part_size: int, dtype: str, first_part: int = 0):
-        self.folder, self.part_size, self.dtype = folder, part_size, dtype
-        self.number, self.parts = first_part, []
-        self.vectors, self.keys, self.labels = [], [], []
-
-    def add(self, vectors: np.ndarray, keys: list[str], labels: list[int]) -> None:
-        self.vectors.append(vectors.astype(self.dtype))
-        self.keys += keys
-        self.labels += labels
-        while len(self.keys) >= self.part_size:
-            self._write(self.part_size)
-
-    def flush(self) -> None:
-        if self.keys:
-            self._write(len(self.keys))
-
-    def _write(self, n: int) -> None:
-        vectors = np.concatenate(self.vectors)
-        self.parts.append(write_part(self.folder, part_name(self.number), vectors[:n], self.keys[:n],
-                                     self.labels[:n]))
-        self.number, self.vectors, self.keys, self.labels = self.number + 1, [vectors[n:]], self.keys[n:], \
-            self.labels[n:]
-
-
-def embed_shards(export_dir: str | Path, shards: str | Path, out_dir: str | Path, part_size: int = 10000,
-                 batch_size: int = 256, dtype: str = "float32") -> Embeddings:
-    """Embed every readable sample of a folder of shards, in order, with an export; unreadable ones are skipped."""
-    from recog.embedder import ExportedEmbedder  # loads torch.export: not needed to read embeddings
-
-    out_dir = Path(out_dir)
-    refuse_foreign_manifest(out_dir)
-    if (out_dir / MANIFEST).exists():
-        raise ConfigError(f"{out_dir} already holds embeddings; choose another folder.")
-    embedder, manifest = ExportedEmbedder(export_dir), load_manifest(shards)
-    with exclusive(out_dir, "embedding run"):
-        return _embed_shards(embedder, manifest, shards, out_dir, part_size, batch_size, dtype)
-
-
-def _embed_shards(embedder, manifest, shards, out_dir: Path, part_size: int, batch_size: int,
-                  dtype: str) -> Embeddings:
-    pieces = [Piece(i, 0, s.samples) for i, s in enumerate(manifest.shards)]
-    writer = PartWriter(out_dir, part_size, dtype)
-    images, keys, labels, skipped = [], [], [], 0
-
-    def embed_batch():
-        writer.add(embedder.embed(torch.stack(images)), keys[:], labels[:])
-        for pending in (images, keys, labels):
-            pending.clear()
-
-    for sample in read_pieces(manifest, pieces, strict=False):
-        try:
-            image, label = decode_sample(sample, embedder.channels)
-        except Exception:  # None (an unreadable shard's samples) or undecodable: as training skips them
-            skipped += 1
-            continue
-        images.append(embedder.preprocess(image))
-        keys.append(item_key(manifest.identity, sample["__key__"]))
-        labels.append(label)
-        if len(images) == batch_size:
-            embed_batch()
-    if images:
-        embed_batch()
-    writer.flush()
-    if not writer.parts:
-        raise ConfigError(f"no image of {shards} could be read; write the shards again.")
-    write_manifest(out_dir, embedder.sha256, embedder.dim, dtype, writer.parts, manifest.classes,
-                   [source_of(manifest, shards)])
-    if skipped:
-        print(f"skipped {skipped} unreadable sample(s) of {shards}", file=sys.stderr)
-    return open_embeddings(out_dir)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m recog.embeddings", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("export_dir", help="a folder written by python -m recog.export")
-    parser.add_argument("shards", help="a folder of shards (its manifest.json)")
-    parser.add_argument("out_dir", help="the embeddings folder to write")
-    parser.add_argument("--part-size", type=int, default=10000, help="vectors per part file (10000)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--dtype", choices=DTYPES, default="float32")
-    args = parser.parse_args(argv)
-    try:
-        emb = embed_shards(args.export_dir, args.shards, args.out_dir, args.part_size, args.batch_size, args.dtype)
-    except RecogError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"{args.out_dir}: {emb.count} {emb.dim}-d {emb.dtype} embeddings in {len(emb.parts)} part(s)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,13 +11,9 @@ Writes into OUT_DIR, each file atomically, `model.json` last (its presence means
   embedding width, class names, the checkpoint's sha256 (which embeddings and indexes made with this export
   carry, so that vectors of different models are never mixed) and the recog version.
 
-Nothing from a file runs code, and `torch.export.load` can be made to: it unpickles (weights_only=False) a
-weight or constant marked `use_pickle`, custom and opaque objects, and sample inputs that fail a weights_only
-load; it evaluates every symbolic size (`sympy.sympify`), executes the program's `guards_code`, and calls any
-function reachable from `torch`, `operator` or `math` that a graph node names. So `pt2_problem` describes what
-a recog export may hold, and readers (recog.embedder) refuse anything else before torch sees the file: raw
-tensors only, ATen operators only, sizes that are plain arithmetic on symbols. The export is checked the same
-way before model.json is written, so an export this recog writes is one it will load.
+The format (its file names, what model.json holds, what embedder.pt2 may hold and the check that refuses
+anything else) is the reader's, recog.exported: this writer checks its program as every reader does
+(`pt2_problem`) before model.json is written, so an export this recog writes is one it will load.
 """
 
 from __future__ import annotations
@@ -25,11 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import io
-import json
-import math
-import re
 import sys
-import zipfile
 from pathlib import Path
 
 import torch
@@ -42,152 +34,12 @@ from recog.data.manifest import load_manifest
 from recog.data.prepare import class_names as preset_class_names
 from recog.data.source import is_remote
 from recog.errors import ConfigError
+from recog.exported import FORMAT, MODEL_JSON, ONNX, PREPROCESS, PT2, pt2_problem
 from recog.files import atomic_write, disk_error, exclusive, sha256_of, write_json
 from recog.model import RecognitionModel, state_mismatch
 from recog.shell import run_command
 
-FORMAT = "recog-embedder/1"
-MODEL_JSON, PT2, ONNX = "model.json", "embedder.pt2", "embedder.onnx"
 MAX_BATCH = 1 << 16  # the export's batch dimension ranges over 1..MAX_BATCH
-# the resize/crop rule of every augment preset's `test` transform (conf/augment/*.yaml): what serving repeats
-PREPROCESS = {"resize": "shorter_side", "interpolation": "bilinear", "antialias": True, "crop": "center"}
-
-
-# What embedder.pt2 may hold (torch.export.save of one program, named "model"): the archive's version records,
-# the program's JSON, the configs of its weights and constants, their raw bytes, and its sample inputs.
-PT2_RECORDS = re.compile(r"archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
-                         r"|models/model\.json|data/sample_inputs/model\.pt"
-                         r"|data/(weights/model_weights|constants/model_constants)_config\.json"
-                         r"|data/weights/weight_\d+|data/constants/tensor_\d+")
-# graph nodes: ATen operators (and getitem on their tuples); anything else names a Python function to call
-PT2_TARGET = re.compile(r"torch\.ops\.aten\.\w+\.\w+|_operator\.getitem")
-# a symbolic size is sympify'd (Python's eval): sympy's constructors, symbol names and integers only
-PT2_EXPRESSION = re.compile(r"\s*(?:(?:Symbol|Integer|Add|Mul|Pow|Rational|FloorDiv|CleanDiv|CeilDiv|Mod|PythonMod"
-                            r"|CeilToInt|FloorToInt|Max|Min)\(|'[a-z]+\d+'|[a-z]+\d+|\d{1,18}|[-+*/(),]"
-                            r"|(?:positive|integer|nonnegative|real|finite)=(?:True|False))")
-PT2_ARGUMENTS_REFUSED = ("as_graph", "as_operator", "as_custom_obj")  # a subgraph, a function, a pickled object
-
-
-def plain_expression(text: object) -> bool:
-    if not isinstance(text, str) or len(text) > 2000:
-        return False
-    at = 0
-    while at < len(text):
-        token = PT2_EXPRESSION.match(text, at)
-        if token is None:
-            return False
-        at = token.end()
-    return True
-
-
-def payload_problem(config: dict, folder: str, prefix: str, records: set[str], limit: int) -> str | None:
-    """A weights or constants config (`{"config": {name: PayloadMeta}}`): every entry raw bytes, none pickled, of
-    at most `limit` elements (the archive's size: torch allocates a tensor of an empty record's sizes)."""
-    entries = config.get("config") if isinstance(config, dict) else None
-    if not isinstance(entries, dict):
-        return f"has no readable data/{folder}/ config"
-    for name, meta in entries.items():
-        if not isinstance(meta, dict) or meta.get("use_pickle") is not False or meta.get("tensor_meta") is None:
-            return f"holds {name[:60]!r} as a pickled object"
-        path = meta.get("path_name")
-        if not (isinstance(path, str) and re.fullmatch(rf"{prefix}\d+", path)
-                and f"data/{folder}/{path}" in records):
-            return f"names {str(path)[:40]!r} for {name[:60]!r}, not a tensor file of the archive"
-        sizes = [size.get("as_int") for size in meta["tensor_meta"].get("sizes")]
-        if not all(type(size) is int and size >= 0 for size in sizes) or math.prod(sizes) > limit:
-            return f"gives {name[:60]!r} sizes that its bytes cannot hold"
-    return None
-
-
-def program_problem(program: dict, in_spec: str, out_spec: str) -> str | None:
-    """What in models/model.json would run code: guards code, a node that calls a Python function, a symbolic size
-    that is not arithmetic, an input that is not a tensor, a calling convention other than embed(images)."""
-    graph_module = program.get("graph_module") if isinstance(program, dict) else None
-    if not isinstance(graph_module, dict) or not isinstance(graph_module.get("graph"), dict):
-        return "holds no program"
-    if program.get("guards_code"):
-        return "holds guards code (Python that torch would execute)"
-    if any(set(arg) != {"as_tensor"} for arg in graph_module["graph"].get("inputs", [None])):
-        return "has a program input that is not a tensor"
-    calls = graph_module.get("module_call_graph") or [{}]
-    signature = calls[0].get("signature") or {}
-    if signature.get("in_spec") != in_spec or signature.get("out_spec") != out_spec or \
-            any(call.get("signature") is not None for call in calls[1:]):
-        return "does not take images and give embeddings as a recog export does"
-    for name, limits in (program.get("range_constraints") or {}).items():
-        if not (re.fullmatch(r"[a-z]+\d+", name) and isinstance(limits, dict)
-                and all(value is None or type(value) is int for value in limits.values())):
-            return f"has a size constraint on {name[:40]!r} that is not a number range"
-    found = []
-
-    def walk(value) -> None:
-        if isinstance(value, dict):
-            if "target" in value and "inputs" in value and not (isinstance(value["target"], str)
-                                                                 and PT2_TARGET.fullmatch(value["target"])):
-                found.append(f"calls {str(value['target'])[:60]!r}, not an ATen operator")
-            if any(value.get(key) is not None for key in PT2_ARGUMENTS_REFUSED):
-                found.append("passes a subgraph, function or object to an operator")
-            if "expr_str" in value and not plain_expression(value["expr_str"]):
-                found.append(f"has a symbolic size {str(value['expr_str'])[:60]!r} that is not arithmetic")
-            for item in value.values():
-                walk(item)
-        elif isinstance(value, list):
-            for item in value:
-                walk(item)
-
-    walk(graph_module)
-    return found[0] if found else None
-
-
-def pt2_problem(data: bytes) -> str | None:
-    """Why `data` is not an embedder.pt2 recog loads, as the end of a sentence that starts with its path; None
-    when it holds only what a recog export holds (see the module's docstring). Reads JSON and raw bytes; the one
-    pickle it opens, the sample inputs, it opens with weights_only=True, as torch would first."""
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            names = archive.namelist()
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
-        return "is not a torch.export archive (not a zip file)"
-    root = names[0].split("/")[0] if names else ""
-    records = {name[len(root) + 1:] for name in names if name.startswith(root + "/")}
-    if len(records) != len(names):
-        return "holds files outside its archive folder, or one name twice"
-    unknown = sorted(name for name in records if not PT2_RECORDS.fullmatch(name))
-    if unknown:
-        return f"holds {unknown[0][:60]!r} (compiled code, a pickled object or another program)"
-    try:
-        reader = torch._C.PyTorchFileReader(io.BytesIO(data))  # what torch.export.load reads with
-        if reader.get_record("archive_format") != b"pt2":
-            return "is not a torch.export archive"
-        for folder, prefix in (("weights", "weight_"), ("constants", "tensor_")):
-            config = json.loads(reader.get_record(f"data/{folder}/model_{folder}_config.json"))
-            problem = payload_problem(config, folder, prefix, records, len(data))
-            if problem:
-                return problem
-        program = json.loads(reader.get_record("models/model.json"))
-        sample_inputs = reader.get_record("data/sample_inputs/model.pt")
-        example = ((torch.zeros(1),), {})  # embed(images): one tensor in, one out
-        in_spec = torch.utils._pytree.treespec_dumps(torch.utils._pytree.tree_structure(example))
-        out_spec = torch.utils._pytree.treespec_dumps(torch.utils._pytree.tree_structure(torch.zeros(1)))
-        problem = program_problem(program, in_spec, out_spec)
-    # a record missing, not JSON, nested too deep (RecursionError), or JSON of other shapes than torch writes
-    except (RuntimeError, ValueError, UnicodeDecodeError, TypeError, AttributeError, KeyError):
-        return "is damaged or not a complete torch.export archive"
-    if problem:
-        return problem
-    try:  # torch tries weights_only=True first and falls back to an unrestricted load: that must never be needed
-        torch.load(io.BytesIO(sample_inputs), weights_only=True)
-    except Exception:  # the restricted unpickler refuses with many kinds
-        return "holds sample inputs that are not plain tensors"
-    return None
-
-
-def check_pt2(data: bytes, path: str | Path) -> None:
-    """One sentence unless `data` (the bytes of `path`) holds only what a recog export holds: see pt2_problem."""
-    problem = pt2_problem(data)
-    if problem:
-        raise ConfigError(f"{path} {problem}, which recog does not load (loading it could run code); export the "
-                          "checkpoint again with python -m recog.export.")
 
 
 class Embedder(nn.Module):
@@ -265,7 +117,7 @@ def rebuild_model(ckpt: dict, path: str | Path) -> RecognitionModel:
     return model.eval()
 
 
-def class_names(ckpt: dict, num_classes: int) -> tuple[list[str], str]:
+def training_class_names(ckpt: dict, num_classes: int) -> tuple[list[str], str]:
     """The training classes' names, and where they came from: the checkpoint, the training shards' manifest
     (a local folder that still exists), the data config's named preset, else '0', '1', ..."""
     if len(ckpt.get("classes") or []) == num_classes:
@@ -342,7 +194,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, onnx: bool = True, overw
     check_out_dir(out_dir, checkpoint, overwrite)
     ckpt = read_checkpoint(checkpoint)
     model = rebuild_model(ckpt, checkpoint)
-    classes, classes_from = class_names(ckpt, model.class_weights.shape[0])
+    classes, classes_from = training_class_names(ckpt, model.class_weights.shape[0])
     info = describe(ckpt, checkpoint, model, classes) | {"classes_from": classes_from}
     embedder = Embedder(model, info["mean"], info["std"]).eval()
     program = export_program(embedder, info["input"]["channels"], info["input"]["image_size"])
@@ -350,7 +202,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, onnx: bool = True, overw
     torch.export.save(program, pt2)
     problem = pt2_problem(pt2.getvalue())
     if problem:  # not the user's doing: this torch writes what recog's readers refuse
-        raise RuntimeError(f"the export of {checkpoint} {problem}; recog.embedder would refuse it.")
+        raise RuntimeError(f"the export of {checkpoint} {problem}; recog.exported would refuse it.")
     try:
         with exclusive(out_dir, "export"):
             check_out_dir(out_dir, checkpoint, overwrite)  # again: another export may have finished meanwhile

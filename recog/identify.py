@@ -11,7 +11,7 @@ object per image: {"image": path, "vote": class name, "matches": [{"key", "label
 
 Every image is read before the export is loaded, and refused in one sentence (exit code 2) unless it is a regular
 file (not a FIFO, a device or a folder) of at most --max-mb whose header says at most --max-pixels pixels; the
-export is refused if its embedder.pt2 holds anything that could run code when loaded (recog.export.check_pt2).
+export is refused if its embedder.pt2 holds anything that could run code when loaded (recog.exported.check_pt2).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from collections import defaultdict
 import torch
 from PIL import Image
 
-from recog.embedder import MAX_IMAGE_MB, MAX_PIXELS, ExportedEmbedder, read_image
 from recog.errors import ConfigError
-from recog.index import Gallery, open_gallery
+from recog.exported import MAX_IMAGE_MB, MAX_PIXELS, ExportedEmbedder, read_image
+from recog.gallery import Gallery, open_gallery
 from recog.shell import run_command
 
 
@@ -73,12 +73,12 @@ def identify(model_dir: str, index_dir: str, images: list[str], k: int = 5, max_
     pixels = torch.stack([embedder.load_image(path, max_bytes, max_pixels) for path in images])
     # faiss sets aside k results per query: more than the gallery holds would only be padding
     scores, ids = gallery.search(embedder.embed(pixels), min(k, max(1, len(gallery.keys))))
-    classes = class_names(embedder, gallery)
+    classes = gallery_class_names(embedder, gallery)
     return [{"image": path, **answer(gallery, classes, row_scores, row_ids)}
             for path, row_scores, row_ids in zip(images, scores, ids)]
 
 
-def class_names(embedder: ExportedEmbedder, gallery: Gallery) -> list[str]:
+def gallery_class_names(embedder: ExportedEmbedder, gallery: Gallery) -> list[str]:
     return gallery.info.classes or embedder.classes  # the gallery's labels: its own names first
 
 

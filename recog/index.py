@@ -8,32 +8,31 @@ Embeddings are unit length, so the inner product is the cosine similarity, and t
 `--kind auto` picks an exact flat index for galleries up to FLAT_UP_TO vectors and IVF-SQ8 above (nlist about
 4·sqrt(n) lists, a byte per dimension); `ivfpq` takes PQ codes of m bytes (m dividing the width: 8x smaller,
 far less accurate) for galleries that would not fit otherwise; `hnsw` is a graph index (fast, all vectors
-kept). IVF indexes are trained on a random sample of `--train-size` vectors (or 39 per list, faiss's minimum, if
-that is more); vectors are then added a chunk at a time, so the vectors in memory are bounded by a chunk, and
-the index files by a shard.
+kept). IVF indexes are trained on a random sample of `--train-size` vectors (or 39 per list, the fewest faiss's
+k-means takes without a warning, if that is more); vectors are then added a chunk at a time, so the vectors in
+memory are bounded by a chunk, and the index files by a shard.
 
-OUT_DIR holds faiss's own files (`faiss.write_index`), one per shard, `ids-*.npz` (each id's key and label, in id
-order) and `index.json`, which names them and is replaced last: a reader sees the old index or the new one.
+OUT_DIR holds faiss's own files (`shard-NNNNN.gG.faiss`, `faiss.serialize_index`), one per shard, `ids.gG.npz`
+(each id's key and label, in id order), G the version (each build or add writes new files), and `index.json`,
+which names them and is replaced last: a reader sees the old index or the new one.
 With `--shards N` the ids are split into N contiguous ranges, one index each, every shard a copy of the same
 trained index, searched as one through `faiss.IndexShards`; flat and IVF then give exactly the results of one
 index (an HNSW graph per shard differs from one graph over all). `add` appends to the last shard.
 
 A gallery larger than one machine's memory: `serve-shard` holds one shard in a process of its own (on any
 machine that sees the folder) and answers searches over HTTP with JSON and raw float32/int64 numbers
-(recog.shard_server: 127.0.0.1 by default; another address needs a shared token); `open_gallery(folder,
-shard_servers=[(host, port), ...], shard_token=...)` then searches every shard's server and merges the answers
-per query, the largest scores first, each shard's ids offset as IndexShards offsets them: the same results as the
-local index.
+(recog.shard_server: 127.0.0.1 by default; another address needs a shared token);
+`recog.gallery.open_gallery(folder, shard_servers=[(host, port), ...], shard_token=...)` then searches every
+shard's server and merges the answers per query, the largest scores first, each shard's ids offset as
+IndexShards offsets them: the same results as the local index.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,11 +40,11 @@ import numpy as np
 import recog
 from recog.embeddings import Embeddings, open_embeddings
 from recog.errors import ConfigError
-from recog.files import atomic_write, disk_error, exclusive, is_plain_name, write_json
+from recog.files import atomic_write, disk_error, exclusive, write_json
+from recog.index_files import FORMAT, INDEX_JSON, IndexInfo, import_faiss, read_ids, read_index_info, read_shard
+from recog.shard_server import TOKEN_ENV, port_number, serve_shard
 from recog.shell import run_command
 
-FORMAT = "recog-index/1"
-INDEX_JSON = "index.json"
 KINDS = ("auto", "flat", "ivfsq", "ivfpq", "hnsw")
 # Up to this many vectors an exact search costs a few milliseconds per query on one CPU core and holds n×D
 # floats (100 MB at D=128); above it IVF-SQ8 holds D bytes per vector and probes a few lists instead of all
@@ -53,14 +52,6 @@ KINDS = ("auto", "flat", "ivfsq", "ivfpq", "hnsw")
 FLAT_UP_TO = 200_000
 NPROBE_SHARE = 16  # IVF-PQ probes 1/16 of its lists by default (recall against flat: tests/test_index.py)
 HNSW_EF_SEARCH = 64
-
-
-def import_faiss():
-    try:
-        import faiss
-    except ImportError:
-        raise ConfigError("faiss is not installed; pip install 'recog[identify]' (faiss-cpu).") from None
-    return faiss
 
 
 def pq_bytes(dim: int) -> int:
@@ -83,10 +74,11 @@ def choose_kind(kind: str, count: int, dim: int) -> tuple[dict, str]:
         params = {"kind": "hnsw", "factory": "HNSW32,Flat", "search": {"efSearch": HNSW_EF_SEARCH}}
         return params, f"index: HNSW (32 links, efSearch {HNSW_EF_SEARCH}) for {count:,} vectors{why}"
     nlist = max(1, min(round(4 * math.sqrt(count)), count // 39))  # faiss's k-means wants ≥ 39 points per list
-    if count < 256:
-        name = "IVF-SQ8" if kind == "ivfsq" else "IVF-PQ"
-        raise ConfigError(f"{name} needs at least 256 vectors to train its quantizer and the gallery has {count}; "
-                          "use --kind flat.")
+    if count < 256:  # PQ's 8-bit codebooks need 256 training vectors; SQ8 trains on fewer, but gains nothing there
+        why_not = ("to train its codebooks (256 codes each)" if kind == "ivfpq" else
+                   "(below that, its lists save nothing over an exact search)")
+        raise ConfigError(f"{'IVF-PQ' if kind == 'ivfpq' else 'IVF-SQ8'} needs at least 256 vectors {why_not} and "
+                          f"the gallery has {count}; use --kind flat.")
     m, nprobe = pq_bytes(dim), max(1, nlist // NPROBE_SHARE)
     if kind == "ivfsq":  # 8-bit scalar codes: a byte per dimension, near-exact scores
         params = {"kind": "ivfsq", "factory": f"IVF{nlist},SQ8", "nlist": nlist, "search": {"nprobe": nprobe}}
@@ -101,12 +93,6 @@ def choose_kind(kind: str, count: int, dim: int) -> tuple[dict, str]:
 def new_index(params: dict, dim: int):
     faiss = import_faiss()
     return faiss.index_factory(dim, params["factory"], faiss.METRIC_INNER_PRODUCT)
-
-
-def set_search_params(index, params: dict) -> None:
-    faiss = import_faiss()
-    for name, value in params.get("search", {}).items():
-        faiss.ParameterSpace().set_index_parameter(index, name, value)
 
 
 def shard_ranges(count: int, shards: int) -> list[tuple[int, int]]:
@@ -137,61 +123,6 @@ def write_faiss(index, path: Path) -> None:
     atomic_write(path, lambda f: f.write(faiss.serialize_index(index).tobytes()))
 
 
-@dataclass
-class IndexInfo:
-    """What index.json says: the model, the width, the labels' names, the kind, and the files of this version."""
-
-    folder: Path
-    raw: dict
-
-    @property
-    def model_sha256(self) -> str:
-        return self.raw["model_sha256"]
-
-    @property
-    def dim(self) -> int:
-        return self.raw["dim"]
-
-    @property
-    def count(self) -> int:
-        return self.raw["count"]
-
-    @property
-    def classes(self) -> list[str]:
-        return self.raw["classes"]
-
-    @property
-    def sources(self) -> list[dict]:
-        """The shard folders its items come from: {"identity", "location"} (recog.embeddings); empty for
-        embeddings written by another tool."""
-        return self.raw.get("sources", [])
-
-    def files(self) -> list[str]:
-        return [*self.raw["shards"], self.raw["ids"]]
-
-
-def read_index_info(folder: str | Path) -> IndexInfo:
-    folder = Path(folder)
-    path = folder / INDEX_JSON
-    if not path.is_file():
-        raise ConfigError(f"no {INDEX_JSON} in {folder}; give a folder written by python -m recog.index build.")
-    try:
-        raw = json.loads(path.read_text())
-        if raw.get("format") != FORMAT:
-            raise ValueError(f"format {raw.get('format')}")
-        info = IndexInfo(folder, raw)
-        _ = (info.model_sha256, info.dim, info.count, info.classes, info.files(), raw["params"], raw["generation"])
-        _ = [(s["identity"], s["location"]) for s in info.sources]
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ConfigError(f"{path} is not a recog index description ({e}); build the index again.") from None
-    # every file it names lies beside it: commit() removes an old version's files, open_gallery reads them
-    outside = [name for name in info.files() if not is_plain_name(name)]
-    if outside:
-        raise ConfigError(f"{path} names {str(outside[0])[:80]!r}, which is not a plain file name inside {folder}, "
-                          f"so it is not recog's; build the index into another folder, or move {path} away.")
-    return info
-
-
 def commit(folder: Path, raw: dict, old: IndexInfo | None) -> IndexInfo:
     """Replace index.json (the switch from the old version's files to the new), then remove the old files that
     the new version does not use: only files an index.json of ours named, each a plain name in `folder`
@@ -213,21 +144,6 @@ def check_out_dir(out_dir: Path, overwrite: bool) -> IndexInfo | None:
         raise ConfigError(f"{out_dir} already holds an index; add to it with `python -m recog.index add`, choose "
                           "another folder, or pass --overwrite to replace it.")
     return read_index_info(out_dir)
-
-
-def read_ids(info: IndexInfo) -> tuple[np.ndarray, np.ndarray]:
-    """The index's keys and labels (numbers and strings only: never a pickled object)."""
-    path = info.folder / info.raw["ids"]
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            keys, labels = npz["keys"], npz["labels"]
-    except (OSError, ValueError, KeyError, EOFError) as e:  # missing, damaged, or arrays of objects (pickles)
-        raise ConfigError(f"{path} cannot be read as the index's keys and labels ({str(e)[:80]}); build the index "
-                          "again.") from None
-    if keys.dtype.kind != "U" or labels.dtype.kind not in "iu" or keys.shape != labels.shape:
-        raise ConfigError(f"{path} does not hold string keys and integer labels of one length; build the index "
-                          "again.")
-    return keys, labels
 
 
 def sources_of(emb: Embeddings) -> list[dict]:
@@ -323,62 +239,7 @@ def _add(old: IndexInfo, emb: Embeddings, embeddings: str | Path, chunk: int) ->
     return commit(folder, raw, old)
 
 
-def read_shard(path: Path):
-    faiss = import_faiss()
-    if not path.is_file():
-        raise ConfigError(f"{path} is missing; build the index in {path.parent} again.")
-    try:
-        return faiss.read_index(str(path))
-    except RuntimeError as e:  # faiss reports a damaged file as a RuntimeError
-        raise ConfigError(f"{path} is not a readable faiss index ({str(e).splitlines()[0][:80]}); build the index "
-                          "again.") from None
-
-
-@dataclass
-class Gallery:
-    """An index opened for search: `search` gives each query's top-k (scores, ids); ids index `keys`/`labels`."""
-
-    info: IndexInfo
-    index: object
-    keys: np.ndarray
-    labels: np.ndarray
-
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-
-
-def open_shard(info: IndexInfo, number: int):
-    shard = read_shard(info.folder / info.raw["shards"][number])
-    set_search_params(shard, info.raw["params"])
-    return shard
-
-
-def open_gallery(folder: str | Path, shard_servers: list[tuple[str, int]] | None = None,
-                 shard_token: str | None = None) -> Gallery:
-    """The index in `folder`, ready to search: its shards opened here, or searched by their `serve-shard`
-    processes at `shard_servers` (one address per shard, in shard order; `shard_token` if they want one)."""
-    faiss = import_faiss()
-    info = read_index_info(folder)
-    if shard_servers:
-        from recog.shard_server import RemoteShards
-
-        index = RemoteShards(info, shard_servers, shard_token)
-    elif len(info.raw["shards"]) == 1:
-        index = open_shard(info, 0)
-    else:  # successive ids: shard i's local ids are offset by the sizes of the shards before it
-        index = faiss.IndexShards(info.dim, False, True)
-        for number in range(len(info.raw["shards"])):
-            index.add_shard(open_shard(info, number))
-    keys, labels = read_ids(info)
-    if not index.ntotal == len(keys) == info.count:
-        raise ConfigError(f"the index in {folder} holds {index.ntotal} vectors and {len(keys)} ids where "
-                          f"{INDEX_JSON} says {info.count}; build the index again.")
-    return Gallery(info, index, keys, labels)
-
-
 def main(argv: list[str] | None = None) -> int:
-    from recog.shard_server import port_number
-
     parser = argparse.ArgumentParser(prog="python -m recog.index", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -388,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--kind", choices=KINDS, default="auto")
     b.add_argument("--shards", type=int, default=1, help="split the ids into this many indexes (1)")
     b.add_argument("--train-size", type=int, default=100_000,
-                   help="IVF-PQ trains on this many vectors (at least 39 per list)")
+                   help=f"IVF indexes (ivfsq, ivfpq; auto above {FLAT_UP_TO:,} vectors) train on a sample of this "
+                        "many vectors (at least 39 per list); flat and hnsw need no training")
     b.add_argument("--overwrite", action="store_true", help="replace an index already in OUT_DIR")
     a = commands.add_parser("add", help="add a folder of embeddings of the same model to an index")
     a.add_argument("index_dir")
@@ -406,8 +268,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> None:
-    from recog.shard_server import TOKEN_ENV, serve_shard
-
     if args.command == "serve-shard":
         serve_shard(args.index_dir, args.shard, args.host, args.port, args.token or os.environ.get(TOKEN_ENV),
                     log=lambda line: print(line, flush=True))

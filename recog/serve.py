@@ -45,10 +45,16 @@ import torch
 from PIL import Image
 
 from recog.data.decode import MAX_SIDE_RATIO, ImageRefused, decode_image, header_size
-from recog.errors import ConfigError, RecogError
-from recog.identify import answer, check_match, class_names
+from recog.data.manifest import load_manifest
+from recog.data.random_access import ShardRandomAccess
+from recog.data.source import ShardSource
+from recog.errors import ConfigError
+from recog.exported import ExportedEmbedder
+from recog.gallery import open_gallery
+from recog.identify import answer, check_match, gallery_class_names
 from recog.listen import bind
 from recog.shard_server import TOKEN_ENV, port_number
+from recog.shell import run_command
 
 try:  # the serve extra (module level: FastAPI reads the endpoints' annotations from this module's names)
     import uvicorn
@@ -220,15 +226,12 @@ class Service:
                  max_pixels: int = Image.MAX_IMAGE_PIXELS, default_k: int = 5, read_timeout_s: float = 30.0,
                  cache_dir: str | None = None, decode_threads: int = 0,
                  shard_servers: list[tuple[str, int]] | None = None, shard_token: str | None = None):
-        from recog.embedder import ExportedEmbedder
-        from recog.index import open_gallery
-
         for name, value in (("--max-batch", max_batch), ("--max-inflight", max_inflight), ("-k", default_k)):
             if value < 1:
                 raise ConfigError(f"{name} {value} must be 1 or more.")
         self.embedder, self.gallery = ExportedEmbedder(model_dir), open_gallery(index_dir, shard_servers, shard_token)
         check_match(self.embedder, self.gallery, model_dir, index_dir)
-        self.classes = class_names(self.embedder, self.gallery)
+        self.classes = gallery_class_names(self.embedder, self.gallery)
         if isinstance(shards, str):
             shards = [shards]
         self.items = GalleryImages(shards, self.gallery.info.sources, cache_dir, index_dir) if shards else None
@@ -269,6 +272,54 @@ class Service:
     def decode(self, data: bytes) -> torch.Tensor:
         return decode_upload(data, self.embedder.channels, self.embedder.preprocess, self.max_pixels)
 
+    @asynccontextmanager
+    async def lifespan(self, app):
+        self.batcher.start()
+        yield
+        await self.batcher.stop()
+        log.info("stopped after %d requests answered", self.served)
+
+    async def decode_request(self, request: Request, k: str | None) -> tuple[torch.Tensor, int, float]:
+        """POST /identify's request -> the model's input, the matches asked for, and the decode's milliseconds."""
+        top = parse_k(k, self.default_k, self.max_k)
+        try:
+            data = await asyncio.wait_for(read_upload(request, self.max_bytes), self.read_timeout_s)
+        except asyncio.TimeoutError:
+            raise BadRequest(408, f"the upload took longer than {self.read_timeout_s:g} s (--read-timeout-s); send "
+                                  "it again.") from None
+        except ClientDisconnect:
+            raise BadRequest(400, "the client went away before its upload ended.") from None
+        async with self.decoding:
+            started = time.perf_counter()
+            pixels = await run_in_threadpool(self.decode, data)
+            decoded = time.perf_counter()
+        return pixels, top, round(1000 * (decoded - started), 3)
+
+    async def predict(self, pixels: torch.Tensor, k: int) -> dict:
+        """Embedded and searched with the other requests of its batch (compute)."""
+        return await self.batcher.submit(pixels, k)
+
+    def encode_response(self, result: dict, decode_ms: float) -> dict:
+        result["timing_ms"]["decode"] = decode_ms
+        self.served += 1
+        return result
+
+    async def item_image(self, key: str, if_none_match: str) -> Response:
+        """GET /items/{key}/image: the gallery item's encoded image, or 304 when the client's copy is current."""
+        if self.items is None:
+            raise BadRequest(404, "this service was started without --shards, so it serves no gallery images; "
+                                  "start it with --shards GALLERY_SHARDS.")
+        data = await run_in_threadpool(self.items.read, key)
+        if data is None:
+            raise BadRequest(404, f"no gallery item has the key {key[:40]!r}.")
+        # no-cache, not max-age: a rebuilt gallery may give a key another image; the ETag (the bytes' hash) lets a
+        # browser keep its copy after a 304. nosniff: the bytes are shown as the image type they were sent as only
+        tag = f'"{hashlib.sha256(data).hexdigest()[:32]}"'
+        headers = {"ETag": tag, "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
+        if etag_matches(if_none_match, tag):
+            return Response(status_code=304, headers=headers)
+        return Response(data, media_type=image_kind(data), headers=headers)
+
 
 class GalleryImages:
     """The gallery items' encoded images, looked up by key (`IDENTITY:KEY`, recog.embeddings) in the index of the
@@ -277,10 +328,6 @@ class GalleryImages:
 
     def __init__(self, locations: list[str], sources: list[dict], cache_dir: str | None = None,
                  index_dir: str = "the index"):
-        from recog.data.manifest import load_manifest
-        from recog.data.random_access import ShardRandomAccess
-        from recog.data.source import ShardSource
-
         if not sources:
             raise ConfigError(f"{index_dir} does not record which shard folders its items come from (it was built "
                               "from embeddings of another tool or an older recog); build it again from "
@@ -314,17 +361,48 @@ class GalleryImages:
         return None if i is None else shards.read_bytes(i)
 
 
-def create_app(service: Service) -> FastAPI:
-    @asynccontextmanager
-    async def lifespan(app):
-        service.batcher.start()
-        yield
-        await service.batcher.stop()
-        log.info("stopped after %d requests answered", service.served)
+async def read_upload(request: Request, max_bytes: int) -> bytes:
+    """The request's image bytes, from its body or its multipart file field, refused past max_bytes."""
+    too_big = BadRequest(413, f"the upload is larger than {max_bytes:,} bytes (--max-mb); send a smaller file.")
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > max_bytes + 65536:  # room for multipart headers
+        raise too_big
+    body, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes + 65536:
+            raise too_big
+        body.append(chunk)
+    data = b"".join(body)
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        data = await form_file(request, data)
+    if len(data) > max_bytes:
+        raise too_big
+    return data
 
-    app = FastAPI(title="recog identify", lifespan=lifespan, docs_url=None, redoc_url=None)
-    page = files("recog").joinpath(PAGE).read_text()
 
+async def form_file(request: Request, body: bytes) -> bytes:
+    """The first file field of a multipart form, from the body already read (and bounded) by read_upload."""
+    async def replay():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=1, max_fields=8)
+    except Exception as e:  # a malformed form: Starlette raises several kinds
+        raise BadRequest(400, f"the multipart form could not be read ({str(e)[:80]!r}); send the image as one file "
+                              "field (curl -F image=@photo.jpg).") from None
+    try:
+        uploads = [value for value in form.values() if isinstance(value, UploadFile)]
+        if not uploads:
+            raise BadRequest(400, "the multipart form holds no file; send the image as a file field "
+                                  "(curl -F image=@photo.jpg).")
+        return await uploads[0].read()
+    finally:
+        await form.close()
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every refusal and failure as {"error": one sentence}."""
     @app.exception_handler(BadRequest)
     async def refused(request: Request, e: BadRequest):
         return JSONResponse({"error": e.message}, status_code=e.status)
@@ -342,40 +420,12 @@ def create_app(service: Service) -> FastAPI:
         return JSONResponse({"error": f"the service failed on this request ({type(e).__name__}); its log has the "
                                       "details."}, status_code=500)
 
-    async def read_upload(request: Request) -> bytes:
-        """The request's image bytes, from its body or its multipart file field, refused past max_bytes."""
-        too_big = BadRequest(413, f"the upload is larger than {service.max_bytes:,} bytes (--max-mb); send a "
-                                  "smaller file.")
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > service.max_bytes + 65536:  # room for multipart headers
-            raise too_big
-        body, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > service.max_bytes + 65536:
-                raise too_big
-            body.append(chunk)
-        data = b"".join(body)
-        if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            async def replay():
-                return {"type": "http.request", "body": data, "more_body": False}
 
-            try:
-                form = await Request(request.scope, replay).form(max_files=1, max_fields=8)
-            except Exception as e:  # a malformed form: Starlette raises several kinds
-                raise BadRequest(400, f"the multipart form could not be read ({str(e)[:80]!r}); send the image as "
-                                      "one file field (curl -F image=@photo.jpg).") from None
-            try:
-                uploads = [value for value in form.values() if isinstance(value, UploadFile)]
-                if not uploads:
-                    raise BadRequest(400, "the multipart form holds no file; send the image as a file field "
-                                          "(curl -F image=@photo.jpg).")
-                data = await uploads[0].read()
-            finally:
-                await form.close()
-        if len(data) > service.max_bytes:
-            raise too_big
-        return data
+def create_app(service: Service) -> FastAPI:
+    """The endpoints: POST /identify is decode_request -> predict -> encode_response, as LitServe's LitAPI."""
+    app = FastAPI(title="recog identify", lifespan=service.lifespan, docs_url=None, redoc_url=None)
+    add_error_handlers(app)
+    page = files("recog").joinpath(PAGE).read_text()
 
     @app.post("/identify")
     async def identify(request: Request, k: str | None = None):
@@ -385,40 +435,14 @@ def create_app(service: Service) -> FastAPI:
                                 status_code=503, headers={"Retry-After": "1"})
         service.inflight += 1
         try:
-            top = parse_k(k, service.default_k, service.max_k)
-            try:
-                data = await asyncio.wait_for(read_upload(request), service.read_timeout_s)
-            except asyncio.TimeoutError:
-                raise BadRequest(408, f"the upload took longer than {service.read_timeout_s:g} s "
-                                      "(--read-timeout-s); send it again.") from None
-            except ClientDisconnect:
-                raise BadRequest(400, "the client went away before its upload ended.") from None
-            async with service.decoding:
-                started = time.perf_counter()
-                pixels = await run_in_threadpool(service.decode, data)
-                decoded = time.perf_counter()
-            result = await service.batcher.submit(pixels, top)
-            result["timing_ms"]["decode"] = round(1000 * (decoded - started), 3)
-            service.served += 1
-            return result
+            pixels, top, decode_ms = await service.decode_request(request, k)
+            return service.encode_response(await service.predict(pixels, top), decode_ms)
         finally:
             service.inflight -= 1
 
     @app.get("/items/{key}/image")
     async def item_image(key: str, request: Request):
-        if service.items is None:
-            raise BadRequest(404, "this service was started without --shards, so it serves no gallery images; "
-                                  "start it with --shards GALLERY_SHARDS.")
-        data = await run_in_threadpool(service.items.read, key)
-        if data is None:
-            raise BadRequest(404, f"no gallery item has the key {key[:40]!r}.")
-        # no-cache, not max-age: a rebuilt gallery may give a key another image; the ETag (the bytes' hash) lets a
-        # browser keep its copy after a 304. nosniff: the bytes are shown as the image type they were sent as only
-        tag = f'"{hashlib.sha256(data).hexdigest()[:32]}"'
-        headers = {"ETag": tag, "Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
-        if etag_matches(request.headers.get("if-none-match", ""), tag):
-            return Response(status_code=304, headers=headers)
-        return Response(data, media_type=image_kind(data), headers=headers)
+        return await service.item_image(key, request.headers.get("if-none-match", ""))
 
     @app.get("/healthz")
     async def healthz():
@@ -485,9 +509,13 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    return run_command(lambda: serve(args))
+
+
+def serve(args: argparse.Namespace) -> None:
+    """Load the export and the index, listen, and answer until SIGTERM or Ctrl-C (then exit with status 0)."""
     if FastAPI is None:
-        print("error: recog.serve needs FastAPI and uvicorn: pip install -e '.[serve]'.", file=sys.stderr)
-        return 2
+        raise ConfigError("recog.serve needs FastAPI and uvicorn: pip install -e '.[serve]'.")
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(levelname)s] %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("faiss").setLevel(logging.WARNING)  # which of its builds it loaded
     # Pillow's bomb check follows --max-pixels; it only warns between its limit and twice it: here that is a 413
@@ -495,17 +523,23 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("error", Image.DecompressionBombWarning)
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        service = Service(args.model, args.index, args.shards, max_batch=args.max_batch,
-                          max_wait_ms=args.max_wait_ms, max_inflight=args.max_inflight,
-                          max_bytes=int(args.max_mb * (1 << 20)), max_pixels=args.max_pixels, default_k=args.k,
-                          read_timeout_s=args.read_timeout_s, cache_dir=args.cache_dir,
-                          decode_threads=args.decode_threads, shard_servers=args.shard_servers,
-                          shard_token=args.shard_token or os.environ.get(TOKEN_ENV))
-        sock = bind(args.host, args.port)
-    except RecogError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    service = Service(args.model, args.index, args.shards, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                      max_inflight=args.max_inflight, max_bytes=int(args.max_mb * (1 << 20)),
+                      max_pixels=args.max_pixels, default_k=args.k, read_timeout_s=args.read_timeout_s,
+                      cache_dir=args.cache_dir, decode_threads=args.decode_threads,
+                      shard_servers=args.shard_servers, shard_token=args.shard_token or os.environ.get(TOKEN_ENV))
+    sock = bind(args.host, args.port)
+    log_what_is_served(service, args, sock)
+    config = uvicorn.Config(create_app(service), log_level="warning", access_log=args.access_log,
+                            timeout_graceful_shutdown=args.grace_s, lifespan="on")
+    # uvicorn finishes the requests in flight on SIGTERM/SIGINT, then raises the signal again for the handler it
+    # found: this one, so that a clean stop exits with status 0 rather than dying of the signal
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda number, frame: None)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def log_what_is_served(service: Service, args: argparse.Namespace, sock) -> None:
     d = service.description
     log.info("model %s: sha256 %s, %d-d embeddings of %d×%d px, %d channel(s)", Path(args.model).resolve(),
              d["model_sha256"], d["embedding_dim"], d["input"]["size"], d["input"]["size"], d["input"]["channels"])
@@ -518,14 +552,6 @@ def main(argv: list[str] | None = None) -> int:
     host, port = sock.getsockname()[:2]
     log.info("listening on http://%s:%d (batches of up to %d, %g ms wait, %d requests in flight at most)",
              host, port, args.max_batch, args.max_wait_ms, args.max_inflight)
-    config = uvicorn.Config(create_app(service), log_level="warning", access_log=args.access_log,
-                            timeout_graceful_shutdown=args.grace_s, lifespan="on")
-    # uvicorn finishes the requests in flight on SIGTERM/SIGINT, then raises the signal again for the handler it
-    # found: this one, so that a clean stop exits with status 0 rather than dying of the signal
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda number, frame: None)
-    uvicorn.Server(config).run(sockets=[sock])
-    return 0
 
 
 if __name__ == "__main__":

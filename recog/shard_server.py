@@ -1,5 +1,6 @@
 """One shard of an index held by its own process (`serve-shard`), and the client that searches every shard's server
-and merges the answers as one index (`open_gallery(folder, shard_servers=...)`, recog.serve --shard-servers).
+and merges the answers as one index (`recog.gallery.open_gallery(folder, shard_servers=...)`, recog.serve
+--shard-servers).
 
     python -m recog.index serve-shard INDEX_DIR --shard I [--host 127.0.0.1] [--port P] [--token T]
 
@@ -23,6 +24,7 @@ The client keeps one keep-alive connection per shard, with a timeout, so a dead 
 
 from __future__ import annotations
 
+import argparse
 import hmac
 import http.client
 import ipaddress
@@ -41,6 +43,7 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 
 from recog.errors import ConfigError, DataError
+from recog.index_files import IndexInfo, import_faiss, open_shard, read_index_info
 from recog.listen import bind
 
 log = logging.getLogger("recog.shard_server")
@@ -59,8 +62,6 @@ ENDPOINTS = "GET /describe and POST /search?k=K&dim=D"
 
 def port_number(text: str) -> int:
     """argparse's type for --port: a TCP port (0: any free one), or one sentence."""
-    import argparse
-
     if not NUMBER.fullmatch(text) or int(text) > 65535:
         raise argparse.ArgumentTypeError(f"{text[:20]!r} is not a port number; give 0 to 65535 (0: any free port)")
     return int(text)
@@ -274,8 +275,6 @@ def serve_shard(folder: str | Path, number: int, host: str = "127.0.0.1", port: 
                 log=print) -> None:
     """Hold shard `number` of the index in `folder` and answer searches on host:port until killed. Any address
     but the loopback needs `token`, which every request must then carry."""
-    from recog.index import open_shard, read_index_info
-
     token = check_token(token, "--token")
     if token is None and not is_loopback(host):
         raise ConfigError(f"serve-shard would listen on {host}, beyond this machine, with no shared token; set "
@@ -363,7 +362,8 @@ class RemoteShards:
     """An index's shards searched by their servers (`serve-shard`), one thread per shard, merged per query: the k
     largest scores, each shard's ids offset by the sizes of the shards before it, as faiss.IndexShards does."""
 
-    def __init__(self, info, addresses: list[tuple[str, int]], token: str | None = None, timeout_s: float = 60.0):
+    def __init__(self, info: IndexInfo, addresses: list[tuple[str, int]], token: str | None = None,
+                 timeout_s: float = 60.0):
         token = check_token(token, f"--shard-token or {TOKEN_ENV}")
         self.folder = info.folder
         if len(addresses) != len(info.raw["shards"]):
@@ -414,8 +414,6 @@ class RemoteShards:
         return described
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        from recog.index import import_faiss
-
         faiss = import_faiss()
         if not 1 <= k <= MAX_K:
             raise ConfigError(f"k={k}: shard servers give 1 to {MAX_K} matches per query; ask for fewer.")

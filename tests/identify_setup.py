@@ -99,6 +99,15 @@ def run_module(module: str, *args: str, timeout: float = 120) -> subprocess.Comp
                           text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
+def embed_gallery(export_dir: Path, shards: Path, out: Path, *settings: str) -> Path:
+    """`python -m recog.embed` at world size 1 (one process, no data-loader worker) as a user runs it: the
+    embeddings of every sample of `shards` in `out`."""
+    result = run_module("embed", f"model={export_dir}", f"data={shards}", f"out={out}", "num_workers=0", *settings,
+                        timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out
+
+
 class WritesMarker:
     """Unpickled, it creates the file `marker`: the proof that loading ran code from the file."""
 

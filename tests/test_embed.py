@@ -29,10 +29,10 @@ from recog.data.plan import Piece, rank_pieces
 from recog.data.stream import read_pieces
 from recog.data.write import FASHION_MNIST_CLASSES, Record, idx_records, write_shards
 from recog.embed import Plan, read_records
-from recog.embedder import Preprocess
-from recog.embeddings import embed_shards, open_embeddings
+from recog.embeddings import open_embeddings
 from recog.errors import ConfigError, DataError
 from recog.export import export
+from recog.exported import Preprocess
 from recog.files import LOCK_FILE
 
 # small batches and parts, so that a run has many of each (2 × 13 parts of the 1,000 tiny training images)
@@ -110,11 +110,6 @@ def test_two_processes_embed_each_sample_once_as_one_process_does(two_processes,
     print(f"1 vs 2 processes: max difference {error:.2e}")
     assert error <= 1e-5
     assert open_embeddings(tmp_path / "one").model_sha256 == emb.model_sha256
-
-    # and the one-process writer of recog.embeddings, in this process
-    embed_shards(model["export"], tiny_data["train"], tmp_path / "writer", part_size=400)
-    writer_vectors, writer_keys, _ = everything(tmp_path / "writer")
-    assert (writer_keys == keys).all() and np.abs(writer_vectors - vectors).max() <= 1e-5
 
 
 def recog_traceback(stderr: str) -> bool:

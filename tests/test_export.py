@@ -17,9 +17,9 @@ from identify_setup import ATTACKS, WEIGHTS_CONFIG, random_checkpoint, rewrite_a
 
 from recog.data.normalize import Normalize
 from recog.data.write import FASHION_MNIST_CLASSES
-from recog.embedder import ExportedEmbedder
 from recog.errors import ConfigError
-from recog.export import export, pt2_problem
+from recog.export import export
+from recog.exported import ExportedEmbedder, pt2_problem
 from recog.files import sha256_of
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

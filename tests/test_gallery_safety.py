@@ -17,14 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ROOT
-from identify_setup import clustered, random_checkpoint, run_module, write_embeddings
+from identify_setup import clustered, embed_gallery, random_checkpoint, run_module, write_embeddings
 
 from recog.data.manifest import item_key, load_manifest
-from recog.embeddings import embed_shards, open_embeddings
+from recog.embeddings import open_embeddings
 from recog.errors import ConfigError
 from recog.export import export
 from recog.files import LOCK_FILE
-from recog.index import add, build, choose_kind, open_gallery
+from recog.gallery import open_gallery
+from recog.index import add, build, choose_kind
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -89,7 +90,7 @@ def two_folders(tmp_path_factory, tiny_data):
     random_checkpoint(root / "model.pt")
     export(root / "model.pt", root / "export", onnx=False)
     for split in ("train", "test"):
-        embed_shards(root / "export", tiny_data[split], root / f"emb-{split}", part_size=400)
+        embed_gallery(root / "export", tiny_data[split], root / f"emb-{split}", "part_size=400")
     return root
 
 
@@ -197,12 +198,13 @@ def test_wrong_words_are_right(tmp_path, tiny_data, two_folders):
     shards = tmp_path / "shards"
     shutil.copytree(tiny_data["test"], shards)
     before = snapshot(shards)
-    with pytest.raises(ConfigError, match=r"holds shards \(python -m recog.data write\), not embeddings"):
-        embed_shards(two_folders / "export", tiny_data["test"], shards)
+    refused = run_module("embed", f"model={two_folders / 'export'}", f"data={tiny_data['test']}", f"out={shards}")
+    assert refused.returncode == 2 and "holds shards (python -m recog.data write), not embeddings" in refused.stderr
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "manifest.json").write_text('{"mine": "precious"}')
-    with pytest.raises(ConfigError, match="holds another tool's manifest.json, not embeddings"):
-        embed_shards(two_folders / "export", tiny_data["test"], tmp_path / "other")
+    refused = run_module("embed", f"model={two_folders / 'export'}", f"data={tiny_data['test']}",
+                         f"out={tmp_path / 'other'}")
+    assert refused.returncode == 2 and "holds another tool's manifest.json, not embeddings" in refused.stderr
     assert snapshot(shards) == before and (tmp_path / "other" / "manifest.json").read_text() == '{"mine": "precious"}'
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 from conftest import BUNDLED, run_train, tiny_args
 from identify_setup import (
+    embed_gallery,
     fashion_test_images,
     identify_bounded,
     pickled_weight,
@@ -24,7 +25,6 @@ from identify_setup import (
 
 from recog.data.idx import find_idx_pair
 from recog.data.write import FASHION_MNIST_CLASSES, idx_records
-from recog.embeddings import embed_shards
 from recog.export import export
 from recog.identify import main, vote
 from recog.index import build
@@ -40,7 +40,7 @@ def gallery(tmp_path_factory, tiny_data):
     torch.set_num_threads(1)
     try:
         export(root / "run" / "checkpoints" / "last.pt", root / "export", onnx=False)
-        embed_shards(root / "export", tiny_data["train"], root / "embeddings", part_size=400)
+        embed_gallery(root / "export", tiny_data["train"], root / "embeddings", "part_size=400")
     finally:
         torch.set_num_threads(threads)
     build(root / "embeddings", root / "index", log=lambda line: None)

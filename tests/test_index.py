@@ -13,7 +13,8 @@ from identify_setup import clustered, run_module, write_embeddings
 from recog.embeddings import open_embeddings
 from recog.errors import ConfigError
 from recog.files import LOCK_FILE
-from recog.index import add, build, choose_kind, open_gallery
+from recog.gallery import open_gallery
+from recog.index import add, build, choose_kind
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -23,7 +23,9 @@ from conftest import ROOT
 from identify_setup import clustered, run_module, write_embeddings
 
 from recog.errors import ConfigError
-from recog.index import build, main, open_gallery, read_index_info
+from recog.gallery import open_gallery
+from recog.index import build, main
+from recog.index_files import read_index_info
 from recog.shard_server import MAX_QUERIES, TOKEN_ENV, RemoteShards
 
 DIM = 32

@@ -16,6 +16,7 @@ there. 1.3-1.9x the images/s per core; reduced crops differ from full decoding b
 from __future__ import annotations
 
 import io
+import logging
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -27,6 +28,8 @@ from torchvision import transforms as transforms_v1
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from recog.errors import DataError
+
 try:
     import simplejpeg
 except ImportError:  # a base dependency; without it data.jpeg_scaled_decode=auto decodes with PIL, as false does
@@ -36,6 +39,8 @@ try:  # TorchCodec: PyTorch's image and video decoders (torchvision's decoders a
     from torchcodec.decoders import decode_png
 except (ImportError, OSError):  # not installed, or built for another torch: PIL decodes every image
     decode_png = None
+
+log = logging.getLogger(__name__)
 
 IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -174,13 +179,34 @@ def header_size(data: bytes, max_pixels: int) -> tuple[int, int]:
     return width, height
 
 
-def decode_sample(sample: dict, channels: int, decode: Decode | None = None) -> tuple[torch.Tensor, int]:
+def decode_sample(sample: dict, channels: int, decode: Decode | None = None,
+                  unlabelled: int | None = None) -> tuple[torch.Tensor, int]:
     """Raw sample dict -> (uint8 image tensor C×H×W, class index). Raises on anything undecodable.
-    decode: how to decode the image's bytes; None: decode_image."""
+    decode: how to decode the image's bytes; None: decode_image. unlabelled: the label of a sample without `cls`
+    (None: such a sample is undecodable, as training needs a label)."""
     key = next((k for k in IMAGE_KEYS if k in sample), None)
     if key is None:
         raise ValueError(f"no image ({'/'.join(IMAGE_KEYS)}) in sample {sample.get('__key__')}")
-    return (decode or decode_image)(sample[key], channels), int(sample["cls"])
+    image = (decode or decode_image)(sample[key], channels)
+    return image, (unlabelled if "cls" not in sample and unlabelled is not None else int(sample["cls"]))
+
+
+def decode_or_skip(sample: dict | None, channels: int, strict: bool, strict_option: str,
+                   decode: Decode | None = None, unlabelled: int | None = None) -> tuple[torch.Tensor, int] | None:
+    """decode_sample's image and label, or None for a sample to skip and count: an unreadable one (None: its
+    reader warned) or an undecodable one (no image, damaged bytes, a label that is no number), logged as a
+    warning; with `strict`, an undecodable sample stops the run with one sentence naming `strict_option`."""
+    if sample is None:
+        return None
+    try:
+        return decode_sample(sample, channels, decode, unlabelled)
+    except Exception as e:  # PIL and the decoders raise many kinds
+        where = f"{sample.get('__url__')}:{sample.get('__key__')}"
+        if strict:
+            raise DataError(f"sample {where} could not be decoded ({type(e).__name__}: {e}); fix it or set "
+                            f"{strict_option}=false.") from e
+        log.warning("skipping undecodable sample %s (%s: %s)", where, type(e).__name__, e)
+        return None
 
 
 REDUCTIONS = (8, 4, 2)  # libjpeg-turbo's DCT scaling, 1/8 to 1/2 (its other M/8 scales decode no faster than 1/1)

@@ -9,7 +9,6 @@ A batch never spans two parts, so a part's batches, hence its vectors, are the s
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -19,16 +18,13 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from recog.data.decode import IMAGE_KEYS, decode_image
+from recog.data.decode import decode_or_skip
 from recog.data.loader import WorkerWarnings
 from recog.data.manifest import Manifest
 from recog.data.offsets import ShardOffsets
 from recog.data.plan import Piece, slice_pieces
 from recog.data.source import ShardSource
 from recog.data.stream import read_pieces
-from recog.errors import DataError
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -99,20 +95,12 @@ class PartStream(IterableDataset):
     def _collate(self, slots, part: int, last: bool) -> PartBatch:
         images, keys, labels, skipped = [], [], [], 0
         for sample in slots:
-            if sample is None:  # unreadable (read_pieces warned)
+            # as training skips them; a sample without a label is embedded with label -1 (a gallery may hold it)
+            decoded = decode_or_skip(sample, self.channels, self.strict, "strict", unlabelled=-1)
+            if decoded is None:
                 skipped += 1
                 continue
-            try:
-                image = decode_image(sample[next(k for k in IMAGE_KEYS if k in sample)], self.channels)
-                label = int(sample["cls"]) if "cls" in sample else -1
-            except Exception as e:  # no image, damaged bytes, a label that is no number: as training skips them
-                where = f"{sample.get('__url__')}:{sample.get('__key__')}"
-                if self.strict:
-                    raise DataError(f"sample {where} could not be decoded ({type(e).__name__}: {e}); fix it or "
-                                    "set strict=false.") from e
-                log.warning("skipping undecodable sample %s (%s: %s)", where, type(e).__name__, e)
-                skipped += 1
-                continue
+            image, label = decoded
             images.append(self.preprocess(image))
             keys.append(sample["__key__"])
             labels.append(label)

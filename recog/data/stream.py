@@ -21,7 +21,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from recog.data.decode import Decode, decode_sample
+from recog.data.decode import Decode, decode_or_skip
 from recog.data.gpu_decode import EncodedImages, keep_encoded
 from recog.data.loader import Batch, WorkerWarnings, join_batches
 from recog.data.manifest import Manifest
@@ -259,17 +259,9 @@ class ShardStream(IterableDataset):
         if key in self._decoded:
             kept = self._decoded[key]
             return None if kept is UNDECODABLE else kept
-        if sample is None:
+        if sample is None:  # unreadable: read again next epoch, not kept as undecodable
             return None
-        try:
-            decoded = decode_sample(sample, self.channels, self.decode)
-        except Exception as e:
-            where = f"{sample.get('__url__')}:{sample.get('__key__')}"
-            if self.strict:
-                raise DataError(f"sample {where} could not be decoded ({e}); fix it or set "
-                                "data.strict=false.") from e
-            log.warning("skipping undecodable sample %s (%s)", where, e)
-            decoded = None
+        decoded = decode_or_skip(sample, self.channels, self.strict, "data.strict", self.decode)
         if self.keep_decoded:
             self._decoded[key] = UNDECODABLE if decoded is None else decoded
         return decoded

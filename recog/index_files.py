@@ -1,0 +1,121 @@
+"""An index folder read (written by `python -m recog.index build` and `add`): index.json, which names the version's
+files, faiss's file of each shard, and the ids (each id's key and label). What a reader needs, and nothing of the
+writer's or the servers': recog.index (the writer), recog.shard_server and recog.gallery import it.
+
+Every file index.json names lies beside it (a plain name, never a path), and the ids are read without pickles.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from recog.errors import ConfigError
+from recog.files import is_plain_name
+
+FORMAT = "recog-index/1"
+INDEX_JSON = "index.json"
+
+
+def import_faiss():
+    try:
+        import faiss
+    except ImportError:
+        raise ConfigError("faiss is not installed; pip install 'recog[identify]' (faiss-cpu).") from None
+    return faiss
+
+
+def set_search_params(index, params: dict) -> None:
+    faiss = import_faiss()
+    for name, value in params.get("search", {}).items():
+        faiss.ParameterSpace().set_index_parameter(index, name, value)
+
+
+@dataclass
+class IndexInfo:
+    """What index.json says: the model, the width, the labels' names, the kind, and the files of this version."""
+
+    folder: Path
+    raw: dict
+
+    @property
+    def model_sha256(self) -> str:
+        return self.raw["model_sha256"]
+
+    @property
+    def dim(self) -> int:
+        return self.raw["dim"]
+
+    @property
+    def count(self) -> int:
+        return self.raw["count"]
+
+    @property
+    def classes(self) -> list[str]:
+        return self.raw["classes"]
+
+    @property
+    def sources(self) -> list[dict]:
+        """The shard folders its items come from: {"identity", "location"} (recog.embeddings); empty for
+        embeddings written by another tool."""
+        return self.raw.get("sources", [])
+
+    def files(self) -> list[str]:
+        return [*self.raw["shards"], self.raw["ids"]]
+
+
+def read_index_info(folder: str | Path) -> IndexInfo:
+    folder = Path(folder)
+    path = folder / INDEX_JSON
+    if not path.is_file():
+        raise ConfigError(f"no {INDEX_JSON} in {folder}; give a folder written by python -m recog.index build.")
+    try:
+        raw = json.loads(path.read_text())
+        if raw.get("format") != FORMAT:
+            raise ValueError(f"format {raw.get('format')}")
+        info = IndexInfo(folder, raw)
+        _ = (info.model_sha256, info.dim, info.count, info.classes, info.files(), raw["params"], raw["generation"])
+        _ = [(s["identity"], s["location"]) for s in info.sources]
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ConfigError(f"{path} is not a recog index description ({e}); build the index again.") from None
+    # every file it names lies beside it: commit() removes an old version's files, open_gallery reads them
+    outside = [name for name in info.files() if not is_plain_name(name)]
+    if outside:
+        raise ConfigError(f"{path} names {str(outside[0])[:80]!r}, which is not a plain file name inside {folder}, "
+                          f"so it is not recog's; build the index into another folder, or move {path} away.")
+    return info
+
+
+def read_ids(info: IndexInfo) -> tuple[np.ndarray, np.ndarray]:
+    """The index's keys and labels (numbers and strings only: never a pickled object)."""
+    path = info.folder / info.raw["ids"]
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            keys, labels = npz["keys"], npz["labels"]
+    except (OSError, ValueError, KeyError, EOFError) as e:  # missing, damaged, or arrays of objects (pickles)
+        raise ConfigError(f"{path} cannot be read as the index's keys and labels ({str(e)[:80]}); build the index "
+                          "again.") from None
+    if keys.dtype.kind != "U" or labels.dtype.kind not in "iu" or keys.shape != labels.shape:
+        raise ConfigError(f"{path} does not hold string keys and integer labels of one length; build the index "
+                          "again.")
+    return keys, labels
+
+
+def read_shard(path: Path):
+    faiss = import_faiss()
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing; build the index in {path.parent} again.")
+    try:
+        return faiss.read_index(str(path))
+    except RuntimeError as e:  # faiss reports a damaged file as a RuntimeError
+        raise ConfigError(f"{path} is not a readable faiss index ({str(e).splitlines()[0][:80]}); build the index "
+                          "again.") from None
+
+
+def open_shard(info: IndexInfo, number: int):
+    shard = read_shard(info.folder / info.raw["shards"][number])
+    set_search_params(shard, info.raw["params"])
+    return shard
