@@ -79,10 +79,11 @@ def plain_name(name: object, described_in: str | Path, fix: str) -> str:
     return name
 
 
-def disk_error(error: OSError, where: str | Path, fix: str = "free some space or choose another folder") -> ConfigError:
+def disk_error(error: OSError, where: str | Path) -> ConfigError:
     """An OSError met while writing (a full disk, a read-only or vanished folder) as one sentence."""
     reason = error.strerror or str(error) or type(error).__name__
-    hint = fix if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "check the folder and its permissions"
+    full = error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    hint = "free some space or choose another folder" if full else "check the folder and its permissions"
     return ConfigError(f"cannot write to {where} ({reason}); {hint}.")
 
 

@@ -271,6 +271,18 @@ def test_writer_refuses_nothing_to_write(tmp_path):
         folder_records(tmp_path)
 
 
+def test_class_names_from_a_preset_a_string_or_a_config_list():
+    from omegaconf import OmegaConf
+
+    from recog.data.prepare import parse_class_names
+    from recog.data.write import FASHION_MNIST_CLASSES
+
+    assert parse_class_names(None) is None and parse_class_names("fashion_mnist") == FASHION_MNIST_CLASSES
+    assert parse_class_names("bag, shoe") == ["bag", "shoe"] and parse_class_names(["a,b", "c"]) == ["a,b", "c"]
+    prepare = OmegaConf.create({"class_names": ["bag", "shoe"]})  # data.prepare.class_names as a YAML list
+    assert parse_class_names(prepare.get("class_names")) == ["bag", "shoe"]
+
+
 def test_persistent_workers_follow_set_epoch(tiny_data):
     """Workers live for the whole run (separate processes); each epoch they must read that epoch's plan."""
     manifest = load_manifest(tiny_data["train"])

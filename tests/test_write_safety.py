@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -179,23 +180,30 @@ def many_images(src: Path, count: int) -> None:
         Image.new("L", (4, 4), i % 256).save(src / "ab"[i % 2] / f"{i:05d}.png")
 
 
-def start_writer(src: Path, out: Path) -> subprocess.Popen:
+@contextmanager
+def writer_running(src: Path, out: Path):
     """A real `python -m recog.data write` of one shard per image, in its own process (its stderr in a file
-    beside `src`: a pipe's buffer could fill with the progress bar and stop it)."""
+    beside `src`: a pipe's buffer could fill with the progress bar and stop it), killed at the end if need be."""
     with open(src.parent / "writer.err", "wb") as err:
-        return subprocess.Popen([sys.executable, "-m", "recog.data", "write", "folder", str(src), str(out),
-                                 "--shard-samples", "1", "--no-shuffle"], cwd=ROOT, stdout=subprocess.DEVNULL,
-                                stderr=err, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        writer = subprocess.Popen([sys.executable, "-m", "recog.data", "write", "folder", str(src), str(out),
+                                   "--shard-samples", "1", "--no-shuffle"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                  stderr=err, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        yield writer
+    finally:
+        writer.kill()
+        writer.wait()
 
 
-def said(writer: subprocess.Popen, src: Path) -> str:
+def said(src: Path) -> str:
+    """The end of what the writer started on `src` wrote to its stderr."""
     return (src.parent / "writer.err").read_text()[-2000:]
 
 
 def wait_for(path: Path, writer: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
-        assert writer.poll() is None, f"the writer ended first: {said(writer, path.parent.parent / 'src')}"
+        assert writer.poll() is None, f"the writer ended first: {said(path.parent.parent / 'src')}"
         assert time.monotonic() < deadline, f"no {path.name} after {timeout} s"
         time.sleep(0.005)
 
@@ -204,13 +212,9 @@ def wait_for(path: Path, writer: subprocess.Popen, timeout: float = 120) -> None
 def test_what_a_killed_writer_left_is_removed_by_the_next_write_and_nothing_else(tmp_path, again):
     many_images(tmp_path / "src", 600)
     out = tmp_path / "out"
-    writer = start_writer(tmp_path / "src", out)
-    try:
+    with writer_running(tmp_path / "src", out) as writer:
         wait_for(out / "shard-000002.tar", writer)
         writer.send_signal(signal.SIGKILL)  # mid-write: some shards, maybe a temporary one, no manifest
-    finally:
-        writer.kill()
-        writer.wait()
     left = os.listdir(out)
     assert ".recog-shard-write.json" in left and "manifest.json" not in left and "shard-000002.tar" in left
     mine = {}
@@ -227,16 +231,12 @@ def test_what_a_killed_writer_left_is_removed_by_the_next_write_and_nothing_else
 def test_a_second_writer_into_the_same_folder_gets_one_sentence(tmp_path, capsys):
     many_images(tmp_path / "src", 300)
     out = tmp_path / "out"
-    writer = start_writer(tmp_path / "src", out)
-    try:
+    with writer_running(tmp_path / "src", out) as writer:
         wait_for(out / ".recog-shard-write.json", writer)  # written once the folder is held
         assert data_cli(["write", "folder", str(tmp_path / "src"), str(out), "--overwrite"]) == 2
         last = capsys.readouterr().err.strip().splitlines()[-1]
         assert last.startswith(f"error: {out} is being written by shard write (pid {writer.pid})") and "wait" in last
-        assert writer.wait(timeout=300) == 0, said(writer, tmp_path / "src")  # undisturbed
-    finally:
-        writer.kill()
-        writer.wait()
+        assert writer.wait(timeout=300) == 0, said(tmp_path / "src")  # undisturbed
     assert load_manifest(out).num_samples == 300 and ".recog-shard-write.json" not in os.listdir(out)
 
 

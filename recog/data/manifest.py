@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from braceexpand import braceexpand
 
 from recog.data.source import ShardSource, is_remote, join
 from recog.errors import ConfigError
-from recog.files import plain_name
+from recog.files import atomic_write, plain_name
 
 MANIFEST = "manifest.json"
 INDEX = "index.npz"  # per sample: shard, offset and size of the image in the tar, label, key (random access)
@@ -94,11 +93,7 @@ def manifest_path(location: str | Path) -> str:
 
 def write_manifest(manifest: Manifest, folder: str | Path) -> Path:
     """Write atomically: readers never see half a manifest."""
-    path = Path(folder) / MANIFEST
-    tmp = path.with_name(f".{MANIFEST}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(manifest.to_json(), indent=1))
-    os.replace(tmp, path)
-    return path
+    return atomic_write(Path(folder) / MANIFEST, lambda f: f.write(json.dumps(manifest.to_json(), indent=1).encode()))
 
 
 def load_manifest(location: str | Path, source: ShardSource | None = None, *, check_files: bool = True) -> Manifest:

@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 
 from recog.data.idx import find_idx_pair
-from recog.data.manifest import MANIFEST, manifest_path
+from recog.data.manifest import MANIFEST, Manifest, manifest_path
 from recog.data.source import is_remote
 from recog.data.write import FASHION_MNIST_CLASSES, idx_records, write_shards
 from recog.errors import ConfigError
@@ -16,19 +17,24 @@ from recog.errors import ConfigError
 CLASS_NAME_PRESETS = {"fashion_mnist": FASHION_MNIST_CLASSES}
 
 
-def class_names(spec: str | list[str] | None) -> list[str] | None:
-    """A preset name ('fashion_mnist'), a comma-separated string, a list, or None (use '0', '1', ...)."""
-    if spec is None or isinstance(spec, list):
-        return spec
+def parse_class_names(spec: str | Sequence[str] | None) -> list[str] | None:
+    """The class names a `--class-names` or `data.prepare.class_names` gives: a preset name ('fashion_mnist'), a
+    comma-separated string, a list (a config's list too), or None (the labels' numbers: '0', '1', ...)."""
+    if spec is None:
+        return None
+    if not isinstance(spec, str):
+        return list(spec)
     if spec in CLASS_NAME_PRESETS:
         return CLASS_NAME_PRESETS[spec]
-    return [name.strip() for name in str(spec).split(",")]
+    return [name.strip() for name in spec.split(",")]
 
 
-def write_idx_split(src_dir: str | Path, split: str, out_dir: str | Path, names=None, shard_samples: int = 5000,
-                    progress: bool = True):
+def write_idx_split(src_dir: str | Path, split: str, out_dir: str | Path, names: str | Sequence[str] | None = None,
+                    shard_samples: int = 5000, progress: bool = True) -> Manifest:
+    """Write the idx files of `split` ('train' or 'test') in an MNIST-style folder as shards named after the
+    split; `names`: the classes' names as parse_class_names takes them."""
     images, labels = find_idx_pair(src_dir, split)
-    records, classes = idx_records(images, labels, class_names(names))
+    records, classes = idx_records(images, labels, parse_class_names(names))
     return write_shards(records, classes, out_dir, prefix=split, shard_samples=shard_samples, progress=progress)
 
 

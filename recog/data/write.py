@@ -1,9 +1,10 @@
-"""Write WebDataset tar shards (`<key>.png|jpg` + `<key>.cls`) and their manifest.
+"""Write WebDataset tar shards (`<key>.png|jpg|webp` + `<key>.cls`) and their manifest.
 
 Sources: a folder of class sub-folders of images, a list file (`path<TAB>label`
 per line), or MNIST-format idx files. Each source is a list of `Record`s that
-read their bytes lazily, so writing streams through data sets larger than
-memory; shards can be written by several processes at once.
+read their bytes lazily, so writing a folder or a list streams through data sets
+larger than memory (an idx file is read whole); shards can be written by several
+processes at once.
 
 An output folder has one writer at a time (`exclusive`), and the writer replaces only what recog's shard writer
 wrote: a manifest of format `recog-shards/1` and the files it names, or the files a writer that was killed named in
@@ -22,7 +23,7 @@ import socket
 import tarfile
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,16 +32,15 @@ from tqdm import tqdm
 
 from recog.data.idx import read_idx
 from recog.data.manifest import FORMAT, INDEX, MANIFEST, Manifest, ShardInfo, write_manifest
-from recog.data.source import sha256_of
 from recog.errors import ConfigError
-from recog.files import LOCK_FILE, atomic_write, disk_error, exclusive, is_plain_name
+from recog.files import LOCK_FILE, atomic_write, disk_error, exclusive, is_plain_name, sha256_of
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
 MARKER = ".recog-shard-write.json"  # while a write runs: the files it may create (see finish_dead_write)
 MARKER_FORMAT = "recog-shard-write/1"
-MAX_CLASSES = 1_000_000  # class indices in a list file reach at most this, or the number of listed images
+MAX_CLASSES = 1_000_000  # numbered labels (a list file's, an idx file's) reach at most this, or the number of images
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -58,6 +58,22 @@ class Record:
     check: bool = True  # decode while writing; False for images recog encoded itself
 
 
+def file_record(label: int, path: Path, ext: str) -> Record:
+    """An image file, read when its shard is written."""
+    return Record(label, ext, path.read_bytes, path.stat().st_size, str(path))
+
+
+def class_limit(images: int) -> int:
+    """How many classes numbered labels may name: each index up to the largest is a class, and 1e11 of them would
+    fill the memory; MAX_CLASSES, or one per image where there are more images."""
+    return max(MAX_CLASSES, images)
+
+
+def numbered_classes(count: int) -> list[str]:
+    """The names of classes known by their numbers only: '0', '1', ..."""
+    return [str(i) for i in range(count)]
+
+
 def folder_records(root: str | Path) -> tuple[list[Record], list[str]]:
     """One class per sub-folder (sorted by name), images passed through unchanged."""
     root = Path(root).resolve()
@@ -71,7 +87,7 @@ def folder_records(root: str | Path) -> tuple[list[Record], list[str]]:
         for path in sorted((root / name).rglob("*")):
             ext = IMAGE_EXTS.get(path.suffix.lower())
             if ext and path.is_file():
-                records.append(Record(label, ext, path.read_bytes, path.stat().st_size, str(path)))
+                records.append(file_record(label, path, ext))
     if not records:
         raise ConfigError(f"no .jpg/.jpeg/.png/.webp images under {root}; check the folder.")
     return records, classes
@@ -81,10 +97,17 @@ def list_records(list_file: str | Path) -> tuple[list[Record], list[str]]:
     """`path<TAB>label` per line; relative paths are relative to the list's folder.
 
     Labels are class names, or class indices (0, 1, ...) when every label is a whole number in ASCII digits
-    (`²` is a name). An index may not exceed max(MAX_CLASSES, images listed): each index up to the largest is
-    a class, and 1e11 of them would fill the memory.
+    (`²` is a name). An index may not exceed class_limit(images listed).
     """
     list_file = Path(list_file)
+    rows = list_rows(list_file)
+    classes = list_classes(list_file, rows)
+    index = {c: i for i, c in enumerate(classes)}
+    return [file_record(index[label], path, ext) for path, ext, label, _ in rows], classes
+
+
+def list_rows(list_file: Path) -> list[tuple[Path, str, str, int]]:
+    """(image path, its extension's kind, label, line number) of each line of a list file that names an image."""
     if not list_file.is_file():
         raise ConfigError(f"list file {list_file} does not exist; give a file of `path<TAB>label` lines.")
     rows = []
@@ -101,26 +124,28 @@ def list_records(list_file: str | Path) -> tuple[list[Record], list[str]]:
         rows.append((path, ext, parts[1].strip(), number))
     if not rows:
         raise ConfigError(f"list file {list_file} lists no images; add `path<TAB>label` lines.")
+    return rows
+
+
+def list_classes(list_file: Path, rows: list[tuple[Path, str, str, int]]) -> list[str]:
+    """The classes of a list file's labels: numbered ('0', '1', ... up to the largest index) when every label is
+    a whole number, else the names sorted."""
     labels = [label for _, _, label, _ in rows]
-    if all(label.isascii() and label.isdigit() for label in labels):
-        limit = max(MAX_CLASSES, len(rows))
-        for _, _, label, number in rows:
-            digits = label.lstrip("0")
-            if len(digits) > len(str(limit)) or int(digits or 0) >= limit:  # int() of 5,000 digits would raise
-                raise ConfigError(f"{list_file}:{number}: class index {label[:24]} is far above the {len(rows)} "
-                                  f"images listed (indices name the classes 0, 1, ..., at most {limit:,} of them); "
-                                  "number the classes from 0, or give class names.")
-        classes = [str(i) for i in range(max(map(int, labels)) + 1)]
-    else:
-        classes = sorted(set(labels))
-    index = {c: i for i, c in enumerate(classes)}
-    records = [Record(index[label], ext, path.read_bytes, path.stat().st_size, str(path))
-               for path, ext, label, _ in rows]
-    return records, classes
+    if not all(label.isascii() and label.isdigit() for label in labels):
+        return sorted(set(labels))
+    limit = class_limit(len(rows))
+    for _, _, label, number in rows:
+        digits = label.lstrip("0")
+        if len(digits) > len(str(limit)) or int(digits or 0) >= limit:  # int() of 5,000 digits would raise
+            raise ConfigError(f"{list_file}:{number}: class index {label[:24]} is far above the {len(rows)} "
+                              f"images listed (indices name the classes 0, 1, ..., at most {limit:,} of them); "
+                              "number the classes from 0, or give class names.")
+    return numbered_classes(max(map(int, labels)) + 1)
 
 
-def idx_records(images: str | Path, labels: str | Path, class_names: Sequence[str] | None = None):
-    """Records from an idx image file (N, H, W) and its idx label file (N,), encoded as PNG."""
+def idx_records(images: str | Path, labels: str | Path, names: Sequence[str] | None = None):
+    """Records from an idx image file (N, H, W) and its idx label file (N,), encoded as PNG; `names`: the classes'
+    names in label order (default '0', '1', ...)."""
     from PIL import Image
 
     pixels, targets = read_idx(images), read_idx(labels)
@@ -129,12 +154,12 @@ def idx_records(images: str | Path, labels: str | Path, class_names: Sequence[st
             f"{images} and {labels} do not match: images {pixels.shape}, labels {targets.shape}; "
             "give an (N, H, W) image file and its (N,) label file."
         )
-    limit = max(MAX_CLASSES, len(targets))
-    if targets.dtype.kind not in "iu" or targets.min() < 0 or targets.max() >= limit:  # as list_records' indices
+    limit = class_limit(len(targets))
+    if targets.dtype.kind not in "iu" or targets.min() < 0 or targets.max() >= limit:
         raise ConfigError(f"{labels} holds labels from {targets.min()} to {targets.max()} ({targets.dtype}); "
                           f"give class indices 0, 1, ... (whole numbers, at most {limit:,} classes).")
     num_classes = int(targets.max()) + 1
-    classes = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+    classes = list(names) if names else numbered_classes(num_classes)
     if len(classes) < num_classes:
         raise ConfigError(f"{len(classes)} class names given but labels go up to {num_classes - 1}; name every class.")
 
@@ -342,63 +367,99 @@ def data_stats(measured: list[tuple]) -> dict:
             "sampled": len(measured)}
 
 
-def _write_shard(job: tuple[Path, str, list[int], str | None, int, bool, frozenset]):
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard for one writer process: which records go into it, and how."""
+    out_dir: Path
+    name: str
+    indices: list[int]  # into the records, in the order written
+    reencode_to: str | None
+    quality: int
+    strict: bool
+    sample: frozenset  # the indices measured for the manifest's statistics (STATS_SAMPLE)
+
+
+def _write_shard(job: ShardJob):
     """Write one shard; return its ShardInfo (None if no image was readable), its labels,
     (key, offset, size) of each image inside the tar, (file, reason) of each image skipped, and the
-    measurements of the images in `sample` (see check_image)."""
-    out_dir, name, indices, fmt, quality, strict, sample = job
-    with writing_to(out_dir):
-        return _write_one_shard(out_dir, name, indices, fmt, quality, strict, sample)
+    measurements of the images in `job.sample` (see check_image)."""
+    with writing_to(job.out_dir):
+        return _write_one_shard(job)
 
 
-def _write_one_shard(out_dir: Path, name: str, indices: list[int], fmt: str | None, quality: int, strict: bool,
-                     sample: frozenset):
-    tmp = out_dir / f".{name}.tmp"
+def _write_one_shard(job: ShardJob):
+    tmp = job.out_dir / f".{job.name}.tmp"
     labels, skipped, measured = [], [], []
     with tar_writer()(str(tmp), encoder=False, mtime=0) as tar:  # fixed mtime: same input, same bytes
-        for i in indices:
+        for i in job.indices:
             rec = _RECORDS[i]
             data, ext = rec.read(), rec.ext
             try:
                 found = None
-                reencoded = bool(fmt) and ext != fmt
-                if reencoded:  # decodes the image: a check in itself
-                    data, ext = reencode(data, fmt, quality), fmt
+                if job.reencode_to and ext != job.reencode_to:  # decodes the image: a check in itself
+                    data, ext = reencode(data, job.reencode_to, job.quality), job.reencode_to
                 elif rec.check:
-                    found = check_image(data, measure=i in sample)
+                    found = check_image(data, measure=i in job.sample)
             except Exception as e:  # whatever the training-side decode would skip (PIL raises many kinds)
                 why = "not an image" if isinstance(e, UnidentifiedImageError) else str(e)
-                if strict:
+                if job.strict:
                     raise ConfigError(f"image {rec.path or f'#{i}'} cannot be decoded ({why}); "
                                       "fix or remove it, or leave out --strict to skip unreadable images.") from None
                 skipped.append((rec.path or f"#{i}", why))
                 continue
             tar.write({"__key__": f"{i:09d}", ext: data, "cls": str(rec.label).encode()})
             labels.append(rec.label)
-            if i in sample and found is None:  # re-encoded or unchecked: measured as written, if it decodes
+            if i in job.sample and found is None:  # re-encoded or unchecked: measured as written, if it decodes
                 found = measure_quietly(data)
             if found is not None:
                 measured.append(found)
     if not labels:  # a shard of unreadable images only: leave it out
         tmp.unlink()
         return None, labels, [], skipped, measured
-    with tarfile.open(tmp, "r:") as written:  # where each image's bytes landed: the random-access index
-        places = [(m.name.split(".", 1)[0], m.offset_data, m.size) for m in written if not m.name.endswith(".cls")]
-    os.replace(tmp, out_dir / name)
-    info = ShardInfo(name, len(labels), (out_dir / name).stat().st_size, sha256_of(out_dir / name))
-    return info, labels, places, skipped, measured
+    with tarfile.open(tmp, "r:") as tar:  # where each image's bytes landed: the random-access index
+        places = [(m.name.split(".", 1)[0], m.offset_data, m.size) for m in tar if not m.name.endswith(".cls")]
+    path = job.out_dir / job.name
+    os.replace(tmp, path)
+    return ShardInfo(job.name, len(labels), path.stat().st_size, sha256_of(path)), labels, places, skipped, measured
 
 
-def write_index(out_dir: Path, shards: list[ShardInfo], labels: list[list[int]], places: list[list[tuple]]) -> str:
+@dataclass
+class Written:
+    """What the shard writers reported, shard by shard in order: for the index, the manifest and the warnings."""
+    class_counts: list[int]
+    shards: list[ShardInfo] = field(default_factory=list)  # the shards written (one of unreadable images is not)
+    labels: list[list[int]] = field(default_factory=list)  # per shard written
+    places: list[list[tuple]] = field(default_factory=list)  # per shard written: (key, offset, size) of each image
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason) of each unreadable image
+    measured: list[tuple] = field(default_factory=list)  # check_image's measurements, for data_stats
+
+    def add(self, info: ShardInfo | None, labels: list[int], places: list[tuple], skipped: list[tuple[str, str]],
+            measured: list[tuple]) -> int:
+        """One shard's report (_write_shard's); returns the number of images it went through."""
+        self.measured += measured
+        for path, reason in skipped:
+            log.warning("skipped unreadable image %s (%s)", path, reason)
+        self.skipped += skipped
+        if info is not None:
+            self.shards.append(info)
+            self.labels.append(labels)
+            self.places.append(places)
+            for label in labels:
+                self.class_counts[label] += 1
+        return len(labels) + len(skipped)
+
+
+def write_index(out_dir: Path, written: Written) -> str:
     """index.npz: for every sample, its shard, the offset and size of its image in the tar, its label and key."""
-    counts = [len(x) for x in labels]
+    counts = [len(x) for x in written.labels]
+    places = written.places
     atomic_write(out_dir / INDEX, lambda f: np.savez(
-             f, shard=np.repeat(np.arange(len(shards), dtype=np.int32), counts),
+             f, shard=np.repeat(np.arange(len(written.shards), dtype=np.int32), counts),
              offset=np.array([o for p in places for _, o, _ in p], dtype=np.int64),
              size=np.array([n for p in places for _, _, n in p], dtype=np.int64),
              key=np.array([k for p in places for k, _, _ in p], dtype=str),
-             label=np.array([x for per_shard in labels for x in per_shard], dtype=np.int64),
-             shard_names=np.array([s.name for s in shards])))
+             label=np.array([x for per_shard in written.labels for x in per_shard], dtype=np.int64),
+             shard_names=np.array([s.name for s in written.shards])))
     return INDEX
 
 
@@ -428,9 +489,33 @@ def write_shards(
     or without it. One writer per folder: a second one gets one sentence.
     sources: the folder, list file or idx files read, which `out_dir` must stay apart from.
     strict: stop at the first image that does not decode, instead of skipping it with a warning.
-    workers: processes writing shards at once. reencode_to: 'jpg' or 'png'
+    workers: processes writing shards at once. reencode_to: 'jpg', 'png' or 'webp'
     re-encodes images in another format; None passes the bytes through.
     """
+    check_settings(records, shard_samples, shard_mb, reencode_to, quality, workers)
+    out_dir = Path(out_dir).resolve()
+    order = list(range(len(records)))
+    if shuffle:  # so a shard holds a mix of classes even when the source is sorted by class
+        random.Random(seed).shuffle(order)
+    sample = set(order[::max(1, len(order) // STATS_SAMPLE)])  # spread over the data, the same for any workers
+    jobs = [ShardJob(out_dir, f"{prefix}-{n:06d}.tar", chunk, reencode_to, quality, strict,
+                     frozenset(sample.intersection(chunk)))
+            for n, chunk in enumerate(plan_shards(records, order, shard_samples, shard_mb))]
+    inside = str(out_dir) + os.sep  # records' paths are resolved: a prefix test is exact, and fast for millions
+    held = [Path(r.path) for r in records if r.path.startswith(inside)][:1]
+    check_apart(out_dir, [Path(s).resolve() for s in sources] + held)
+    new_files = files_of_write([job.name for job in jobs])
+    with writing_to(out_dir):
+        with exclusive(out_dir, "shard write"):  # the lock file is created in out_dir, now that it is apart
+            earlier = prepare_output(out_dir, overwrite, new_files)
+            write_marker(out_dir, [*new_files, *earlier])
+            remove_earlier_write(out_dir, earlier)
+            return _write_all(records, classes, out_dir, jobs, new_files, workers, progress)
+
+
+def check_settings(records: Sequence[Record], shard_samples: int, shard_mb: float | None, reencode_to: str | None,
+                   quality: int, workers: int) -> None:
+    """write_shards' arguments, each refused in one sentence before anything is read or written."""
     if shard_samples < 1 or (shard_mb is not None and shard_mb <= 0):
         raise ConfigError(f"shard size must be positive (shard_samples={shard_samples}, shard_mb={shard_mb}).")
     if reencode_to not in (None, "jpg", "png", "webp"):
@@ -441,68 +526,38 @@ def write_shards(
         raise ConfigError(f"{workers} writer processes (--workers) cannot write; give 1 or more.")
     if not records:
         raise ConfigError("no samples to write; check the source.")
-    out_dir = Path(out_dir).resolve()
-    order = list(range(len(records)))
-    if shuffle:  # so a shard holds a mix of classes even when the source is sorted by class
-        random.Random(seed).shuffle(order)
-    sample = set(order[::max(1, len(order) // STATS_SAMPLE)])  # spread over the data, the same for any workers
-    jobs = [(out_dir, f"{prefix}-{n:06d}.tar", chunk, reencode_to, quality, strict,
-             frozenset(sample.intersection(chunk)))
-            for n, chunk in enumerate(plan_shards(records, order, shard_samples, shard_mb))]
-    inside = str(out_dir) + os.sep  # records' paths are resolved: a prefix test is exact, and fast for millions
-    held = [Path(r.path) for r in records if r.path.startswith(inside)][:1]
-    check_apart(out_dir, [Path(s).resolve() for s in sources] + held)
-    names = [job[1] for job in jobs]
+
+
+def files_of_write(shard_names: Sequence[str]) -> list[str]:
+    """Every file a write of these shards may create: the shards, the index and the manifest, and their
+    temporary names (`.NAME.tmp` for a shard, atomic_write's for the others)."""
     pid = os.getpid()
-    new_files = [*names, *(f".{name}.tmp" for name in names), INDEX, f".{INDEX}.tmp-{pid}", MANIFEST,
-                 f".{MANIFEST}.tmp-{pid}"]  # every file this write may create (atomic_write's temporary names)
-    with writing_to(out_dir):
-        with exclusive(out_dir, "shard write"):  # the lock file is created in out_dir, now that it is apart
-            earlier = prepare_output(out_dir, overwrite, new_files)
-            write_marker(out_dir, [*new_files, *earlier])
-            for name in sorted(earlier, key=lambda n: n != MANIFEST):  # the manifest first: no longer 'complete'
-                if (out_dir / name).is_file() or (out_dir / name).is_symlink():  # never a folder
-                    (out_dir / name).unlink()
-            return _write_all(records, classes, out_dir, order, jobs, new_files, workers, progress)
+    return [*shard_names, *(f".{name}.tmp" for name in shard_names), INDEX, f".{INDEX}.tmp-{pid}", MANIFEST,
+            f".{MANIFEST}.tmp-{pid}"]
 
 
-def _write_all(records: Sequence[Record], classes: Sequence[str], out_dir: Path, order: list[int], jobs: list,
+def remove_earlier_write(out_dir: Path, earlier: set[str]) -> None:
+    """Remove the files of an earlier write (prepare_output's), the manifest first: no longer 'complete'."""
+    for name in sorted(earlier, key=lambda n: n != MANIFEST):
+        if (out_dir / name).is_file() or (out_dir / name).is_symlink():  # never a folder
+            (out_dir / name).unlink()
+
+
+def _write_all(records: Sequence[Record], classes: Sequence[str], out_dir: Path, jobs: list[ShardJob],
                new_files: list[str], workers: int, progress: bool) -> Manifest:
     """write_shards' writing, with the folder held and the marker written: the shards, the index, the manifest;
     then the marker goes. On any failure every file of this write goes, the marker last."""
     global _RECORDS
     _RECORDS = records
     decoder(), tar_writer()  # imported once, before the pool forks, not in every writer process
-    counts = [0] * len(classes)
-    shards: list[ShardInfo] = []
-    all_labels: list[list[int]] = []
-    all_places: list[list[tuple]] = []
-    skipped: list[tuple[str, str]] = []
-    measured: list[tuple] = []
-    bar = tqdm(total=len(order), desc=f"writing {out_dir}", unit="img", disable=not progress)
+    written = Written([0] * len(classes))
+    bar = tqdm(total=len(records), desc=f"writing {out_dir}", unit="img", disable=not progress)
     pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
     complete = False
     try:
-        for info, labels, places, bad, seen in (pool.imap(_write_shard, jobs) if pool else map(_write_shard, jobs)):
-            measured += seen
-            for path, reason in bad:
-                log.warning("skipped unreadable image %s (%s)", path, reason)
-            skipped += bad
-            bar.update(len(labels) + len(bad))
-            if info is None:
-                continue
-            shards.append(info)
-            all_labels.append(labels)
-            all_places.append(places)
-            for label in labels:
-                counts[label] += 1
-        if not shards:
-            raise ConfigError(f"none of the {len(records)} images could be decoded (first: {skipped[0][0]}); "
-                              "check the source.")
-        index = write_index(out_dir, shards, all_labels, all_places)
-        manifest = Manifest(shards, list(classes), counts, root=str(out_dir), index=index,
-                            stats=data_stats(measured) if measured else {})
-        write_manifest(manifest, out_dir)
+        for report in (pool.imap(_write_shard, jobs) if pool else map(_write_shard, jobs)):
+            bar.update(written.add(*report))
+        manifest = _write_index_and_manifest(out_dir, classes, written, len(records))
         complete = True
         (out_dir / MARKER).unlink()  # nothing here is left to remove
     except BaseException:  # a bad image under strict, an error, Ctrl-C: leave nothing of this write behind
@@ -517,20 +572,36 @@ def _write_all(records: Sequence[Record], classes: Sequence[str], out_dir: Path,
             pool.terminate()
         _RECORDS = ()
         bar.close()
-    if skipped:
-        log.warning("skipped %d unreadable images (first: %s)", len(skipped), skipped[0][0])
+    if written.skipped:
+        log.warning("skipped %d unreadable images (first: %s)", len(written.skipped), written.skipped[0][0])
     return manifest
 
 
-def measure_shards(manifest: Manifest, source=None, images: int = 1000, shards: int = 10) -> dict:
+def _write_index_and_manifest(out_dir: Path, classes: Sequence[str], written: Written, images: int) -> Manifest:
+    """The index, then the manifest: last, so that its presence means 'complete'."""
+    if not written.shards:
+        raise ConfigError(f"none of the {images} images could be decoded (first: {written.skipped[0][0]}); "
+                          "check the source.")
+    index = write_index(out_dir, written)
+    manifest = Manifest(written.shards, list(classes), written.class_counts, root=str(out_dir), index=index,
+                        stats=data_stats(written.measured) if written.measured else {})
+    write_manifest(manifest, out_dir)
+    return manifest
+
+
+MEASURED_IMAGES, MEASURED_SHARDS = 1000, 10  # measure_shards reads this many images from up to this many shards
+
+
+def measure_shards(manifest: Manifest, source=None) -> dict:
     """`data_stats` of shards whose manifest lacks them (written by another tool or an older recog): the
-    first images of up to `shards` shards spread over the set. Unreadable samples are left out."""
+    first images of up to MEASURED_SHARDS shards spread over the set. Unreadable samples are left out."""
     from recog.data.decode import IMAGE_KEYS
     from recog.data.plan import Piece
     from recog.data.stream import read_pieces
 
-    chosen = list(range(len(manifest.shards)))[::max(1, len(manifest.shards) // shards)][:shards]
-    per_shard = -(-images // len(chosen))
+    step = max(1, len(manifest.shards) // MEASURED_SHARDS)
+    chosen = list(range(len(manifest.shards)))[::step][:MEASURED_SHARDS]
+    per_shard = -(-MEASURED_IMAGES // len(chosen))
     pieces = [Piece(i, 0, min(per_shard, manifest.shards[i].samples)) for i in chosen]
     measured = []
     for sample in read_pieces(manifest, pieces, strict=False, source=source):
