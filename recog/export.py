@@ -31,7 +31,7 @@ from torch import nn
 import recog
 from recog.checkpoint import load_checkpoint
 from recog.data.manifest import load_manifest
-from recog.data.prepare import class_names as preset_class_names
+from recog.data.prepare import parse_class_names
 from recog.data.source import is_remote
 from recog.errors import ConfigError
 from recog.exported import FORMAT, MODEL_JSON, ONNX, PREPROCESS, PT2, pt2_problem
@@ -131,7 +131,7 @@ def training_class_names(ckpt: dict, num_classes: int) -> tuple[list[str], str]:
                 return names, f"manifest of {train}"
         except ConfigError:  # moved or deleted since training: try the next source
             pass
-    names = preset_class_names((data.get("prepare") or {}).get("class_names"))
+    names = parse_class_names((data.get("prepare") or {}).get("class_names"))
     if names and len(names) == num_classes:
         return list(names), "data.prepare.class_names"
     return [str(i) for i in range(num_classes)], "class indices (no names found)"

@@ -25,7 +25,7 @@ from recog.data.decode import CropWhileDecoding, decode_image
 from recog.data.idx import find_idx_pair
 from recog.data.manifest import load_manifest
 from recog.data.normalize import Normalize
-from recog.data.prepare import class_names
+from recog.data.prepare import parse_class_names
 from recog.data.random_access import ShardRandomAccess
 from recog.data.sampler import DistributedBatchSampler
 from recog.data.stream import ShardStream
@@ -147,7 +147,7 @@ def test_every_data_config_composes_passes_the_checks_and_loads_a_batch_of_each_
                     f"write data.{split}={shipped.data[split]} (it writes {prepare.out}/{split})"
             if Path(prepare.idx_dir).resolve().is_relative_to(ROOT):  # bundled with recog: must be there
                 find_idx_pair(prepare.idx_dir, split)
-        names = class_names(prepare.get("class_names"))
+        names = parse_class_names(prepare.get("class_names"))
         assert names is None or len(names) >= 2
 
 
