@@ -4,7 +4,6 @@ real browser (Debian's chromium, driven by Playwright)."""
 
 from __future__ import annotations
 
-import ast
 import io
 import os
 import shutil
@@ -88,39 +87,6 @@ def post_image(client, path_or_bytes, k: int | None = None, multipart: bool = Fa
     if multipart:
         return client.post("/identify", params=params, files={"image": ("photo.png", data, "image/png")})
     return client.post("/identify", params=params, content=data)
-
-
-TRAINING = {f"recog.{name}" for name in ("train", "build", "checkpoint", "config", "sampler", "loss", "parallel",
-                                          "model", "export", "dist")}
-
-
-def recog_imports(module: str) -> set[str]:
-    """The recog modules `module` imports, transitively, read from the source (imports inside functions too)."""
-    def source(name: str) -> Path | None:
-        path = ROOT / (name.replace(".", "/") + ".py")
-        return path if path.is_file() else None
-
-    seen, todo = set(), [module]
-    while todo:
-        name = todo.pop()
-        if name in seen or source(name) is None:
-            continue
-        seen.add(name)
-        for node in ast.walk(ast.parse(source(name).read_text())):
-            if isinstance(node, ast.Import):
-                todo += [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module.startswith("recog"):
-                todo += [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
-    return seen
-
-
-@pytest.mark.parametrize("module", ["recog.serve", "recog.identify", "recog.index"])
-def test_what_reads_exports_and_indexes_imports_nothing_of_training(module):
-    """A service that reads exports and indexes runs without training's code: the export format's home is its
-    reader (recog.exported), and the index's reader (recog.index_files, recog.gallery) is below its writer."""
-    imported = recog_imports(module)
-    assert "recog.index_files" in imported
-    assert not imported & TRAINING, sorted(imported & TRAINING)
 
 
 @pytest.mark.slow  # starts a server process
