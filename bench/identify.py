@@ -44,13 +44,10 @@ QUERIES = 1000
 
 def train_config(*overrides: str):
     """The train config of conf/, composed as train.py composes it (resolved when read)."""
-    from hydra import compose, initialize_config_dir
 
-    from recog.rundir import register_resolvers
+    from recog.rundir import compose_train_config
 
-    register_resolvers()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+    return compose_train_config(*overrides)
 
 
 def random_checkpoint(path: Path) -> Path:

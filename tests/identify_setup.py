@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from conftest import BUNDLED, ROOT
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from recog.checkpoint import save_checkpoint
@@ -25,7 +24,7 @@ from recog.data.idx import find_idx_pair
 from recog.data.write import FASHION_MNIST_CLASSES, idx_records
 from recog.embeddings import part_name, write_manifest, write_part
 from recog.model import RecognitionModel
-from recog.rundir import register_resolvers
+from recog.rundir import compose_train_config
 
 # what the bundled Fashion-MNIST subset's manifest says (train.py settles data.*=auto to these)
 FASHION_DATA = ["data.channels=1", "data.image_size=28", "data.mean=[0.2853]", "data.std=[0.3541]"]
@@ -33,10 +32,7 @@ FASHION_DATA = ["data.channels=1", "data.image_size=28", "data.mean=[0.2853]", "
 
 def config(*overrides: str) -> dict:
     """The real train config, composed and resolved as train.py saves it into its checkpoints."""
-    register_resolvers()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[*FASHION_DATA, *overrides])
-    return OmegaConf.to_container(cfg, resolve=True)
+    return OmegaConf.to_container(compose_train_config(*FASHION_DATA, *overrides), resolve=True)
 
 
 def random_checkpoint(path: Path, *overrides: str, seed: int = 0) -> RecognitionModel:

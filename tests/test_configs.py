@@ -15,7 +15,6 @@ import pytest
 import torch
 import yaml
 from conftest import ROOT
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -33,7 +32,7 @@ from recog.dist import Dist
 from recog.errors import ConfigError
 from recog.loss import RecognitionLoss
 from recog.model import Output
-from recog.rundir import register_resolvers
+from recog.rundir import compose_train_config
 
 CONF = ROOT / "conf"
 # The groups this file has a test for; conf/hydra/ holds Hydra's own groups (only its launcher is ours to test).
@@ -68,10 +67,6 @@ def defaults_of(path: Path) -> list:
     return (yaml.safe_load(path.read_text()) or {}).get("defaults", [])
 
 
-def composed(*overrides: str, hydra: bool = False):
-    register_resolvers()
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("train", overrides=list(overrides), return_hydra_config=hydra)
 
 
 def tiny_paths(tiny_data) -> list[str]:
@@ -81,7 +76,7 @@ def tiny_paths(tiny_data) -> list[str]:
 def composed_on_tiny_data(tiny_data, *overrides: str):
     """`train` with these overrides on the tiny shards, checked as train.py checks it, its `auto` values settled
     from the manifest as train.py settles them (channels 1, 28 px, unless the overrides say otherwise)."""
-    cfg = composed(*tiny_paths(tiny_data), *overrides)
+    cfg = compose_train_config(*tiny_paths(tiny_data), *overrides)
     check_config(cfg)
     settle_data_settings(cfg, load_manifest(tiny_data["train"]), None).write_into(cfg)
     check_config(cfg)  # the settled values pass the same checks
@@ -127,7 +122,7 @@ def test_the_files_left_out_as_fragments_are_included_by_an_option(group, fragme
 
 @pytest.mark.parametrize("name", options("data"))
 def test_every_data_config_composes_passes_the_checks_and_loads_a_batch_of_each_split(name, tiny_data):
-    cfg = composed(f"data={name}", *tiny_paths(tiny_data), "batch_size=8")
+    cfg = compose_train_config(f"data={name}", *tiny_paths(tiny_data), "batch_size=8")
     check_config(cfg)
     cfg.data.num_workers = 0  # checked above as configured; batches are read here, in this process
     data = build_data(cfg, ONE_PROCESS)  # settles the auto values from the manifest
@@ -137,7 +132,7 @@ def test_every_data_config_composes_passes_the_checks_and_loads_a_batch_of_each_
         assert batch.images.dtype == torch.uint8 and batch.images.shape[1:] == (cfg.data.channels, size, size)
         assert len(batch.labels) == len(batch.images) > 0
     # where the config writes shards on first use: its own train/test folders, from an idx_dir with both splits
-    shipped = composed(f"data={name}")
+    shipped = compose_train_config(f"data={name}")
     if shipped.data.get("prepare"):
         prepare = shipped.data.prepare
         assert {"out", "idx_dir"} <= set(prepare), f"data={name}: prepare needs out and idx_dir"
@@ -194,7 +189,7 @@ def test_every_optim_config_builds_its_optimizer_and_takes_a_step(name, tiny_dat
 
 @pytest.mark.parametrize("name", options("loss"))
 def test_every_loss_config_builds_and_gives_a_finite_total_with_gradients(name, tiny_data):
-    cross_rank = composed(f"loss={name}").loss.get("cross_rank")
+    cross_rank = compose_train_config(f"loss={name}").loss.get("cross_rank")
     cfg = composed_on_tiny_data(tiny_data, f"loss={name}", *(["sampler=pk"] if cross_rank else []),
                                 "model.width=4", "model.embedding_dim=8")
     torch.manual_seed(0)
@@ -229,7 +224,7 @@ def test_every_augment_preset_builds_train_and_test_transforms_giving_the_config
 
 @pytest.mark.parametrize("name", options("sampler"))
 def test_every_sampler_config_names_a_sampler_that_train_builds_and_batches_with(name, tiny_data):
-    cfg = composed(f"sampler={name}", *tiny_paths(tiny_data), "batch_size=8", "data.num_workers=0")
+    cfg = compose_train_config(f"sampler={name}", *tiny_paths(tiny_data), "batch_size=8", "data.num_workers=0")
     check_config(cfg)
     assert cfg.sampler.name in SAMPLERS, f"sampler={name}: train.py knows no sampler named {cfg.sampler.name!r} " \
         f"(it would stream silently); use one of {sorted(SAMPLERS)}"
@@ -245,9 +240,9 @@ def test_every_sampler_config_names_a_sampler_that_train_builds_and_batches_with
 
 @pytest.mark.parametrize("name", options("experiment"))
 def test_every_experiment_composes_changes_the_defaults_and_trains_one_step(name, tiny_data):
-    cfg = composed(f"experiment={name}", *tiny_paths(tiny_data))
+    cfg = compose_train_config(f"experiment={name}", *tiny_paths(tiny_data))
     assert "experiment" not in cfg, f"experiment={name} landed under cfg.experiment: it needs `# @package _global_`"
-    assert cfg != composed(*tiny_paths(tiny_data)), f"experiment={name} changes nothing"
+    assert cfg != compose_train_config(*tiny_paths(tiny_data)), f"experiment={name} changes nothing"
     check_config(cfg)
     cfg.data.num_workers = 0
     # recog/train.py's train(), up to its first optimizer step, in this process
@@ -283,7 +278,7 @@ def test_every_hydra_launcher_config_composes_fits_its_plugin_and_instantiates(n
     from hydra.core.config_store import ConfigStore
     from hydra.plugins.launcher import Launcher
 
-    cfg = composed(f"hydra/launcher={name}", *tiny_paths(tiny_data), hydra=True)
+    cfg = compose_train_config(f"hydra/launcher={name}", *tiny_paths(tiny_data), hydra=True)
     check_config(cfg)
     settings = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
     for base in bases:  # Hydra accepts keys its plugin's schema lacks; the plugin would fail on them at launch
@@ -297,7 +292,7 @@ def test_every_hydra_launcher_config_composes_fits_its_plugin_and_instantiates(n
 @pytest.mark.parametrize("value", ["-1", "many", "1.5"])
 def test_bad_worker_count_is_one_sentence(value, tiny_data):
     with pytest.raises(ConfigError, match=rf"data.num_workers={value} is not valid; give a whole number at least 0"):
-        check_config(composed(*tiny_paths(tiny_data), f"data.num_workers={value}"))
+        check_config(compose_train_config(*tiny_paths(tiny_data), f"data.num_workers={value}"))
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -307,12 +302,12 @@ def test_bad_worker_count_is_one_sentence(value, tiny_data):
 ])
 def test_values_that_need_no_data_are_checked_before_any_process_group(tiny_data, overrides, message):
     with pytest.raises(ConfigError, match=message):
-        check_config(composed(*tiny_paths(tiny_data), *overrides))
+        check_config(compose_train_config(*tiny_paths(tiny_data), *overrides))
 
 
 def test_values_that_need_the_data_are_checked_once_the_shards_are_read(tiny_data):
     """data.channels=auto: a mean of 3 values is wrong only for the grey shards; check_config cannot know."""
-    cfg = composed(*tiny_paths(tiny_data), "data.mean=[0.5,0.5,0.5]", "data.num_workers=0")
+    cfg = compose_train_config(*tiny_paths(tiny_data), "data.mean=[0.5,0.5,0.5]", "data.num_workers=0")
     check_config(cfg)
     with pytest.raises(ConfigError, match=r"data.mean has 3 values for 1 channel\(s\)"):
         build_data(cfg, ONE_PROCESS)
@@ -335,7 +330,7 @@ def test_jpeg_scaled_decode_takes_the_preset_crop_into_decoding_unless_off_or_ke
 def test_bad_jpeg_scaled_decode_is_one_sentence(value, tiny_data):
     with pytest.raises(ConfigError, match=rf"^data.jpeg_scaled_decode={'None' if value == 'null' else value} is "
                                           "not valid; give true, false or auto.$"):
-        check_config(composed(*tiny_paths(tiny_data), f"data.jpeg_scaled_decode={value}"))
+        check_config(compose_train_config(*tiny_paths(tiny_data), f"data.jpeg_scaled_decode={value}"))
 
 
 def test_jpeg_scaled_decode_without_simplejpeg_is_off_when_auto_and_one_sentence_when_true(tiny_data, monkeypatch):
@@ -343,7 +338,7 @@ def test_jpeg_scaled_decode_without_simplejpeg_is_off_when_auto_and_one_sentence
     monkeypatch.setattr("recog.data.decode.SCALED_DECODE_AVAILABLE", False)
     with pytest.raises(ConfigError, match=r"^data.jpeg_scaled_decode=true needs simplejpeg, which is not installed "
                                           r"here: `pip install simplejpeg`, or set data.jpeg_scaled_decode=auto.$"):
-        check_config(composed(*tiny_paths(tiny_data), "data.jpeg_scaled_decode=true"))
+        check_config(compose_train_config(*tiny_paths(tiny_data), "data.jpeg_scaled_decode=true"))
     cfg = composed_on_tiny_data(tiny_data, "augment=imagenet", "data.image_size=96")  # auto: no error
     assert train_decoding(cfg, keep_decoded=False)[0] is decode_image  # PIL, as with false
 
@@ -352,8 +347,8 @@ def test_gpu_decode_without_a_gpu_is_one_sentence(tiny_data, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match=r"^data.decode=gpu needs a CUDA GPU, which this machine lacks; use "
                                           r"data.decode=cpu.$"):
-        check_config(composed(*tiny_paths(tiny_data), "data.decode=gpu"))
-    check_config(composed(*tiny_paths(tiny_data)))  # the default, cpu, needs none
+        check_config(compose_train_config(*tiny_paths(tiny_data), "data.decode=gpu"))
+    check_config(compose_train_config(*tiny_paths(tiny_data)))  # the default, cpu, needs none
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -370,8 +365,8 @@ def test_gpu_decode_without_a_gpu_is_one_sentence(tiny_data, monkeypatch):
 def test_gpu_decode_where_it_cannot_work_is_one_sentence_on_a_gpu_machine_too(tiny_data, monkeypatch, overrides,
                                                                               message):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
-    check_config(composed(*tiny_paths(tiny_data), "data.decode=gpu"))  # what works there
+    check_config(compose_train_config(*tiny_paths(tiny_data), "data.decode=gpu"))  # what works there
     if "TorchCodec missing" in overrides:
         monkeypatch.setattr("recog.config.GPU_DECODE_AVAILABLE", False)
     with pytest.raises(ConfigError, match=message):
-        check_config(composed(*tiny_paths(tiny_data), *[o for o in overrides if "=" in o]))
+        check_config(compose_train_config(*tiny_paths(tiny_data), *[o for o in overrides if "=" in o]))

@@ -7,21 +7,14 @@ import json
 
 import numpy as np
 import pytest
-from conftest import BUNDLED, ROOT
-from hydra import compose, initialize_config_dir
+from conftest import BUNDLED
 from PIL import Image
 
 from recog.config import settle_data_settings
 from recog.data.idx import find_idx_pair, read_idx
 from recog.data.manifest import load_manifest
 from recog.data.write import folder_records, write_shards
-from recog.rundir import register_resolvers
-
-
-def composed(*overrides: str):
-    register_resolvers()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+from recog.rundir import compose_train_config
 
 
 def settle(cfg, manifest) -> str:
@@ -58,7 +51,7 @@ def test_large_rgb_photos_get_imagenet_style_defaults(tmp_path):
     records, classes = folder_records(tmp_path / "src")
     stats = write_shards(records, classes, tmp_path / "shards", progress=False).stats
     assert stats["channels"] == 3 and stats["height"] == {"min": 240, "median": 256, "max": 320}
-    cfg = composed("data=images", f"data.train={tmp_path / 'shards'}", f"data.test={tmp_path / 'shards'}")
+    cfg = compose_train_config("data=images", f"data.train={tmp_path / 'shards'}", f"data.test={tmp_path / 'shards'}")
     line = settle(cfg, load_manifest(tmp_path / "shards"))
     assert cfg.data.channels == 3 and cfg.data.image_size == 224  # the median is 256: capped at 224
     assert list(cfg.data.mean) == stats["mean"] and list(cfg.data.std) == stats["std"] and len(stats["std"]) == 3
@@ -72,22 +65,22 @@ def test_large_rgb_photos_get_imagenet_style_defaults(tmp_path):
 
 def test_small_grey_images_get_the_small_preset_and_overrides_win(tiny_data):
     manifest = load_manifest(tiny_data["train"])
-    cfg = composed(f"data.train={tiny_data['train']}", f"data.test={tiny_data['test']}")
+    cfg = compose_train_config(f"data.train={tiny_data['train']}", f"data.test={tiny_data['test']}")
     line = settle(cfg, manifest)
     assert (cfg.data.channels, cfg.data.image_size, cfg.augment.name) == (1, 28, "small")
     assert (cfg.augment.pad, cfg.augment.flip) == (4, 0.5) and "pad 4, flip 0.5" in line
     # what a user sets is kept: no flip (digits), RGB decoding (the grey mean repeated), another size
-    cfg = composed(f"data.train={tiny_data['train']}", f"data.test={tiny_data['test']}", "augment.flip=0",
-                   "data.channels=3", "data.image_size=32")
+    cfg = compose_train_config(f"data.train={tiny_data['train']}", f"data.test={tiny_data['test']}", "augment.flip=0",
+                               "data.channels=3", "data.image_size=32")
     settle(cfg, manifest)
     assert cfg.augment.flip == 0 and cfg.data.image_size == 32 and list(cfg.data.mean) == manifest.stats["mean"] * 3
-    cfg = composed(f"data.train={tiny_data['train']}", f"data.test={tiny_data['test']}", "augment=none")
+    cfg = compose_train_config(f"data.train={tiny_data['train']}", f"data.test={tiny_data['test']}", "augment=none")
     settle(cfg, manifest)
     assert cfg.augment.name == "none"
 
 
 def test_settling_returns_the_values_and_leaves_the_config_as_it_is(tiny_data):
-    cfg = composed(f"data.train={tiny_data['train']}", f"data.test={tiny_data['test']}")
+    cfg = compose_train_config(f"data.train={tiny_data['train']}", f"data.test={tiny_data['test']}")
     settings = settle_data_settings(cfg, load_manifest(tiny_data["train"]), None)
     assert (settings.channels, settings.image_size, settings.augment["name"], settings.augment["pad"]) == (
         1, 28, "small", 4)
@@ -102,13 +95,13 @@ def test_tiny_solid_colour_images_keep_a_shift_and_a_usable_std(tmp_path):
             Image.fromarray(np.full((8, 8), value, np.uint8)).save(tmp_path / "src" / f"class{c}" / f"{i}.png")
     records, classes = folder_records(tmp_path / "src")
     stats = write_shards(records, classes, tmp_path / "shards", progress=False).stats
-    cfg = composed("data=images", f"data.train={tmp_path / 'shards'}", f"data.test={tmp_path / 'shards'}")
+    cfg = compose_train_config("data=images", f"data.train={tmp_path / 'shards'}", f"data.test={tmp_path / 'shards'}")
     line = settle(cfg, load_manifest(tmp_path / "shards"))
     assert (cfg.data.image_size, cfg.augment.name, cfg.augment.pad) == (8, "small", 1) and "pad 1" in line
     # two solid greys 4 levels apart: std 2/255, which would scale the pixels up 128x; floored at 0.05
     assert stats["std"][0] == pytest.approx(2 / 255, abs=1e-4) and cfg.data.std == [0.05]
-    cfg = composed("data=images", f"data.train={tmp_path / 'shards'}", f"data.test={tmp_path / 'shards'}",
-                   "augment=small", "augment.pad=2")
+    cfg = compose_train_config("data=images", f"data.train={tmp_path / 'shards'}", f"data.test={tmp_path / 'shards'}",
+                               "augment=small", "augment.pad=2")
     settle(cfg, load_manifest(tmp_path / "shards"))
     assert cfg.augment.pad == 2
 
@@ -120,7 +113,7 @@ def test_shards_without_statistics_are_measured_at_start(tiny_data, tmp_path):
     raw = json.loads((tmp_path / "train" / "manifest.json").read_text())
     del raw["stats"]  # as written by another tool, or by recog before it recorded them
     (tmp_path / "train" / "manifest.json").write_text(json.dumps(raw))
-    cfg = composed(f"data.train={tmp_path / 'train'}", f"data.test={tiny_data['test']}")
+    cfg = compose_train_config(f"data.train={tmp_path / 'train'}", f"data.test={tiny_data['test']}")
     settle(cfg, load_manifest(tmp_path / "train"))
     full = load_manifest(tiny_data["train"]).stats
     assert (cfg.data.channels, cfg.data.image_size) == (1, 28)

@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
-from hydra import compose, initialize_config_dir
 
 from recog.build import build_data, build_loss, build_recipe
 from recog.config import check_against_data, check_config
@@ -19,7 +17,7 @@ from recog.dist import Dist
 from recog.errors import ConfigError
 from recog.loss import RecognitionLoss, additive_angular_margin
 from recog.model import Output, RecognitionModel
-from recog.rundir import register_resolvers
+from recog.rundir import compose_train_config
 
 HERE = Path(__file__).parent
 
@@ -31,15 +29,11 @@ def batch():
     return Output(emb, emb @ torch.nn.functional.normalize(torch.randn(3, 8), dim=1).t() * 16), labels
 
 
-def composed(*overrides: str):
-    register_resolvers()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
 
 
 def loss_from_config(name: str, *overrides: str, num_classes: int = 3) -> RecognitionLoss:
     """conf/loss/<name>.yaml as train.py builds it, for batch()'s 8-dimensional embeddings."""
-    return build_loss(composed(f"loss={name}", "model.embedding_dim=8", *overrides), num_classes)
+    return build_loss(compose_train_config(f"loss={name}", "model.embedding_dim=8", *overrides), num_classes)
 
 
 def test_cross_entropy_alone():
@@ -131,7 +125,7 @@ def test_the_arcface_config_takes_its_scale_from_the_model():
                                               ("loss.lr_scale=-1", "loss.lr_scale=-1 is not valid")])
 def test_bad_loss_values_are_one_sentence(override, message):
     with pytest.raises(ConfigError, match=message):
-        check_config(composed("data.train=/x", "data.test=/y", override))
+        check_config(compose_train_config("data.train=/x", "data.test=/y", override))
 
 
 # ---- a loss with parameters of its own: trained, equal on every rank, checkpointed ----
@@ -140,8 +134,8 @@ def test_a_proxy_losss_parameters_change_in_one_step_at_their_own_lr(tiny_data):
     """build_recipe as train.py calls it: the proxies are in the optimizer (before, they were not: a proxy loss
     never learned), at loss.lr_scale × the model's LR; the model's state_dict stays free of them."""
     one = Dist(0, 0, 1, 1, torch.device("cpu"), None)
-    cfg = composed(f"data.train={tiny_data['train']}", f"data.test={tiny_data['test']}", "data.num_workers=0",
-                   "loss=ce_proxyanchor", "model.width=4", "batch_size=16")
+    cfg = compose_train_config(f"data.train={tiny_data['train']}", f"data.test={tiny_data['test']}",
+                               "data.num_workers=0", "loss=ce_proxyanchor", "model.width=4", "batch_size=16")
     check_config(cfg)
     torch.manual_seed(0)
     data = build_data(cfg, one)
@@ -164,14 +158,15 @@ def test_a_proxy_loss_refuses_cross_rank_mining_and_a_zero_weight_drops_the_term
     paths = f"data.train={tiny_data['train']}", f"data.test={tiny_data['test']}"
     rng = torch.random.get_rng_state()
     with pytest.raises(ConfigError, match="loss.cross_rank=true .*ProxyAnchorLoss"):
-        check_config(composed(*paths, "loss=ce_proxyanchor", "loss.cross_rank=true", "sampler=pk"))
+        check_config(compose_train_config(*paths, "loss=ce_proxyanchor", "loss.cross_rank=true", "sampler=pk"))
     assert torch.equal(torch.random.get_rng_state(), rng)  # the stand-in loss drew its proxies off the record
-    check_config(composed(*paths, "loss=ce_triplet", "loss.cross_rank=true", "sampler=pk"))  # no parameters: fine
+    # a metric loss without parameters: fine
+    check_config(compose_train_config(*paths, "loss=ce_triplet", "loss.cross_rank=true", "sampler=pk"))
     # weight 0: no term, no parameters (DDP would wait forever for their gradients)
     assert not list(loss_from_config("ce_proxyanchor", "loss.metric_weight=0").parameters())
     manifest = load_manifest(tiny_data["train"])
     with pytest.raises(ConfigError, match="num_classes=5 but the training shards have 10 classes"):
-        check_against_data(composed(*paths, "loss=ce_proxyanchor", "loss.metric.num_classes=5"), manifest,
+        check_against_data(compose_train_config(*paths, "loss=ce_proxyanchor", "loss.metric.num_classes=5"), manifest,
                            manifest, None, micro_batches=1, world_size=1)
 
 
