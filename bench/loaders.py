@@ -237,8 +237,8 @@ def recog_decode(s: ImageSet, workers: int, batch_size: int, keep_decoded: bool 
     from hydra import compose, initialize_config_dir
 
     from recog.build import build_data
-    from recog.checkpoint import Position
     from recog.config import check_config
+    from recog.data.position import Position
     from recog.dist import Dist
     from recog.rundir import register_resolvers
 
