@@ -212,10 +212,10 @@ def parameter_groups(model: nn.Module, loss_fn: nn.Module, lr: float) -> list[di
     return groups
 
 
-def build_recipe(cfg: DictConfig, ctx: dist.Dist, data: TrainData, position: Position) -> StepRecipe:
+def build_recipe(cfg: DictConfig, ctx: dist.Dist, data: TrainData, position: Position | None = None) -> StepRecipe:
     """The model (with weights= read by rank 0 only), the loss, the optimizer over both at the LR scaled to the
     global batch (the loss's parameters at loss.lr_scale times it), warmup + cosine, the gradient scaler.
-    `position`: where training stands, which the LR schedule follows when resuming."""
+    `position`: where training stands, which the LR schedule follows when resuming (StepRecipe.position)."""
     model = instantiate(cfg.model, num_classes=len(data.classes), in_channels=cfg.data.channels)
     if cfg.weights:  # only rank 0 reads the file; DDP copies rank 0's weights to every rank (distribute)
         weights = dist.run_on_rank0(lambda: load_checkpoint(cfg.weights, "weights="), ctx, "reading model weights")
