@@ -58,8 +58,8 @@ class TrainData:
     def global_batch(self) -> int:
         return self.layout["global_batch"]
 
-    def start(self, world_size: int) -> Position:
-        """A fresh run's position: no epoch done, no step of the first one done."""
+    def start(self, world_size: int = 1) -> Position:
+        """A fresh run's position: no epoch done, no step of the first one done (`world_size`: saved with it)."""
         return Position(batches_per_epoch=len(self.epochs), layout=self.layout, world_size=world_size)
 
     def batches(self, position: Position) -> Iterator[Batch]:
