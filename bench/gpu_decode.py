@@ -82,8 +82,8 @@ def measure(args, setting: str) -> dict:
     """One setting's images/s, in this process."""
 
     from recog.build import build_data
-    from recog.checkpoint import Position
     from recog.config import check_config
+    from recog.data.position import Position
     from recog.dist import Dist
     from recog.rundir import compose_train_config
 
@@ -100,7 +100,7 @@ def measure(args, setting: str) -> dict:
     data = build_data(cfg, Dist(0, 0, 1, 1, device, None))
     begin, start, count = time.perf_counter(), None, 0
     for epoch in itertools.count():
-        for batch in data.batches(Position(epoch=epoch, consumed=[0] * data.layout["workers"])):
+        for batch in data.batches(Position(epoch=epoch)):
             batch.images.to(device, non_blocking=True)  # data.decode=gpu: there already
             if start is None:  # the first batch: the workers have started
                 sync(device)

@@ -236,8 +236,8 @@ def recog_decode(s: ImageSet, workers: int, batch_size: int, keep_decoded: bool 
     """train.py's data: the composed config, built by recog.build.build_data as train.py builds it."""
 
     from recog.build import build_data
-    from recog.checkpoint import Position
     from recog.config import check_config
+    from recog.data.position import Position
     from recog.dist import Dist
     from recog.rundir import compose_train_config
 

@@ -22,14 +22,14 @@ from _common import header, medians, rounds, row, sync
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from recog import dist
-from recog.build import StepRecipe, warmup_cosine
-from recog.checkpoint import Position
 from recog.data.loader import Batch
 from recog.data.normalize import Normalize
+from recog.data.position import Position
 from recog.log import NullWriter
 from recog.loss import ModelWithLoss, RecognitionLoss
 from recog.model import RecognitionModel
 from recog.preempt import StopOnSignal
+from recog.step import StepRecipe, warmup_cosine
 from recog.train import StepLog, train_one_epoch
 
 

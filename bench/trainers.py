@@ -59,12 +59,13 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from recog import dist, parallel
-from recog.build import StepRecipe, build_loss, parameter_groups, warmup_cosine
-from recog.checkpoint import Position
+from recog.build import build_loss, parameter_groups
 from recog.data.loader import Batch
 from recog.data.normalize import Normalize
+from recog.data.position import Position
 from recog.log import NullWriter
 from recog.preempt import StopOnSignal
+from recog.step import StepRecipe, warmup_cosine
 from recog.train import StepLog, train_one_epoch
 
 MEAN, STD = [0.286], [0.353]  # Fashion-MNIST's, as recog's manifest records them
@@ -96,7 +97,7 @@ class Job:
         """The default model, built and prepared (channels_last) as build_recipe does, the same weights on each side."""
         torch.manual_seed(self.cfg.seed)
         model = instantiate(self.cfg.model, num_classes=CLASSES, in_channels=1)
-        return parallel.prepare_model(model, self.cfg, self.ctx.is_distributed).to(self.ctx.device)
+        return parallel.prepare_model(model, self.cfg.perf, self.ctx.is_distributed).to(self.ctx.device)
 
     def optimizer(self, params) -> torch.optim.Optimizer:
         return instantiate(self.cfg.optim.optimizer)(params, lr=self.lr)
@@ -153,10 +154,10 @@ def recog_side(job: Job, clock: StepClock) -> Callable[[int], float]:
     model, loss_fn = job.model(), build_loss(cfg, CLASSES).to(ctx.device)
     optimizer = job.optimizer(parameter_groups(model, loss_fn, job.lr))
     recipe = StepRecipe(model, optimizer, loss_fn, Normalize(MEAN, STD, ctx.device),
-                        LambdaLR(optimizer, job.lr_factor()), parallel.grad_scaler(cfg, ctx.device),
-                        partial(parallel.autocast, cfg, ctx.device), cfg.perf.channels_last,
+                        LambdaLR(optimizer, job.lr_factor()), parallel.grad_scaler(cfg.perf.precision, ctx.device),
+                        partial(parallel.autocast, cfg.perf.precision, ctx.device), cfg.perf.channels_last,
                         ctx.device, job.lr, job.lr_factor(), cfg.batch_size * ctx.world_size * cfg.accumulate)
-    recipe.distribute(cfg, ctx)
+    recipe.distribute(ctx, cfg.perf, cfg.ddp)
     sampler = DistributedSampler(job.data, ctx.world_size, ctx.rank, shuffle=True, seed=cfg.seed)
     loader = DataLoader(job.data, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                         collate_fn=lambda samples: Batch(*map(torch.stack, zip(*samples)), skipped=0))

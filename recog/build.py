@@ -7,15 +7,12 @@ goes through `recog.dist`'s helpers, which keep the ranks' collectives paired.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
@@ -23,7 +20,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
 from recog import dist, parallel
-from recog.checkpoint import Position, load_checkpoint
+from recog.checkpoint import load_checkpoint
 from recog.config import check_against_data, global_batch_micro_batches, settle_data_settings
 from recog.data.decode import Decode, crop_while_decoding, decode_image
 from recog.data.gpu_decode import DecodeOnDevice
@@ -31,14 +28,15 @@ from recog.data.loader import Batch, loader_workers, make_loader
 from recog.data.manifest import Manifest, load_manifest
 from recog.data.normalize import Normalize
 from recog.data.plan import rank_micro_batches
+from recog.data.position import Position
 from recog.data.prepare import missing_splits, prepare_shards
 from recog.data.random_access import ShardRandomAccess, collate
 from recog.data.sampler import DistributedBatchSampler
 from recog.data.source import ShardSource
 from recog.data.stream import ShardStream, fits_in_memory
-from recog.errors import DataError
-from recog.loss import ModelWithLoss, RecognitionLoss
+from recog.loss import RecognitionLoss
 from recog.model import load_weights
+from recog.step import StepRecipe, warmup_cosine
 
 log = logging.getLogger("recog")
 
@@ -59,9 +57,9 @@ class TrainData:
     def global_batch(self) -> int:
         return self.layout["global_batch"]
 
-    def start(self) -> Position:
-        """A fresh run's position: no epoch done, no step of the first one done."""
-        return Position(batches_per_epoch=len(self.epochs))
+    def start(self, world_size: int = 1) -> Position:
+        """A fresh run's position: no epoch done, no step of the first one done (`world_size`: saved with it)."""
+        return Position(batches_per_epoch=len(self.epochs), layout=self.layout, world_size=world_size)
 
     def batches(self, position: Position) -> Iterator[Batch]:
         """The batches (one per step) of `position`'s epoch not yet trained on; the loader's workers start
@@ -176,96 +174,6 @@ def train_decoding(cfg: DictConfig, keep_decoded: bool) -> tuple[Decode, Callabl
     return crop_while_decoding(transform)
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
-    """LR multiplier: linear warmup to 1 over `warmup_steps`, then cosine decay to 0 at `total_steps`."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _constant(step: int) -> float:
-    return 1.0
-
-
-@dataclass
-class StepRecipe:
-    """How one optimizer step is taken, besides the data (recog/parallel.py holds the speed knobs).
-
-    Built by `build_recipe` from the config; tests and benchmarks build one directly from a model, a loss and
-    an optimizer, the rest keeping plain defaults (fp32, no accumulation, a constant LR)."""
-
-    model: nn.Module  # the model itself: saved, evaluated, exported (never DDP-wrapped)
-    optimizer: torch.optim.Optimizer  # over the model's parameters and the loss's own, if it has any
-    loss_fn: nn.Module  # (output, labels) -> {"total": loss, ...}; saved beside the model when it has a state
-    normalize: Callable[[torch.Tensor], torch.Tensor] = field(default_factory=lambda: Normalize([0.0], [1.0]))
-    scheduler: LambdaLR | None = None  # stepped after every optimizer step (None: constant LR)
-    scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # forward precision
-    channels_last: bool = False
-    device: torch.device = torch.device("cpu")
-    lr: float = 0.0  # the peak LR (after scaling to the global batch), and its schedule: what resuming re-applies
-    lr_factor: Callable[[int], float] = _constant
-    global_batch: int = 0  # the batch of one optimizer step over all ranks, which the LR was scaled for (0: this
-    # rank's batch is the whole step: each step's loss is its batch's mean)
-    # What the loop calls, (images, labels) -> the loss's terms: model and loss as one module, DDP-wrapped (and
-    # compiled) after distribute(), so the loss's parameters are kept equal on every rank as the model's are.
-    trained: nn.Module | None = None  # None: ModelWithLoss(model, loss_fn)
-
-    def __post_init__(self):
-        self.trained = self.trained or ModelWithLoss(self.model, self.loss_fn)
-        self.scheduler = self.scheduler or LambdaLR(self.optimizer, self.lr_factor)
-        self.image_shape: tuple[int, ...] | None = None  # of the last batch: for a step with no image on a rank
-
-    def step_gradients(self, batch: Batch) -> torch.Tensor:
-        """Forward and backward over one step's batch, part by part (`batch.sizes`: one forward pass each, so
-        BatchNorm sees the same images whatever the world size); DDP all-reduces on the last only (no_sync).
-        Each image's loss is divided by a rank's share of the global batch: after DDP's average over the ranks
-        every image weighs 1 / global_batch on any number of ranks, and a short batch counts for what it holds.
-        Returns the batch's loss summed over its images (detached, where it lives)."""
-        sizes = list(batch.sizes or (len(batch.labels),))
-        share = self.global_batch / dist.world_size() if self.global_batch else max(1, len(batch.labels))
-        last = max((i for i, n in enumerate(sizes) if n), default=None)
-        if last is None:
-            self._empty_step()
-            return torch.zeros((), device=self.device)
-        images, labels = self.inputs(batch)
-        self.image_shape, total = tuple(images.shape[1:]), torch.zeros((), device=self.device, dtype=torch.float64)
-        for i, (x, y) in enumerate(zip(images.split(sizes), labels.split(sizes))):
-            if i > last or not len(y):
-                continue
-            with parallel.no_sync(self.trained, sync=i == last):
-                with self.autocast():
-                    loss = self.trained(x, y)["total"]  # model and loss: one DDP module
-                self.scaler.scale(loss * (len(y) / share)).backward()
-            total = total + loss.detach().double() * len(y)
-        return total
-
-    def _empty_step(self) -> None:
-        """No image for this rank this step (its parts ran out, or all unreadable): it still joins the step's
-        gradient all-reduce, with zero gradients (one image of zeros, its loss times 0, BatchNorm untouched)."""
-        if self.image_shape is None:
-            raise DataError("every sample of a rank's first batch was unreadable; the shards are damaged: "
-                            "write them again.")
-        self.trained.eval()
-        with self.autocast():
-            loss = self.trained(torch.zeros((1, *self.image_shape), device=self.device),
-                                torch.zeros(1, dtype=torch.int64, device=self.device))["total"]
-        self.scaler.scale(loss * 0.0).backward()
-        self.trained.train()
-
-    def inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        images = self.normalize(batch.images.to(self.device, non_blocking=True))
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        return images, batch.labels.to(self.device, non_blocking=True)
-
-    def distribute(self, cfg: DictConfig, ctx: dist.Dist) -> None:
-        """DDP (and torch.compile) around model + loss: every rank now holds rank 0's weights and loss parameters."""
-        self.trained = parallel.wrap_model(ModelWithLoss(self.model, self.loss_fn), cfg, ctx.is_distributed,
-                                           ctx.device)
-
-
 def build_loss(cfg: DictConfig, num_classes: int) -> RecognitionLoss:
     """The loss of `cfg.loss`, told what only the data knows: a proxy loss's `num_classes: auto` is the training
     shards' `num_classes` (`cfg` stays as configured; recog.config checks the loss, before and against the data)."""
@@ -285,15 +193,16 @@ def parameter_groups(model: nn.Module, loss_fn: nn.Module, lr: float) -> list[di
     return groups
 
 
-def build_recipe(cfg: DictConfig, ctx: dist.Dist, data: TrainData) -> StepRecipe:
+def build_recipe(cfg: DictConfig, ctx: dist.Dist, data: TrainData, position: Position | None = None) -> StepRecipe:
     """The model (with weights= read by rank 0 only), the loss, the optimizer over both at the LR scaled to the
-    global batch (the loss's parameters at loss.lr_scale times it), warmup + cosine, the gradient scaler."""
+    global batch (the loss's parameters at loss.lr_scale times it), warmup + cosine, the gradient scaler.
+    `position`: where training stands, which the LR schedule follows when resuming (StepRecipe.position)."""
     model = instantiate(cfg.model, num_classes=len(data.classes), in_channels=cfg.data.channels)
     if cfg.weights:  # only rank 0 reads the file; DDP copies rank 0's weights to every rank (distribute)
         weights = dist.run_on_rank0(lambda: load_checkpoint(cfg.weights, "weights="), ctx, "reading model weights")
         for note in load_weights(model, weights):
             log.info("weights %s: %s", cfg.weights, note)
-    model = parallel.prepare_model(model, cfg, ctx.is_distributed)  # SyncBatchNorm, channels_last
+    model = parallel.prepare_model(model, cfg.perf, ctx.is_distributed)  # SyncBatchNorm, channels_last
     model.to(ctx.device)  # before the optimizer exists: its state must live where the parameters live
     loss_fn = build_loss(cfg, len(data.classes)).to(ctx.device)
     if loss_fn.cross_rank and ctx.is_distributed:
@@ -314,6 +223,6 @@ def build_recipe(cfg: DictConfig, ctx: dist.Dist, data: TrainData) -> StepRecipe
              cfg.optim.reference_batch, f" (the loss's {own} parameters: x {loss_fn.lr_scale:g})" if own else "",
              cfg.perf.precision)
     return StepRecipe(model, optimizer, loss_fn, Normalize(cfg.data.mean, cfg.data.std, ctx.device),
-                      LambdaLR(optimizer, lr_factor), parallel.grad_scaler(cfg, ctx.device),
-                      partial(parallel.autocast, cfg, ctx.device), cfg.perf.channels_last,
-                      ctx.device, lr, lr_factor, global_batch)
+                      LambdaLR(optimizer, lr_factor), parallel.grad_scaler(cfg.perf.precision, ctx.device),
+                      partial(parallel.autocast, cfg.perf.precision, ctx.device), cfg.perf.channels_last,
+                      ctx.device, lr, lr_factor, global_batch, position=position)

@@ -1,7 +1,10 @@
-"""All of recog's process-group handling: setup from torchrun's environment, teardown, small collectives.
+"""The process group: setup from torchrun's (or SLURM's) environment, teardown, the small collectives recog's
+commands use, and a failed or timed-out collective told in one sentence (`collective_failures`).
 
 `setup()` returns plain values and also works without torchrun (world size 1,
-no process group). Nothing here runs at import time.
+no process group). Nothing here runs at import time. Elsewhere: DDP around the
+model (recog/parallel.py), and the run directory's name, agreed over torchrun's
+store before any process group exists (recog/rundir.py).
 """
 
 from __future__ import annotations

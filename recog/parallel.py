@@ -24,21 +24,23 @@ PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 COMM_HOOKS = (None, "fp16", "bf16", "powersgd")
 
 
-def prepare_model(model: nn.Module, cfg: DictConfig, distributed: bool) -> nn.Module:
-    """Before the optimizer exists: SyncBatchNorm (it keeps the same parameters) and the memory format."""
-    if cfg.perf.sync_bn and distributed:
+def prepare_model(model: nn.Module, perf: DictConfig, distributed: bool) -> nn.Module:
+    """Before the optimizer exists: SyncBatchNorm (it keeps the same parameters) and the memory format (`perf`:
+    the config's perf section)."""
+    if perf.sync_bn and distributed:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if cfg.perf.channels_last:
+    if perf.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
 
 
-def wrap_model(model: nn.Module, cfg: DictConfig, distributed: bool, device: torch.device) -> nn.Module:
-    """The module the training loop calls: DDP (with its options and compression hook) when distributed,
-    compiled when asked. DDP broadcasts rank 0's parameters and buffers here, so every rank starts equal."""
+def wrap_model(model: nn.Module, perf: DictConfig, ddp: DictConfig, distributed: bool,
+               device: torch.device) -> nn.Module:
+    """The module the training loop calls: DDP (with its options and compression hook, the config's `ddp`
+    section) when distributed, compiled when asked (`perf.compile`). DDP broadcasts rank 0's parameters and
+    buffers here, so every rank starts equal."""
     trained = model
     if distributed:
-        ddp = cfg.ddp
         trained = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                       bucket_cap_mb=ddp.bucket_cap_mb, static_graph=ddp.static_graph,
                       gradient_as_bucket_view=ddp.gradient_as_bucket_view)
@@ -50,9 +52,9 @@ def wrap_model(model: nn.Module, cfg: DictConfig, distributed: bool, device: tor
                                                 start_powerSGD_iter=ddp.powersgd_start_step)
             hook = powerSGD_hook.powerSGD_hook
             trained.register_comm_hook(state, hook if device.type == "cuda" else one_bucket_at_a_time(hook))
-    elif cfg.ddp.comm_hook:
-        log.info("ddp.comm_hook=%s has nothing to compress with one process", cfg.ddp.comm_hook)
-    if cfg.perf.compile:
+    elif ddp.comm_hook:
+        log.info("ddp.comm_hook=%s has nothing to compress with one process", ddp.comm_hook)
+    if perf.compile:
         trained = torch.compile(trained)
     return trained
 
@@ -75,15 +77,16 @@ def one_bucket_at_a_time(hook):
     return serial
 
 
-def autocast(cfg: DictConfig, device: torch.device):
-    """The forward pass's precision: bf16/fp16 autocast, or nothing for fp32."""
-    dtype = PRECISIONS[cfg.perf.precision]
+def autocast(precision: str, device: torch.device):
+    """The forward pass's precision (perf.precision): bf16/fp16 autocast, or nothing for fp32."""
+    dtype = PRECISIONS[precision]
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
-def grad_scaler(cfg: DictConfig, device: torch.device) -> torch.amp.GradScaler:
-    """fp16 gradients underflow without loss scaling; for fp32 and bf16 the scaler is a pass-through."""
-    return torch.amp.GradScaler(device.type, enabled=cfg.perf.precision == "fp16")
+def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
+    """fp16 gradients underflow without loss scaling (perf.precision); for fp32 and bf16 the scaler is a
+    pass-through."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
 def no_sync(model: nn.Module, sync: bool):

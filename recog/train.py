@@ -2,7 +2,8 @@
 
 Every rank runs `run(cfg)`. Rank 0 alone writes files (checkpoints, TensorBoard, metrics.json); the other
 ranks log through stand-ins that do nothing. Where each thing lives: recog/config.py checks the configuration,
-recog/build.py builds the data and the step recipe, recog/checkpoint.py saves and restores.
+recog/build.py builds the data and the step recipe (recog/step.py: how one optimizer step is taken),
+recog/data/position.py is where training stands in the data, recog/checkpoint.py saves and restores them.
 """
 
 from __future__ import annotations
@@ -18,16 +19,18 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from recog import dist
-from recog.build import StepRecipe, build_data, build_recipe
-from recog.checkpoint import Checkpoints, Position, check_resume_point, find_resume_point
+from recog.build import build_data, build_recipe
+from recog.checkpoint import Checkpoints, RandomState, check_resume_point, find_resume_point
 from recog.config import check_config
 from recog.data.loader import Batch, stop_data_workers
+from recog.data.position import Position
 from recog.files import write_json
 from recog.log import make_writer, setup_logging
 from recog.model import Output
 from recog.preempt import Preempted, StopOnSignal
 from recog.retrieval import metrics_from_sums, retrieval_sums, undefined
 from recog.rundir import hold_run_dir
+from recog.step import StepRecipe
 
 log = logging.getLogger("recog")
 
@@ -70,28 +73,35 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, stop: StopOnSignal) ->
         log.info("config:\n%s", OmegaConf.to_yaml(cfg))
     torch.manual_seed(cfg.seed)
 
-    found = find_resume_point(cfg, run_dir, ctx)  # its global batch is kept, whatever the world size now
-    data = build_data(cfg, ctx, saved=found[1].get("data") if found else None)
-    recipe = build_recipe(cfg, ctx, data)
-    check_resume_point(cfg, run_dir, found, recipe.model, recipe.loss_fn)
-    checkpoints = Checkpoints(cfg, ctx, run_dir / "checkpoints", recipe, data.layout)
-    position = checkpoints.restore(found, data.start())
+    # The checkpoint to continue from, if any: its global batch is kept, whatever the world size now.
+    found = find_resume_point(cfg.checkpoint, cfg.resume, run_dir, ctx)
+    data = build_data(cfg, ctx, saved=Position.saved_layout(found[1]) if found else None)
+    position = data.start(ctx.world_size)
+    recipe = build_recipe(cfg, ctx, data, position)  # its LR schedule follows the position
+    check_resume_point(found, run_dir, cfg.model.backbone, recipe.mismatch)
+    checkpoints = Checkpoints(cfg.checkpoint, run_dir / "checkpoints", ctx.is_main,
+                              {"position": position, "recipe": recipe, "rng": RandomState(ctx.device)},
+                              config=OmegaConf.to_container(cfg, resolve=True))
+    checkpoints.restore(found)  # in that order: the recipe's LR is this run's at the restored position
+    if checkpoints.resumed_from:
+        log.info("resumed from %s: %s", checkpoints.resumed_from, position)
     if position.epoch >= cfg.epochs and not position.mid_epoch:  # started again after it had finished
         log.info("nothing to train: %s holds all %d epochs (give a larger epochs= to train on)",
-                 position.resumed_from, cfg.epochs)
+                 checkpoints.resumed_from, cfg.epochs)
         return {"epoch": position.epoch, "step": position.step, "top1": checkpoints.top1,
                 "best_top1": checkpoints.best_top1}
-    recipe.distribute(cfg, ctx)  # DDP: every rank now holds rank 0's weights (the loss's too)
+    recipe.distribute(ctx, cfg.perf, cfg.ddp)  # DDP: every rank now holds rank 0's weights (the loss's too)
 
     def after_step(position: Position) -> bool:  # True: every rank stops after this step
         if stop.agreed():
             return True
-        checkpoints.maybe_save_mid_epoch(position)
+        if not position.epoch_done:  # an epoch's last step: its end-of-epoch checkpoint follows
+            checkpoints.save_if_due(position.step)
         return False
 
     # Resuming in the same run directory: TensorBoard hides what the interrupted run logged after this step (its
     # events of this step came before the checkpoint, and stay).
-    writer = make_writer(run_dir, ctx.is_main, purge_step=position.step + 1 if position.resumed_from else None)
+    writer = make_writer(run_dir, ctx.is_main, purge_step=position.step + 1 if checkpoints.resumed_from else None)
     log_steps, totals = StepLog(writer, cfg.log_every), Meter("images", "seconds", "skipped")
     stats, result = None, None
     batches = data.batches(position)
@@ -108,7 +118,7 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, stop: StopOnSignal) ->
                           keep_images=cfg.eval.projector if position.epoch == cfg.epochs else 0,
                           gallery_loader=data.gallery_loader)
         report_epoch(writer, cfg.epochs, position, stats, result, data.classes)
-        checkpoints.save(position, result.top1)
+        checkpoints.save(position.step, result.top1)
     return finish(cfg, ctx, run_dir, writer, recipe, position, stats, result, totals.sums, checkpoints.best_top1)
 
 
@@ -182,12 +192,11 @@ def relay_warnings(batch: Batch) -> None:
 def train_one_epoch(recipe: StepRecipe, batches: Iterable[Batch], position: Position, log_steps: StepLog,
                     after_step: Callable[[Position], bool]) -> EpochStats:
     """One epoch (or the rest of one) of DDP training, advancing `position` (its step and the steps of the
-    epoch done: what a mid-epoch checkpoint records). Each batch is one optimizer step: a batch from each of
-    this rank's micro-batches of the global batch (`Batch.sizes`; recog.data.plan), whose gradients are summed, DDP
-    all-reducing on the last only (no_sync). `after_step` decides checkpoints and stops (True: leave the epoch
-    now; every rank gets the same answer)."""
-    r, stopped = recipe, False
-    r.trained.train()
+    epoch done: what a mid-epoch checkpoint records). Each batch is one optimizer step (`StepRecipe.step`): a
+    batch from each of this rank's micro-batches of the global batch (`Batch.sizes`; recog.data.plan). `after_step`
+    decides checkpoints and stops (True: leave the epoch now; every rank gets the same answer)."""
+    stopped = False
+    recipe.trained.train()
     window, epoch = Meter("loss", "images", "skipped", "wait"), Meter("loss", "images", "skipped", "wait")
     for batch, waited in timed(batches):
         relay_warnings(batch)
@@ -195,23 +204,17 @@ def train_one_epoch(recipe: StepRecipe, batches: Iterable[Batch], position: Posi
             log_steps.writer.add_scalar("train/startup_s", waited, position.step)
             log_steps.first_batch, waited = False, 0.0
             window.reset(), epoch.reset()
-        loss = r.step_gradients(batch)
+        loss, lr = recipe.step(batch)
+        position.advance(batch.step)
         for meter in (window, epoch):
             meter.add(loss=loss, images=len(batch.labels), skipped=batch.skipped, wait=waited)
-        lr = r.optimizer.param_groups[0]["lr"]  # this step's: what train/lr shows at it
-        r.scaler.step(r.optimizer)
-        r.scaler.update()
-        r.optimizer.zero_grad(set_to_none=True)
-        r.scheduler.step()
-        position.step += 1
-        position.mark_done(batch.step)
         if position.step % log_steps.every == 0:  # every rank reaches this at the same step: cannot hang
-            log_steps.write(position.step, window, lr, r.device)
+            log_steps.write(position.step, window, lr, recipe.device)
         if after_step(position):
             stopped = True
             break
-    seconds = dist.all_reduce_max(torch.tensor([time.perf_counter() - epoch.started], device=r.device)).item()
-    sums = epoch.reduce(r.device)
+    seconds = dist.all_reduce_max(torch.tensor([time.perf_counter() - epoch.started], device=recipe.device)).item()
+    sums = epoch.reduce(recipe.device)
     return EpochStats(position.step, sums["loss"] / max(sums["images"], 1), int(sums["images"]), seconds,
                       sums["wait"] / dist.world_size() / max(seconds, 1e-9), int(sums["skipped"]), stopped)
 
@@ -281,7 +284,7 @@ def forward(model, loader, normalize, device: torch.device) -> Iterator[tuple[Ba
 
 def preempted(checkpoints: Checkpoints, position: Position, signal_name: str | None, writer) -> Preempted:
     """Every rank stopped after the same step: rank 0 writes a checkpoint of this point, then all leave."""
-    path = checkpoints.save(position) or checkpoints.folder / f"step-{position.step:09d}.pt"
+    path = checkpoints.save(position.step) or checkpoints.folder / f"step-{position.step:09d}.pt"
     dist.control_barrier()  # no rank exits (which makes torchrun stop the others) before it is written
     writer.close()
     who = signal_name or "another rank's signal"

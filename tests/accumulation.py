@@ -10,12 +10,12 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from recog.build import StepRecipe
-from recog.checkpoint import Position
 from recog.data.loader import Batch
+from recog.data.position import Position
 from recog.log import NullWriter
 from recog.loss import ModelWithLoss, RecognitionLoss
 from recog.model import Output
+from recog.step import StepRecipe
 from recog.train import StepLog, train_one_epoch
 
 

@@ -13,11 +13,12 @@ from omegaconf import OmegaConf
 from pytorch_metric_learning.losses import ProxyAnchorLoss
 
 from recog import dist
-from recog.build import StepRecipe, parameter_groups
-from recog.checkpoint import Position
+from recog.build import parameter_groups
 from recog.data.loader import Batch
+from recog.data.position import Position
 from recog.log import NullWriter
 from recog.loss import RecognitionLoss
+from recog.step import StepRecipe
 from recog.train import StepLog, train_one_epoch
 
 out = Path(sys.argv[1])
@@ -30,7 +31,7 @@ optimizer = torch.optim.SGD(parameter_groups(model, loss_fn, lr=0.1), lr=0.1, mo
 recipe = StepRecipe(model, optimizer, loss_fn)
 cfg = OmegaConf.create({"ddp": {"bucket_cap_mb": 25, "static_graph": False, "gradient_as_bucket_view": False,
                                 "comm_hook": None}, "perf": {"compile": False}})
-recipe.distribute(cfg, ctx)
+recipe.distribute(ctx, cfg.perf, cfg.ddp)
 g = torch.Generator().manual_seed(100 + ctx.rank)  # each rank its own batches
 batches = [Batch(torch.randint(0, 256, (12, 1, 4, 4), dtype=torch.uint8, generator=g),
                  torch.randint(0, 3, (12,), generator=g), 0) for _ in range(6)]

@@ -81,71 +81,79 @@ def test_newest_readable_checkpoint_is_found_and_a_damaged_one_is_reported(tmp_p
         load_newest_checkpoint(tmp_path, log)
 
 
-def checkpoints_of(folder, recipe, every_steps=0, every_minutes=0, layout=None):
+def checkpoints_of(folder, recipe, position=None, every_steps=0, every_minutes=0):
     from omegaconf import OmegaConf
 
-    from recog.checkpoint import Checkpoints
-    from recog.dist import Dist
+    from recog.checkpoint import Checkpoints, RandomState
+    from recog.data.position import Position
 
-    cfg = OmegaConf.create({"checkpoint": {"keep": 10, "every_steps": every_steps, "every_minutes": every_minutes}})
-    return Checkpoints(cfg, Dist(0, 0, 1, 1, torch.device("cpu"), None), folder, recipe,
-                       layout or {})
+    settings = OmegaConf.create({"keep": 10, "every_steps": every_steps, "every_minutes": every_minutes})
+    components = {"position": position or Position(batches_per_epoch=10), "recipe": recipe,
+                  "rng": RandomState(torch.device("cpu"))}
+    return Checkpoints(settings, folder, True, components, config={"model": {"backbone": "linear"}})
 
 
-def linear_recipe(seed: int):
-    from recog.build import StepRecipe
+def linear_recipe(seed: int, position=None):
     from recog.loss import RecognitionLoss
+    from recog.step import StepRecipe
 
     torch.manual_seed(seed)
     model = torch.nn.Linear(3, 2)
-    return StepRecipe(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), RecognitionLoss(), lr=0.1)
+    return StepRecipe(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), RecognitionLoss(), lr=0.1,
+                      position=position)
 
 
 def test_mid_epoch_checkpoints_every_n_steps_and_every_t_minutes(tmp_path):
     import time
 
-    from recog.checkpoint import Position
+    from recog.data.position import Position
 
-    recipe = linear_recipe(0)
-    by_steps = checkpoints_of(tmp_path / "4-0", recipe, every_steps=4)
-    for step in range(1, 21):  # two epochs of 10 steps; done: the epoch's steps
-        by_steps.maybe_save_mid_epoch(Position(step // 10, step, [[0, step % 10 or 10]], batches_per_epoch=10))
+    position = Position(batches_per_epoch=10)
+    by_steps = checkpoints_of(tmp_path / "4-0", linear_recipe(0), position, every_steps=4)
+    for step in range(1, 21):  # two epochs of 10 steps, as the loop decides: not on an epoch's last step
+        position.advance(step - 1 - 10 * position.epoch)
+        if not position.epoch_done:
+            by_steps.save_if_due(position.step)
+        else:
+            position.next_epoch()
     # steps 4, 8, 12, 16: 20 is an epoch's last step, whose end-of-epoch checkpoint follows
     assert sorted(p.name for p in by_steps.folder.glob("step-*")) == [f"step-{s:09d}.pt" for s in (4, 8, 12, 16)]
     state = load_checkpoint(by_steps.folder / "step-000000012.pt")
     assert state["epoch"] == 1 and state["data"] == {"done": [[0, 2]], "world_size": 1}
 
-    by_time = checkpoints_of(tmp_path / "0-1", recipe, every_minutes=1)  # every minute, by rank 0's clock
-    by_time.maybe_save_mid_epoch(Position(0, 1, [[0, 1]], batches_per_epoch=10))
+    by_time = checkpoints_of(tmp_path / "0-1", linear_recipe(0), every_minutes=1)  # every minute, by rank 0's clock
+    by_time.save_if_due(1)
     assert not by_time.folder.exists()
     by_time.last_time = time.monotonic() - 61  # as if the last save were a minute ago
-    by_time.maybe_save_mid_epoch(Position(0, 2, [[0, 2]], batches_per_epoch=10))
-    by_time.maybe_save_mid_epoch(Position(0, 3, [[0, 3]], batches_per_epoch=10))  # the clock restarted at the save
+    by_time.save_if_due(2)
+    by_time.save_if_due(3)  # the clock restarted at the save
     assert [p.name for p in by_time.folder.glob("step-*")] == ["step-000000002.pt"]
 
 
 def test_restore_puts_back_everything_save_wrote(tmp_path):
-    from recog.checkpoint import Position
+    from recog.data.position import Position
 
     layout = {"global_batch": 64, "micro_batches": 2}
-    trained = linear_recipe(0)
+    saved_at = Position(1, 7, [[0, 2], [5, 8]], batches_per_epoch=10, layout=layout)
+    trained = linear_recipe(0, saved_at)
     loss = trained.model(torch.ones(4, 3)).sum()
     loss.backward()
     trained.optimizer.step()  # momentum buffers: optimizer state worth restoring
     trained.scheduler.step()
-    saver = checkpoints_of(tmp_path, trained, layout=layout)
-    saver.save(Position(1, 7, [[0, 2], [5, 8]], batches_per_epoch=10), top1=0.5)
-    saver.save(Position(2, 9, [], batches_per_epoch=10), top1=0.25)  # a worse epoch: best stays 0.5
+    saver = checkpoints_of(tmp_path, trained, saved_at)
+    saver.save(7, top1=0.5)
+    saved_at.step, saved_at.epoch, saved_at.done = 9, 2, []
+    saver.save(9, top1=0.25)  # a worse epoch: best stays 0.5
     rng_after_save = torch.get_rng_state()
 
-    fresh = linear_recipe(1)  # other weights, no optimizer state
+    position = Position(batches_per_epoch=10, layout=layout)
+    fresh = linear_recipe(1, position)  # other weights, no optimizer state
     torch.manual_seed(123)
-    restorer = checkpoints_of(tmp_path, fresh, layout=layout)
-    state = load_checkpoint(tmp_path / "step-000000009.pt")
-    position = restorer.restore((str(tmp_path / "step-000000009.pt"), state),
-                               Position(batches_per_epoch=10))
+    restorer = checkpoints_of(tmp_path, fresh, position)
+    restorer.restore((str(tmp_path / "step-000000009.pt"), load_checkpoint(tmp_path / "step-000000009.pt")))
     assert (position.epoch, position.step, position.done) == (2, 9, [])
-    assert (restorer.best_top1, restorer.top1, restorer.last_step) == (0.5, 0.25, 9)
+    assert (restorer.best_top1, restorer.top1) == (0.5, 0.25)
+    assert restorer.resumed_from == str(tmp_path / "step-000000009.pt")
     for key, value in trained.model.state_dict().items():
         assert torch.equal(fresh.model.state_dict()[key], value)
     momentum = fresh.optimizer.state_dict()["state"][0]["momentum_buffer"]
@@ -155,26 +163,42 @@ def test_restore_puts_back_everything_save_wrote(tmp_path):
 
     # a mid-epoch position comes back for the same global batch and micro-batches, whatever the world size
     mid = load_checkpoint(tmp_path / "step-000000007.pt")
-    again = restorer.restore(("mid", mid), Position(batches_per_epoch=10))
-    assert (again.epoch, again.done, again.steps_done) == (1, [[0, 2], [5, 8]], 5) and again.mid_epoch
-    other = checkpoints_of(tmp_path, fresh, layout={"global_batch": 128, "micro_batches": 4})
-    assert other.restore(("mid", mid), Position(batches_per_epoch=10)).done == []
+    restorer.restore(("mid", mid))
+    assert (position.epoch, position.done, position.steps_done) == (1, [[0, 2], [5, 8]], 5) and position.mid_epoch
+    other = Position(batches_per_epoch=10, layout={"global_batch": 128, "micro_batches": 4}, world_size=2)
+    checkpoints_of(tmp_path, linear_recipe(1, other), other).restore(("mid", mid))
+    assert other.done == [] and other.step == 7
 
 
-def proxy_recipe(seed: int, model_only_optimizer: bool = False):
-    """A linear model with a proxy loss (2 classes, 2 dimensions), its optimizer over both unless asked not to
-    (what recog did before it trained a loss's parameters), after one step."""
+def test_the_components_states_are_one_dictionary_without_overlaps(tmp_path):
+    from recog.data.position import Position
+
+    class Clashing:
+        def state_dict(self):
+            return {"step": 3}
+
+    checkpoints = checkpoints_of(tmp_path, linear_recipe(0))
+    assert set(checkpoints.state_dict()) == {"model", "loss", "optimizer", "scheduler", "scaler", "epoch", "step",
+                                             "data", "rng", "top1", "best_top1", "config"}
+    checkpoints.components["clash"] = Clashing()
+    with pytest.raises(ValueError, match="clash names .'step'."):
+        checkpoints.save(Position().step)
+
+
+def proxy_recipe(seed: int):
+    """A linear model with a proxy loss (2 classes, 2 dimensions), its optimizer over both, after one step."""
     from pytorch_metric_learning.losses import ProxyAnchorLoss
 
-    from recog.build import StepRecipe, parameter_groups
+    from recog.build import parameter_groups
     from recog.loss import RecognitionLoss
     from recog.model import Output
+    from recog.step import StepRecipe
 
     torch.manual_seed(seed)
     model = torch.nn.Linear(3, 2)
     loss_fn = RecognitionLoss(metric=ProxyAnchorLoss(num_classes=2, embedding_size=2), metric_weight=1.0, lr_scale=10.0)
-    params = model.parameters() if model_only_optimizer else parameter_groups(model, loss_fn, lr=0.1)
-    recipe = StepRecipe(model, torch.optim.SGD(params, lr=0.1, momentum=0.9), loss_fn, lr=0.1)
+    recipe = StepRecipe(model, torch.optim.SGD(parameter_groups(model, loss_fn, lr=0.1), lr=0.1, momentum=0.9),
+                        loss_fn, lr=0.1)
     out = model(torch.randn(6, 3))
     loss_fn(Output(out, out), torch.arange(6) % 2)["total"].backward()
     recipe.optimizer.step()
@@ -182,15 +206,12 @@ def proxy_recipe(seed: int, model_only_optimizer: bool = False):
 
 
 def test_a_losss_parameters_and_their_optimizer_state_are_saved_and_restored(tmp_path):
-    from recog.checkpoint import Position
-
     trained = proxy_recipe(0)
-    checkpoints_of(tmp_path, trained).save(Position(0, 1, [[0, 1]], batches_per_epoch=10))
-    state = load_checkpoint(tmp_path / "step-000000001.pt")
+    state = trained.state_dict()
     assert list(state["loss"]) == ["metric.proxies"] and list(state["model"]) == ["weight", "bias"]
 
     fresh = proxy_recipe(1)
-    checkpoints_of(tmp_path, fresh).restore(("ck", state), Position(batches_per_epoch=10))
+    fresh.load_state_dict(state)
     assert torch.equal(fresh.loss_fn.metric.proxies, trained.loss_fn.metric.proxies)
     momentum = [s["momentum_buffer"] for s in fresh.optimizer.state_dict()["state"].values()]
     assert all(torch.equal(a, s["momentum_buffer"]) for a, s in zip(momentum,
@@ -199,35 +220,35 @@ def test_a_losss_parameters_and_their_optimizer_state_are_saved_and_restored(tmp
     assert fresh.scheduler.base_lrs == [0.1, 1.0]
 
 
-def test_a_checkpoint_without_the_losss_state_loads_with_a_note_and_fresh_proxies(tmp_path, caplog):
-    """Written before recog saved the loss: no "loss", one optimizer group (the model's)."""
-    from recog.checkpoint import Position
-
-    old = proxy_recipe(0, model_only_optimizer=True)
-    checkpoints_of(tmp_path, old).save(Position(0, 1, [[0, 1]], batches_per_epoch=10))
-    state = load_checkpoint(tmp_path / "step-000000001.pt")
-    del state["loss"]
-    fresh = proxy_recipe(1)
-    proxies = fresh.loss_fn.metric.proxies.detach().clone()
-    with caplog.at_level(logging.WARNING, logger="recog"):
-        checkpoints_of(tmp_path, fresh).restore(("old.pt", state), Position(batches_per_epoch=10))
-    assert "old.pt holds no state of the loss" in caplog.text and "start fresh" in caplog.text
-    assert torch.equal(fresh.model.weight, old.model.weight) and torch.equal(fresh.loss_fn.metric.proxies, proxies)
-    assert len(fresh.optimizer.param_groups) == 2 and fresh.optimizer.param_groups[1]["lr"] == 1.0
-    assert set(fresh.optimizer.state_dict()["state"]) == {0, 1}  # the model's momentum; none yet for the proxies
-
-
-def test_resuming_with_another_loss_is_one_sentence(tmp_path):
+def test_resuming_with_another_model_or_loss_is_one_sentence(tmp_path):
     from omegaconf import OmegaConf
 
-    from recog.checkpoint import Position, find_resume_point
+    from recog.checkpoint import check_resume_point, find_resume_point
     from recog.dist import Dist
-    from recog.loss import RecognitionLoss
 
     trained = proxy_recipe(0)
-    path = checkpoints_of(tmp_path, trained).save(Position(0, 1, [[0, 1]], batches_per_epoch=10))
-    cfg = OmegaConf.create({"checkpoint": {"auto_resume": False}, "resume": str(path), "model": {"backbone": "x"}})
+    path = checkpoints_of(tmp_path, trained).save(1)
+    settings = OmegaConf.create({"auto_resume": False})
     one = Dist(0, 0, 1, 1, torch.device("cpu"), None)
-    assert find_resume_point(cfg, tmp_path, one, trained.model, trained.loss_fn)[0] == str(path)
+    found = find_resume_point(settings, str(path), tmp_path, one)
+    assert found[0] == str(path)
+    check_resume_point(found, tmp_path, "linear", trained.mismatch)  # fits
     with pytest.raises(ConfigError, match="was trained with another loss .*metric.proxies not in this"):
-        find_resume_point(cfg, tmp_path, one, trained.model, RecognitionLoss())
+        check_resume_point(found, tmp_path, "linear", linear_recipe(0).mismatch)
+    wider = proxy_recipe(0)
+    wider.model = torch.nn.Linear(4, 2)
+    with pytest.raises(ConfigError, match="holds a linear model that does not fit the wide model of this run "
+                                          r"\(weight has shape \(2, 3\) .*start from its weights with weights="):
+        check_resume_point(found, tmp_path, "wide", wider.mismatch)
+
+
+def test_a_file_that_is_not_a_training_checkpoint_is_one_sentence(tmp_path):
+    from omegaconf import OmegaConf
+
+    from recog.checkpoint import find_resume_point
+    from recog.dist import Dist
+
+    weights = save_checkpoint(torch.nn.Linear(3, 2).state_dict(), tmp_path / "weights.pt")
+    with pytest.raises(ConfigError, match="is not a recog training checkpoint .*use weights= instead of resume="):
+        find_resume_point(OmegaConf.create({"auto_resume": True}), str(weights), tmp_path,
+                          Dist(0, 0, 1, 1, torch.device("cpu"), None))

@@ -82,7 +82,7 @@ def test_resuming_with_a_larger_global_batch_continues_the_lr_schedule(tmp_path)
     """2 epochs of batch 8, then the same run directory with global_batch=32 and 4 epochs: the checkpoint's step
     (16) counts steps of 8 images, the new schedule has 2 steps of 32 per epoch (8 in all). The LR must go on from
     2 epochs in (step 4 of 8), not sit at 0 past the end of the schedule. Read from the run's TensorBoard events."""
-    from recog.build import warmup_cosine
+    from recog.step import warmup_cosine
 
     data = {"train": tmp_path / "train", "test": tmp_path / "test"}
     tiny_split(data["train"], "train", 64, 32)

@@ -1,0 +1,170 @@
+"""How one optimizer step is taken (`StepRecipe.step`), and the state that carries from step to step (its
+`state_dict`: model, loss, optimizer, LR schedule, gradient scaler).
+
+The training loop calls `step` once per batch; `recog.build.build_recipe` makes a recipe from the config,
+tests and benchmarks make one directly. recog/parallel.py holds the speed knobs it is given.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from recog import dist, parallel
+from recog.data.loader import Batch
+from recog.data.normalize import Normalize
+from recog.data.position import Position
+from recog.errors import DataError
+from recog.loss import ModelWithLoss
+from recog.model import state_mismatch
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+    """LR multiplier at optimizer step `step` (from 0): (step + 1) / `warmup_steps` over the first `warmup_steps`
+    steps (1 at the last of them), then a cosine from 1 down toward 0, which it reaches at step `total_steps` (one
+    past a run's last step, so the last step trained keeps a small LR) and keeps beyond."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _constant(step: int) -> float:
+    return 1.0
+
+
+class StepResult(NamedTuple):
+    loss: torch.Tensor  # the batch's loss summed over its images (detached, where it lives)
+    lr: float  # the LR this step was taken at (the first parameter group's)
+
+
+@dataclass
+class StepRecipe:
+    """How one optimizer step is taken, besides the data, and what of it a checkpoint holds.
+
+    Built by `build_recipe` from the config; tests and benchmarks build one directly from a model, a loss and
+    an optimizer, the rest keeping plain defaults (fp32, no accumulation, a constant LR)."""
+
+    model: nn.Module  # the model itself: saved, evaluated, exported (never DDP-wrapped)
+    optimizer: torch.optim.Optimizer  # over the model's parameters and the loss's own, if it has any
+    loss_fn: nn.Module  # (output, labels) -> {"total": loss, ...}; saved beside the model
+    normalize: Callable[[torch.Tensor], torch.Tensor] = field(default_factory=lambda: Normalize([0.0], [1.0]))
+    scheduler: LambdaLR | None = None  # stepped after every optimizer step (None: constant LR)
+    scaler: torch.amp.GradScaler = field(default_factory=lambda: torch.amp.GradScaler("cpu", enabled=False))
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # forward precision
+    channels_last: bool = False
+    device: torch.device = torch.device("cpu")
+    lr: float = 0.0  # the peak LR (after scaling to the global batch), and its schedule: what resuming re-applies
+    lr_factor: Callable[[int], float] = _constant
+    global_batch: int = 0  # the batch of one optimizer step over all ranks, which the LR was scaled for (0: this
+    # rank's batch is the whole step: each step's loss is its batch's mean)
+    # What `step` calls, (images, labels) -> the loss's terms: model and loss as one module, DDP-wrapped (and
+    # compiled) after distribute(), so the loss's parameters are kept equal on every rank as the model's are.
+    trained: nn.Module | None = None  # None: ModelWithLoss(model, loss_fn)
+    # Where training stands, which the LR schedule follows: load_state_dict re-applies this run's LR at its
+    # schedule_step (restore the position first). None: at the step the saved schedule stood at.
+    position: Position | None = None
+
+    def __post_init__(self):
+        self.trained = self.trained or ModelWithLoss(self.model, self.loss_fn)
+        self.scheduler = self.scheduler or LambdaLR(self.optimizer, self.lr_factor)
+        self.image_shape: tuple[int, ...] | None = None  # of the last batch: for a step with no image on a rank
+
+    def step(self, batch: Batch) -> StepResult:
+        """One optimizer step on one step's batch: forward and backward (`gradients`), the optimizer's step
+        through the gradient scaler, zeroed gradients, the LR schedule's next step."""
+        loss = self.gradients(batch)
+        lr = self.optimizer.param_groups[0]["lr"]  # this step's: what train/lr shows at it
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return StepResult(loss, lr)
+
+    def gradients(self, batch: Batch) -> torch.Tensor:
+        """Forward and backward over one step's batch, micro-batch by micro-batch (`batch.sizes`: one forward pass
+        each, so BatchNorm sees the same images whatever the world size); DDP all-reduces on the last only (no_sync).
+        Each image's loss is divided by a rank's share of the global batch: after DDP's average over the ranks
+        every image weighs 1 / global_batch on any number of ranks, and a short batch counts for what it holds.
+        Returns the batch's loss summed over its images (detached, where it lives)."""
+        sizes = list(batch.sizes or (len(batch.labels),))
+        share = self.global_batch / dist.world_size() if self.global_batch else max(1, len(batch.labels))
+        last = max((i for i, n in enumerate(sizes) if n), default=None)
+        if last is None:
+            self._empty_step()
+            return torch.zeros((), device=self.device)
+        images, labels = self.inputs(batch)
+        self.image_shape, total = tuple(images.shape[1:]), torch.zeros((), device=self.device, dtype=torch.float64)
+        for i, (x, y) in enumerate(zip(images.split(sizes), labels.split(sizes))):
+            if i > last or not len(y):
+                continue
+            with parallel.no_sync(self.trained, sync=i == last):
+                with self.autocast():
+                    loss = self.trained(x, y)["total"]  # model and loss: one DDP module
+                self.scaler.scale(loss * (len(y) / share)).backward()
+            total = total + loss.detach().double() * len(y)
+        return total
+
+    def _empty_step(self) -> None:
+        """No image for this rank this step (its micro-batches ran out, or all unreadable): it still joins the step's
+        gradient all-reduce, with zero gradients (one image of zeros, its loss times 0, BatchNorm untouched)."""
+        if self.image_shape is None:
+            raise DataError("every sample of a rank's first batch was unreadable; the shards are damaged: "
+                            "write them again.")
+        self.trained.eval()
+        with self.autocast():
+            loss = self.trained(torch.zeros((1, *self.image_shape), device=self.device),
+                                torch.zeros(1, dtype=torch.int64, device=self.device))["total"]
+        self.scaler.scale(loss * 0.0).backward()
+        self.trained.train()
+
+    def inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        images = self.normalize(batch.images.to(self.device, non_blocking=True))
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, batch.labels.to(self.device, non_blocking=True)
+
+    def distribute(self, ctx: dist.Dist, perf: DictConfig, ddp: DictConfig) -> None:
+        """DDP (and torch.compile) around model + loss: every rank now holds rank 0's weights and loss parameters."""
+        self.trained = parallel.wrap_model(ModelWithLoss(self.model, self.loss_fn), perf, ddp, ctx.is_distributed,
+                                           ctx.device)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "loss": self.loss_fn.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Everything `state_dict` saved, then this run's LR schedule at this run's point in it: its peak LR
+        differs from the checkpoint's if the global batch changed, its length if the epochs or the global batch
+        did (the steps of another global batch are not this run's steps: the schedule goes by the data trained
+        on, `Position.schedule_step`). Each parameter group keeps this run's `lr_scale`."""
+        scales = [group.get("lr_scale", 1.0) for group in self.optimizer.param_groups]
+        self.model.load_state_dict(state["model"])
+        self.loss_fn.load_state_dict(state["loss"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        at = self.position.schedule_step if self.position is not None else self.scheduler.last_epoch
+        self.scheduler.base_lrs = [self.lr * scale for scale in scales]
+        self.scheduler.last_epoch = at
+        for group, scale in zip(self.optimizer.param_groups, scales):
+            group["lr_scale"], group["lr"] = scale, self.lr * scale * self.lr_factor(at)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # what get_last_lr() says
+
+    def mismatch(self, state: dict) -> tuple[str, str] | None:
+        """What of a saved state does not fit this recipe's model or loss, ("model" or "loss", how), else None:
+        checked before `load_state_dict`, whose own error would be torch's."""
+        for name, module in (("model", self.model), ("loss", self.loss_fn)):
+            problem = state_mismatch(module.state_dict(), state[name])
+            if problem:
+                return name, problem
+        return None
