@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, recog_frames, run_train, tiny_args, train_cmd
+from conftest import recog_frames, run_train, tiny_args, train_cmd
 from http_server import CountingServer
 
 from recog.checkpoint import load_checkpoint
@@ -260,20 +260,15 @@ def test_fewer_training_samples_than_processes_is_named_not_called_damage(tiny_d
 
 def test_a_gallery_without_retrieval_is_named():
     """eval.gallery was ignored without eval.retrieval=true."""
-    from hydra import compose, initialize_config_dir
-
     from recog.config import check_config
     from recog.errors import ConfigError
-    from recog.rundir import register_resolvers
+    from recog.rundir import compose_train_config
 
-    register_resolvers()
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        with pytest.raises(ConfigError, match=r"eval\.gallery=train is the gallery of the retrieval metrics, which "
-                                              r"are off; add eval\.retrieval=true"):
-            check_config(compose("train", overrides=["eval.gallery=train", "data.train=x", "data.test=y"]))
-        with pytest.raises(ConfigError, match="no shards at x"):  # with retrieval, the gallery passes
-            check_config(compose("train", overrides=["eval.gallery=train", "eval.retrieval=true", "data.train=x",
-                                                     "data.test=y"]))
+    with pytest.raises(ConfigError, match=r"eval\.gallery=train is the gallery of the retrieval metrics, which "
+                                          r"are off; add eval\.retrieval=true"):
+        check_config(compose_train_config("eval.gallery=train", "data.train=x", "data.test=y"))
+    with pytest.raises(ConfigError, match="no shards at x"):  # with retrieval, the gallery passes
+        check_config(compose_train_config("eval.gallery=train", "eval.retrieval=true", "data.train=x", "data.test=y"))
 
 
 def test_a_manifest_that_is_not_json_is_named(tiny_data, tmp_path):
@@ -418,22 +413,18 @@ def test_a_programming_error_in_a_rank0_only_read_keeps_its_traceback(tiny_data,
 
 def test_the_config_is_checked_by_every_check_in_one_place():
     """Every value checked before a process group exists; a table of bad values and what they must say."""
-    from hydra import compose, initialize_config_dir
-
     from recog.config import check_config
     from recog.errors import ConfigError
-    from recog.rundir import register_resolvers
+    from recog.rundir import compose_train_config
 
-    register_resolvers()
     bad = {"optim.lr=-1": "optim.lr=-1", "optim.lr=abc": "optim.lr=abc", "data.shuffle_block=0": "shuffle_block=0",
            "sampler.k=0": "sampler.k=0", "accumulate=0": "accumulate=0", "dist.timeout_s=0": "dist.timeout_s=0",
            "optim.reference_batch=0": "optim.reference_batch=0", "data.http.retries=-1": "data.http.retries=-1",
            "epochs=1.5": "epochs=1.5"}
-    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        for override, message in bad.items():
-            cfg = compose("train", overrides=[override, "sampler=pk"] if "sampler" in override else [override])
-            with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
-                check_config(cfg)
+    for override, message in bad.items():
+        cfg = compose_train_config(override, "sampler=pk") if "sampler" in override else compose_train_config(override)
+        with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+            check_config(cfg)
 
 
 # ---- fault tolerance: interrupted runs end with the weights of an uninterrupted one ----

@@ -6,19 +6,12 @@ import json
 import pytest
 import torch
 from accumulation import accumulation_max_difference, one_optimizer_step
-from conftest import ROOT, run_train, tiny_args
-from hydra import compose, initialize_config_dir
+from conftest import run_train, tiny_args
 
 from recog import dist
 from recog.config import check_perf_config
 from recog.errors import ConfigError
-from recog.rundir import register_resolvers
-
-
-def config(*overrides):
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=list(overrides))
+from recog.rundir import compose_train_config
 
 
 def test_accumulating_4_batches_equals_one_step_on_the_4x_batch():
@@ -44,11 +37,11 @@ def test_accumulating_4_batches_equals_one_step_on_the_4x_batch():
 ])  # accumulate=0 is one of check_config's numbers: tests/test_failures.py's table
 def test_combinations_that_cannot_work_on_cpu_are_one_sentence(overrides, message):
     with pytest.raises(ConfigError, match=message):
-        check_perf_config(config(*overrides), cuda=False)
+        check_perf_config(compose_train_config(*overrides), cuda=False)
 
 
 def test_gpu_only_knobs_pass_the_check_on_gpus():
-    check_perf_config(config("perf.precision=fp16", "perf.sync_bn=true"), cuda=True)
+    check_perf_config(compose_train_config("perf.precision=fp16", "perf.sync_bn=true"), cuda=True)
 
 
 @pytest.mark.slow
