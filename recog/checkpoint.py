@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from recog import dist
 from recog.errors import ConfigError, RecogError
-from recog.files import _fsync_dir, atomic_write
+from recog.files import atomic_write, fsync_dir
 
 log = logging.getLogger("recog")
 
@@ -62,7 +62,7 @@ def save_step_checkpoint(state: dict[str, Any], folder: str | Path, step: int, k
         _link_atomically(path, folder / "best.pt")
     for old in sorted(folder.glob("step-*.pt"))[:-keep]:  # last.pt and best.pt keep their own links
         old.unlink()
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return path
 
 

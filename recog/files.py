@@ -23,7 +23,7 @@ from recog.errors import ConfigError
 LOCK_FILE = ".recog.lock"  # in a folder a recog tool writes: held (flock) while it writes there
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -48,7 +48,7 @@ def atomic_write(path: str | Path, write) -> Path:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return path
 
 
