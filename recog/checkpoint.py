@@ -84,6 +84,9 @@ def load_newest_checkpoint(folder: str | Path, log) -> tuple[Path, dict[str, Any
     return None
 
 
+CHECKPOINT_NAMES = ("checkpoints/best.pt", "checkpoints/last.pt", "best.pt", "last.pt")  # in a run folder, best first
+
+
 def load_checkpoint(path: str | Path, option: str = "resume=") -> dict[str, Any]:
     """Load on CPU with weights_only=True: tensors and plain containers only, no arbitrary code.
 
@@ -91,9 +94,13 @@ def load_checkpoint(path: str | Path, option: str = "resume=") -> dict[str, Any]
     """
     path = Path(path)
     if path.is_dir():
-        inside = next((p for p in (path / "checkpoints" / "last.pt", path / "last.pt") if p.is_file()), None)
-        raise ConfigError(f"checkpoint {path} is a folder; give {option} a checkpoint file"
-                          + (f", e.g. {inside}." if inside else " (a run's checkpoints/last.pt or best.pt)."))
+        inside = next((name for name in CHECKPOINT_NAMES if (path / name).is_file()), None)
+        fix = f"give a checkpoint file inside it, e.g. {path / inside}" if inside else \
+            "give a checkpoint file written by train.py, e.g. outputs/<run>/checkpoints/best.pt"
+        raise ConfigError(f"{path} is a folder, not a checkpoint; {fix} to {option}.")
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"{path} is not a regular file (a device, FIFO or socket); give {option} a checkpoint "
+                          "file written by train.py.")
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} does not exist; check the path given to {option}")
     try:

@@ -57,21 +57,11 @@ class Embedder(nn.Module):
         return F.normalize(self.embed(self.backbone(x)), dim=1)
 
 
-CHECKPOINT_NAMES = ("checkpoints/best.pt", "checkpoints/last.pt", "best.pt", "last.pt")  # in a run folder, best first
 
 
 def read_checkpoint(path: str | Path, option: str = "python -m recog.export") -> dict:
     """A checkpoint written by train.py, or one sentence saying why this file is not one. `option`: where the
     path came from, for the message."""
-    path = Path(path)
-    if path.is_dir():
-        inside = next((name for name in CHECKPOINT_NAMES if (path / name).is_file()), None)
-        fix = f"give a checkpoint file inside it, e.g. {path / inside}" if inside else \
-            "give a checkpoint file written by train.py, e.g. outputs/<run>/checkpoints/best.pt"
-        raise ConfigError(f"{path} is a folder, not a checkpoint; {fix} to {option}.")
-    if path.exists() and not path.is_file():
-        raise ConfigError(f"{path} is not a regular file (a device, FIFO or socket); give {option} a checkpoint "
-                          "file written by train.py.")
     ckpt = load_checkpoint(path, option)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict) or \
             not isinstance(ckpt.get("config"), dict):

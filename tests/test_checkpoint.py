@@ -252,3 +252,18 @@ def test_a_file_that_is_not_a_training_checkpoint_is_one_sentence(tmp_path):
     with pytest.raises(ConfigError, match="is not a recog training checkpoint .*use weights= instead of resume="):
         find_resume_point(OmegaConf.create({"auto_resume": True}), str(weights), tmp_path,
                           Dist(0, 0, 1, 1, torch.device("cpu"), None))
+
+
+def test_a_folder_or_a_device_given_as_a_checkpoint_is_one_sentence_naming_the_option(tmp_path):
+    """One check for every option that takes a checkpoint (resume=, weights=, recog.export, recog.embed's model=)."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"is a folder, not a checkpoint; give a checkpoint file written by "
+                                          r"train\.py, e\.g\. outputs/<run>/checkpoints/best\.pt to weights=\.$"):
+        load_checkpoint(run, "weights=")
+    (run / "checkpoints" / "last.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match=f"give a checkpoint file inside it, e.g. {run}/checkpoints/last.pt to "
+                                          "resume="):
+        load_checkpoint(run, "resume=")
+    with pytest.raises(ConfigError, match=r"^/dev/zero is not a regular file \(a device, FIFO or socket\)"):
+        load_checkpoint("/dev/zero", "resume=")
