@@ -179,11 +179,6 @@ def check_perf_config(cfg: DictConfig, cuda: bool) -> None:
                           "needs a few plain all-reduces first).")
 
 
-SMALL_IMAGES = 64  # px: up to this (median shorter side), augment=auto picks the `small` preset, above `imagenet`
-SMALLEST_AUTO_STD = 0.05  # data.std=auto: a channel's std (0..1 scale) below this is taken as this
-LARGEST_AUTO_SIZE = 224  # image_size=auto never trains above this: ImageNet's size, what pretrained models expect
-
-
 def check_values_per_channel(data: DictConfig) -> None:
     """data.mean and data.std hold one value per channel: in check_config where the config gives both, after
     settling (check_against_data) where data.channels was auto."""

@@ -365,6 +365,7 @@ def main(cfg: DictConfig) -> None:
 
     leave(run_command(work))
 
+
 if __name__ == "__main__":
     dist.adopt_slurm_env()
     register_config()

@@ -85,5 +85,6 @@ def evaluate_on_ranks(queries: str, gallery: str | None, chunk: int) -> None:
     finally:
         dist.teardown()
 
+
 if __name__ == "__main__":
     sys.exit(main())
