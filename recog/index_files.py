@@ -58,6 +58,11 @@ class IndexInfo:
         return self.raw["classes"]
 
     @property
+    def generation(self) -> int:
+        """Which version of the index this is: 0 when built, one more at each add (or build --overwrite)."""
+        return self.raw["generation"]
+
+    @property
     def sources(self) -> list[dict]:
         """The shard folders its items come from: {"identity", "location"} (recog.embeddings); empty for
         embeddings written by another tool."""
