@@ -52,6 +52,8 @@ class TrainData:
     gallery_loader: DataLoader | None = None  # eval.gallery's images (each once over the ranks); None: leave-one-out
     # data.decode=gpu: the training batches come from the workers encoded, and are decoded here, on the GPU
     decode_on_device: Callable[[Batch], Batch] | None = None
+    train_manifest: Manifest | None = None  # the training shards (their classes are `classes`), read by index for
+    # what needs chosen training images (weights=' new classes, imprinted)
 
     @property
     def global_batch(self) -> int:
@@ -106,7 +108,7 @@ def build_data(cfg: DictConfig, ctx: dist.Dist, saved: dict | None = None) -> Tr
     decode_on_device = DecodeOnDevice(instantiate(cfg.augment.train), ctx.device, cfg.data.channels,
                                       cfg.data.strict) if cfg.data.decode == "gpu" else None
     return TrainData(loader, epochs, test_loader, batch_size, train_manifest.classes, layout, gallery_loader,
-                     decode_on_device)
+                     decode_on_device, train_manifest)
 
 
 def data_workers(cfg: DictConfig, ctx: dist.Dist) -> tuple[int, str]:
