@@ -21,19 +21,26 @@ from torch.utils.data import DataLoader
 
 from recog import dist, parallel
 from recog.checkpoint import load_checkpoint
-from recog.config import check_against_data, global_batch_micro_batches, settle_data_settings
+from recog.config import (
+    check_against_data,
+    data_mix,
+    folders_line,
+    global_batch_micro_batches,
+    settle_data_settings,
+)
 from recog.data.decode import Decode, crop_while_decoding, decode_image
 from recog.data.gpu_decode import DecodeOnDevice
 from recog.data.loader import Batch, loader_workers, make_loader
-from recog.data.manifest import Manifest, load_manifest
+from recog.data.manifest import Manifest, into_classes, load_manifests
 from recog.data.normalize import Normalize
-from recog.data.plan import rank_micro_batches
+from recog.data.plan import Mix, rank_micro_batches
 from recog.data.position import Position
 from recog.data.prepare import missing_splits, prepare_shards
 from recog.data.random_access import ShardRandomAccess, collate
 from recog.data.sampler import DistributedBatchSampler
 from recog.data.source import ShardSource
 from recog.data.stream import ShardStream, fits_in_memory
+from recog.errors import ConfigError
 from recog.loss import RecognitionLoss
 from recog.model import load_weights
 from recog.step import StepRecipe, warmup_cosine
@@ -86,29 +93,30 @@ def build_data(cfg: DictConfig, ctx: dist.Dist, saved: dict | None = None) -> Tr
     global_batch, micro_batches = global_batch_micro_batches(cfg, ctx.world_size, saved)
     # Every rank makes both calls, whatever it finds on its own disk, so the collectives stay paired.
     dist.fail_together(partial(write_missing_shards, cfg.data, ctx), ctx, "writing the shards")
-    train_manifest, test_manifest, gallery_manifest, random_access = dist.fail_together(
-        partial(open_shards, cfg, ctx, source, workers_line, micro_batches), ctx, "opening the shards")
+    shards = dist.fail_together(partial(open_shards, cfg, ctx, source, workers_line, micro_batches), ctx,
+                                "opening the shards")
+    check_resumed_data(saved, shards.layout())  # the same on every rank: from the same manifests and checkpoint
     pin = ctx.device.type == "cuda"
     common = dict(rank=ctx.rank, world_size=ctx.world_size, batch_size=cfg.batch_size, channels=cfg.data.channels,
                   seed=cfg.seed, strict=cfg.data.strict, source=source)
-    test_loader = evaluation_loader(cfg, test_manifest, common, workers, pin)
+    test_loader = evaluation_loader(cfg, shards.test, common, workers, pin)
     # eval.gallery's images, embedded like the test images: each rank its own slice, each image once
-    gallery_loader = evaluation_loader(cfg, gallery_manifest, common, workers, pin) if gallery_manifest else None
-    if random_access is not None:  # class-balanced P×K batches for metric learning: one sequence, whatever the workers
-        epochs = DistributedBatchSampler(random_access.labels, cfg.sampler.p, cfg.sampler.k, rank=ctx.rank,
+    gallery_loader = evaluation_loader(cfg, shards.gallery, common, workers, pin) if shards.gallery else None
+    if shards.random_access is not None:  # class-balanced P×K batches (metric learning): one sequence, any workers
+        epochs = DistributedBatchSampler(shards.random_access.labels, cfg.sampler.p, cfg.sampler.k, rank=ctx.rank,
                                          world_size=ctx.world_size, seed=cfg.seed, micro_batches=micro_batches)
-        loader = make_loader(random_access, workers, pin, batch_sampler=epochs, collate_fn=collate)
+        loader = make_loader(shards.random_access, workers, pin, batch_sampler=epochs, collate_fn=collate)
         batch_size = cfg.sampler.p * cfg.sampler.k
     else:  # each data-loader worker makes its own block of the epoch's steps
-        epochs = training_stream(cfg, train_manifest, common, micro_batches)
+        epochs = training_stream(cfg, shards.train, common, micro_batches, shards.mix)
         loader = make_loader(epochs, workers, pin)
         batch_size = cfg.batch_size
     layout = {"global_batch": global_batch, "micro_batches": micro_batches, "batch_size": batch_size,
-              "sampler": cfg.sampler.name}
+              "sampler": cfg.sampler.name, **shards.layout()}
     decode_on_device = DecodeOnDevice(instantiate(cfg.augment.train), ctx.device, cfg.data.channels,
                                       cfg.data.strict) if cfg.data.decode == "gpu" else None
-    return TrainData(loader, epochs, test_loader, batch_size, train_manifest.classes, layout, gallery_loader,
-                     decode_on_device, train_manifest)
+    return TrainData(loader, epochs, test_loader, batch_size, shards.train.classes, layout, gallery_loader,
+                     decode_on_device, shards.train)
 
 
 def data_workers(cfg: DictConfig, ctx: dist.Dist) -> tuple[int, str]:
@@ -127,26 +135,69 @@ def write_missing_shards(data_cfg: DictConfig, ctx: dist.Dist) -> None:
         prepare_shards(data_cfg, progress=ctx.is_main)
 
 
+@dataclass(frozen=True)
+class Shards:
+    """What build_data reads: the training folders' union, the test split and eval.gallery's shards (None:
+    leave-one-out on the test split) with their labels mapped to the training classes by name, sampler=pk's
+    training samples read by index, and data.mix's shares of each epoch (None: all of every folder)."""
+
+    train: Manifest
+    test: Manifest
+    gallery: Manifest | None
+    random_access: ShardRandomAccess | None
+    mix: Mix | None
+
+    def layout(self) -> dict:
+        """What a mid-epoch position depends on besides the batches: which shards (each folder's identity) and
+        which share of each an epoch reads."""
+        return {"folders": [part.shards_identity for part in self.train.parts()],
+                "mix": list(self.mix.shares) if self.mix else None}
+
+
 def open_shards(cfg: DictConfig, ctx: dist.Dist, source: ShardSource, workers_line: str, micro_batches: int
-                ) -> tuple[Manifest, Manifest, Manifest | None, ShardRandomAccess | None]:
-    """The train, test and eval.gallery manifests (None: leave-one-out on the test split), with data.*=auto
-    settled into `cfg` from the training manifest and the config checked against the data (the same on every
-    rank: from the same manifests), and for sampler=pk the training samples, read by index."""
-    train, test = load_manifest(cfg.data.train, source), load_manifest(cfg.data.test, source)
+                ) -> Shards:
+    """The train, test and eval.gallery manifests, with data.*=auto settled into `cfg` from the training manifest
+    and the config checked against the data (the same on every rank: from the same manifests), and for sampler=pk
+    the training samples, read by index. data.train and data.test may each be a list of folders: their classes
+    are united by name (recog.data.manifest.union), the test split's mapped to the training ones."""
+    train, test = load_manifests(cfg.data.train, source), load_manifests(cfg.data.test, source)
     gallery = None
     if cfg.eval.retrieval and cfg.eval.gallery not in (None, "test"):
-        gallery = train if cfg.eval.gallery == "train" else load_manifest(cfg.eval.gallery, source)
+        gallery = train if cfg.eval.gallery == "train" else load_manifests(cfg.eval.gallery, source)
+    mix = data_mix(cfg.data, train)
     settings = settle_data_settings(cfg, train, source)
     settings.write_into(cfg)
     if ctx.is_main:
+        log.info("%s", folders_line(train, test, mix))
         log.info("%s | %s", settings.line, workers_line)
     check_against_data(cfg, train, test, gallery, micro_batches, ctx.world_size)
+    test = into_classes(test, train.classes)  # labels of the training classes, by name
+    gallery = None if gallery is None else into_classes(gallery, train.classes)
     if cfg.sampler.name != "pk":
-        return train, test, gallery, None
+        return Shards(train, test, gallery, None, mix)
     if cfg.data.decode == "gpu":  # the workers hand over the training images encoded (recog/data/gpu_decode.py)
-        return train, test, gallery, ShardRandomAccess(train, source, channels=cfg.data.channels, encoded=True)
+        return Shards(train, test, gallery, ShardRandomAccess(train, source, channels=cfg.data.channels,
+                                                              encoded=True), mix)
     decode, transform = train_decoding(cfg, keep_decoded=False)
-    return train, test, gallery, ShardRandomAccess(train, source, transform, cfg.data.channels, decode)
+    return Shards(train, test, gallery, ShardRandomAccess(train, source, transform, cfg.data.channels, decode), mix)
+
+
+def check_resumed_data(saved: dict | None, layout: dict) -> None:
+    """A checkpoint's mid-epoch position counts steps of its epoch's plan, which follows the shards and data.mix it
+    was saved with: resumed over others it would read some samples twice and others never, so it is refused. At
+    an epoch's end the next epoch reads this run's folders (the daily loop adds a folder there): said once."""
+    if not saved or "folders" not in saved or (saved["folders"], saved.get("mix")) == (layout["folders"],
+                                                                                       layout["mix"]):
+        return
+    if saved["done"]:
+        raise ConfigError(f"the checkpoint stopped in the middle of an epoch of {len(saved['folders'])} training "
+                          f"folder(s) (identities {', '.join(saved['folders'])}, data.mix={saved.get('mix')}), but "
+                          f"this run reads {len(layout['folders'])} (identities {', '.join(layout['folders'])}, "
+                          f"data.mix={layout['mix']}); resume with the data.train and data.mix it was saved with, "
+                          "or from a checkpoint saved at the end of an epoch.")
+    log.info("the training data changed since the checkpoint (%d folder(s), data.mix=%s then; %d, data.mix=%s now): "
+             "the next epoch reads this run's", len(saved["folders"]), saved.get("mix"), len(layout["folders"]),
+             layout["mix"])
 
 
 def evaluation_loader(cfg: DictConfig, manifest: Manifest, common: dict, workers: int, pin: bool) -> DataLoader:
@@ -156,14 +207,16 @@ def evaluation_loader(cfg: DictConfig, manifest: Manifest, common: dict, workers
     return make_loader(images, workers, pin)
 
 
-def training_stream(cfg: DictConfig, manifest: Manifest, common: dict, micro_batches: int) -> ShardStream:
-    """sampler=stream's training epochs: shuffled shard samples, a batch of each of this rank's micro-batches a
-    step. data.decode=gpu: the workers hand over the images encoded (recog/data/gpu_decode.py)."""
+def training_stream(cfg: DictConfig, manifest: Manifest, common: dict, micro_batches: int, mix: Mix | None = None
+                    ) -> ShardStream:
+    """sampler=stream's training epochs: shuffled shard samples (`mix`: data.mix's share of each folder), a batch of
+    each of this rank's micro-batches a step. data.decode=gpu: the workers hand over the images encoded
+    (recog/data/gpu_decode.py)."""
     on_gpu = cfg.data.decode == "gpu"
     keep_decoded = fits_in_memory(manifest, cfg.data.keep_decoded_mb)  # on_gpu: the encoded bytes kept
     decode, transform = train_decoding(cfg, keep_decoded) if not on_gpu else (None, None)
     return ShardStream(manifest, transform=transform, decode=decode, train=True, shuffle_block=cfg.data.shuffle_block,
-                       keep_decoded=keep_decoded, encoded=on_gpu, micro_batches=micro_batches, **common)
+                       keep_decoded=keep_decoded, encoded=on_gpu, micro_batches=micro_batches, mix=mix, **common)
 
 
 def train_decoding(cfg: DictConfig, keep_decoded: bool) -> tuple[Decode, Callable | None]:

@@ -21,8 +21,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from recog import parallel
 from recog.data.decode import SCALED_DECODE_AVAILABLE
 from recog.data.gpu_decode import GPU_DECODE_AVAILABLE
-from recog.data.manifest import Manifest
-from recog.data.plan import ranks_without_samples
+from recog.data.manifest import Manifest, missing_classes
+from recog.data.plan import Mix, epoch_samples, ranks_without_samples
 from recog.data.prepare import check_can_prepare
 from recog.data.source import ShardSource
 from recog.data.write import measure_shards
@@ -53,10 +53,7 @@ def check_config(cfg: DictConfig) -> None:
     """Values that cannot work, each as one sentence. Runs on every rank before any process group exists:
     every check of a configured value that does not need the data is here (or called from here); those that
     need it are `check_against_data`."""
-    for key in ("train", "test"):
-        if OmegaConf.is_missing(cfg.data, key):
-            raise ConfigError(f"data.{key} is not set; give the folder of its shards, e.g. "
-                              f"data.{key}=/data/shards/{key}.")
+    check_data_folders(cfg.data, cfg.sampler.get("name"))
     for key, whole, least, above in NUMBERS:
         check_number(key, OmegaConf.select(cfg, key), whole, least, above)
     if cfg.data.num_workers != "auto":
@@ -102,6 +99,74 @@ def check_config(cfg: DictConfig) -> None:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     global_batch_micro_batches(cfg, world_size)
     check_can_prepare(cfg.data)
+
+
+def check_data_folders(data: DictConfig, sampler: str | None) -> None:
+    """data.train and data.test (a folder, URL or brace pattern of shards, or a list of them) and data.mix (each
+    training folder's share of an epoch)."""
+    for key in ("train", "test"):
+        if OmegaConf.is_missing(data, key):
+            raise ConfigError(f"data.{key} is not set; give the folder of its shards, e.g. "
+                              f"data.{key}=/data/shards/{key}.")
+        value = data[key]
+        if OmegaConf.is_list(value) and (not value or not all(isinstance(v, str) and v for v in value)):
+            raise ConfigError(f"data.{key}={value} is not valid; give a folder of shards, or a list of folders, "
+                              f"e.g. data.{key}=[/data/day1,/data/day2].")
+    mix = data.get("mix")
+    if mix is None:
+        return
+    folders = len(data.train) if OmegaConf.is_list(data.train) else 1
+    if not OmegaConf.is_list(mix) or len(mix) != folders:
+        example = ",".join(["1"] * folders)
+        raise ConfigError(f"data.mix={mix} does not give one share for each of the {folders} folder(s) of "
+                          f"data.train; give a list of {folders} share(s), e.g. data.mix=[{example}].")
+    for share in mix:
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+            raise ConfigError(f"data.mix holds {share}, but each share is the part of its folder an epoch reads; "
+                              "give numbers above 0 and at most 1 (1: all of the folder).")
+    if sampler == "pk":
+        raise ConfigError("data.mix chooses part of each training folder for sampler=stream's epochs, but "
+                          "sampler=pk draws its class-balanced batches from every sample; use sampler=stream with "
+                          "data.mix, or leave data.mix out.")
+
+
+def data_mix(data: DictConfig, train: Manifest) -> Mix | None:
+    """data.mix for the training folders of `train` (their union), or None where every epoch reads all of them."""
+    shares = data.get("mix")
+    if shares is None or all(share >= 1 for share in shares):
+        return None
+    return Mix(tuple(train.shard_folders), tuple(float(share) for share in shares))
+
+
+def folders_line(train: Manifest, test: Manifest, mix: Mix | None) -> str:
+    """What the run reads, as one line: each training folder (its samples and classes, how many of them new), the
+    union, what an epoch is made of (data.mix), and the test folders."""
+    def folders(manifest: Manifest) -> str:
+        known: set[str] = set()
+        described = []
+        for part in manifest.parts():
+            own = part.manifest
+            new = len(set(own.classes) - known) if known else 0
+            known |= set(own.classes)
+            described.append(f"{part.location} ({own.num_samples:,} samples, {own.num_classes} classes"
+                             f"{f', {new} new' if new else ''})")
+        whole = f": {manifest.num_samples:,} samples of {manifest.num_classes} classes" if len(described) > 1 else ""
+        return " + ".join(described) + whole
+
+    line = f"data.train: {folders(train)}"
+    if mix is not None:
+        parts, names = train.parts(), short_names([part.location for part in train.parts()])
+        takes = [f"all {part.manifest.num_samples:,} of {name}" if share >= 1 else
+                 f"{take:,} of {name}'s {part.manifest.num_samples:,} (mix {share:g})"
+                 for part, name, share, take in zip(parts, names, mix.shares, mix.takes(train.shard_sizes))]
+        line += f" | an epoch: {' + '.join(takes)} = {mix.epoch_samples(train.shard_sizes):,} samples"
+    return f"{line} | data.test: {folders(test)}"
+
+
+def short_names(locations: list[str]) -> list[str]:
+    """Each folder's last path component, or the whole location where two would share it."""
+    names = [location.rstrip("/").rsplit("/", 1)[-1] for location in locations]
+    return names if len(set(names)) == len(names) else locations
 
 
 def global_batch_micro_batches(cfg: DictConfig, world_size: int, saved: dict | None = None) -> tuple[int, int]:
@@ -206,13 +271,15 @@ def check_cross_rank_loss(loss: DictConfig) -> None:
 def check_against_data(cfg: DictConfig, train: Manifest, test: Manifest, gallery: Manifest | None,
                        micro_batches: int, world_size: int) -> None:
     """The checks of configured values that need the data (the shards' classes and samples), after the data
-    settings are settled. Runs on every rank, on the same manifests, in recog.build.build_data."""
-    if train.classes != test.classes:
-        raise ConfigError(f"the train and test shards name different classes ({cfg.data.train} vs "
-                          f"{cfg.data.test}); write both from the same source.")
-    if gallery is not None and gallery.classes != test.classes:
-        raise ConfigError(f"eval.gallery={cfg.eval.gallery} names other classes than the test shards; write "
-                          "both from the same source.")
+    settings are settled. Runs on every rank, on the same manifests, in recog.build.build_data. Classes are
+    matched by name: the test split (and eval.gallery) may hold some of the training classes, not others."""
+    for what, split in (("data.test", test), ("eval.gallery", gallery)):
+        unknown = missing_classes(split.classes, train.classes) if split is not None else []
+        if unknown:
+            more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+            raise ConfigError(f"{what} holds class {unknown[0]!r}{more}, which is not among the {train.num_classes} "
+                              f"training classes of data.train; add a training folder that holds it to data.train, "
+                              f"or leave it out of {what}.")
     check_values_per_channel(cfg.data)
     metric = cfg.loss.get("metric")
     if metric is not None and metric.get("num_classes", "auto") not in ("auto", train.num_classes):
@@ -227,13 +294,14 @@ def check_against_data(cfg: DictConfig, train: Manifest, test: Manifest, gallery
             raise ConfigError(f"sampler.p={p} x sampler.k={k} is a batch larger than the {train.num_samples} "
                               f"training samples of {cfg.data.train}; make P x K smaller.")
         return
-    empty = ranks_without_samples(train.num_samples, micro_batches, world_size)
+    samples = epoch_samples(train.shard_sizes, data_mix(cfg.data, train))
+    empty = ranks_without_samples(samples, micro_batches, world_size)
     if empty:  # the same shards may train on 1 process and leave a rank of 2 with none
-        raise ConfigError(f"{cfg.data.train} holds {train.num_samples} training sample(s), fewer than the "
+        raise ConfigError(f"{cfg.data.train} holds {samples} training sample(s) an epoch, fewer than the "
                           f"{micro_batches} micro-batches (forward passes of batch_size={cfg.batch_size}) the global "
                           f"batch of {micro_batches * cfg.batch_size} is split into over {world_size} processes, so "
-                          f"rank {empty[0]} would have none; train on at most {train.num_samples} process(es) with a "
-                          f"global_batch of at most {train.num_samples * cfg.batch_size}, or on more samples.")
+                          f"rank {empty[0]} would have none; train on at most {samples} process(es) with a "
+                          f"global_batch of at most {samples * cfg.batch_size}, or on more samples.")
 
 
 SMALL_IMAGES = 64  # px: up to this (median shorter side), augment=auto picks the `small` preset, above `imagenet`

@@ -77,22 +77,11 @@ class ShardOffsets:
 
     @classmethod
     def load(cls, manifest: Manifest, source: ShardSource) -> ShardOffsets:
-        if not manifest.index:
-            return cls({})
-        try:  # one retry only: without the index, the shards are still read (more slowly), so do not wait long
-            index = load_index(manifest, replace(source, retries=min(source.retries, 1)))
-            positions = manifest_positions(manifest, index)
-            bounds = np.searchsorted(index["shard"], np.arange(len(positions) + 1))  # stored shard by shard
-            layouts = {}
-            for i, shard in enumerate(positions.tolist()):
-                lo, hi = bounds[i], bounds[i + 1]
-                if shard >= 0 and hi - lo == manifest.shards[shard].samples:
-                    layouts[shard] = ShardLayout(index["offset"][lo:hi], index["size"][lo:hi],
-                                                 index["label"][lo:hi])
-        except Exception as e:
-            log.warning("the index of the shards at %s could not be read (%s); reading them through their tar "
-                        "headers instead (slower)", manifest.root, e)
-            return cls({})
+        """The layouts of every folder of `manifest` (a union's, each from its own index), keyed by the shard's
+        position in `manifest`. Labels are as each folder's index records them: the reader maps a union's."""
+        layouts = {}
+        for part in manifest.parts():
+            layouts.update(_folder_layouts(part.manifest, source, part.first))
         return cls(layouts)
 
     def of(self, shard: int) -> ShardLayout | None:
@@ -104,6 +93,28 @@ class ShardOffsets:
             log.warning("shard %s does not match its index (%s): it was rewritten after the index; reading it "
                         "through its tar headers instead (slower). Write the shards again to read them by index.",
                         url, why)
+
+
+def _folder_layouts(manifest: Manifest, source: ShardSource, first: int) -> dict[int, ShardLayout]:
+    """One folder's shard layouts, keyed by the shard's position in the folder's manifest plus `first`; none if it
+    has no index or its index cannot be fetched."""
+    if not manifest.index:
+        return {}
+    try:  # one retry only: without the index, the shards are still read (more slowly), so do not wait long
+        index = load_index(manifest, replace(source, retries=min(source.retries, 1)))
+        positions = manifest_positions(manifest, index)
+        bounds = np.searchsorted(index["shard"], np.arange(len(positions) + 1))  # stored shard by shard
+        layouts = {}
+        for i, shard in enumerate(positions.tolist()):
+            lo, hi = bounds[i], bounds[i + 1]
+            if shard >= 0 and hi - lo == manifest.shards[shard].samples:
+                layouts[first + shard] = ShardLayout(index["offset"][lo:hi], index["size"][lo:hi],
+                                                     index["label"][lo:hi])
+    except Exception as e:
+        log.warning("the index of the shards at %s could not be read (%s); reading them through their tar "
+                    "headers instead (slower)", manifest.root, e)
+        return {}
+    return layouts
 
 
 def read_indexed(stream: BinaryIO, url: str, layout: ShardLayout, start: int, stop: int) -> Iterator[dict]:

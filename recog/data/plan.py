@@ -16,6 +16,13 @@ differ in size by at most one sample and nothing repeats: every test sample is c
 boundary may fall inside a shard: that shard is then read by two ranks, each taking its own range of samples.
 A rank's batches are dealt to its data-loader workers in contiguous blocks (`worker_pieces`), so each worker
 reads a few consecutive shard ranges sequentially.
+
+Replay (`Mix`, data.mix): a training epoch may read only a share of some folders of a union. Which samples is a
+pure function of (seed, epoch, sizes, shares): each folder gives the same number of samples every epoch (so an
+epoch has the same steps), spread over its shards in proportion to their sizes, each shard's part one run of
+consecutive samples (read sequentially) that starts at a seeded place and wraps around the shard's end. The
+runs move every epoch: a different subset each time, every sample equally likely to be in it. The epoch's
+stream is then the selected runs, shard by shard in the shuffled shard order, and the plan goes on as above.
 """
 
 from __future__ import annotations
@@ -60,14 +67,84 @@ def samples_per_rank(num_samples: int, world_size: int) -> int:
     return math.ceil(num_samples / world_size)
 
 
+def share_of(samples: int, share: float) -> int:
+    """The samples an epoch takes of a folder of `samples` at `share` (0 < share <= 1): rounded half up, at least
+    one of a non-empty folder."""
+    if share >= 1 or samples == 0:
+        return samples
+    return min(samples, max(1, math.floor(share * samples + 0.5)))
+
+
+@dataclass(frozen=True)
+class Mix:
+    """data.mix: the share of each folder of a union that each training epoch reads (see the module docstring)."""
+
+    folders: tuple[int, ...]  # each shard's folder (its position in data.train), one per shard
+    shares: tuple[float, ...]  # each folder's share, in (0, 1]
+
+    def folder_samples(self, shard_sizes: Sequence[int]) -> list[int]:
+        """Each folder's samples."""
+        samples = [0] * len(self.shares)
+        for folder, size in zip(self.folders, shard_sizes):
+            samples[folder] += size
+        return samples
+
+    def takes(self, shard_sizes: Sequence[int]) -> list[int]:
+        """The samples each epoch reads of each folder: the same every epoch."""
+        return [share_of(n, share) for n, share in zip(self.folder_samples(shard_sizes), self.shares)]
+
+    def epoch_samples(self, shard_sizes: Sequence[int]) -> int:
+        return sum(self.takes(shard_sizes))
+
+    def pieces(self, shard_sizes: Sequence[int], *, epoch: int, seed: int) -> list[list[Piece]]:
+        """For each shard, the runs of its samples that epoch `epoch` reads, in the shard's order."""
+        quotas = list(shard_sizes)
+        for folder, (share, take) in enumerate(zip(self.shares, self.takes(shard_sizes))):
+            if share >= 1:
+                continue
+            mine = [s for s, f in enumerate(self.folders) if f == folder]
+            for s in mine:  # in proportion to the shard's size, rounded down ...
+                quotas[s] = math.floor(share * shard_sizes[s])
+            # ... and the samples that rounding left over, one each to shards drawn from seed and epoch
+            rng = random.Random(f"mix/{seed}/{epoch}/{folder}")
+            fillable = [s for s in mine if quotas[s] < shard_sizes[s]]
+            for s in rng.sample(fillable, take - sum(quotas[s] for s in mine)):
+                quotas[s] += 1
+        return [window(size, quota, random.Random(f"mix/{seed}/{epoch}/shard/{shard}"), shard)
+                for shard, (size, quota) in enumerate(zip(shard_sizes, quotas))]
+
+
+def window(size: int, length: int, rng: random.Random, shard: int) -> list[Piece]:
+    """`length` consecutive samples of a shard of `size`, from a place drawn by `rng`, wrapping around its end:
+    one piece, or two in the shard's order ([0, w) and [start, size)). Every sample is in it with the same
+    chance, length / size."""
+    if length >= size:
+        return [Piece(shard, 0, size)] if size else []
+    if length == 0:
+        return []
+    start = rng.randrange(size)
+    if start + length <= size:
+        return [Piece(shard, start, start + length)]
+    return [Piece(shard, 0, start + length - size), Piece(shard, start, size)]
+
+
+def epoch_samples(shard_sizes: Sequence[int], mix: Mix | None) -> int:
+    """The samples of a training epoch: all of them, or what `mix` takes of each folder."""
+    return mix.epoch_samples(shard_sizes) if mix else sum(shard_sizes)
+
+
 def rank_pieces(shard_sizes: Sequence[int], rank: int, world_size: int, *, epoch: int = 0, seed: int = 0,
-                shuffle: bool = True) -> list[Piece]:
+                shuffle: bool = True, mix: Mix | None = None) -> list[Piece]:
     """Rank `rank`'s contiguous slice of the epoch's stream (see the module docstring): the slices differ in
-    size by at most one sample, and nothing repeats."""
+    size by at most one sample, and nothing repeats. `mix`: the epoch reads only its runs of each shard."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
     order = shard_order(len(shard_sizes), epoch=epoch, seed=seed, shuffle=shuffle)
-    stream = [Piece(s, 0, shard_sizes[s]) for s in order if shard_sizes[s] > 0]
+    if mix is None:
+        stream = [Piece(s, 0, shard_sizes[s]) for s in order if shard_sizes[s] > 0]
+    else:
+        selected = mix.pieces(shard_sizes, epoch=epoch, seed=seed)
+        stream = [p for s in order for p in selected[s]]
     base, extra = divmod(sum(len(p) for p in stream), world_size)
     start = rank * base + min(rank, extra)
     return slice_pieces(stream, start, start + base + (rank < extra))
@@ -114,8 +191,8 @@ class MicroBatchPlan:
 
     @classmethod
     def make(cls, shard_sizes: Sequence[int], micro_batch: int, micro_batches: int, *, batch_size: int, block: int,
-             epoch: int, seed: int) -> MicroBatchPlan:
-        pieces = rank_pieces(shard_sizes, micro_batch, micro_batches, epoch=epoch, seed=seed, shuffle=True)
+             epoch: int, seed: int, mix: Mix | None = None) -> MicroBatchPlan:
+        pieces = rank_pieces(shard_sizes, micro_batch, micro_batches, epoch=epoch, seed=seed, shuffle=True, mix=mix)
         return cls(tuple(pieces), micro_batch, batch_size, shuffle_block(block, batch_size), f"{seed}/{epoch}")
 
     def __len__(self) -> int:

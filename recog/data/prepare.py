@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from recog.data.idx import find_idx_pair
-from recog.data.manifest import MANIFEST, Manifest, manifest_path
+from recog.data.manifest import MANIFEST, Manifest, locations_of, manifest_path
 from recog.data.source import is_remote
 from recog.data.write import FASHION_MNIST_CLASSES, idx_records, write_shards
 from recog.errors import ConfigError
@@ -46,9 +46,13 @@ def missing_splits(data_cfg) -> list[str]:
     if not prepare or not prepare.get("out"):
         return []
     own = Path(prepare.out).resolve()
-    return [split for split in ("train", "test")
-            if not is_remote(str(data_cfg[split])) and Path(data_cfg[split]).resolve() == own / split
-            and not (own / split / MANIFEST).is_file()]
+    return [split for split in ("train", "test") if is_own(locations_of(data_cfg[split]), own / split)]
+
+
+def is_own(locations: list[str], folder: Path) -> bool:
+    """Whether data.train/test (`locations`) is `prepare`'s own `folder` alone, with no manifest in it yet."""
+    return (len(locations) == 1 and not is_remote(locations[0]) and Path(locations[0]).resolve() == folder
+            and not (folder / MANIFEST).is_file())
 
 
 def check_can_prepare(data_cfg) -> None:
@@ -56,12 +60,12 @@ def check_can_prepare(data_cfg) -> None:
     collective."""
     to_write = missing_splits(data_cfg)
     for split in ("train", "test"):
-        location = str(data_cfg[split])
-        if split in to_write or is_remote(location) or "{" in location:
-            continue
-        if not Path(manifest_path(location)).is_file():
-            raise ConfigError(f"no shards at {location} (no manifest.json there); write them with "
-                              f"`python -m recog.data write ...` or fix data.{split}.")
+        for location in locations_of(data_cfg[split]):  # data.train/test: a folder, or a list of them
+            if split in to_write or is_remote(location) or "{" in location:
+                continue
+            if not Path(manifest_path(location)).is_file():
+                raise ConfigError(f"no shards at {location} (no manifest.json there); write them with "
+                                  f"`python -m recog.data write ...` or fix data.{split}.")
     for split in to_write:
         find_idx_pair(data_cfg.prepare.idx_dir, split)  # raises a ConfigError naming the missing file
 

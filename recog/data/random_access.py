@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from recog.data.decode import Decode, decode_image
 from recog.data.gpu_decode import EncodedImages
 from recog.data.loader import Batch, WorkerWarnings, join_batches
-from recog.data.manifest import Manifest
+from recog.data.manifest import Manifest, item_key
 from recog.data.offsets import load_index, manifest_positions
 from recog.data.source import ShardSource, is_remote
 from recog.errors import ConfigError, DataError
@@ -30,6 +30,16 @@ log = logging.getLogger(__name__)
 ALL_UNREADABLE = "every sample of a P×K batch was unreadable; the shards are damaged: write them again."
 
 
+def folder_items(manifest: Manifest, source: ShardSource, first: int) -> tuple[np.ndarray, ...]:
+    """One folder's samples as its index lists them: shard (its position in the folder's manifest plus `first`),
+    offset, size, label (the folder's own) and key. A brace pattern may have selected some of the folder's
+    shards: their samples only."""
+    index = load_index(manifest, source)
+    shard = manifest_positions(manifest, index)[index["shard"]]
+    keep = shard >= 0
+    return shard[keep] + first, index["offset"][keep], index["size"][keep], index["label"][keep], index["key"][keep]
+
+
 class ShardRandomAccess(Dataset):
     """Map-style data set over shards: item i is (uint8 image C×H×W after `transform`, label), or None if unreadable."""
 
@@ -37,15 +47,18 @@ class ShardRandomAccess(Dataset):
                  transform: Callable[[torch.Tensor], torch.Tensor] | None = None, channels: int = 1,
                  decode: Decode = decode_image, encoded: bool = False):
         self.manifest, self.source = manifest, source or ShardSource()
-        if is_remote(manifest.root) and self.source.cache_dir is None:
+        parts = manifest.parts()
+        if any(is_remote(part.manifest.root) for part in parts) and self.source.cache_dir is None:
             raise ConfigError("reading remote shards by index needs a node cache; set data.cache_dir.")
-        index = load_index(manifest, self.source)
-        # a brace pattern may have selected some of the folder's shards: keep their samples only
-        shard = manifest_positions(manifest, index)[index["shard"]]
-        keep = shard >= 0
-        self.shard, self.offset, self.size = shard[keep], index["offset"][keep], index["size"][keep]
-        self.labels = index["label"][keep]
-        self._keys = index["key"][keep]
+        # a union's items: each folder's, one folder after another, labels mapped to the union's
+        columns = [folder_items(part.manifest, self.source, part.first) for part in parts]
+        self.shard, self.offset, self.size, self.labels, self._keys = (
+            columns[0] if len(columns) == 1 else [np.concatenate(c) for c in zip(*columns)])
+        self._identities = [part.manifest.identity for part in parts]
+        self._folder = np.repeat(np.arange(len(parts)), [len(column[0]) for column in columns])
+        if manifest.folders:
+            self.labels = np.concatenate([np.asarray(part.labels, dtype=np.int64)[column[3]]
+                                          for part, column in zip(parts, columns)])
         self.transform, self.channels, self.decode = transform, channels, decode
         self.encoded = encoded  # data.decode=gpu: a batch's encoded images, undecoded (see encoded_batch)
         self._files: dict[int, object] = {}
@@ -102,6 +115,11 @@ class ShardRandomAccess(Dataset):
     def keys(self) -> np.ndarray:
         """Every sample's key (its name in the shard, without the extension), in item order."""
         return self._keys
+
+    def item_keys(self) -> list[str]:
+        """Every sample's name across folders (`item_key`: its folder's identity and its key), in item order: a
+        union's keys may repeat from folder to folder, these do not."""
+        return [item_key(self._identities[f], str(k)) for f, k in zip(self._folder.tolist(), self._keys.tolist())]
 
     def read_bytes(self, i: int) -> bytes:
         """Item i's encoded image, as stored in its shard (one positioned read: safe from several threads)."""

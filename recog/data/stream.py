@@ -28,7 +28,9 @@ from recog.data.manifest import Manifest
 from recog.data.offsets import IndexMismatch, ShardOffsets, read_indexed
 from recog.data.plan import (
     MicroBatchPlan,
+    Mix,
     Piece,
+    epoch_samples,
     epoch_steps,
     num_batches,
     rank_micro_batches,
@@ -68,13 +70,14 @@ def read_pieces(manifest: Manifest, pieces: list[Piece], strict: bool, source: S
     for piece in pieces:
         url, produced = manifest.url(piece.shard), 0
         layout = offsets.of(piece.shard) if offsets else None
+        labels = manifest.relabel(piece.shard)  # a union's: its folder's labels -> the run's
         try:
             if layout is not None:
                 try:
                     with source.open(url, manifest.shards[piece.shard].sha256) as stream:
                         for sample in read_indexed(stream, url, layout, piece.start, piece.stop):
                             produced += 1
-                            yield sample
+                            yield relabelled(sample, labels)
                 except IndexMismatch as e:
                     offsets.drop(piece.shard, url, str(e))
                     layout = None
@@ -83,7 +86,7 @@ def read_pieces(manifest: Manifest, pieces: list[Piece], strict: bool, source: S
                     files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}])
                     for sample in islice(wds.tariterators.group_by_keys(files), piece.start + produced, piece.stop):
                         produced += 1
-                        yield sample
+                        yield relabelled(sample, labels)
         except FetchError:
             raise
         except Exception as e:  # a truncated or unreadable tar, a sha256 mismatch, ...
@@ -97,6 +100,19 @@ def read_pieces(manifest: Manifest, pieces: list[Piece], strict: bool, source: S
                 raise DataError(f"shard {url} holds fewer samples than its manifest says; rewrite the shards.")
             log.warning("shard %s: %d planned samples missing, skipped", url, len(piece) - produced)
             yield from [None] * (len(piece) - produced)
+
+
+def relabelled(sample: dict, labels: Sequence[int] | None) -> dict:
+    """`sample` with its label (its folder's) replaced by the run's, `labels[own]`. A label that is no number, or
+    outside its folder's classes, is left unreadable: the sample is then skipped and counted as undecodable."""
+    if labels is None or "cls" not in sample:
+        return sample
+    own = sample["cls"]
+    try:
+        sample["cls"] = str(labels[int(own)]).encode()
+    except (ValueError, IndexError):
+        sample["cls"] = f"label {own!r}, not one of its folder's {len(labels)} classes".encode()
+    return sample
 
 
 class MicroBatchReader:
@@ -150,9 +166,10 @@ class ShardStream(IterableDataset):
         keep_decoded: bool = False,
         encoded: bool = False,  # data.decode=gpu: batches of EncodedImages, undecoded (decode, transform unused)
         micro_batches: int | None = None,  # training: a step's micro-batches (recog.data.plan); None: one per rank
+        mix: Mix | None = None,  # training: the share of each folder of a union an epoch reads (data.mix)
     ):
         self.manifest, self.rank, self.world_size = manifest, rank, world_size
-        self.micro_batches = micro_batches or world_size
+        self.micro_batches, self.mix = micro_batches or world_size, mix
         self.batch_size, self.transform, self.channels, self.decode = batch_size, transform, channels, decode
         self.encoded = encoded
         if encoded:  # the training process decodes and augments (recog.data.gpu_decode); kept: the bytes
@@ -209,7 +226,7 @@ class ShardStream(IterableDataset):
     def __len__(self) -> int:
         """Training: the epoch's steps (every rank the same); evaluation: this rank's batches."""
         if self.train:
-            return epoch_steps(self.manifest.num_samples, self.micro_batches, self.batch_size)
+            return epoch_steps(epoch_samples(self.manifest.shard_sizes, self.mix), self.micro_batches, self.batch_size)
         return num_batches(sum(len(p) for p in self.pieces()), self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
@@ -223,7 +240,7 @@ class ShardStream(IterableDataset):
         """This worker's steps of the training epoch, each a batch from every micro-batch of this rank."""
         steps = worker_steps(len(self), worker, num_workers, self.done())
         plans = [MicroBatchPlan.make(self.manifest.shard_sizes, m, self.micro_batches, batch_size=self.batch_size,
-                                     block=self.shuffle_block, epoch=self.epoch, seed=self.seed)
+                                     block=self.shuffle_block, epoch=self.epoch, seed=self.seed, mix=self.mix)
                  for m in rank_micro_batches(self.micro_batches, self.rank, self.world_size)]
         readers = [MicroBatchReader(plan, steps, self._read) for plan in plans]
         for step in steps:
