@@ -1,4 +1,5 @@
-"""Shard writer: `python -m recog.data write {folder,list,idx,idx-dir} ...` and `python -m recog.data info DIR`."""
+"""Shard writer: `python -m recog.data write {folder,list,idx,idx-dir} ...` and `python -m recog.data info DIR
+[DIR ...]`."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from recog.data.manifest import load_manifest
+from recog.data.manifest import load_manifests
 from recog.data.prepare import parse_class_names, write_idx_split
 from recog.data.write import folder_records, idx_records, list_records, write_shards
 from recog.shell import run_command
@@ -66,14 +67,20 @@ def parser() -> argparse.ArgumentParser:
     idx_dir.add_argument("--shard-samples", type=int, default=5000)
     idx_dir.set_defaults(run=write_idx_dir)
 
-    info = commands.add_parser("info", help="summarise a folder of shards")
-    info.add_argument("folder")
+    info = commands.add_parser("info", help="summarise a folder of shards, or the union of several")
+    info.add_argument("folders", nargs="+", help="folders of shards; several: their classes united by name, as "
+                                                 "data.train=[A,B] unites them")
     info.set_defaults(run=show_info)
     return parser
 
 
 def show_info(args: argparse.Namespace) -> None:
-    m = load_manifest(args.folder)
+    m = load_manifests(args.folders)
+    if len(args.folders) > 1:
+        for part in m.parts():
+            own = part.manifest
+            print(f"{part.location}: {own.num_samples} samples in {len(own.shards)} shards, {own.num_classes} classes")
+        print("together:", end=" ")
     print(f"{m.num_samples} samples in {len(m.shards)} shards, {m.num_classes} classes")
     for name, count in zip(m.classes, m.class_counts):
         print(f"  {count:>8}  {name}")
