@@ -79,7 +79,7 @@ def test_day1_classes_keep_their_indices_when_day2_is_added(days):
     assert [both.classes[access[i][1]] for i in (0, 299, 300, 499)] == [want[i] for i in (0, 299, 300, 499)]
     assert len(set(access.item_keys())) == 500  # day 1's and day 2's keys are told apart by folder identity
     # the same folder again is refused in one sentence
-    with pytest.raises(ConfigError, match=r"holds the same shards as .*day1, listed before it, .*list each folder once"):
+    with pytest.raises(ConfigError, match=r"holds the same shards as .*day1, listed before it, .*each folder once"):
         load_manifests([str(days["day1"]), str(days["day2"]), str(days["day1"])])
 
 
