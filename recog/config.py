@@ -294,10 +294,12 @@ def check_against_data(cfg: DictConfig, train: Manifest, test: Manifest, gallery
             raise ConfigError(f"sampler.p={p} x sampler.k={k} is a batch larger than the {train.num_samples} "
                               f"training samples of {cfg.data.train}; make P x K smaller.")
         return
-    samples = epoch_samples(train.shard_sizes, data_mix(cfg.data, train))
+    mix = data_mix(cfg.data, train)
+    samples = epoch_samples(train.shard_sizes, mix)
     empty = ranks_without_samples(samples, micro_batches, world_size)
     if empty:  # the same shards may train on 1 process and leave a rank of 2 with none
-        raise ConfigError(f"{cfg.data.train} holds {samples} training sample(s) an epoch, fewer than the "
+        raise ConfigError(f"{cfg.data.train} holds {samples} training sample(s){' an epoch (data.mix)' * bool(mix)}, "
+                          f"fewer than the "
                           f"{micro_batches} micro-batches (forward passes of batch_size={cfg.batch_size}) the global "
                           f"batch of {micro_batches * cfg.batch_size} is split into over {world_size} processes, so "
                           f"rank {empty[0]} would have none; train on at most {samples} process(es) with a "
