@@ -149,13 +149,13 @@ def union(folders: Sequence[tuple[str, Manifest]], classes: Sequence[str] | None
     already those is returned as it is."""
     if len(folders) == 1 and (classes is None or list(classes) == folders[0][1].classes):
         return folders[0][1]
-    seen: dict[str, str] = {}
+    seen: dict[tuple[str, str], str] = {}  # (folder identity, shard name): a copy, or a pattern, holds the same
     for location, manifest in folders:
-        identity = shards_identity(manifest.shards)
-        if identity in seen:
-            raise ConfigError(f"{location} holds the same shards as {seen[identity]}, listed before it, so each of "
-                              "their samples would be read twice an epoch; list each folder once.")
-        seen[identity] = location
+        for shard in manifest.shards:
+            if (key := (manifest.identity, shard.name)) in seen:
+                raise ConfigError(f"{location} holds the shard {shard.name} of {seen[key]}, listed before it, so its "
+                                  "samples would be read twice an epoch; list each folder (or shard) once.")
+            seen[key] = location
     names = list(classes) if classes is not None else union_classes([m.classes for _, m in folders])
     label = {name: i for i, name in enumerate(names)}
     parts, shards, counts, first = [], [], [0] * len(names), 0
