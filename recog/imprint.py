@@ -165,5 +165,6 @@ def imprint_new_classes(model: RecognitionModel, targets: list[nn.Parameter], ma
     how = f"{len(rows)} imprinted from up to {per_class} images each" if without else \
         f"imprinted from up to {per_class} images each"
     if without:
-        how += f"; {len(without)} with no training image start fresh: {', '.join(map(repr, without))}"
+        named = ", ".join(map(repr, without[:10])) + (f" and {len(without) - 10} more" if len(without) > 10 else "")
+        how += f"; {len(without)} with no training image start fresh: {named}"
     return f" ({how})"
