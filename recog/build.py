@@ -41,8 +41,8 @@ from recog.data.sampler import DistributedBatchSampler
 from recog.data.source import ShardSource
 from recog.data.stream import ShardStream, fits_in_memory
 from recog.errors import ConfigError
+from recog.imprint import start_from_weights
 from recog.loss import RecognitionLoss
-from recog.model import load_weights
 from recog.step import StepRecipe, warmup_cosine
 
 log = logging.getLogger("recog")
@@ -60,7 +60,7 @@ class TrainData:
     # data.decode=gpu: the training batches come from the workers encoded, and are decoded here, on the GPU
     decode_on_device: Callable[[Batch], Batch] | None = None
     train_manifest: Manifest | None = None  # the training shards (their classes are `classes`), read by index for
-    # what needs chosen training images (weights=' new classes, imprinted)
+    # what needs chosen training images (weights=: the new classes' rows, imprinted)
 
     @property
     def global_batch(self) -> int:
@@ -249,17 +249,21 @@ def parameter_groups(model: nn.Module, loss_fn: nn.Module, lr: float) -> list[di
 
 
 def build_recipe(cfg: DictConfig, ctx: dist.Dist, data: TrainData, position: Position | None = None) -> StepRecipe:
-    """The model (with weights= read by rank 0 only), the loss, the optimizer over both at the LR scaled to the
+    """The model (with weights= read by rank 0 only, its classifier and a proxy loss's proxies mapped by class name
+    and new classes imprinted on every rank: recog.imprint), the loss, the optimizer over both at the LR scaled to the
     global batch (the loss's parameters at loss.lr_scale times it), warmup + cosine, the gradient scaler.
     `position`: where training stands, which the LR schedule follows when resuming (StepRecipe.position)."""
     model = instantiate(cfg.model, num_classes=len(data.classes), in_channels=cfg.data.channels)
-    if cfg.weights:  # only rank 0 reads the file; DDP copies rank 0's weights to every rank (distribute)
-        weights = dist.run_on_rank0(lambda: load_checkpoint(cfg.weights, "weights="), ctx, "reading model weights")
-        for note in load_weights(model, weights):
-            log.info("weights %s: %s", cfg.weights, note)
     model = parallel.prepare_model(model, cfg.perf, ctx.is_distributed)  # SyncBatchNorm, channels_last
     model.to(ctx.device)  # before the optimizer exists: its state must live where the parameters live
     loss_fn = build_loss(cfg, len(data.classes)).to(ctx.device)
+    normalize = Normalize(cfg.data.mean, cfg.data.std, ctx.device)
+    if cfg.weights:  # rank 0 reads the file and hands it to every rank, where the classifier's new rows are imprinted
+        weights = dist.run_on_rank0(lambda: load_checkpoint(cfg.weights, "weights="), ctx, "reading model weights")
+        images = partial(ShardRandomAccess, data.train_manifest, shard_source(cfg.data), instantiate(cfg.augment.test),
+                         cfg.data.channels, decode_image) if data.train_manifest is not None else None
+        start_from_weights(weights, cfg.weights, data.classes, model, loss_fn, images, cfg.imprint_images, cfg.seed,
+                           ctx, normalize)
     if loss_fn.cross_rank and ctx.is_distributed:
         loss_fn.gather = dist.all_gather_with_grad
 
@@ -277,7 +281,7 @@ def build_recipe(cfg: DictConfig, ctx: dist.Dist, data: TrainData, position: Pos
              steps_per_epoch, cfg.epochs, type(optimizer).__name__, lr, cfg.optim.lr, global_batch,
              cfg.optim.reference_batch, f" (the loss's {own} parameters: x {loss_fn.lr_scale:g})" if own else "",
              cfg.perf.precision)
-    return StepRecipe(model, optimizer, loss_fn, Normalize(cfg.data.mean, cfg.data.std, ctx.device),
+    return StepRecipe(model, optimizer, loss_fn, normalize,
                       LambdaLR(optimizer, lr_factor), parallel.grad_scaler(cfg.perf.precision, ctx.device),
                       partial(parallel.autocast, cfg.perf.precision, ctx.device), cfg.perf.channels_last,
                       ctx.device, lr, lr_factor, global_batch, position=position)

@@ -19,6 +19,9 @@ import torch
 from omegaconf import DictConfig
 
 from recog import dist
+from recog.data.manifest import load_manifest
+from recog.data.prepare import parse_class_names
+from recog.data.source import is_remote
 from recog.errors import ConfigError, RecogError
 from recog.files import atomic_write, fsync_dir
 
@@ -121,6 +124,28 @@ def load_checkpoint(path: str | Path, option: str = "resume=") -> dict[str, Any]
                           f"give {option} an earlier one.") from None
 
 
+def trained_class_names(ckpt: dict[str, Any], count: int) -> tuple[list[str] | None, str]:
+    """The names of the `count` classes a checkpoint's classifier was trained on, in its row order, and where they
+    were read: its "classes" (written since recog saves them), else its config's training shards' manifest (a
+    local folder that still exists), else its data.prepare.class_names; (None, why) if none of them names
+    `count` classes."""
+    if len(ckpt.get("classes") or []) == count:
+        return list(ckpt["classes"]), "checkpoint"
+    data = (ckpt.get("config") or {}).get("data", {})
+    train = data.get("train")
+    if isinstance(train, str) and not is_remote(train) and "{" not in train:
+        try:
+            names = load_manifest(train, check_files=False).classes
+            if len(names) == count:
+                return names, f"manifest of {train}"
+        except ConfigError:  # moved or deleted since training: try the next source
+            pass
+    names = parse_class_names((data.get("prepare") or {}).get("class_names"))
+    if names and len(names) == count:
+        return list(names), "data.prepare.class_names"
+    return None, "no class names in the checkpoint, its training manifest or data.prepare.class_names"
+
+
 class Stateful(Protocol):
     """What Checkpoints holds: a component that saves and restores its own state. Its `state_dict`'s keys are its
     own in the checkpoint (no two components share one); `load_state_dict` is given the whole checkpoint and
@@ -157,10 +182,12 @@ class Checkpoints:
     other ranks, whose components equal rank 0's after every step."""
 
     def __init__(self, settings: DictConfig, folder: Path, is_main: bool, components: dict[str, Stateful],
-                 config: dict[str, Any]):
+                 config: dict[str, Any], classes: list[str] | None = None):
         """`settings`: the config's checkpoint section; `config`: the run's whole resolved config, saved with
-        every checkpoint."""
+        every checkpoint; `classes`: the run's class names in label order, saved as "classes" (what weights=
+        maps a classifier by, and exports name; `trained_class_names`)."""
         self.folder, self.is_main, self.components, self.config = folder, is_main, components, config
+        self.classes = list(classes) if classes is not None else None
         self.keep, self.every_steps, self.every_minutes = settings.keep, settings.every_steps, settings.every_minutes
         self.best_top1, self.top1 = -1.0, float("nan")
         self.resumed_from: str | None = None  # the checkpoint `restore` put back
@@ -168,6 +195,8 @@ class Checkpoints:
 
     def state_dict(self) -> dict[str, Any]:
         state = {"top1": self.top1, "best_top1": self.best_top1, "config": self.config}
+        if self.classes is not None:
+            state["classes"] = self.classes
         for name, component in self.components.items():
             own = component.state_dict()
             if own.keys() & state.keys():

@@ -29,10 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import recog
-from recog.checkpoint import load_checkpoint
-from recog.data.manifest import load_manifest
-from recog.data.prepare import parse_class_names
-from recog.data.source import is_remote
+from recog.checkpoint import load_checkpoint, trained_class_names
 from recog.errors import ConfigError
 from recog.exported import FORMAT, MODEL_JSON, ONNX, PREPROCESS, PT2, pt2_problem
 from recog.files import atomic_write, disk_error, exclusive, sha256_of, write_json
@@ -109,22 +106,12 @@ def rebuild_model(ckpt: dict, path: str | Path) -> RecognitionModel:
 
 def training_class_names(ckpt: dict, num_classes: int) -> tuple[list[str], str]:
     """The training classes' names, and where they came from: the checkpoint, the training shards' manifest
-    (a local folder that still exists), the data config's named preset, else '0', '1', ..."""
-    if len(ckpt.get("classes") or []) == num_classes:
-        return list(ckpt["classes"]), "checkpoint"
-    data = ckpt["config"].get("data", {})
-    train = data.get("train")
-    if isinstance(train, str) and not is_remote(train) and "{" not in train:
-        try:
-            names = load_manifest(train, check_files=False).classes
-            if len(names) == num_classes:
-                return names, f"manifest of {train}"
-        except ConfigError:  # moved or deleted since training: try the next source
-            pass
-    names = parse_class_names((data.get("prepare") or {}).get("class_names"))
-    if names and len(names) == num_classes:
-        return list(names), "data.prepare.class_names"
-    return [str(i) for i in range(num_classes)], "class indices (no names found)"
+    (a local folder that still exists), the data config's named preset (checkpoint.trained_class_names), else
+    '0', '1', ..."""
+    names, found = trained_class_names(ckpt, num_classes)
+    if names is None:
+        return [str(i) for i in range(num_classes)], "class indices (no names found)"
+    return names, found
 
 
 def describe(ckpt: dict, path: Path, model: RecognitionModel, classes: list[str]) -> dict:

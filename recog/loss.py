@@ -53,6 +53,18 @@ class RecognitionLoss(nn.Module):
         # a tensor over all ranks, keeping the gradient of this rank's own rows (recog.dist.all_gather_with_grad).
         self.gather: Callable[[torch.Tensor], torch.Tensor] | None = None
 
+    def class_rows(self) -> dict[str, nn.Parameter]:
+        """The loss's own parameters that hold one row per class, by their name in its state dict: a proxy loss's
+        proxies (pytorch-metric-learning's ProxyAnchorLoss, ProxyNCALoss: `proxies`, num_classes × embedding
+        width), which weights= maps by class name as it maps the model's classifier (recog.imprint). ArcFace
+        (arc_margin) has none: its class rows are the model's classifier."""
+        rows = {}
+        for path, module in self.named_modules():
+            proxies = module._parameters.get("proxies")
+            if proxies is not None and proxies.dim() == 2 and proxies.shape[0] == getattr(module, "num_classes", None):
+                rows[f"{path}.proxies" if path else "proxies"] = proxies
+        return rows
+
     def forward(self, output: Output, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         if len(labels) == 0:  # a batch whose samples were all unreadable: zero loss, zero gradients
             # for every parameter, the loss's own too: DDP waits for a gradient of each

@@ -127,25 +127,65 @@ class RecognitionModel(nn.Module):
         return Output(embeddings, logits)
 
 
-def load_weights(model: RecognitionModel, state: dict) -> list[str]:
+class ClassMap(NamedTuple):
+    """How a run's classes take the rows of a classifier trained on other classes, matched by name: `source[i]` is
+    the saved row of the run's class i, -1 for a class the saved one has not (new); `dropped`: the saved classes
+    this run has not; `saved`: how many rows the saved classifier has; `names_from`: where the saved classes'
+    names were read (for the log)."""
+
+    source: tuple[int, ...]
+    dropped: tuple[str, ...]
+    saved: int
+    names_from: str = "checkpoint"
+
+    @property
+    def kept(self) -> list[int]:
+        return [i for i, row in enumerate(self.source) if row >= 0]
+
+    @property
+    def new(self) -> list[int]:
+        return [i for i, row in enumerate(self.source) if row < 0]
+
+
+def map_classes(saved: Sequence[str], classes: Sequence[str], names_from: str = "checkpoint") -> ClassMap:
+    """The ClassMap from a classifier's classes (`saved`, in its row order) to a run's (`classes`, in label order)."""
+    row = {name: i for i, name in enumerate(saved)}
+    present = set(classes)
+    return ClassMap(tuple(row.get(name, -1) for name in classes), tuple(n for n in saved if n not in present),
+                    len(saved), names_from)
+
+
+def move_rows(saved: torch.Tensor, fresh: torch.Tensor, mapping: ClassMap) -> torch.Tensor:
+    """One row per run class: the saved row of each kept class (the same values, at its new index), `fresh`'s row
+    for each new one."""
+    rows = fresh.detach().clone()
+    kept = mapping.kept
+    rows[kept] = saved[[mapping.source[i] for i in kept]].to(rows.device, rows.dtype)
+    return rows
+
+
+def load_weights(model: RecognitionModel, state: dict, mapping: ClassMap | None = None) -> list[str]:
     """Load a recog checkpoint, a state dict of this model, or torchvision weights for the backbone alone.
 
-    Torchvision weights lose their ImageNet classifier; an RGB stem is summed
-    over its colour channels to fit a grey-image model; a recog classifier for
-    another number of classes is left out (fine-tuning on new classes), and
-    starts fresh. Returns a note for each such change, for the log.
+    Torchvision weights lose their ImageNet classifier; an RGB stem is summed over its colour channels to fit a
+    grey-image model. A recog classifier is taken row by row through `mapping` (its classes matched by name:
+    recog.imprint); without one, a classifier for another number of classes is left out and starts fresh.
+    Returns a note for each such change, for the log.
     """
     state = state.get("model", state)
     if not any(k.startswith("backbone.") for k in state):
         state = {f"backbone.{k}": v for k, v in state.items()}
     own = model.state_dict()
+    check_embedding_width(state, model.embed.out_features)
     usable, notes = {}, []
     for key, value in state.items():
         if key not in own:  # the torchvision classifier, replaced by the embedding head
             continue
         if value.dim() == 4 and value.shape[1] == 3 and own[key].shape[1] == 1:
             value = value.sum(dim=1, keepdim=True)
-        if key == "class_weights" and value.shape[0] != own[key].shape[0]:
+        if key == "class_weights" and mapping is not None:
+            value = move_rows(value, own[key], mapping)
+        elif key == "class_weights" and value.shape[0] != own[key].shape[0]:
             notes.append(f"the weights' classifier is for {value.shape[0]} classes and this data has "
                          f"{own[key].shape[0]}: the classifier starts fresh, the rest is loaded")
             continue
@@ -162,6 +202,15 @@ def load_weights(model: RecognitionModel, state: dict) -> list[str]:
                           "check model.backbone matches the weights file.")
     model.load_state_dict(usable, strict=False)
     return notes
+
+
+def check_embedding_width(state: dict, width: int) -> None:
+    """Weights of a recog model make embeddings of one width, which its classifier's rows share: another
+    model.embedding_dim cannot start from them."""
+    saved = state.get("embed.weight")
+    if saved is not None and saved.dim() == 2 and saved.shape[0] != width:
+        raise ConfigError(f"the weights make {saved.shape[0]}-d embeddings and this model {width}-d ones; set "
+                          f"model.embedding_dim={saved.shape[0]} to start from them.")
 
 
 def state_mismatch(own: dict, saved: dict) -> str | None:

@@ -81,7 +81,7 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, stop: StopOnSignal) ->
     check_resume_point(found, run_dir, cfg.model.backbone, recipe.mismatch)
     checkpoints = Checkpoints(cfg.checkpoint, run_dir / "checkpoints", ctx.is_main,
                               {"position": position, "recipe": recipe, "rng": RandomState(ctx.device)},
-                              config=OmegaConf.to_container(cfg, resolve=True))
+                              config=OmegaConf.to_container(cfg, resolve=True), classes=data.classes)
     checkpoints.restore(found)  # in that order: the recipe's LR is this run's at the restored position
     if checkpoints.resumed_from:
         log.info("resumed from %s: %s", checkpoints.resumed_from, position)

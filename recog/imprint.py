@@ -1,0 +1,170 @@
+"""weights= from a recog checkpoint trained on other classes: its classifier (and a proxy loss's proxies) mapped to
+this run's classes by name, and each new class's row imprinted.
+
+Known classes keep their rows (moved to their index in this run), classes this run has not are dropped, and a new
+class's row starts from the mean L2-normalised embedding of up to `imprint_images` of its training images (weight
+imprinting: Qi, Brown and Lowe, "Low-Shot Learning with Imprinted Weights", CVPR 2018), so that it is recognised
+from the first step instead of from a random row. The rows are made on every rank before the first step: each rank
+embeds its share of the chosen images, the sums and counts are added up over the ranks, and every rank holds the
+same rows, whether or not DDP then copies rank 0's. The model itself knows nothing of ranks (recog/model.py maps
+the rows); this module does the distributed part.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from recog import dist
+from recog.checkpoint import trained_class_names
+from recog.data.random_access import ShardRandomAccess
+from recog.errors import ConfigError
+from recog.loss import RecognitionLoss
+from recog.model import ClassMap, RecognitionModel, load_weights, map_classes, move_rows
+
+log = logging.getLogger("recog")
+
+BATCH = 256  # images embedded per forward pass while imprinting
+
+
+def is_recog_checkpoint(weights: dict) -> bool:
+    """Written by train.py (a model and the config it was trained with), rather than a bare state dict."""
+    return isinstance(weights.get("model"), dict) and isinstance(weights.get("config"), dict)
+
+
+def class_map(weights: dict, classes: Sequence[str]) -> tuple[ClassMap | None, str | None]:
+    """How this run's `classes` take the checkpoint's classifier rows, and a note when that was assumed: by name
+    (checkpoint.trained_class_names); without names, for the same number of classes, in the same order; else None
+    (load_weights then starts the classifier fresh, and says so)."""
+    rows = weights["model"].get("class_weights")
+    if rows is None:
+        return None, None
+    names, found = trained_class_names(weights, rows.shape[0])
+    if names is not None:
+        return map_classes(names, classes, f"names from the {found}"), None
+    if rows.shape[0] == len(classes):
+        return map_classes(classes, classes, "names assumed"), (
+            f"{found}: its {rows.shape[0]} classes are taken to be this data's {len(classes)}, in the same order")
+    return None, None
+
+
+def choose_images(labels: np.ndarray, new: Sequence[int], per_class: int, seed: int) -> dict[int, np.ndarray]:
+    """Up to `per_class` training images of each new class (class index -> sample indices, sorted): a seeded
+    choice, each class's drawn on its own (the same whatever the other classes, the ranks or the workers)."""
+    chosen = {}
+    for c in new:
+        found = np.flatnonzero(labels == c)
+        if len(found) > per_class:
+            found = np.random.default_rng([seed, c]).choice(found, size=per_class, replace=False)
+        chosen[c] = np.sort(found)
+    return chosen
+
+
+@torch.no_grad()
+def embedding_sums(model: RecognitionModel, images: ShardRandomAccess, chosen: dict[int, np.ndarray],
+                   normalize: Callable, device: torch.device, rank: int = 0, world_size: int = 1
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's share of the chosen images (every `world_size`-th, from `rank`) embedded by the model in eval
+    mode: for each class of `chosen`, in its order, the sum of their L2-normalised embeddings (float64) and their
+    count. An unreadable image is left out (the dataset logs it)."""
+    work = sorted((int(i), slot) for slot, indices in enumerate(chosen.values()) for i in indices)[rank::world_size]
+    sums = torch.zeros(len(chosen), model.embed.out_features, dtype=torch.float64, device=device)
+    counts = torch.zeros(len(chosen), dtype=torch.float64, device=device)
+    training = model.training
+    model.eval()  # BatchNorm's running statistics: each image's embedding is its own, whatever the batch
+    for start in range(0, len(work), BATCH):
+        items = [(images[i], slot) for i, slot in work[start:start + BATCH]]
+        items = [(item[0], slot) for item, slot in items if item is not None]
+        if not items:
+            continue
+        slots = torch.tensor([slot for _, slot in items], device=device)
+        batch = torch.stack([image for image, _ in items]).to(device)
+        sums.index_add_(0, slots, model(normalize(batch)).embeddings.double())
+        counts.index_add_(0, slots, torch.ones(len(items), dtype=torch.float64, device=device))
+    model.train(training)
+    return sums, counts
+
+
+def imprinted_rows(model: RecognitionModel, images: Callable[[], ShardRandomAccess], new: Sequence[int],
+                   per_class: int, seed: int, normalize: Callable, ctx: dist.Dist
+                   ) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """The new classes imprinted (`choose_images`'s classes, in order), each one's mean L2-normalised embedding
+    over its chosen images (float64), the same on every rank, and how many images each mean is of (0: no readable
+    training image). Every rank calls this."""
+    def mine():
+        samples = images()
+        chosen = choose_images(samples.labels, new, per_class, seed)
+        return list(chosen), *embedding_sums(model, samples, chosen, normalize, ctx.device, ctx.rank, ctx.world_size)
+
+    classes, sums, counts = dist.fail_together(mine, ctx, "imprinting the new classes")
+    sums, counts = dist.all_reduce_sum(sums), dist.all_reduce_sum(counts)
+    return classes, sums / counts.clamp(min=1)[:, None], counts
+
+
+def load_loss_rows(loss_fn: nn.Module, saved: dict, mapping: ClassMap) -> tuple[dict[str, nn.Parameter], list[str]]:
+    """The loss's class rows (RecognitionLoss.class_rows: a proxy loss's proxies) taken from the checkpoint's loss
+    state through `mapping` as the classifier's are; those it does not hold (another loss) start fresh. Returns the
+    parameters mapped, by name, and a note for each one that starts fresh."""
+    rows = loss_fn.class_rows() if isinstance(loss_fn, RecognitionLoss) else {}
+    mapped, notes = {}, []
+    for name, param in rows.items():
+        value = saved.get(name)
+        if value is None or tuple(value.shape) != (mapping.saved, param.shape[1]):
+            held = "holds none" if value is None else f"holds {tuple(value.shape)}"
+            notes.append(f"the loss's {name} start fresh (the checkpoint {held})")
+            continue
+        with torch.no_grad():
+            param.copy_(move_rows(value, param, mapping))
+        mapped[name] = param
+    return mapped, notes
+
+
+def start_from_weights(weights: dict, name: str, classes: Sequence[str], model: RecognitionModel, loss_fn: nn.Module,
+                       images: Callable[[], ShardRandomAccess] | None, per_class: int, seed: int, ctx: dist.Dist,
+                       normalize: Callable) -> None:
+    """Load `weights` (read from `name`, handed to every rank) into the model (and the loss's class rows), the
+    classifier mapped to this run's `classes` by name and each new class imprinted from up to `per_class` of its
+    training images (`images()`: the training samples by index, labelled in the run's class order; None: none to
+    read), chosen with `seed`. Every rank calls this, with the same weights: the rows come out the same on all."""
+    if not isinstance(per_class, int) or isinstance(per_class, bool) or per_class < 0:
+        raise ConfigError(f"imprint_images={per_class!r} is not a number of images; give a whole number >= 0 (the "
+                          "training images each new class's row is imprinted from; 0: new classes start fresh).")
+    mapping, assumed = class_map(weights, classes) if is_recog_checkpoint(weights) else (None, None)
+    notes = load_weights(model, weights, mapping) + ([assumed] if assumed else [])
+    if mapping is not None:
+        loss_rows, loss_notes = load_loss_rows(loss_fn, weights.get("loss") or {}, mapping)
+        how = imprint_new_classes(model, [model.class_weights, *loss_rows.values()], mapping, classes, images,
+                                  per_class, seed, ctx, normalize)
+        others = [f"the loss's {row} likewise" for row in loss_rows] + loss_notes
+        notes.append(f"classifier mapped by class name ({mapping.names_from}): {len(mapping.kept)} kept, "
+                     f"{len(mapping.new)} new{how}, {len(mapping.dropped)} dropped" + "".join(f"; {o}" for o in others))
+    for note in notes:
+        log.info("weights %s: %s", name, note)
+
+
+def imprint_new_classes(model: RecognitionModel, targets: list[nn.Parameter], mapping: ClassMap,
+                        classes: Sequence[str], images: Callable[[], ShardRandomAccess] | None, per_class: int,
+                        seed: int, ctx: dist.Dist, normalize: Callable) -> str:
+    """Each new class's row in every one of `targets` (the classifier, the loss's mapped class rows) set to its
+    imprinted mean embedding; the others keep the fresh rows they were built with. Returns how, for the log."""
+    if not mapping.new:
+        return ""
+    if not per_class or images is None:
+        return f" (starting fresh: {'imprint_images=0' if not per_class else 'no training shards to imprint from'})"
+    imprinted, means, counts = imprinted_rows(model, images, mapping.new, per_class, seed, normalize, ctx)
+    have = counts > 0
+    rows = [c for c, ok in zip(imprinted, have.tolist()) if ok]
+    with torch.no_grad():
+        for target in targets:
+            target[rows] = means[have].to(target.dtype)
+    without = [classes[c] for c, ok in zip(imprinted, have.tolist()) if not ok]
+    how = f"{len(rows)} imprinted from up to {per_class} images each" if without else \
+        f"imprinted from up to {per_class} images each"
+    if without:
+        named = ", ".join(map(repr, without[:10])) + (f" and {len(without) - 10} more" if len(without) > 10 else "")
+        how += f"; {len(without)} with no training image start fresh: {named}"
+    return f" ({how})"
