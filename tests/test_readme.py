@@ -30,6 +30,17 @@ def commands() -> list[str]:
     return [line.split("  #")[0].strip() for block in bash_blocks() for line in block.splitlines() if line.strip()]
 
 
+def section_blocks(title: str) -> list[list[str]]:
+    """The commands of each ```bash block of README section `title`, in order."""
+    section = README.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+    blocks = [b.replace("\\\n", " ") for b in re.findall(r"```bash\n(.*?)```", section, re.S)]
+    return [[line.split("  #")[0].strip() for line in block.splitlines() if line.strip()] for block in blocks]
+
+
+def section_commands(title: str) -> list[str]:
+    return [c for block in section_blocks(title) for c in block]
+
+
 def command(pattern: str) -> str:
     found = [c for c in commands() if re.search(pattern, c)]
     assert len(found) == 1, f"README: {len(found)} commands match {pattern!r}: {found}"
@@ -46,10 +57,11 @@ def test_every_readme_command_is_run_by_ci_or_a_test():
     fresh, tests = bash_blocks()[:2]
     assert fresh.strip() in ci and tests.strip() in ci  # CI runs the two commands exactly as written
     covered = [fresh.strip(), tests.strip()] + [command(p) for p in (
-        r"tensorboard --logdir", r"recog\.data write folder", r"train\.py data=images",
-        r"experiment=retrieval_fashion", r"--nnodes=4", r"recog\.export ", r"recog\.embed .*/train ",
-        r"recog\.index build", r"recog\.identify ", r"recog\.embed .*/test ", r"recog\.evaluate ", r"recog\.serve ",
-        r"curl -F ")]
+        r"tensorboard --logdir", r"recog\.data write folder /tmp/images", r"train\.py data=images data\.train=/",
+        r"experiment=retrieval_fashion", r"--nnodes=4", r"recog\.export outputs/retrieval",
+        r"recog\.embed .*/train ", r"recog\.index build /tmp/gallery", r"recog\.identify ", r"recog\.embed .*/test ",
+        r"recog\.evaluate ", r"recog\.serve ", r"curl -F ")]
+    covered += section_commands("A catalogue that grows")  # tests/test_readme.py runs them all, in order
     assert sorted(covered) == sorted(commands()), "a README command that no test runs"
     # the multi-node command: tests/test_launch.py runs it on two hosts (network namespaces), 1 process each
     launch_test = (ROOT / "tests" / "test_launch.py").read_text()
@@ -62,8 +74,9 @@ def test_your_own_data_commands_and_what_they_print(tmp_path):
     """`bench/quality_data.py` (class folders of PNGs), the writer loop, then train.py with no flag but the
     paths (and one epoch): what recog prints about its choices is the line the README shows."""
     folders = re.search(r"`(\.venv/bin/python bench/quality_data\.py [^`]*)`", README).group(1)
-    train = here(command(r"train\.py data=images"), tmp_path) + f" epochs=1 hydra.run.dir={tmp_path / 'run'}"
-    script = "\n".join([here(folders, tmp_path), here(command(r"recog\.data write folder"), tmp_path), train])
+    train = here(command(r"train\.py data=images data\.train=/"), tmp_path) + f" epochs=1 hydra.run.dir={tmp_path}/run"
+    write = here(command(r"recog\.data write folder /tmp/images"), tmp_path)
+    script = "\n".join([here(folders, tmp_path), write, train])
     result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, capture_output=True, text=True,
                             timeout=1200, env={"OMP_NUM_THREADS": "1", "PATH": f"{BIN}:/usr/bin:/bin"})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -90,7 +103,8 @@ def test_retrieval_identify_and_serve_commands_run_in_order(tiny_data, tmp_path)
     shards = "data/shards/fashion-mnist-small/"
     steps = [here(command(r"experiment=retrieval_fashion"), tmp_path) + " " + " ".join(
         tiny_args(tiny_data, epochs=1) + ["sampler.p=3", "sampler.k=8"])]
-    identify = (r"recog\.export ", r"recog\.embed .*/train ", r"recog\.index build", r"recog\.identify ",
+    identify = (r"recog\.export outputs/retrieval", r"recog\.embed .*/train ", r"recog\.index build /tmp/gallery",
+                r"recog\.identify ",
                 r"recog\.embed .*/test ", r"recog\.evaluate ")
     steps += [here(command(p), tmp_path) for p in identify]
     script = "\n".join(step.replace("outputs/retrieval", str(tmp_path / "retrieval")).replace(
@@ -151,3 +165,103 @@ def test_tensorboard_command_serves_a_run(tmp_path):
     finally:
         server.terminate()
         server.wait(30)
+
+
+def day_folders(out: Path, per_class: dict[str, int]) -> dict[str, Path]:
+    """bench/growth.py's two days (and test split) of class folders, cut to `per_class` images a class."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import growth
+
+    full = growth.write_folders(out / "full")
+    for name, count in per_class.items():
+        for folder in sorted((full / name).iterdir()):
+            (out / name / folder.name).mkdir(parents=True)
+            for png in sorted(folder.iterdir())[:count]:
+                (out / name / folder.name / png.name).write_bytes(png.read_bytes())
+    return {name: out / name for name in per_class}
+
+
+class ServeLog:
+    """A recog.serve process's log lines, read on a thread; `wait_for` a line matching a pattern."""
+
+    def __init__(self, server: subprocess.Popen):
+        import threading
+
+        self.lines, self.server = [], server
+        threading.Thread(target=lambda: self.lines.extend(server.stdout), daemon=True).start()
+
+    def wait_for(self, pattern: str, count: int = 1, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while sum(bool(re.search(pattern, line)) for line in list(self.lines)) < count:
+            assert time.monotonic() < deadline and self.server.poll() is None, "".join(self.lines)[-3000:]
+            time.sleep(0.2)
+
+
+def ask(port: int, png: Path) -> dict:
+    import json
+
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/identify?k=5", data=png.read_bytes(), method="POST")
+    with urllib.request.urlopen(request, timeout=60) as answer:
+        return json.loads(answer.read())
+
+
+def run_script(commands: list[str], env: dict) -> subprocess.CompletedProcess:
+    env = {"OMP_NUM_THREADS": "1", "PATH": f"{BIN}:/usr/bin:/bin", **env}
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", "\n".join(commands)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=1200, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+def test_catalogue_that_grows_commands_run_in_order(tmp_path):
+    """A catalogue that grows: day 1 (7 classes) trained, exported, embedded, indexed and served through links;
+    then the section's first block (day 2's shards embedded by the served model, `index add`, SIGHUP): the service
+    answers a new class's photo from the grown index without a restart; then the second (day 1's model continued
+    on both folders, one epoch here, exported, both folders embedded into a new index, the links switched,
+    SIGHUP): the new model answers."""
+    import json
+
+    photos = day_folders(tmp_path / "photos", {"day1": 60, "day2": 40, "test": 20})
+    live, shards = tmp_path / "live", tmp_path / "shards"
+    day1 = [f"python -m recog.data write folder {photos[n]} {shards / n}" for n in ("day1", "test")] + [
+        f"torchrun --standalone --nproc_per_node=2 train.py data=images data.train={shards / 'day1'} "
+        f"data.test={shards / 'day1'} epochs=1 hydra.run.dir={tmp_path / 'outputs' / 'day1'}",
+        f"python -m recog.export {tmp_path / 'outputs/day1/checkpoints/last.pt'} {tmp_path / 'models/day1'}",
+        f"torchrun --standalone --nproc_per_node=2 -m recog.embed model={tmp_path / 'models/day1'} "
+        f"data={shards / 'day1'} out={tmp_path / 'embeddings/day1'}",
+        f"python -m recog.index build {tmp_path / 'embeddings/day1'} {tmp_path / 'indexes/day1'}",
+        f"mkdir {live} && ln -s {tmp_path / 'models/day1'} {live / 'model'} && "
+        f"ln -s {tmp_path / 'indexes/day1'} {live / 'index'}"]
+    run_script(day1, {})
+    port = free_port()
+    server = subprocess.Popen([f"{BIN}/python", "-m", "recog.serve", "--model", str(live / "model"), "--index",
+                               str(live / "index"), "--port", str(port)], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env={"OMP_NUM_THREADS": "1",
+                                                                         "PATH": f"{BIN}:/usr/bin:/bin"})
+    log = ServeLog(server)
+    new_photo = next((photos["day2"] / "Bag").iterdir())  # a class day 1 did not have
+    try:
+        log.wait_for("listening on")
+        before = ask(port, new_photo)
+        assert before["index_generation"] == 0 and "Bag" not in [m["class"] for m in before["matches"]]
+        moved = [c.replace("outputs/day", f"{tmp_path}/outputs/day") for c in (here(c, tmp_path) for c in
+                 section_commands("A catalogue that grows"))]
+        first = section_blocks("A catalogue that grows")[0]
+        run_script(moved[:len(first)], {"SERVE_PID": str(server.pid)})
+        log.wait_for("reloaded in")
+        grown = ask(port, new_photo)
+        assert grown["index_generation"] == 1 and grown["model_sha256"] == before["model_sha256"]
+        assert "Bag" in [m["class"] for m in grown["matches"]]  # the new class, answered from today's items
+        trained = run_script([c + " epochs=1" if "train.py" in c else c for c in moved[len(first):]],
+                             {"SERVE_PID": str(server.pid)})
+        assert "classifier mapped by class name (names from the checkpoint): 7 kept, 3 new (imprinted from up to " \
+               "32 images each), 0 dropped" in trained.stdout + trained.stderr
+        log.wait_for("reloaded in", count=2)
+        new_model = json.loads((tmp_path / "indexes" / "day2" / "index.json").read_text())["model_sha256"]
+        after = ask(port, new_photo)
+        assert after["model_sha256"] == new_model != before["model_sha256"] and after["index_generation"] == 1
+    finally:
+        server.terminate()
+        server.wait(60)
+    assert server.returncode == 0
