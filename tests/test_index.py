@@ -98,7 +98,8 @@ def test_ivfpq_recall_against_flat_at_the_default_settings(tmp_path, capsys):
 def test_auto_picks_flat_for_small_galleries_and_ivfpq_for_large_ones():
     assert choose_kind("auto", 200_000, 128)[0] == {"kind": "flat", "factory": "Flat"}
     params, line = choose_kind("auto", 1_000_000, 128)
-    assert params == {"kind": "ivfsq", "factory": "IVF4000,SQ8", "nlist": 4000, "search": {"nprobe": 250}}
+    assert params == {"kind": "ivfsq", "factory": "IVF4000,SQ8", "nlist": 4000, "sq_margin": 0.2,
+                      "search": {"nprobe": 250}}
     assert line == "index: IVF-SQ8, 4000 lists (nprobe 250), 128-byte codes, for 1,000,000 vectors (more than " \
                    "200,000 vectors)"
     assert choose_kind("ivfpq", 1_000_000, 128)[0]["factory"] == "IVF4000,PQ16np"
