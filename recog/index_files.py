@@ -119,10 +119,8 @@ def read_index_info(folder: str | Path) -> IndexInfo:
         info = IndexInfo(folder, raw)
         _ = (info.model_sha256, info.dim, info.count, info.classes, info.files(), raw["params"], raw["generation"])
         _ = [(s["identity"], s["location"]) for s in info.sources]
-        counts = info.shard_counts
-        if type(info.shard_size) is not int or info.shard_size < 1 or not isinstance(info.retired(), list) or (
-                counts is not None and (len(counts) != len(info.raw["shards"]) or sum(counts) != info.count)):
-            raise ValueError("its shard size, shard counts or retired files do not fit its shards")
+        if not isinstance(info.retired(), list):
+            raise ValueError("retired is not a list")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ConfigError(f"{path} is not a recog index description ({e}); build the index again.") from None
     # every file it names lies beside it: commit() removes an old version's files, open_gallery reads them
@@ -130,6 +128,11 @@ def read_index_info(folder: str | Path) -> IndexInfo:
     if outside:
         raise ConfigError(f"{path} names {str(outside[0])[:80]!r}, which is not a plain file name inside {folder}, "
                           f"so it is not recog's; build the index into another folder, or move {path} away.")
+    counts = info.shard_counts
+    if type(info.shard_size) is not int or info.shard_size < 1 or (counts is not None and (
+            len(counts) != len(info.raw["shards"]) or sum(counts) != info.count)):
+        raise ConfigError(f"{path} is not a recog index description (its shard size or shard counts do not fit its "
+                          f"{len(info.raw['shards'])} shard(s) of {info.count} vectors); build the index again.")
     return info
 
 
