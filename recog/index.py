@@ -28,7 +28,8 @@ name (old labels unchanged), the last shard is filled up to the shard size and f
 (the last shard emptied: the same trained quantizer and codes), and only the shards that changed are written.
 A key the index holds already is refused by default, in one sentence with nothing written (the same folder added
 twice is a mistake that a silent skip would hide); `--duplicates skip` keeps the index's item, prints the count
-and adds the rest.
+and adds the rest. A grown IVF index keeps the lists it was trained with, and probes as many of them as a fresh
+build of its size would; IVF-SQ8's code ranges keep a margin (SQ_MARGIN) for vectors beyond the training sample's.
 
 A gallery larger than one machine's memory: `serve-shard` holds one shard in a process of its own (on any
 machine that sees the folder) and answers searches over HTTP with JSON and raw float32/int64 numbers
@@ -183,8 +184,9 @@ def write_faiss(index, path: Path) -> None:
 
 
 # The files build and add write in an index folder: a shard's and the ids' of generation G, and atomic_write's
-# temporary file of either (left by a writer killed while it wrote)
-OURS = re.compile(r"(shard-\d{5}\.g\d+\.faiss|ids\.g\d+\.npz)|\.(shard-\d{5}\.g\d+\.faiss|ids\.g\d+\.npz)\.tmp-\d+")
+# temporary file of either or of index.json (left by a writer killed while it wrote)
+OUR_NAME = r"(?:shard-\d{5,}\.g\d+\.faiss|ids\.g\d+\.npz)"
+OURS = re.compile(rf"{OUR_NAME}|\.(?:{OUR_NAME}|index\.json)\.tmp-\d+")
 
 
 def remove_leftovers(folder: Path, current: IndexInfo | None) -> None:
