@@ -39,6 +39,8 @@ def open_gallery(folder: str | Path, shard_servers: list[tuple[str, int]] | None
 
 
 def open_generation(info: IndexInfo, shard_servers: list[tuple[str, int]] | None, shard_token: str | None) -> Gallery:
+    """The generation `info` describes (an index.json read earlier): a file of it that is gone is FileGone, on which
+    open_gallery reads index.json again."""
     faiss = import_faiss()
     if shard_servers:
         index = RemoteShards(info, shard_servers, shard_token)
