@@ -43,7 +43,7 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 
 from recog.errors import ConfigError, DataError
-from recog.index_files import IndexInfo, import_faiss, open_shard, read_index_info
+from recog.index_files import IndexInfo, import_faiss, open_shard, read_generation, read_index_info
 from recog.listen import bind
 
 log = logging.getLogger("recog.shard_server")
@@ -286,7 +286,7 @@ def serve_shard(folder: str | Path, number: int, host: str = "127.0.0.1", port: 
     if not 0 <= number < len(info.raw["shards"]):
         raise ConfigError(f"the index in {folder} has {len(info.raw['shards'])} shard(s), numbered from 0; "
                           f"--shard {number} is not one of them.")
-    index = open_shard(info, number)
+    info, index = read_generation(folder, lambda info: (info, open_shard(info, number)))
     described = {"model_sha256": info.model_sha256, "generation": info.raw["generation"], "shard": number,
                  "file": info.raw["shards"][number], "count": int(index.ntotal), "dim": info.dim}
     server = ShardHTTPServer(bind(host, port), partial(ShardHandler, shard=Shard(index, described, token)))

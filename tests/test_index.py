@@ -98,7 +98,8 @@ def test_ivfpq_recall_against_flat_at_the_default_settings(tmp_path, capsys):
 def test_auto_picks_flat_for_small_galleries_and_ivfpq_for_large_ones():
     assert choose_kind("auto", 200_000, 128)[0] == {"kind": "flat", "factory": "Flat"}
     params, line = choose_kind("auto", 1_000_000, 128)
-    assert params == {"kind": "ivfsq", "factory": "IVF4000,SQ8", "nlist": 4000, "search": {"nprobe": 250}}
+    assert params == {"kind": "ivfsq", "factory": "IVF4000,SQ8", "nlist": 4000, "sq_margin": 0.2,
+                      "search": {"nprobe": 250}}
     assert line == "index: IVF-SQ8, 4000 lists (nprobe 250), 128-byte codes, for 1,000,000 vectors (more than " \
                    "200,000 vectors)"
     assert choose_kind("ivfpq", 1_000_000, 128)[0]["factory"] == "IVF4000,PQ16np"
@@ -108,15 +109,19 @@ def test_auto_picks_flat_for_small_galleries_and_ivfpq_for_large_ones():
         choose_kind("ivfpq", 100, 32)
 
 
-@pytest.mark.parametrize("shards", [1, 2])
-def test_add_extends_the_index_as_if_built_from_both(tmp_path, shards):
+@pytest.mark.parametrize("shards, counts", [(None, [2200]), (2, [750, 750, 700])])
+def test_add_extends_the_index_as_if_built_from_both(tmp_path, shards, counts):
+    """The default shard size keeps one shard; two equal shards (750 each: full) get a third. Only the shards that
+    changed are new files; the files they replace stay for readers of the previous generation."""
     first, second, queries = np.split(clustered(2240, dim=32, seed=7), [1500, 2200])
     build(write_embeddings(tmp_path / "a", first, part_size=600), tmp_path / "index", shards=shards, log=quiet)
     before = json.loads((tmp_path / "index" / "index.json").read_text())
     info = add(tmp_path / "index", write_embeddings(tmp_path / "b", second, part_size=600, first_key=1500))
-    assert info.count == 2200 and len(info.raw["shards"]) == shards
-    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == sorted([*info.files(), "index.json", LOCK_FILE])
-    assert before["shards"][-1] not in info.files()  # the replaced version's file is gone
+    assert info.count == 2200 and info.shard_counts == counts and info.generation == 1
+    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == sorted(
+        [*info.files(), *info.retired(), "index.json", LOCK_FILE])
+    assert set(info.retired()) == set(before["shards"] + [before["ids"]]) - set(info.files())
+    assert info.raw["shards"][: len(counts) - 1] == before["shards"][: len(counts) - 1]  # full shards: not rewritten
     gallery = open_gallery(tmp_path / "index")
     both = np.concatenate([first, second])
     scores, ids = gallery.search(queries, 5)
@@ -143,15 +148,16 @@ def test_build_cli_and_an_index_that_is_not_replaced_without_overwrite(tmp_path)
     result = run_module("index", "build", emb, tmp_path / "index", "--kind", "hnsw", "--shards", "2")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
-        "index: HNSW (32 links, efSearch 64) for 500 vectors, in 2 shards",
-        f"{tmp_path / 'index'}: 500 16-d vectors, HNSW32,Flat, 2 shard(s)"]
+        "index: HNSW (32 links, efSearch 64) for 500 vectors, in 2 shards of up to 250",
+        f"{tmp_path / 'index'}: 500 16-d vectors, 10 classes, HNSW32,Flat, 2 shard(s), generation 0"]
     assert open_embeddings(emb).count == open_gallery(tmp_path / "index").index.ntotal == 500
     with pytest.raises(ConfigError, match="already holds an index"):
         build(emb, tmp_path / "index", log=quiet)
     (tmp_path / "index" / "mine.txt").write_text("not the index's")
     build(emb, tmp_path / "index", overwrite=True, log=quiet)
-    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == [
-        LOCK_FILE, "ids.g1.npz", "index.json", "mine.txt", "shard-00000.g1.faiss"]
+    assert sorted(p.name for p in (tmp_path / "index").iterdir()) == [  # generation 0: kept for its readers
+        LOCK_FILE, "ids.g0.npz", "ids.g1.npz", "index.json", "mine.txt", "shard-00000.g0.faiss",
+        "shard-00000.g1.faiss", "shard-00001.g0.faiss"]
 
 
 def test_ivfsq_recall_against_flat_at_the_default_settings(tmp_path):
