@@ -103,12 +103,17 @@ def write_shards(folders: dict[str, Path], shards: Path) -> dict[str, Path]:
     return done
 
 
-def train(run_dir: Path, overrides: list[str]) -> dict:
-    """One 2-process train.py run (a fresh run directory each time): its metrics.json and wall seconds."""
-    shutil.rmtree(run_dir, ignore_errors=True)
+def train(run_dir: Path, overrides: list[str], fresh: bool = False) -> dict:
+    """One 2-process train.py run: its metrics.json and wall seconds. A run directory that holds a finished run of
+    the same overrides (an earlier bench run's) is read back instead, unless `fresh`; any other is replaced."""
     torchrun = Path(sys.executable).parent / "torchrun"
     cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", "train.py", "data=images",
            *overrides, f"hydra.run.dir={run_dir}"]
+    done = run_dir / "bench-growth.json"  # written last: the command and what it measured
+    if not fresh and done.is_file() and json.loads(done.read_text())["command"] == cmd[1:]:
+        print("  (done before) " + " ".join(cmd[1:]), flush=True)
+        return json.loads(done.read_text())["metrics"]
+    shutil.rmtree(run_dir, ignore_errors=True)
     print("  $ " + " ".join(cmd[1:]), flush=True)
     start = time.perf_counter()
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -118,6 +123,7 @@ def train(run_dir: Path, overrides: list[str]) -> dict:
     metrics["seconds"] = time.perf_counter() - start
     metrics["images"] = metrics["step"] * metrics["global_batch"]
     metrics["log"] = [line for line in result.stdout.splitlines() if "weights " in line or "an epoch" in line]
+    done.write_text(json.dumps({"command": cmd[1:], "metrics": metrics}))
     return metrics
 
 
@@ -149,20 +155,21 @@ def new_class_top1_at_start(shards: dict[str, Path], weights: Path, mix: float, 
     return right / seen
 
 
-def one_seed(shards: dict[str, Path], work: Path, seed: int, mix: float, epochs: int) -> dict:
+def one_seed(shards: dict[str, Path], work: Path, seed: int, mix: float, epochs: int, b_args: list[str],
+             fresh: bool) -> dict:
     both = f"data.train=[{shards['day1']},{shards['day2']}]"
-    a = train(work / f"a-{seed}", [both, f"data.test={shards['test']}", f"seed={seed}"])
+    a = train(work / f"a-{seed}", [both, f"data.test={shards['test']}", f"seed={seed}"], fresh)
     day1 = train(work / f"day1-{seed}", [f"data.train={shards['day1']}", f"data.test={shards['test-day1']}",
-                                         f"seed={seed}"])
+                                         f"seed={seed}"], fresh)
     weights = work / f"day1-{seed}" / "checkpoints" / "last.pt"
     b = train(work / f"b-{seed}", [both, f"data.mix=[{mix},1]", f"data.test={shards['test']}", f"weights={weights}",
-                                   f"epochs={epochs}", f"seed={seed}"])
+                                   f"epochs={epochs}", f"seed={seed}", *b_args], fresh)
     starts = {name: new_class_top1_at_start(shards, weights, mix, seed, imprint)
               for name, imprint in (("imprinted", 32), ("fresh", 0))}
     return {"seed": seed, "a": a, "day1": day1, "b": b, "start": starts}
 
 
-def report(results: list[dict], mix: float, epochs: int) -> None:
+def report(results: list[dict], mix: float, epochs: int, b_args: list[str]) -> None:
     print("\n| seed | (a) top-1 | (a) images | (b) top-1 | (b) images | (b)-(a) | (b)/(a) images | "
           "new classes at (b)'s start: imprinted / fresh |")
     print("|---|---|---|---|---|---|---|---|")
@@ -172,7 +179,8 @@ def report(results: list[dict], mix: float, epochs: int) -> None:
               f"{b['top1'] - a['top1']:+.4f} | {b['images'] / a['images']:.2f} | "
               f"{r['start']['imprinted']:.3f} / {r['start']['fresh']:.3f} |")
     gaps = [r["b"]["top1"] - r["a"]["top1"] for r in results]
-    print(f"\n(b) = day 1's model continued {epochs} epochs on day 2 + {mix:g} of day 1 (data.mix=[{mix:g},1]); "
+    print(f"\n(b) = day 1's model continued {epochs} epochs on day 2 + {mix:g} of day 1 (data.mix=[{mix:g},1]"
+          f"{' ' + ' '.join(b_args) if b_args else ''}); "
           f"(b)-(a) mean {statistics.mean(gaps):+.4f}, from {min(gaps):+.4f} to {max(gaps):+.4f} over seeds "
           f"{', '.join(str(r['seed']) for r in results)}; day 1's own run (7 classes) top-1 "
           + ", ".join(f"{r['day1']['top1']:.4f}" for r in results) + ".")
@@ -189,8 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     r = commands.add_parser("run", help="(a), day 1 and (b) per seed, and the table")
     r.add_argument("--work", default=str(ROOT / "outputs" / "bench-growth"))
     r.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    r.add_argument("--mix", type=float, default=0.2, help="day 1's share of each epoch of (b) (0.2)")
-    r.add_argument("--epochs", type=int, default=7, help="(b)'s epochs (7)")
+    r.add_argument("--mix", type=float, default=0.5, help="day 1's share of each epoch of (b) (0.5)")
+    r.add_argument("--epochs", type=int, default=6, help="(b)'s epochs (6)")
+    r.add_argument("--b-args", default="", help="more overrides for (b), e.g. 'optim.lr=3e-3'")
+    r.add_argument("--fresh", action="store_true", help="train again the runs an earlier bench run finished")
     args = parser.parse_args(argv)
     if args.command == "folders":
         for name, folder in write_folders(Path(args.out)).items():
@@ -198,8 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     work = Path(args.work)
     shards = write_shards(write_folders(work / "folders"), work / "shards")
-    results = [one_seed(shards, work, seed, args.mix, args.epochs) for seed in args.seeds]
-    report(results, args.mix, args.epochs)
+    b_args = args.b_args.split()
+    results = [one_seed(shards, work, seed, args.mix, args.epochs, b_args, args.fresh) for seed in args.seeds]
+    report(results, args.mix, args.epochs, b_args)
     return 0
 
 
