@@ -6,6 +6,7 @@ served. Then `recog.index add` into the folder being served, as the daily loop d
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import itertools
 import json
@@ -238,3 +239,47 @@ def check_answers(clients: Clients, loaded: set, new_items: dict) -> None:
     for _, _, generation, name, top, keys, _ in clients.answers:
         if name in new_items:
             assert (top == name) if generation == 1 else (name not in keys), (generation, name, keys)
+
+
+def test_sighups_during_a_reload_make_one_more_reload_not_one_each(caplog):
+    """Real SIGHUPs to this process, taken by a running event loop: the first starts a reload (held here until
+    released); three more while it runs make one reload after it; one after that, one more."""
+    from recog.serve import Reloader
+
+    running, release, runs = threading.Event(), threading.Event(), []
+
+    def reload():
+        runs.append(len(runs))
+        running.set()
+        release.wait(60)
+
+    async def signals():
+        reloader = Reloader(reload)
+        reloader.start(asyncio.get_running_loop())
+        try:
+            os.kill(os.getpid(), signal.SIGHUP)
+            await until(running.is_set)
+            for _ in range(3):
+                os.kill(os.getpid(), signal.SIGHUP)
+                await asyncio.sleep(0.05)  # each one reaches the loop before the next is sent
+            assert runs == [0]
+            release.set()
+            await until(lambda: len(runs) == 2 and not reloader.running)
+            await asyncio.sleep(0.5)
+            assert runs == [0, 1]  # not 4
+            os.kill(os.getpid(), signal.SIGHUP)
+            await until(lambda: len(runs) == 3)
+        finally:
+            reloader.stop()
+            reloader.thread.join(10)
+
+    with caplog.at_level("INFO", logger="recog.serve"):
+        asyncio.run(signals())
+    assert [r.message for r in caplog.records] == ["SIGHUP during a reload: one more reload follows this one"]
+
+
+async def until(condition, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
