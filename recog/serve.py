@@ -379,7 +379,7 @@ class Service:
         self.max_inflight, self.max_bytes, self.max_pixels = max_inflight, max_bytes, max_pixels
         self.read_timeout_s = read_timeout_s
         self.inflight, self.served = 0, 0
-        self.reloads = {"done": 0, "refused": 0, "running": False}
+        self.reloads = {"done": 0, "refused": 0}  # on /healthz, with whether one runs now
         # images decoded at once (a decoded image at the pixel limit takes hundreds of MB): one per core by default
         self.decoding = asyncio.Semaphore(decode_threads or os.cpu_count() or 1)
         self.batcher = Batcher(self.compute, max_batch, max_wait_ms / 1000)
