@@ -1,6 +1,6 @@
 """Identify over HTTP: what `recog.identify` answers, for many clients at once, and a page to try it on.
 
-    python -m recog.serve --model EXPORT_DIR --index INDEX_DIR [--shards GALLERY_SHARDS] [--port 8000]
+    python -m recog.serve --model EXPORT_DIR --index INDEX_DIR [--shards GALLERY_SHARDS ...] [--port 8000]
 
     POST /identify?k=5        an image, as the request body or a multipart file field -> {"vote", "matches":
                               [{"key", "label", "class", "score"}, ...], "timing_ms": {"decode", "model",
@@ -645,9 +645,9 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a folder written by python -m recog.export")
     p.add_argument("--index", required=True, help="a folder written by python -m recog.index build")
-    p.add_argument("--shards", action="append", metavar="GALLERY_SHARDS",
-                   help="a shard folder the gallery was embedded from: GET /items/{key}/image reads it (give "
-                        "--shards once per folder)")
+    p.add_argument("--shards", action="extend", nargs="+", metavar="GALLERY_SHARDS",
+                   help="the shard folders the gallery was embedded from: GET /items/{key}/image reads them "
+                        "(--shards DAY1 DAY2, or --shards once per folder)")
     p.add_argument("--shard-servers", type=addresses, metavar="HOST:PORT,...",
                    help="search the index's shards in their serve-shard processes (one per shard, in order)")
     p.add_argument("--shard-token", help=f"the token the shard servers were started with (default: ${TOKEN_ENV}; "

@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import BUNDLED
 from identify_setup import embed_gallery, fashion_test_images, random_checkpoint, run_module
@@ -91,7 +92,7 @@ class Clients:
     after another until stopped; every answer kept as (status, model_sha256, index_generation, image, top key)."""
 
     def __init__(self, url: str, images: list[tuple[str, bytes]]):
-        self.url, self.images, self.answers = url, images, []
+        self.url, self.images, self.answers, self.seconds = url, images, [], []
         self.stopping, self.errors = threading.Event(), []
         self.threads = [threading.Thread(target=self.run, args=(i,)) for i in range(CLIENTS)]
         for thread in self.threads:
@@ -101,11 +102,13 @@ class Clients:
         for name, data in itertools.islice(itertools.cycle(self.images), number, None):
             if self.stopping.is_set():
                 return
+            started = time.monotonic()
             try:
                 status, body = request(self.url, "POST", "/identify?k=3", data)
             except Exception as e:  # noqa: BLE001 - a refused or dropped connection is a failed request too
                 self.errors.append(repr(e))
                 continue
+            self.seconds.append((started, time.monotonic()))
             top = body["matches"][0]["key"] if status == 200 else None
             self.answers.append((status, body.get("model_sha256"), body.get("index_generation"), name, top,
                                  [m["key"] for m in body.get("matches", [])], body.get("error")))
@@ -165,7 +168,7 @@ def test_sighup_switches_generations_under_32_clients_with_no_failed_request(day
                 started = time.monotonic()
                 server.process.send_signal(signal.SIGHUP)
                 health = wait_for(server, done, 0)
-                reloads.append((time.monotonic() - started, len(clients.answers) - before))
+                reloads.append((started, time.monotonic(), len(clients.answers) - before))
                 assert (health["model_sha256"], health["index_generation"]) == (sha, generation), health
                 assert health["index"]["count"] == (900 if generation else 600)
                 loaded.add((sha, generation))
@@ -185,9 +188,19 @@ def test_sighup_switches_generations_under_32_clients_with_no_failed_request(day
     times = [line for line in server.log.splitlines() if "reloaded in" in line]
     assert len(times) == 7, server.log
     print(f"{len(clients.answers)} answers from {CLIENTS} clients, all 200; by generation: "
-          f"{dict(Counter(a[2] for a in clients.answers))}; the test's wait for each SIGHUP's switch "
-          f"(s, answers meanwhile): {[(round(s, 2), n) for s, n in reloads]}")
+          f"{dict(Counter(a[2] for a in clients.answers))}; the test's wait from each of the 5 SIGHUPs to the "
+          f"switch on /healthz (s, answers meanwhile): {[(round(b - a, 2), n) for a, b, n in reloads]}")
+    print(latencies(clients.seconds, [(a, b) for a, b, _ in reloads]))
     print("\n".join(times))
+
+
+def latencies(spans: list[tuple[float, float]], reloads: list[tuple[float, float]]) -> str:
+    """Answer times of the requests that overlapped a reload (SIGHUP to switch) and of the others."""
+    during = [end - start for start, end in spans if any(start < b and end > a for a, b in reloads)]
+    others = [end - start for start, end in spans if not any(start < b and end > a for a, b in reloads)]
+    return "; ".join(f"{name}: {len(x)} answers, p50 {np.percentile(x, 50) * 1000:.0f} ms, p99 "
+                     f"{np.percentile(x, 99) * 1000:.0f} ms" for name, x in (("during reloads", during),
+                                                                            ("between them", others)))
 
 
 def refused_pairs(server, link: Path, target: Path, done: int, refused: int, clients: Clients) -> list[str]:
