@@ -202,6 +202,13 @@ def test_a_port_outside_0_to_65535_is_one_sentence(port, capsys):
     assert "is not HOST:PORT" in capsys.readouterr().err
 
 
+def test_shards_takes_several_folders_at_once_or_one_at_a_time():
+    from recog.serve import parser
+
+    args = parser().parse_args(["--model", "m", "--index", "i", "--shards", "day1", "day2", "--shards", "day3"])
+    assert args.shards == ["day1", "day2", "day3"]
+
+
 def test_a_grey_upload_is_converted_for_an_rgb_model_and_an_rgb_one_for_a_grey_model():
     from recog.serve import decode_upload
 
