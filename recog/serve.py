@@ -409,23 +409,23 @@ class Service:
         A pair that does not load or does not match: one log line, and the old pair goes on."""
         old, started, served = self.pair, time.perf_counter(), self.served
         if self.source.shard_servers:
-            self.reloads["refused"] += 1
             log.warning("SIGHUP: no reload with --shard-servers: each serve-shard process holds one generation of "
                         "its shard and cannot switch with this one; start shard servers and a recog.serve on the "
                         "new generation beside these, then move the load balancer to it")
+            self.reloads["refused"] += 1  # after its line: /healthz counts what the log says
             return
         try:
             new = Pair(self.source, old)
         except Exception as e:  # noqa: BLE001 - whatever stops the new pair, the old one goes on serving
-            self.reloads["refused"] += 1
             reason = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {str(e)[:200]}"
             log.warning("reload refused, still serving model %s with index generation %d: %s",
                         old.embedder.sha256[:12], old.gallery.info.generation, reason.replace("\n", " "))
+            self.reloads["refused"] += 1
             return
         self.pair = new
-        self.reloads["done"] += 1
         log.info("reloaded in %.2f s (%d requests answered meanwhile): %s", time.perf_counter() - started,
                  self.served - served, new.summary())
+        self.reloads["done"] += 1
 
     @asynccontextmanager
     async def lifespan(self, app):

@@ -365,6 +365,9 @@ def test_an_index_sharded_over_shard_servers_answers_as_the_local_index(served, 
             while server.client.get("/healthz").json()["reloads"]["refused"] < 1:
                 assert time.monotonic() < deadline, server.log
                 time.sleep(0.05)
+            while "SIGHUP: no reload with --shard-servers" not in server.log:  # read by a thread here: may lag
+                assert time.monotonic() < deadline, server.log
+                time.sleep(0.05)
             assert server.log.count("SIGHUP: no reload with --shard-servers") == 1
             again = post_image(server.client, paths[-1], 7)
             assert again.status_code == 200 and again.json()["matches"] == got  # the last image's, above

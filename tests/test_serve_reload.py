@@ -182,11 +182,10 @@ def test_sighup_switches_generations_under_32_clients_with_no_failed_request(day
             assert "no index.json in" in refusals[1]
             # the daily loop: `recog.index add` into the folder being served, then SIGHUP
             daily_loop(server, link, root, tmp_path, loaded, new_items)
+            times = log_lines(server, "reloaded in", 7)
         finally:
             clients.stop()
     check_answers(clients, loaded, new_items)
-    times = [line for line in server.log.splitlines() if "reloaded in" in line]
-    assert len(times) == 7, server.log
     print(f"{len(clients.answers)} answers from {CLIENTS} clients, all 200; by generation: "
           f"{dict(Counter(a[2] for a in clients.answers))}; the test's wait from each of the 5 SIGHUPs to the "
           f"switch on /healthz (s, answers meanwhile): {[(round(b - a, 2), n) for a, b, n in reloads]}")
@@ -203,6 +202,17 @@ def latencies(spans: list[tuple[float, float]], reloads: list[tuple[float, float
                                                                             ("between them", others)))
 
 
+def log_lines(server: ServeProcess, phrase: str, count: int, timeout: float = 60) -> list[str]:
+    """The server's log lines holding `phrase`, once there are `count` (its log is read on a thread of this process,
+    so a line the server wrote may arrive a moment after /healthz counts it); never more."""
+    deadline = time.monotonic() + timeout
+    while len(lines := [line for line in server.log.splitlines() if phrase in line]) < count:
+        assert time.monotonic() < deadline, server.log
+        time.sleep(0.05)
+    assert len(lines) == count, server.log
+    return lines
+
+
 def refused_pairs(server, link: Path, target: Path, done: int, refused: int, clients: Clients) -> list[str]:
     """Point the index at `target`, SIGHUP: the pair is refused (one log line each) and the old pair answers on."""
     before = len(clients.answers)
@@ -216,8 +226,7 @@ def refused_pairs(server, link: Path, target: Path, done: int, refused: int, cli
     while len(clients.answers) < before + CLIENTS:  # the old pair goes on answering
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    lines = [line for line in server.log.splitlines() if "reload refused" in line]
-    assert len(lines) == refused, server.log
+    lines = log_lines(server, "reload refused", refused)
     assert f"still serving model {health['model_sha256'][:12]} with index generation " \
            f"{health['index_generation']}: " in lines[-1]
     return lines
