@@ -1,13 +1,15 @@
 """Identify over HTTP: what `recog.identify` answers, for many clients at once, and a page to try it on.
 
-    python -m recog.serve --model EXPORT_DIR --index INDEX_DIR [--shards GALLERY_SHARDS] [--port 8000]
+    python -m recog.serve --model EXPORT_DIR --index INDEX_DIR [--shards GALLERY_SHARDS ...] [--port 8000]
 
     POST /identify?k=5        an image, as the request body or a multipart file field -> {"vote", "matches":
                               [{"key", "label", "class", "score"}, ...], "timing_ms": {"decode", "model",
-                              "search"}, "batch"}: recog.identify --json's fields, and where the time went
+                              "search"}, "batch", "model_sha256", "index_generation"}: recog.identify --json's
+                              fields, where the time went, and which export and index answered
     GET  /items/{key}/image   a gallery item's image, read from --shards (the shards the gallery was embedded from);
                               revalidated by its ETag (a rebuilt gallery may give a key another image)
-    GET  /healthz             what is served, and the requests in flight
+    GET  /healthz             what is served (the model's sha256, the index's generation), the requests in
+                              flight, the reloads
     GET  /                    a page: choose or drop a photo, see its nearest gallery items
 
 Concurrent requests are embedded and searched together: a batch is every image that arrived while the previous
@@ -17,10 +19,17 @@ balancer tries another replica) instead of a queue that grows without end. Bad i
 sentence}, and the next request is served as if it had not happened. SIGTERM: no new connections, the requests
 in flight are finished (at most --grace-s seconds), then the process exits with status 0.
 
-One process serves one export and one index, loaded once: all its shards, or (--shard-servers) none of them, each
-searched by its own `python -m recog.index serve-shard` process, on any machine (recog.shard_server; with
---shard-token or RECOG_SHARD_TOKEN when the servers want one). More traffic: more replicas behind a load balancer
-(README, "Serve").
+SIGHUP: the export and the index are loaded again from their paths (a symlink is followed once per reload) on a
+thread of their own while the service answers; a pair whose index was built from another model, or that does not
+load, is refused in one log line and the old pair goes on. Every request is answered by the pair that was current
+when it arrived (it decoded the image for that model): none fails at the switch. Each answer and /healthz name
+the pair ("model_sha256", "index_generation"). A SIGHUP during a reload asks for one more reload after it (all
+of them together: one), since the files may have changed after the running one read them.
+
+One process holds all of the index's shards, or (--shard-servers) none of them, each searched by its own
+`python -m recog.index serve-shard` process, on any machine (recog.shard_server; with --shard-token or
+RECOG_SHARD_TOKEN when the servers want one; SIGHUP is refused there: see reload). More traffic: more replicas
+behind a load balancer (README, "Serve").
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +62,7 @@ from recog.errors import ConfigError
 from recog.exported import ExportedEmbedder
 from recog.gallery import open_gallery
 from recog.identify import answer, check_match, gallery_class_names
+from recog.index_files import IndexInfo
 from recog.listen import bind
 from recog.shard_server import TOKEN_ENV, port_number
 from recog.shell import run_command
@@ -138,6 +149,7 @@ class Query:
     k: int
     done: asyncio.Future
     arrived: float  # the event loop's clock: a batch closes max_wait after its first query arrived
+    pair: Pair | None = None  # the export and index it was decoded for, and is answered by
 
 
 class Batcher:
@@ -171,11 +183,11 @@ class Batcher:
         await asyncio.gather(self.task, return_exceptions=True)
         self.executor.shutdown(wait=True)
 
-    async def submit(self, pixels: torch.Tensor, k: int):
+    async def submit(self, pixels: torch.Tensor, k: int, pair: Pair | None = None):
         loop = asyncio.get_running_loop()
         if self.task.done():
             raise RuntimeError("the batcher stopped")
-        query = Query(pixels, k, loop.create_future(), loop.time())
+        query = Query(pixels, k, loop.create_future(), loop.time(), pair)
         await self.queue.put(query)
         return await query.done
 
@@ -218,41 +230,51 @@ class Batcher:
                     query.done.set_result(result)
 
 
-class Service:
-    """An export and an index, loaded once; optionally the gallery's shards, to show the matches' images."""
+@dataclass(frozen=True)
+class PairSource:
+    """Where the export and the index are loaded from, at start and at every reload: their paths as given (each
+    load follows a symlink once, so that one load never mixes two folders' files), and how the index is searched
+    and its items' images read."""
 
-    def __init__(self, model_dir: str, index_dir: str, shards: list[str] | str | None = None, *, max_batch: int = 32,
-                 max_wait_ms: float = 0.0, max_inflight: int = 256, max_bytes: int = 20 << 20,
-                 max_pixels: int = Image.MAX_IMAGE_PIXELS, default_k: int = 5, read_timeout_s: float = 30.0,
-                 cache_dir: str | None = None, decode_threads: int = 0,
-                 shard_servers: list[tuple[str, int]] | None = None, shard_token: str | None = None):
-        for name, value in (("--max-batch", max_batch), ("--max-inflight", max_inflight), ("-k", default_k)):
-            if value < 1:
-                raise ConfigError(f"{name} {value} must be 1 or more.")
-        self.embedder, self.gallery = ExportedEmbedder(model_dir), open_gallery(index_dir, shard_servers, shard_token)
-        check_match(self.embedder, self.gallery, model_dir, index_dir)
+    model_dir: str
+    index_dir: str
+    shards: list[str] | None = None
+    cache_dir: str | None = None
+    shard_servers: list[tuple[str, int]] | None = None
+    shard_token: str | None = None
+    default_k: int = 5
+
+
+class Pair:
+    """An export and the index built with it, loaded and checked together (the index's model sha256 is the
+    export's, and one query runs through both): a request is decoded, embedded and searched with one pair, and
+    its answer names the pair (`names`: the model's sha256 and the index's generation)."""
+
+    def __init__(self, source: PairSource, previous: Pair | None = None):
+        model_dir, index_dir = Path(source.model_dir).resolve(), Path(source.index_dir).resolve()
+        self.embedder = ExportedEmbedder(model_dir)
+        self.gallery = open_gallery(index_dir, source.shard_servers, source.shard_token)
+        check_match(self.embedder, self.gallery, str(model_dir), str(index_dir))
+        blank = torch.zeros((1, self.embedder.channels, self.embedder.size, self.embedder.size), dtype=torch.uint8)
+        self.gallery.search(self.embedder.embed(blank), 1)  # both run (and the first request does not wait on it)
         self.classes = gallery_class_names(self.embedder, self.gallery)
-        if isinstance(shards, str):
-            shards = [shards]
-        self.items = GalleryImages(shards, self.gallery.info.sources, cache_dir, index_dir) if shards else None
+        self.items = gallery_images(source, self.gallery.info, previous)
         self.max_k = min(MAX_K, self.gallery.info.count)
-        self.default_k = min(default_k, self.max_k)
-        self.max_inflight, self.max_bytes, self.max_pixels = max_inflight, max_bytes, max_pixels
-        self.read_timeout_s = read_timeout_s
-        self.inflight, self.served = 0, 0
-        # images decoded at once (a decoded image at the pixel limit takes hundreds of MB): one per core by default
-        self.decoding = asyncio.Semaphore(decode_threads or os.cpu_count() or 1)
-        self.batcher = Batcher(self.compute, max_batch, max_wait_ms / 1000)
-        params = self.gallery.info.raw["params"]
+        self.default_k = min(source.default_k, self.max_k)
+        self.names = {"model_sha256": self.embedder.sha256, "index_generation": self.gallery.info.generation}
+        params, info = self.gallery.info.raw["params"], self.gallery.info
         self.description = {
-            "model_sha256": self.embedder.sha256, "embedding_dim": self.embedder.dim,
+            **self.names, "embedding_dim": self.embedder.dim,
             "input": {"channels": self.embedder.channels, "size": self.embedder.size},
-            "index": {"kind": params["kind"], "factory": params["factory"], "count": self.gallery.info.count,
-                      "shards": len(self.gallery.info.raw["shards"]),
-                      "shard_servers": [f"{host}:{port}" for host, port in shard_servers or []]},
+            "index": {"kind": params["kind"], "factory": params["factory"], "count": info.count,
+                      "generation": info.generation, "shards": len(info.raw["shards"]),
+                      "shard_servers": [f"{host}:{port}" for host, port in source.shard_servers or []]},
             "gallery_images": self.items is not None, "classes": self.classes, "max_k": self.max_k,
             "default_k": self.default_k,
         }
+
+    def decode(self, data: bytes, max_pixels: int) -> torch.Tensor:
+        return decode_upload(data, self.embedder.channels, self.embedder.preprocess, max_pixels)
 
     def compute(self, batch: list[Query]) -> list[dict]:
         """On the batch thread: one model call for the batch, one search per distinct k."""
@@ -267,21 +289,156 @@ class Service:
                 answers[i] = answer(self.gallery, self.classes, scores[row], ids[row])
         searched = time.perf_counter()
         timing = {"model": round(1000 * (embedded - started), 3), "search": round(1000 * (searched - embedded), 3)}
-        return [{**a, "timing_ms": dict(timing), "batch": len(batch)} for a in answers]
+        return [{**a, "timing_ms": dict(timing), "batch": len(batch), **self.names} for a in answers]
 
-    def decode(self, data: bytes) -> torch.Tensor:
-        return decode_upload(data, self.embedder.channels, self.embedder.preprocess, self.max_pixels)
+    def summary(self) -> str:
+        """For the log: which model and which index generation, how many items, and their images."""
+        info, items = self.gallery.info, self.items
+        images = "" if items is None else f"; {len(items):,} gallery images" + (
+            f" (none from {', '.join(items.missing)})" if items.missing else "")
+        return (f"model {self.embedder.sha256[:12]} ({self.embedder.folder}), index generation {info.generation} "
+                f"({info.folder}, {info.count:,} vectors){images}")
+
+
+def gallery_images(source: PairSource, info: IndexInfo, previous: Pair | None) -> GalleryImages | None:
+    """The matches' images (with --shards): at start, the folders given; at a reload, those of them the new index
+    still names, and each other folder the index names, read where recog.embed read it (the index records where:
+    a running process takes no arguments). One that cannot be read there is left out (its items' images are a
+    404, its items still answered), not a reason to refuse the pair."""
+    if not source.shards:
+        return None
+    if previous is None:
+        return GalleryImages(source.shards, info.sources, source.cache_dir, str(info.folder))
+    named = {s["identity"]: s["location"] for s in info.sources}
+    if previous.items.known == named:  # the same folders: nothing to read again
+        return previous.items
+    kept = {identity: where for identity, where in previous.items.locations.items() if identity in named}
+    others = [where for identity, where in named.items() if identity not in kept]
+    return GalleryImages(list(kept.values()), info.sources, source.cache_dir, str(info.folder), optional=others)
+
+
+class Reloader:
+    """SIGHUP's work on a thread of its own, so that the service goes on answering: `reload` runs once per SIGHUP,
+    except that every SIGHUP that comes while one runs asks for one more run after it, not one each (the files may
+    have changed after the running one read them; one fresh read covers them all). The signal only wakes the
+    thread: the event loop calls `request` (loop.add_signal_handler), and the handler itself does nothing."""
+
+    def __init__(self, reload):
+        self.reload = reload
+        self.wanted, self.running, self.stopping = threading.Event(), False, False
+        self.early: list[int] = []  # SIGHUPs that came before the event loop ran (serve's first handler notes them)
+        self.thread = threading.Thread(target=self._run, name="recog-reload", daemon=True)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+            loop.add_signal_handler(signal.SIGHUP, self.request)
+        self.thread.start()
+        if self.early:
+            self.request()
+
+    def request(self) -> None:
+        if self.running and not self.wanted.is_set():
+            log.info("SIGHUP during a reload: one more reload follows this one")
+        self.wanted.set()
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.wanted.set()
+
+    def _run(self) -> None:
+        while True:
+            self.wanted.wait()
+            if self.stopping:
+                return
+            self.wanted.clear()
+            self.running = True
+            try:
+                self.reload()
+            except Exception:  # noqa: BLE001 - a bug: logged whole; the old pair goes on, and the next SIGHUP
+                log.exception("the reload failed")
+            finally:
+                self.running = False
+
+
+class Service:
+    """An export and an index (a Pair), loaded at start and again on SIGHUP; optionally the gallery's shards, to
+    show the matches' images."""
+
+    def __init__(self, model_dir: str, index_dir: str, shards: list[str] | str | None = None, *, max_batch: int = 32,
+                 max_wait_ms: float = 0.0, max_inflight: int = 256, max_bytes: int = 20 << 20,
+                 max_pixels: int = Image.MAX_IMAGE_PIXELS, default_k: int = 5, read_timeout_s: float = 30.0,
+                 cache_dir: str | None = None, decode_threads: int = 0,
+                 shard_servers: list[tuple[str, int]] | None = None, shard_token: str | None = None):
+        for name, value in (("--max-batch", max_batch), ("--max-inflight", max_inflight), ("-k", default_k)):
+            if value < 1:
+                raise ConfigError(f"{name} {value} must be 1 or more.")
+        shards = [shards] if isinstance(shards, str) else shards
+        self.source = PairSource(str(model_dir), str(index_dir), [str(s) for s in shards] if shards else None,
+                                 cache_dir, shard_servers, shard_token, default_k)
+        self.pair = Pair(self.source)  # a request takes the current pair once, when it arrives (identify)
+        self.max_inflight, self.max_bytes, self.max_pixels = max_inflight, max_bytes, max_pixels
+        self.read_timeout_s = read_timeout_s
+        self.inflight, self.served = 0, 0
+        self.reloads = {"done": 0, "refused": 0}  # on /healthz, with whether one runs now
+        # images decoded at once (a decoded image at the pixel limit takes hundreds of MB): one per core by default
+        self.decoding = asyncio.Semaphore(decode_threads or os.cpu_count() or 1)
+        self.batcher = Batcher(self.compute, max_batch, max_wait_ms / 1000)
+        self.reloader = Reloader(self.reload)
+
+    @property
+    def description(self) -> dict:
+        return {**self.pair.description, "reloads": {**self.reloads, "running": self.reloader.running}}
+
+    @property
+    def items(self) -> GalleryImages | None:
+        return self.pair.items
+
+    def compute(self, batch: list[Query]) -> list[dict]:
+        """On the batch thread: each query with the pair it was decoded for (one pair; two in a batch that meets a
+        reload's switch, each with its own model call)."""
+        answers: list[dict] = [{}] * len(batch)
+        for pair in dict.fromkeys(query.pair for query in batch):
+            rows = [i for i, query in enumerate(batch) if query.pair is pair]
+            for i, result in zip(rows, pair.compute([batch[i] for i in rows])):
+                answers[i] = result
+        return answers
+
+    def reload(self) -> None:
+        """On the reload thread: the pair loaded again from its paths and checked, then current for the requests
+        that arrive next, while those in flight finish on the old one (freed when the last of them is answered).
+        A pair that does not load or does not match: one log line, and the old pair goes on."""
+        old, started, served = self.pair, time.perf_counter(), self.served
+        if self.source.shard_servers:
+            log.warning("SIGHUP: no reload with --shard-servers: each serve-shard process holds one generation of "
+                        "its shard and cannot switch with this one; start shard servers and a recog.serve on the "
+                        "new generation beside these, then move the load balancer to it")
+            self.reloads["refused"] += 1  # after its line: /healthz counts what the log says
+            return
+        try:
+            new = Pair(self.source, old)
+        except Exception as e:  # noqa: BLE001 - whatever stops the new pair, the old one goes on serving
+            reason = str(e) if isinstance(e, ConfigError) else f"{type(e).__name__}: {str(e)[:200]}"
+            log.warning("reload refused, still serving model %s with index generation %d: %s",
+                        old.embedder.sha256[:12], old.gallery.info.generation, reason.replace("\n", " "))
+            self.reloads["refused"] += 1
+            return
+        self.pair = new
+        log.info("reloaded in %.2f s (%d requests answered meanwhile): %s", time.perf_counter() - started,
+                 self.served - served, new.summary())
+        self.reloads["done"] += 1
 
     @asynccontextmanager
     async def lifespan(self, app):
         self.batcher.start()
+        self.reloader.start(asyncio.get_running_loop())
         yield
+        self.reloader.stop()
         await self.batcher.stop()
         log.info("stopped after %d requests answered", self.served)
 
-    async def decode_request(self, request: Request, k: str | None) -> tuple[torch.Tensor, int, float]:
+    async def decode_request(self, request: Request, k: str | None, pair: Pair) -> tuple[torch.Tensor, int, float]:
         """POST /identify's request -> the model's input, the matches asked for, and the decode's milliseconds."""
-        top = parse_k(k, self.default_k, self.max_k)
+        top = parse_k(k, pair.default_k, pair.max_k)
         try:
             data = await asyncio.wait_for(read_upload(request, self.max_bytes), self.read_timeout_s)
         except asyncio.TimeoutError:
@@ -291,13 +448,13 @@ class Service:
             raise BadRequest(400, "the client went away before its upload ended.") from None
         async with self.decoding:
             started = time.perf_counter()
-            pixels = await run_in_threadpool(self.decode, data)
+            pixels = await run_in_threadpool(pair.decode, data, self.max_pixels)
             decoded = time.perf_counter()
         return pixels, top, round(1000 * (decoded - started), 3)
 
-    async def predict(self, pixels: torch.Tensor, k: int) -> dict:
-        """Embedded and searched with the other requests of its batch (compute)."""
-        return await self.batcher.submit(pixels, k)
+    async def predict(self, pixels: torch.Tensor, k: int, pair: Pair) -> dict:
+        """Embedded and searched with the other requests of its batch (compute), by `pair`."""
+        return await self.batcher.submit(pixels, k, pair)
 
     def encode_response(self, result: dict, decode_ms: float) -> dict:
         result["timing_ms"]["decode"] = decode_ms
@@ -306,10 +463,11 @@ class Service:
 
     async def item_image(self, key: str, if_none_match: str) -> Response:
         """GET /items/{key}/image: the gallery item's encoded image, or 304 when the client's copy is current."""
-        if self.items is None:
+        items = self.pair.items
+        if items is None:
             raise BadRequest(404, "this service was started without --shards, so it serves no gallery images; "
                                   "start it with --shards GALLERY_SHARDS.")
-        data = await run_in_threadpool(self.items.read, key)
+        data = await run_in_threadpool(items.read, key)
         if data is None:
             raise BadRequest(404, f"no gallery item has the key {key[:40]!r}.")
         # no-cache, not max-age: a rebuilt gallery may give a key another image; the ETag (the bytes' hash) lets a
@@ -324,25 +482,34 @@ class Service:
 class GalleryImages:
     """The gallery items' encoded images, looked up by key (`IDENTITY:KEY`, recog.embeddings) in the index of the
     shard folder whose identity the key names, never joined into a path. Every folder given must be one the
-    gallery was embedded from (its identity, a hash of its shard list, is in the index's sources)."""
+    gallery was embedded from (its identity, a hash of its shard list, is in the index's sources); an `optional`
+    one (where the index says a folder was, at a reload) that cannot be read, or is not one of them, is left out."""
 
     def __init__(self, locations: list[str], sources: list[dict], cache_dir: str | None = None,
-                 index_dir: str = "the index"):
+                 index_dir: str = "the index", optional: list[str] = ()):
         if not sources:
             raise ConfigError(f"{index_dir} does not record which shard folders its items come from (it was built "
                               "from embeddings of another tool or an older recog); build it again from "
                               "python -m recog.embed's embeddings to show its images, or leave out --shards.")
-        source, known = ShardSource(cache_dir=cache_dir), {s["identity"]: s["location"] for s in sources}
-        self.folders = {}
-        for location in locations:
-            manifest = load_manifest(location, source)
-            if manifest.identity not in known:
-                listed = ", ".join(f"{where} ({identity})" for identity, where in known.items())
+        source, self.known = ShardSource(cache_dir=cache_dir), {s["identity"]: s["location"] for s in sources}
+        self.folders, self.locations = {}, {}  # identity -> (its shards, key -> position); identity -> location
+        for location in [*locations, *optional]:
+            try:
+                manifest = load_manifest(location, source)
+            except (ConfigError, OSError, ValueError):
+                if location in optional:
+                    continue
+                raise
+            if manifest.identity not in self.known:
+                if location in optional:
+                    continue
+                listed = ", ".join(f"{where} ({identity})" for identity, where in self.known.items())
                 raise ConfigError(f"the shards at {location} (identity {manifest.identity}) are not ones the gallery "
                                   f"in {index_dir} was embedded from: {listed}; give those shard folders to --shards.")
             shards = ShardRandomAccess(manifest, source)
             self.folders[manifest.identity] = (shards, {str(key): i for i, key in enumerate(shards.keys().tolist())})
-        self.missing = [where for identity, where in known.items() if identity not in self.folders]
+            self.locations[manifest.identity] = location
+        self.missing = [where for identity, where in self.known.items() if identity not in self.folders]
         self.open_all()
 
     def __len__(self) -> int:
@@ -434,9 +601,10 @@ def create_app(service: Service) -> FastAPI:
                                           "(--max-inflight); try again shortly."},
                                 status_code=503, headers={"Retry-After": "1"})
         service.inflight += 1
+        pair = service.pair  # this request's export and index, from decode to answer, whatever a reload does
         try:
-            pixels, top, decode_ms = await service.decode_request(request, k)
-            return service.encode_response(await service.predict(pixels, top), decode_ms)
+            pixels, top, decode_ms = await service.decode_request(request, k, pair)
+            return service.encode_response(await service.predict(pixels, top, pair), decode_ms)
         finally:
             service.inflight -= 1
 
@@ -477,9 +645,9 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a folder written by python -m recog.export")
     p.add_argument("--index", required=True, help="a folder written by python -m recog.index build")
-    p.add_argument("--shards", action="append", metavar="GALLERY_SHARDS",
-                   help="a shard folder the gallery was embedded from: GET /items/{key}/image reads it (give "
-                        "--shards once per folder)")
+    p.add_argument("--shards", action="extend", nargs="+", metavar="GALLERY_SHARDS",
+                   help="the shard folders the gallery was embedded from: GET /items/{key}/image reads them "
+                        "(--shards DAY1 DAY2, or --shards once per folder)")
     p.add_argument("--shard-servers", type=addresses, metavar="HOST:PORT,...",
                    help="search the index's shards in their serve-shard processes (one per shard, in order)")
     p.add_argument("--shard-token", help=f"the token the shard servers were started with (default: ${TOKEN_ENV}; "
@@ -523,11 +691,16 @@ def serve(args: argparse.Namespace) -> None:
     warnings.simplefilter("error", Image.DecompressionBombWarning)
     if args.threads:
         torch.set_num_threads(args.threads)
+    # a SIGHUP while the pair loads (it may have read the files before they changed): noted, and a reload once the
+    # event loop runs and takes SIGHUP over (Reloader.start); the handler does nothing else
+    early: list[int] = []
+    signal.signal(signal.SIGHUP, lambda number, frame: early.append(number))
     service = Service(args.model, args.index, args.shards, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                       max_inflight=args.max_inflight, max_bytes=int(args.max_mb * (1 << 20)),
                       max_pixels=args.max_pixels, default_k=args.k, read_timeout_s=args.read_timeout_s,
                       cache_dir=args.cache_dir, decode_threads=args.decode_threads,
                       shard_servers=args.shard_servers, shard_token=args.shard_token or os.environ.get(TOKEN_ENV))
+    service.reloader.early = early
     sock = bind(args.host, args.port)
     log_what_is_served(service, args, sock)
     config = uvicorn.Config(create_app(service), log_level="warning", access_log=args.access_log,
@@ -541,17 +714,19 @@ def serve(args: argparse.Namespace) -> None:
 
 def log_what_is_served(service: Service, args: argparse.Namespace, sock) -> None:
     d = service.description
-    log.info("model %s: sha256 %s, %d-d embeddings of %d×%d px, %d channel(s)", Path(args.model).resolve(),
+    log.info("model %s: sha256 %s, %d-d embeddings of %d×%d px, %d channel(s)", service.pair.embedder.folder,
              d["model_sha256"], d["embedding_dim"], d["input"]["size"], d["input"]["size"], d["input"]["channels"])
-    log.info("index %s: %s (%s), %s vectors in %d shard(s)%s%s", Path(args.index).resolve(), d["index"]["kind"],
+    log.info("index %s (generation %d): %s (%s), %s vectors in %d shard(s)%s%s", service.pair.gallery.info.folder,
+             d["index_generation"], d["index"]["kind"],
              d["index"]["factory"], f"{d['index']['count']:,}", d["index"]["shards"],
              f" searched by {', '.join(d['index']['shard_servers'])}" if args.shard_servers else "",
              f"; gallery images from {', '.join(args.shards)} ({len(service.items):,} items"
              f"{'; none from ' + ', '.join(service.items.missing) if service.items.missing else ''})"
              if service.items else "; no gallery images (no --shards)")
     host, port = sock.getsockname()[:2]
-    log.info("listening on http://%s:%d (batches of up to %d, %g ms wait, %d requests in flight at most)",
-             host, port, args.max_batch, args.max_wait_ms, args.max_inflight)
+    log.info("listening on http://%s:%d (batches of up to %d, %g ms wait, %d requests in flight at most; "
+             "kill -HUP %d reloads the export and the index)", host, port, args.max_batch, args.max_wait_ms,
+             args.max_inflight, os.getpid())
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ real browser (Debian's chromium, driven by Playwright)."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import signal
@@ -93,6 +94,7 @@ def post_image(client, path_or_bytes, k: int | None = None, multipart: bool = Fa
 def test_answers_equal_recog_identify_and_concurrent_requests_share_batches(served):
     paths = [path for path, _ in served["images"]]
     expected = identify(str(served["export"]), str(served["index"]), [str(p) for p in paths], k=7)
+    want_sha = json.loads((served["export"] / "model.json").read_text())["checkpoint"]["sha256"]
     with Server(served, "--max-wait-ms", "300") as server:
         clients = [httpx.Client(base_url=server.url, timeout=60) for _ in paths]
         with ThreadPoolExecutor(len(paths)) as pool:  # all at once: the service batches them
@@ -109,11 +111,13 @@ def test_answers_equal_recog_identify_and_concurrent_requests_share_batches(serv
             np.testing.assert_allclose([m["score"] for m in got["matches"]], [m["score"] for m in want["matches"]],
                                        atol=1e-5)
             assert set(got["timing_ms"]) == {"decode", "model", "search"}
+            assert (got["model_sha256"], got["index_generation"]) == (want_sha, 0)  # which pair answered
         batches = [r.json()["batch"] for r in answers]
         print(f"batch sizes seen by 12 concurrent requests: {batches}")
         assert max(batches) > 1
         health = server.client.get("/healthz").json()
         assert health["status"] == "ok" and health["index"]["count"] == 1000 and health["gallery_images"]
+        assert (health["model_sha256"], health["index_generation"]) == (want_sha, 0)
         assert f"sha256 {health['model_sha256']}, 128-d embeddings of 28×28 px, 1 channel(s)" in server.log
         assert ": flat (Flat), 1,000 vectors in 1 shard(s); gallery images from " in server.log
 
@@ -198,6 +202,13 @@ def test_a_port_outside_0_to_65535_is_one_sentence(port, capsys):
     assert "is not HOST:PORT" in capsys.readouterr().err
 
 
+def test_shards_takes_several_folders_at_once_or_one_at_a_time():
+    from recog.serve import parser
+
+    args = parser().parse_args(["--model", "m", "--index", "i", "--shards", "day1", "day2", "--shards", "day3"])
+    assert args.shards == ["day1", "day2", "day3"]
+
+
 def test_a_grey_upload_is_converted_for_an_rgb_model_and_an_rgb_one_for_a_grey_model():
     from recog.serve import decode_upload
 
@@ -280,7 +291,7 @@ def test_the_page_shows_a_test_images_matches_in_a_real_browser(served):
                 page.wait_for_function("[...document.querySelectorAll('#matches img')]"
                                        ".every((img) => img.complete && img.naturalWidth === 28)")
                 labels = page.locator("#matches .label").all_inner_texts()
-                vote = page.inner_text("#vote")
+                vote, timing, about = page.inner_text("#vote"), page.inner_text("#timing"), page.inner_text("#about")
                 ARTIFACTS.mkdir(parents=True, exist_ok=True)
                 page.screenshot(path=str(ARTIFACTS / "serve_page.png"), full_page=True)
             finally:
@@ -288,6 +299,8 @@ def test_the_page_shows_a_test_images_matches_in_a_real_browser(served):
     assert labels == [m["class"] for m in api["matches"]] and len(labels) == 5
     assert all(name in FASHION_MNIST_CLASSES for name in labels)
     assert vote == api["vote"]
+    assert f"answered by model {api['model_sha256'][:12]}, index generation 0" in timing
+    assert f"generation 0, model {api['model_sha256'][:12]}" in about
     assert (ARTIFACTS / "serve_page.png").stat().st_size > 10_000
     print(f"page screenshot: {ARTIFACTS / 'serve_page.png'}; true class {FASHION_MNIST_CLASSES[label]}, "
           f"vote {vote}")
@@ -346,6 +359,18 @@ def test_an_index_sharded_over_shard_servers_answers_as_the_local_index(served, 
                 assert {m["key"] for m in got if m["score"] > above} == \
                        {m["key"] for m in want["matches"] if m["score"] > above}
             assert f"searched by {addresses.replace(',', ', ')}" in server.log
+            # SIGHUP: no reload across shard servers (each holds one generation), one log line, and it answers on
+            server.process.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 60
+            while server.client.get("/healthz").json()["reloads"]["refused"] < 1:
+                assert time.monotonic() < deadline, server.log
+                time.sleep(0.05)
+            while "SIGHUP: no reload with --shard-servers" not in server.log:  # read by a thread here: may lag
+                assert time.monotonic() < deadline, server.log
+                time.sleep(0.05)
+            assert server.log.count("SIGHUP: no reload with --shard-servers") == 1
+            again = post_image(server.client, paths[-1], 7)
+            assert again.status_code == 200 and again.json()["matches"] == got  # the last image's, above
         # the servers in the wrong order: one sentence, before serving anything
         swapped = ",".join(server.url for server in reversed(shard_servers))
         with pytest.raises(RuntimeError, match="serves shard 1 .* not shard 0 .* give the servers in shard order"):
