@@ -174,7 +174,7 @@ def day_folders(out: Path, per_class: dict[str, int]) -> dict[str, Path]:
 
     full = growth.write_folders(out / "full")
     for name, count in per_class.items():
-        for folder in sorted((full / name).iterdir()):
+        for folder in sorted(full[name].iterdir()):
             (out / name / folder.name).mkdir(parents=True)
             for png in sorted(folder.iterdir())[:count]:
                 (out / name / folder.name / png.name).write_bytes(png.read_bytes())
