@@ -20,7 +20,6 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
 from recog import dist, parallel
-from recog.checkpoint import load_checkpoint
 from recog.config import (
     check_against_data,
     data_mix,
@@ -41,7 +40,7 @@ from recog.data.sampler import DistributedBatchSampler
 from recog.data.source import ShardSource
 from recog.data.stream import ShardStream, fits_in_memory
 from recog.errors import ConfigError
-from recog.imprint import start_from_weights
+from recog.imprint import read_weights, start_from_weights
 from recog.loss import RecognitionLoss
 from recog.step import StepRecipe, warmup_cosine
 
@@ -259,7 +258,7 @@ def build_recipe(cfg: DictConfig, ctx: dist.Dist, data: TrainData, position: Pos
     loss_fn = build_loss(cfg, len(data.classes)).to(ctx.device)
     normalize = Normalize(cfg.data.mean, cfg.data.std, ctx.device)
     if cfg.weights:  # rank 0 reads the file and hands it to every rank, where the classifier's new rows are imprinted
-        weights = dist.run_on_rank0(lambda: load_checkpoint(cfg.weights, "weights="), ctx, "reading model weights")
+        weights = dist.run_on_rank0(partial(read_weights, cfg.weights), ctx, "reading model weights")
         images = partial(ShardRandomAccess, data.train_manifest, shard_source(cfg.data), instantiate(cfg.augment.test),
                          cfg.data.channels, decode_image) if data.train_manifest is not None else None
         start_from_weights(weights, cfg.weights, data.classes, model, loss_fn, images, cfg.imprint_images, cfg.seed,

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from recog import dist
-from recog.checkpoint import trained_class_names
+from recog.checkpoint import load_checkpoint, trained_class_names
 from recog.data.random_access import ShardRandomAccess
 from recog.errors import ConfigError
 from recog.loss import RecognitionLoss
@@ -36,6 +36,17 @@ def is_recog_checkpoint(weights: dict) -> bool:
     return isinstance(weights.get("model"), dict) and isinstance(weights.get("config"), dict)
 
 
+def read_weights(path: str) -> dict:
+    """weights= read, on rank 0 (whose result every rank is handed): for a recog checkpoint, the names of its
+    classifier's rows are settled here too ("trained_classes"), so that every rank maps the rows alike (an older
+    checkpoint's names may come from a manifest on rank 0's disk alone)."""
+    weights = load_checkpoint(path, "weights=")
+    rows = weights["model"].get("class_weights") if is_recog_checkpoint(weights) else None
+    if rows is not None:
+        weights["trained_classes"] = trained_class_names(weights, rows.shape[0])
+    return weights
+
+
 def class_map(weights: dict, classes: Sequence[str]) -> tuple[ClassMap | None, str | None]:
     """How this run's `classes` take the checkpoint's classifier rows, and a note when that was assumed: by name
     (checkpoint.trained_class_names); without names, for the same number of classes, in the same order; else None
@@ -43,7 +54,7 @@ def class_map(weights: dict, classes: Sequence[str]) -> tuple[ClassMap | None, s
     rows = weights["model"].get("class_weights")
     if rows is None:
         return None, None
-    names, found = trained_class_names(weights, rows.shape[0])
+    names, found = weights.get("trained_classes") or trained_class_names(weights, rows.shape[0])
     if names is not None:
         return map_classes(names, classes, f"names from the {found}"), None
     if rows.shape[0] == len(classes):
@@ -96,7 +107,14 @@ def imprinted_rows(model: RecognitionModel, images: Callable[[], ShardRandomAcce
     over its chosen images (float64), the same on every rank, and how many images each mean is of (0: no readable
     training image). Every rank calls this."""
     def mine():
-        samples = images()
+        try:
+            samples = images()
+        except ConfigError as e:  # remote shards without a node cache, a folder without index.npz, ...: this
+            # rank adds nothing (a class no rank could read starts fresh, and the log line names it)
+            log.warning("imprinting: the training shards cannot be read by index here (%s); this rank adds no "
+                        "image to the new classes' rows", e)
+            zeros = torch.zeros(len(new), model.embed.out_features, dtype=torch.float64, device=ctx.device)
+            return list(new), zeros, zeros[:, 0].clone()
         chosen = choose_images(samples.labels, new, per_class, seed)
         return list(chosen), *embedding_sums(model, samples, chosen, normalize, ctx.device, ctx.rank, ctx.world_size)
 

@@ -192,10 +192,15 @@ OURS = re.compile(rf"{OUR_NAME}|\.(?:{OUR_NAME}|index\.json)\.tmp-\d+")
 def remove_leftovers(folder: Path, current: IndexInfo | None) -> None:
     """Before a writer writes, under the folder's lock: remove what a killed writer left (files of ours that
     index.json names neither as its generation's nor as the previous one's), so that no run leaves disk behind.
-    Only names of OURS: files of other names are never touched."""
+    Only names of OURS: files of other names are never touched. With no index.json (a first build) only
+    temporary files are removed; a whole shard or ids file is refused, as it may be an index set aside."""
     keep = set(current.files() + current.retired()) if current else set()
     for path in folder.iterdir():
         if OURS.fullmatch(path.name) and path.name not in keep and path.is_file():
+            if current is None and not path.name.startswith("."):  # no index.json says whose it is: not removed
+                raise ConfigError(f"{folder} holds {path.name}, an index file that no index.json there names (a "
+                                  "build killed before it finished, or an index.json moved away); move the index "
+                                  "files away or delete them, or build into another folder.")
             path.unlink(missing_ok=True)
 
 

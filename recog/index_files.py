@@ -13,6 +13,7 @@ finds its files; a reader slower than two commits finds one gone (FileGone) and 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -76,6 +77,12 @@ class IndexInfo:
     @property
     def classes(self) -> list[str]:
         return self.raw["classes"]
+
+    @property
+    def identity(self) -> str:
+        """16 hex digits of the sha256 of index.json: which index this is, and which of its generations (two
+        folders of the same generation number differ in it, unless they hold the same files)."""
+        return hashlib.sha256(json.dumps(self.raw, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def generation(self) -> int:

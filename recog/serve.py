@@ -4,8 +4,9 @@
 
     POST /identify?k=5        an image, as the request body or a multipart file field -> {"vote", "matches":
                               [{"key", "label", "class", "score"}, ...], "timing_ms": {"decode", "model",
-                              "search"}, "batch", "model_sha256", "index_generation"}: recog.identify --json's
-                              fields, where the time went, and which export and index answered
+                              "search"}, "batch", "model_sha256", "index_generation", "index_id"}:
+                              recog.identify --json's fields, where the time went, and which export and index
+                              answered
     GET  /items/{key}/image   a gallery item's image, read from --shards (the shards the gallery was embedded from);
                               revalidated by its ETag (a rebuilt gallery may give a key another image)
     GET  /healthz             what is served (the model's sha256, the index's generation), the requests in
@@ -23,8 +24,8 @@ SIGHUP: the export and the index are loaded again from their paths (a symlink is
 thread of their own while the service answers; a pair whose index was built from another model, or that does not
 load, is refused in one log line and the old pair goes on. Every request is answered by the pair that was current
 when it arrived (it decoded the image for that model): none fails at the switch. Each answer and /healthz name
-the pair ("model_sha256", "index_generation"). A SIGHUP during a reload asks for one more reload after it (all
-of them together: one), since the files may have changed after the running one read them.
+the pair ("model_sha256", "index_generation", "index_id"). A SIGHUP during a reload asks for one more reload
+after it (all of them together: one), since the files may have changed after the running one read them.
 
 One process holds all of the index's shards, or (--shard-servers) none of them, each searched by its own
 `python -m recog.index serve-shard` process, on any machine (recog.shard_server; with --shard-token or
@@ -58,7 +59,7 @@ from recog.data.decode import MAX_SIDE_RATIO, ImageRefused, decode_image, header
 from recog.data.manifest import load_manifest
 from recog.data.random_access import ShardRandomAccess
 from recog.data.source import ShardSource
-from recog.errors import ConfigError
+from recog.errors import ConfigError, RecogError
 from recog.exported import ExportedEmbedder
 from recog.gallery import open_gallery
 from recog.identify import answer, check_match, gallery_class_names
@@ -261,7 +262,8 @@ class Pair:
         self.items = gallery_images(source, self.gallery.info, previous)
         self.max_k = min(MAX_K, self.gallery.info.count)
         self.default_k = min(source.default_k, self.max_k)
-        self.names = {"model_sha256": self.embedder.sha256, "index_generation": self.gallery.info.generation}
+        self.names = {"model_sha256": self.embedder.sha256, "index_generation": self.gallery.info.generation,
+                      "index_id": self.gallery.info.identity}
         params, info = self.gallery.info.raw["params"], self.gallery.info
         self.description = {
             **self.names, "embedding_dim": self.embedder.dim,
@@ -496,17 +498,16 @@ class GalleryImages:
         for location in [*locations, *optional]:
             try:
                 manifest = load_manifest(location, source)
-            except (ConfigError, OSError, ValueError):
-                if location in optional:
+                if manifest.identity not in self.known:
+                    listed = ", ".join(f"{where} ({identity})" for identity, where in self.known.items())
+                    raise ConfigError(f"the shards at {location} (identity {manifest.identity}) are not ones the "
+                                      f"gallery in {index_dir} was embedded from: {listed}; give those shard folders "
+                                      "to --shards.")
+                shards = ShardRandomAccess(manifest, source)  # remote shards by index need the node cache, ...
+            except (RecogError, OSError, ValueError):
+                if location in optional:  # left out: its items' images answer 404
                     continue
                 raise
-            if manifest.identity not in self.known:
-                if location in optional:
-                    continue
-                listed = ", ".join(f"{where} ({identity})" for identity, where in self.known.items())
-                raise ConfigError(f"the shards at {location} (identity {manifest.identity}) are not ones the gallery "
-                                  f"in {index_dir} was embedded from: {listed}; give those shard folders to --shards.")
-            shards = ShardRandomAccess(manifest, source)
             self.folders[manifest.identity] = (shards, {str(key): i for i, key in enumerate(shards.keys().tolist())})
             self.locations[manifest.identity] = location
         self.missing = [where for identity, where in self.known.items() if identity not in self.folders]

@@ -241,3 +241,27 @@ def test_read_labels_out_of_a_folders_classes_are_skipped(days):
     assert relabelled({"cls": b"2"}, None)["cls"] == b"2" and relabelled({}, (4, 7)) == {}
     assert np.array_equal(ShardRandomAccess(load_manifest(days["day1"])).labels,
                           ShardRandomAccess(load_manifests([str(days["day1"])])).labels)
+
+
+def test_a_mid_epoch_position_saved_before_folder_lists_resumes_exactly_on_one_folder():
+    """A checkpoint of a recog that read one folder and recorded no folders or mix: its steps are kept for a run of
+    one folder without a mix, and not for a run of two."""
+    from recog.data.position import Position
+
+    old = {"epoch": 2, "step": 25, "data": {"done": [[0, 5]], "world_size": 2, "global_batch": 128,
+                                            "micro_batches": 2, "batch_size": 64, "sampler": "stream"}}
+    base = {"global_batch": 128, "micro_batches": 2, "batch_size": 64, "sampler": "stream"}
+    one = Position(batches_per_epoch=10, layout={**base, "folders": ["a1b2"], "mix": None}, world_size=1)
+    one.load_state_dict(old)
+    assert one.done == [[0, 5]] and one.step == 25
+    two = Position(batches_per_epoch=10, layout={**base, "folders": ["a1b2", "c3d4"], "mix": None}, world_size=1)
+    two.load_state_dict(old)
+    assert two.done == [] and two.epoch == 2
+
+
+def test_a_label_outside_its_folders_classes_is_never_another_class():
+    from recog.data.stream import relabelled
+
+    for own in (b"-1", b"3", b"x"):
+        assert b"not one of its folder's 3 classes" in relabelled({"cls": own}, (5, 6, 7))["cls"]
+    assert relabelled({"cls": b"2"}, (5, 6, 7))["cls"] == b"7"

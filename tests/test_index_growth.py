@@ -363,3 +363,20 @@ def test_shard_size_and_shards_are_one_choice(tmp_path):
         build(emb, tmp_path / "index", shard_size=0, log=quiet)
     info = build(emb, tmp_path / "index", shards=4, log=quiet)
     assert info.shard_size == 75 and info.shard_counts == [75] * 4
+
+
+def test_build_never_removes_an_index_file_no_index_json_names(tmp_path):
+    """An index set aside (its index.json moved away) or a build killed before its end: build refuses the folder in
+    one sentence and leaves the file; a killed writer's temporary file is removed."""
+    emb = write_embeddings(tmp_path / "emb", clustered(300, dim=16), part_size=300)
+    build(emb, tmp_path / "index", log=quiet)
+    (tmp_path / "index" / "index.json").rename(tmp_path / "index.json.bak")
+    kept = (tmp_path / "index" / "shard-00000.g0.faiss").read_bytes()
+    with pytest.raises(ConfigError, match=r"holds (shard-00000\.g0\.faiss|ids\.g0\.npz), an index file that no "
+                                          r"index\.json there names"):
+        build(emb, tmp_path / "index", log=quiet)
+    assert (tmp_path / "index" / "shard-00000.g0.faiss").read_bytes() == kept
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / ".index.json.tmp-12345").write_text("{")
+    build(emb, tmp_path / "fresh", log=quiet)
+    assert not (tmp_path / "fresh" / ".index.json.tmp-12345").exists()

@@ -29,6 +29,7 @@ from recog.data.write import FASHION_MNIST_CLASSES, idx_records, write_shards
 from recog.export import export
 from recog.gallery import open_gallery
 from recog.index import add, build
+from recog.index_files import read_index_info
 from recog.testing import ServeProcess
 
 pytest.importorskip("fastapi")
@@ -170,6 +171,7 @@ def test_sighup_switches_generations_under_32_clients_with_no_failed_request(day
                 health = wait_for(server, done, 0)
                 reloads.append((started, time.monotonic(), len(clients.answers) - before))
                 assert (health["model_sha256"], health["index_generation"]) == (sha, generation), health
+                assert health["index_id"] == read_index_info(root / f"g{generation}").identity  # which folder
                 assert health["index"]["count"] == (900 if generation else 600)
                 loaded.add((sha, generation))
                 check_new_items(server, generation, new_items)

@@ -308,3 +308,17 @@ def test_a_new_class_without_a_training_image_starts_fresh_and_is_named(tmp_path
         "weights w.pt: classifier mapped by class name (names from the checkpoint): 1 kept, 2 new (1 imprinted from "
         "up to 4 images each; 1 with no training image start fresh: 'Sneaker'), 1 dropped")
     assert torch.equal(model.class_weights[2], fresh[2]) and not torch.equal(model.class_weights[0], fresh[0])
+
+
+def test_an_old_checkpoints_class_names_are_read_where_the_weights_are_read(days, tmp_path, caplog):
+    """Rank 0 reads weights= and settles the names of its rows (read_weights): every rank is handed them with the
+    weights, so a manifest on rank 0's disk alone maps the rows alike on every rank. Moved since: not read again."""
+    from recog.imprint import read_weights
+
+    old = tiny_checkpoint(None, 7, train_dir=str(days["day1"]))
+    torch.save(old, tmp_path / "w.pt")
+    weights = read_weights(str(tmp_path / "w.pt"))
+    assert weights["trained_classes"] == (DAY1, f"manifest of {days['day1']}")
+    weights["config"]["data"]["train"] = str(tmp_path / "moved")  # what another node's disk would say
+    mapping, _ = class_map(weights, DAY2)
+    assert mapping.names_from == f"names from the manifest of {days['day1']}" and len(mapping.kept) == 6

@@ -73,7 +73,10 @@ class Position:
         saved = state["data"]
         done = []
         if saved["done"]:
-            if {key: saved.get(key) for key in self.layout} == self.layout:
+            was = {key: saved.get(key) for key in self.layout}
+            if "folders" not in saved and len(self.layout.get("folders") or ()) == 1:
+                was["folders"] = self.layout["folders"]  # saved before recog read lists: of one folder, no mix
+            if was == self.layout:
                 done = [list(r) for r in saved["done"]]
             else:  # the steps of another global batch or batch size: not this run's
                 log.warning("the checkpoint's mid-epoch data position was saved with %s; this run has %s, so epoch "

@@ -57,6 +57,10 @@ class ShardRandomAccess(Dataset):
         self._identities = [part.manifest.identity for part in parts]
         self._folder = np.repeat(np.arange(len(parts)), [len(column[0]) for column in columns])
         if manifest.folders:
+            for part, column in zip(parts, columns):
+                if len(column[3]) and not (column[3].min() >= 0 and column[3].max() < len(part.labels)):
+                    raise ConfigError(f"the index of {part.location} holds labels outside its "
+                                      f"{len(part.labels)} classes; write those shards again.")
             self.labels = np.concatenate([np.asarray(part.labels, dtype=np.int64)[column[3]]
                                           for part, column in zip(parts, columns)])
         self.transform, self.channels, self.decode = transform, channels, decode

@@ -109,6 +109,8 @@ def relabelled(sample: dict, labels: Sequence[int] | None) -> dict:
         return sample
     own = sample["cls"]
     try:
+        if not 0 <= int(own) < len(labels):  # -1 would index from the end: another class, said nowhere
+            raise IndexError(own)
         sample["cls"] = str(labels[int(own)]).encode()
     except (ValueError, IndexError):
         sample["cls"] = f"label {own!r}, not one of its folder's {len(labels)} classes".encode()
