@@ -76,3 +76,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def one_faiss_thread():
+    """A busy 2-core machine: faiss's OpenMP threads spinning against other processes are many times slower.
+    A test module asks for it with `pytestmark = pytest.mark.usefixtures("one_faiss_thread")`."""
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(threads)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import faiss
 import numpy as np
 import pytest
 from identify_setup import clustered, run_module, write_embeddings
@@ -16,14 +15,7 @@ from recog.files import LOCK_FILE
 from recog.gallery import open_gallery
 from recog.index import add, build, choose_kind
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """A busy 2-core machine: faiss's OpenMP threads spinning against other processes are many times slower."""
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # conftest.py
 
 
 def quiet(line):

@@ -46,12 +46,7 @@ def quiet(line):
     pass
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # conftest.py
 
 
 def day_shards(out: Path, records: list, classes: list[str]) -> Path:
