@@ -220,6 +220,21 @@ class ShardedClassifier(nn.Module):
         return score[start: start + len(embeddings)], index[start: start + len(embeddings)]
 
 
+class ShardedLoss(nn.Module):
+    """RecognitionLoss's cross-entropy term with the classifier's rows sharded: (Output, labels) -> {"ce", "total"},
+    the shape ModelWithLoss and recog's step (StepRecipe) call. It reads the output's embeddings only: a model
+    for a sharded classifier holds no rows of its own. `lr_scale`: the rows' LR as a multiple of the model's
+    (recog.build.parameter_groups)."""
+
+    def __init__(self, classifier: ShardedClassifier, ce_weight: float = 1.0, lr_scale: float = 1.0):
+        super().__init__()
+        self.classifier, self.ce_weight, self.lr_scale = classifier, ce_weight, lr_scale
+
+    def forward(self, output, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        ce = self.classifier(output.embeddings, labels)
+        return {"ce": ce, "total": self.ce_weight * ce}
+
+
 def sharded_names(module: nn.Module) -> list[str]:
     """The names, in `module`, of every ShardedClassifier's rows and buffers."""
     names = []

@@ -1,8 +1,9 @@
 """One rank of test_sharded.py's real gloo runs: recog.sharded's ShardedClassifier under DDP against the replicated
 classifier (RecognitionModel's cosine rows + RecognitionLoss) computed by one process on the whole global batch.
 
-`run(rank, world_size, init_file, out)` (for torch.multiprocessing.spawn) writes out/rank<r>.json: for each case
-the largest differences of the loss and of every gradient, and their sizes (so a check cannot pass on zeros).
+`run(rank, world_size, init_file, out)` (for torch.multiprocessing) writes out/rank<r>.json: for each case the
+largest differences of the loss and of every gradient, and their sizes (so a check cannot pass on zeros); and
+out/step<r>.pt: the weights after two steps of recog's StepRecipe, which test_sharded.py compares with one process.
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from recog.loss import RecognitionLoss
+from recog.build import parameter_groups
+from recog.data.loader import Batch
+from recog.loss import ModelWithLoss, RecognitionLoss
 from recog.model import Output
-from recog.sharded import ShardedClassifier, keep_out_of_ddp
+from recog.sharded import ShardedClassifier, ShardedLoss, keep_out_of_ddp
+from recog.step import StepRecipe
 
 FEATURES, DIM, SCALE = 6, 8, 16.0
 # (classes, label smoothing, ArcFace margin, sample rate, rank 1 without images): 0.99 draws every row of a slice
@@ -149,6 +153,59 @@ def check_top1(rank, world_size) -> dict:
             "score": (score - ref_score[own]).abs().max().item()}
 
 
+class TinyModel(nn.Module):
+    """uint8 images (n × 1 × 2 × 3) -> Output: embeddings, and RecognitionModel's cosine logits when it holds the
+    rows (`num_classes`), none (n × 0) for a sharded classifier."""
+
+    def __init__(self, num_classes: int = 0):
+        super().__init__()
+        torch.manual_seed(1)
+        self.embed = nn.Linear(FEATURES, DIM)
+        self.class_weights = nn.Parameter(torch.empty(num_classes, DIM)) if num_classes else None
+
+    def forward(self, images: torch.Tensor) -> Output:
+        embeddings = F.normalize(self.embed(images.float().flatten(1)), dim=1)
+        if self.class_weights is None:
+            return Output(embeddings, embeddings.new_zeros(len(embeddings), 0))
+        return Output(embeddings, SCALE * embeddings @ F.normalize(self.class_weights, dim=1).t())
+
+
+STEP_CLASSES, STEP_PER_RANK = 7, 4
+
+
+def step_data(world_size: int) -> Batch:
+    """The global batch of the StepRecipe check: 4 images per rank, in rank order."""
+    g = torch.Generator().manual_seed(5)
+    n = STEP_PER_RANK * world_size
+    images = torch.randint(0, 256, (n, 1, 2, 3), dtype=torch.uint8, generator=g)
+    return Batch(images, torch.randint(0, STEP_CLASSES, (n,), generator=g), 0)
+
+
+def step_rows() -> torch.Tensor:
+    return torch.randn(STEP_CLASSES, DIM, generator=torch.Generator().manual_seed(9))
+
+
+def recog_step(rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    """Two optimizer steps of recog's own StepRecipe (momentum SGD, label smoothing and ArcFace's margin), each of
+    2 micro-batches of 2 images on every rank (accumulated under DDP's no_sync), with DDP around the tiny model and
+    the sharded loss: the model's weights and this rank's rows after them."""
+    everything = step_data(world_size)
+    mine = slice(rank * STEP_PER_RANK, (rank + 1) * STEP_PER_RANK)
+    batch = Batch(everything.images[mine], everything.labels[mine], 0, sizes=(2, 2))
+    classifier = ShardedClassifier(STEP_CLASSES, DIM, rank, world_size, SCALE, label_smoothing=0.1, arc_margin=0.5)
+    with torch.no_grad():
+        classifier.weight.copy_(step_rows()[classifier.classes.start: classifier.classes.stop])
+    model, loss_fn = TinyModel(), ShardedLoss(classifier)
+    trained = ModelWithLoss(model, loss_fn)
+    keep_out_of_ddp(trained)
+    recipe = StepRecipe(model, torch.optim.SGD(parameter_groups(model, loss_fn, 0.5), lr=0.5, momentum=0.9),
+                        loss_fn, global_batch=len(everything.labels), trained=DistributedDataParallel(trained))
+    for _ in range(2):
+        recipe.step(batch)
+    return {"embed.weight": model.embed.weight.detach(), "embed.bias": model.embed.bias.detach(),
+            "rows": classifier.weight.detach()}
+
+
 def run(rank: int, world_size: int, init_file: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
@@ -157,6 +214,7 @@ def run(rank: int, world_size: int, init_file: str, out: str) -> None:
         report = {"cases": [check_case(rank, world_size, *case) for case in CASES],
                   "top1": check_top1(rank, world_size)}
         (Path(out) / f"rank{rank}.json").write_text(json.dumps(report))
+        torch.save(recog_step(rank, world_size), Path(out) / f"step{rank}.pt")
     finally:
         dist.destroy_process_group()
 

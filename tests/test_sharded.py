@@ -17,7 +17,9 @@ from recog.errors import ConfigError
 from recog.loss import RecognitionLoss
 from recog.model import Output
 from recog.sharded import ShardedClassifier, class_slice, sample_rows, sharded_names
-from sharded_checks import CASES, run
+from recog.build import parameter_groups
+from recog.step import StepRecipe
+from sharded_checks import CASES, SCALE, TinyModel, run, step_data, step_rows
 
 TOLERANCE = 1e-5  # fp32; the sums run in another order than the replicated classifier's
 
@@ -78,11 +80,13 @@ def test_one_process_without_a_process_group_is_the_replicated_loss():
 
 @pytest.fixture(scope="module", params=[1, 2, 3, 4], ids=lambda w: f"{w}ranks")
 def ranks(request, tmp_path_factory):
-    """Every rank's report from one real gloo group of `world_size` processes (forked: no second import of torch)."""
+    """Every rank's report from one real gloo group of `world_size` processes (forked: no second import of torch),
+    and the weights after its StepRecipe steps."""
     world_size = request.param
     out = tmp_path_factory.mktemp(f"sharded{world_size}")
     mp.start_processes(run, (world_size, str(out / "init"), str(out)), nprocs=world_size, start_method="fork")
-    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world_size)]
+    return [{**json.loads((out / f"rank{r}.json").read_text()),
+             "step": torch.load(out / f"step{r}.pt", weights_only=True)} for r in range(world_size)]
 
 
 def test_loss_and_every_gradient_equal_the_replicated_classifier(ranks):
@@ -123,3 +127,26 @@ def test_top1_over_the_shards_is_the_replicated_argmax(ranks):
         assert top1["index"] == top1["ref_index"] and top1["score"] < TOLERANCE
     first = ranks[0]["top1"]["index"][0], ranks[-1]["top1"]["index"][-1]
     assert first == (1, 4)  # the queries equal to rows 1 and 4, which rows 8 and 9 repeat
+
+
+def test_recog_step_with_a_sharded_classifier_trains_as_one_process_on_the_global_batch(ranks):
+    """Two steps of recog's StepRecipe (micro-batches, no_sync, loss × n / share, DDP, momentum SGD) with the rows
+    sharded, against the same steps by one process holding all rows and the whole global batch."""
+    world_size = len(ranks)
+    everything = step_data(world_size)
+    model = TinyModel(len(step_rows()))
+    with torch.no_grad():
+        model.class_weights.copy_(step_rows())
+    loss_fn = RecognitionLoss(label_smoothing=0.1, arc_margin=0.5, logit_scale=SCALE)
+    recipe = StepRecipe(model, torch.optim.SGD(parameter_groups(model, loss_fn, 0.5), lr=0.5, momentum=0.9),
+                        loss_fn, global_batch=len(everything.labels))
+    for _ in range(2):
+        recipe.step(everything._replace(sizes=(2 * world_size, 2 * world_size)))
+    moved = (model.class_weights.detach() - step_rows()).abs().max()
+    assert moved > 0.01  # the steps changed the rows: the comparison below can fail
+    for rank, report in enumerate(ranks):
+        after = report["step"]
+        classes = class_slice(rank, world_size, len(step_rows()))
+        assert (after["embed.weight"] - model.embed.weight).abs().max() < TOLERANCE
+        assert (after["embed.bias"] - model.embed.bias).abs().max() < TOLERANCE
+        assert (after["rows"] - model.class_weights[classes.start: classes.stop]).abs().max() < TOLERANCE
