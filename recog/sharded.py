@@ -155,6 +155,22 @@ class ShardedClassifier(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self.sampled: torch.Tensor | None = None
 
+    @torch.no_grad()
+    def all_rows(self) -> torch.Tensor:
+        """Every rank's rows in class order (num_classes × D), on every rank: what a checkpoint or an export would
+        save, whatever the number of ranks. Every rank calls it."""
+        return all_gather_rows(self.weight.detach())[0] if _distributed() else self.weight.detach().clone()
+
+    @torch.no_grad()
+    def load_rows(self, rows: torch.Tensor) -> None:
+        """Take this rank's rows from the whole classifier's (num_classes × D, in class order): `all_rows` of a run
+        on any number of ranks, or a replicated classifier's rows."""
+        expected = (self.num_classes, self.weight.shape[1])
+        if tuple(rows.shape) != expected:
+            raise ConfigError(f"the classifier's rows have shape {tuple(rows.shape)} and this one needs {expected}; "
+                              "start from weights of the same classes and model.embedding_dim.")
+        self.weight.copy_(rows[self.classes.start: self.classes.stop])
+
     def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
         """Scaled cosines of `embeddings` with this rank's rows (n × rows), as RecognitionModel's logits."""
         return self.logit_scale * embeddings.float() @ F.normalize(self.weight.float(), dim=1).t()

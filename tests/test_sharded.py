@@ -57,6 +57,8 @@ def test_refuses_more_ranks_than_classes_and_a_bad_sample_rate():
         ShardedClassifier(3, 8, rank=0, world_size=4)
     with pytest.raises(ConfigError, match="sample_rate=0"):
         ShardedClassifier(10, 8, sample_rate=0.0)
+    with pytest.raises(ConfigError, match=r"shape \(9, 8\) and this one needs \(10, 8\)"):
+        ShardedClassifier(10, 8, rank=1, world_size=3).load_rows(torch.zeros(9, 8))
 
 
 def test_one_process_without_a_process_group_is_the_replicated_loss():
@@ -64,8 +66,7 @@ def test_one_process_without_a_process_group_is_the_replicated_loss():
     embeddings = F.normalize(torch.randn(9, 8), dim=1)
     labels, rows = torch.randint(0, 7, (9,)), torch.randn(7, 8)
     classifier = ShardedClassifier(7, 8, label_smoothing=0.1, arc_margin=0.5)
-    with torch.no_grad():
-        classifier.weight.copy_(rows)
+    classifier.load_rows(rows)
     mine = embeddings.clone().requires_grad_(True)
     loss = classifier(mine, labels)
     loss.backward()
@@ -108,6 +109,7 @@ def test_ddp_leaves_the_rows_to_each_rank_and_keeps_the_backbone_equal(ranks):
         for case, result in zip(CASES, report["cases"]):
             assert result["backbone_equal_after_step"], (rank, case)
             assert result["rows_after_step"] < TOLERANCE, (rank, case)
+            assert result["all_rows_after_step"] < TOLERANCE, (rank, case)  # all_rows: every rank's, in class order
 
 
 def test_partial_fc_draws_the_positives_and_leaves_the_others_without_gradient(ranks):
