@@ -38,7 +38,8 @@ def class_slice(rank: int, world_size: int, num_classes: int) -> range:
     return range(start, start + per + (rank < extra))
 
 
-def sample_rows(positives: torch.Tensor, rows: int, sample_rate: float, seed: int, step: int, rank: int) -> torch.Tensor:
+def sample_rows(positives: torch.Tensor, rows: int, sample_rate: float, seed: int, step: int,
+                rank: int) -> torch.Tensor:
     """Partial FC's rows for one step of one rank, sorted: every positive (the rows, 0..rows-1, of the global batch's
     classes this rank holds) and a random draw of its others, ceil(sample_rate × rows) rows in all (all the positives
     when they are more). The draw depends on (seed, step, rank) alone, so a resumed run draws what it would have."""

@@ -12,16 +12,17 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from sharded_checks import CASES, SCALE, TinyModel, run, step_data, step_rows
 
+from recog.build import parameter_groups
 from recog.errors import ConfigError
 from recog.loss import RecognitionLoss
 from recog.model import Output
 from recog.sharded import ShardedClassifier, class_slice, sample_rows, sharded_names
-from recog.build import parameter_groups
 from recog.step import StepRecipe
-from sharded_checks import CASES, SCALE, TinyModel, run, step_data, step_rows
 
 TOLERANCE = 1e-5  # fp32; the sums run in another order than the replicated classifier's
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("num_classes", [1, 4, 7, 10, 13])
@@ -75,7 +76,8 @@ def test_one_process_without_a_process_group_is_the_replicated_loss():
     expected = RecognitionLoss(label_smoothing=0.1, arc_margin=0.5)(Output(theirs, logits), labels)["total"]
     expected.backward()
     assert abs(loss.item() - expected.item()) < TOLERANCE and expected.item() > 1
-    assert (mine.grad - theirs.grad).abs().max() < TOLERANCE and (classifier.weight.grad - weight.grad).abs().max() < TOLERANCE
+    assert (mine.grad - theirs.grad).abs().max() < TOLERANCE
+    assert (classifier.weight.grad - weight.grad).abs().max() < TOLERANCE
     assert sharded_names(torch.nn.ModuleDict({"head": classifier})) == ["head.weight", "head.step"]
 
 
@@ -90,6 +92,7 @@ def ranks(request, tmp_path_factory):
              "step": torch.load(out / f"step{r}.pt", weights_only=True)} for r in range(world_size)]
 
 
+@pytest.mark.slow
 def test_loss_and_every_gradient_equal_the_replicated_classifier(ranks):
     """Each rank's loss (its images' mean), its embeddings' gradient (world size × the replicated one: DDP divides
     the backbone's by it), the backbone's after DDP, and its rows' (no average): with label smoothing, ArcFace's
@@ -102,6 +105,7 @@ def test_loss_and_every_gradient_equal_the_replicated_classifier(ranks):
             assert result["sizes"][2] > 0.5 or (case[4] and rank == 1)  # a loss, but on a rank without images
 
 
+@pytest.mark.slow
 def test_ddp_leaves_the_rows_to_each_rank_and_keeps_the_backbone_equal(ranks):
     """One SGD step through DDP around backbone + sharded classifier: every rank's backbone is the same, and each
     rank's rows moved by their own gradient to the replicated step's rows (not rank 0's, not an average)."""
@@ -112,6 +116,7 @@ def test_ddp_leaves_the_rows_to_each_rank_and_keeps_the_backbone_equal(ranks):
             assert result["all_rows_after_step"] < TOLERANCE, (rank, case)  # all_rows: every rank's, in class order
 
 
+@pytest.mark.slow
 def test_partial_fc_draws_the_positives_and_leaves_the_others_without_gradient(ranks):
     sampled = [(case, result) for report in ranks for case, result in zip(CASES, report["cases"]) if case[3] < 1]
     for case, result in sampled:
@@ -122,6 +127,7 @@ def test_partial_fc_draws_the_positives_and_leaves_the_others_without_gradient(r
     assert sum(result["drawn"] for result in quarter) >= math.ceil(0.25 * 40 / len(ranks)) * len(ranks)
 
 
+@pytest.mark.slow
 def test_top1_over_the_shards_is_the_replicated_argmax(ranks):
     """Including ties across ranks (a class's row repeated by a later class on another rank): the lower index."""
     for report in ranks:
@@ -131,6 +137,7 @@ def test_top1_over_the_shards_is_the_replicated_argmax(ranks):
     assert first == (1, 4)  # the queries equal to rows 1 and 4, which rows 8 and 9 repeat
 
 
+@pytest.mark.slow
 def test_recog_step_with_a_sharded_classifier_trains_as_one_process_on_the_global_batch(ranks):
     """Two steps of recog's StepRecipe (micro-batches, no_sync, loss × n / share, DDP, momentum SGD) with the rows
     sharded, against the same steps by one process holding all rows and the whole global batch."""
