@@ -42,6 +42,7 @@ from recog.data.stream import ShardStream, fits_in_memory
 from recog.errors import ConfigError
 from recog.imprint import read_weights, start_from_weights
 from recog.loss import RecognitionLoss
+from recog.sharded import ShardedClassifier, ShardedLoss
 from recog.step import StepRecipe, warmup_cosine
 
 log = logging.getLogger("recog")
@@ -228,9 +229,17 @@ def train_decoding(cfg: DictConfig, keep_decoded: bool) -> tuple[Decode, Callabl
     return crop_while_decoding(transform)
 
 
-def build_loss(cfg: DictConfig, num_classes: int) -> RecognitionLoss:
+def build_loss(cfg: DictConfig, num_classes: int, ctx: dist.Dist | None = None) -> RecognitionLoss | ShardedLoss:
     """The loss of `cfg.loss`, told what only the data knows: a proxy loss's `num_classes: auto` is the training
-    shards' `num_classes` (`cfg` stays as configured; recog.config checks the loss, before and against the data)."""
+    shards' `num_classes` (`cfg` stays as configured; recog.config checks the loss, before and against the data).
+    model.classifier=sharded: RecognitionLoss's cross-entropy settings with this rank's rows of the classifier
+    (`ctx`: which rank of how many), recog.sharded.ShardedLoss."""
+    if cfg.model.get("classifier", "replicated") == "sharded":
+        rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
+        loss = cfg.loss
+        classifier = ShardedClassifier(num_classes, cfg.model.embedding_dim, rank, world, loss.logit_scale,
+                                       loss.label_smoothing, loss.arc_margin, loss.get("sample_rate", 1.0), cfg.seed)
+        return ShardedLoss(classifier, ce_weight=loss.ce_weight, lr_scale=loss.lr_scale)
     metric = cfg.loss.get("metric")
     if metric is not None and metric.get("num_classes") == "auto":
         return instantiate(cfg.loss, metric={"num_classes": num_classes})
@@ -255,7 +264,7 @@ def build_recipe(cfg: DictConfig, ctx: dist.Dist, data: TrainData, position: Pos
     model = instantiate(cfg.model, num_classes=len(data.classes), in_channels=cfg.data.channels)
     model = parallel.prepare_model(model, cfg.perf, ctx.is_distributed)  # SyncBatchNorm, channels_last
     model.to(ctx.device)  # before the optimizer exists: its state must live where the parameters live
-    loss_fn = build_loss(cfg, len(data.classes)).to(ctx.device)
+    loss_fn = build_loss(cfg, len(data.classes), ctx).to(ctx.device)
     normalize = Normalize(cfg.data.mean, cfg.data.std, ctx.device)
     if cfg.weights:  # rank 0 reads the file and hands it to every rank, where the classifier's new rows are imprinted
         weights = dist.run_on_rank0(partial(read_weights, cfg.weights), ctx, "reading model weights")
@@ -263,7 +272,7 @@ def build_recipe(cfg: DictConfig, ctx: dist.Dist, data: TrainData, position: Pos
                          cfg.data.channels, decode_image) if data.train_manifest is not None else None
         start_from_weights(weights, cfg.weights, data.classes, model, loss_fn, images, cfg.imprint_images, cfg.seed,
                            ctx, normalize)
-    if loss_fn.cross_rank and ctx.is_distributed:
+    if getattr(loss_fn, "cross_rank", False) and ctx.is_distributed:
         loss_fn.gather = dist.all_gather_with_grad
 
     steps_per_epoch = len(data.epochs)  # optimizer steps, whatever the world size
@@ -283,4 +292,6 @@ def build_recipe(cfg: DictConfig, ctx: dist.Dist, data: TrainData, position: Pos
     return StepRecipe(model, optimizer, loss_fn, normalize,
                       LambdaLR(optimizer, lr_factor), parallel.grad_scaler(cfg.perf.precision, ctx.device),
                       partial(parallel.autocast, cfg.perf.precision, ctx.device), cfg.perf.channels_last,
-                      ctx.device, lr, lr_factor, global_batch, position=position)
+                      ctx.device, lr, lr_factor, global_batch, position=position,
+                      rounds=max(len(rank_micro_batches(micro_batches, r, ctx.world_size))
+                                 for r in range(ctx.world_size)) if isinstance(loss_fn, ShardedLoss) else 0)

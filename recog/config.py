@@ -27,7 +27,7 @@ from recog.data.prepare import check_can_prepare
 from recog.data.source import ShardSource
 from recog.data.write import measure_shards
 from recog.errors import ConfigError, check_number
-from recog.model import check_backbone
+from recog.model import CLASSIFIERS, check_backbone
 
 # The numbers checked alike, each always a number: (key, whole number?, smallest allowed, strictly above it?).
 # Numbers that may be `auto` or null, or matter only with another setting, are checked in check_config below.
@@ -81,6 +81,7 @@ def check_config(cfg: DictConfig) -> None:
         for key in ("sampler.p", "sampler.k"):
             check_number(key, OmegaConf.select(cfg, key), True, 1, False)
     check_backbone(cfg.model.backbone, cfg.model.get("small_input", False))
+    check_classifier(cfg)
     cuda = torch.cuda.is_available() and cfg.dist.backend != "gloo"
     check_perf_config(cfg, cuda)
     check_decode(cfg.data, cuda)
@@ -99,6 +100,44 @@ def check_config(cfg: DictConfig) -> None:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     global_batch_micro_batches(cfg, world_size)
     check_can_prepare(cfg.data)
+
+
+def check_classifier(cfg: DictConfig) -> None:
+    """model.classifier and loss.sample_rate, and what a sharded classifier (recog.sharded) does not do yet: each
+    refusal names the setting and the fix."""
+    classifier = cfg.model.get("classifier", "replicated")
+    if classifier not in CLASSIFIERS:
+        raise ConfigError(f"model.classifier={classifier} is unknown; use replicated (every process holds every "
+                          "class's row) or sharded (each holds a slice of them).")
+    rate = cfg.loss.get("sample_rate", 1.0)
+    check_number("loss.sample_rate", rate, False, 0, True)
+    if rate > 1:
+        raise ConfigError(f"loss.sample_rate={rate} is the share of classes scored each step; give a number above 0 "
+                          "and at most 1 (1: every class).")
+    if classifier != "sharded":
+        if rate != 1:
+            raise ConfigError(f"loss.sample_rate={rate} samples the classes of a sharded classifier; add "
+                              "model.classifier=sharded, or set loss.sample_rate=1.0.")
+        return
+    refused = [
+        (cfg.loss.get("metric") is not None or cfg.loss.get("metric_weight", 0),
+         "model.classifier=sharded trains on cross-entropy alone; use loss=ce or loss=arcface (no metric-learning "
+         "term), or model.classifier=replicated."),
+        (cfg.loss.get("cross_rank"), "loss.cross_rank=true is for a metric-learning term, which "
+         "model.classifier=sharded does not train; set loss.cross_rank=false."),
+        (cfg.sampler.get("name") == "pk", "model.classifier=sharded is not yet wired for sampler=pk; use "
+         "sampler=stream, or model.classifier=replicated."),
+        (cfg.perf.compile, "perf.compile=true would compile the sharded classifier's collectives, which is not "
+         "supported yet; set perf.compile=false with model.classifier=sharded."),
+        (cfg.weights, "weights= does not yet load a classifier sharded across processes (its rows would have to be "
+         "mapped by class name on every rank); start without weights=, or use model.classifier=replicated."),
+        (cfg.checkpoint.every_minutes, "checkpoint.every_minutes would let rank 0's clock alone decide a save that "
+         "every process of a sharded classifier must join; use checkpoint.every_steps with "
+         "model.classifier=sharded."),
+    ]
+    for wrong, sentence in refused:
+        if wrong:
+            raise ConfigError(sentence)
 
 
 def check_data_folders(data: DictConfig, sampler: str | None) -> None:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recog.errors import ConfigError
 from recog.model import Output
 
 
@@ -29,6 +30,10 @@ class RecognitionLoss(nn.Module):
 
     `lr_scale`: the optimizer trains the loss's own parameters at this multiple
     of the model's LR (recog.build.parameter_groups).
+
+    `sample_rate`: the share of classes scored each step (Partial FC), which only a
+    sharded classifier draws (recog.sharded, built from these settings by
+    recog.build.build_loss); the replicated classifier scores them all (1).
     """
 
     def __init__(
@@ -41,8 +46,12 @@ class RecognitionLoss(nn.Module):
         arc_margin: float = 0.0,
         logit_scale: float = 16.0,
         lr_scale: float = 1.0,
+        sample_rate: float = 1.0,
     ):
         super().__init__()
+        if sample_rate != 1.0:
+            raise ConfigError(f"loss.sample_rate={sample_rate} samples the classes of a sharded classifier; set "
+                              "model.classifier=sharded, or loss.sample_rate=1.0.")
         self.ce_weight, self.label_smoothing = ce_weight, label_smoothing
         # a term weighted 0 is no term: its parameters, if any, would get no gradient (DDP fails on those)
         self.metric, self.metric_weight = (metric, metric_weight) if metric_weight else (None, 0.0)

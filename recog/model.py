@@ -20,7 +20,10 @@ from recog.errors import ConfigError
 
 class Output(NamedTuple):
     embeddings: torch.Tensor  # (n, embedding_dim), unit length
-    logits: torch.Tensor  # (n, num_classes)
+    logits: torch.Tensor  # (n, num_classes); (n, 0) for a model without its classifier (classifier="sharded")
+
+
+CLASSIFIERS = ("replicated", "sharded")  # model.classifier
 
 
 def conv_block(c_in: int, c_out: int) -> nn.Sequential:
@@ -96,7 +99,10 @@ def torchvision_backbone(name: str, in_channels: int, small_input: bool) -> tupl
 
 
 class RecognitionModel(nn.Module):
-    """features = backbone(x); embeddings = normalize(linear(features)); logits = cosine classifier."""
+    """features = backbone(x); embeddings = normalize(linear(features)); logits = cosine classifier.
+
+    `classifier="sharded"`: the model holds no class rows (no `class_weights`; its logits are (n, 0)): they live in
+    the loss, split across the ranks (recog.sharded.ShardedLoss, which reads the embeddings alone)."""
 
     def __init__(
         self,
@@ -108,8 +114,12 @@ class RecognitionModel(nn.Module):
         width: int = 32,
         logit_scale: float = 16.0,
         blocks: Sequence[int] = (2, 2, 2),
+        classifier: str = "replicated",
     ):
         super().__init__()
+        if classifier not in CLASSIFIERS:
+            raise ConfigError(f"model.classifier={classifier} is unknown; use replicated (every rank holds every "
+                              "class's row) or sharded (each rank holds a slice of them).")
         check_backbone(backbone, small_input)
         if backbone in OWN_BACKBONES:
             self.backbone, features = OWN_BACKBONES[backbone](in_channels, width, blocks)
@@ -118,11 +128,16 @@ class RecognitionModel(nn.Module):
         self.embed = nn.Linear(features, embedding_dim)
         # Cosine classifier: logits are scaled cosines between the embedding and one
         # unit vector per class, so classification trains the same space retrieval uses.
-        self.class_weights = nn.Parameter(torch.randn(num_classes, embedding_dim) * 0.01)
+        if classifier == "replicated":
+            self.class_weights = nn.Parameter(torch.randn(num_classes, embedding_dim) * 0.01)
+        else:  # no parameter at all (not an unused one, which DDP would wait for), no random numbers drawn
+            self.register_parameter("class_weights", None)
         self.logit_scale = logit_scale
 
     def forward(self, images: torch.Tensor) -> Output:
         embeddings = F.normalize(self.embed(self.backbone(images)), dim=1)
+        if self.class_weights is None:
+            return Output(embeddings, embeddings.new_zeros(len(embeddings), 0))
         logits = self.logit_scale * embeddings @ F.normalize(self.class_weights, dim=1).t()
         return Output(embeddings, logits)
 

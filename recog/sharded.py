@@ -237,6 +237,18 @@ class ShardedClassifier(nn.Module):
         return score[start: start + len(embeddings)], index[start: start + len(embeddings)]
 
 
+@torch.no_grad()
+def top1_in_rounds(classifier: ShardedClassifier, embeddings: torch.Tensor, per_round: int = 1024) -> torch.Tensor:
+    """`classifier.top1`'s class for each of this rank's `embeddings` (any number, 0 included), at most `per_round`
+    of them a round, so that a round's logits stay (world size × per_round) × this rank's rows however many
+    images are evaluated. The ranks first agree on the number of rounds. Every rank calls it."""
+    rounds = torch.tensor([-(-len(embeddings) // per_round)], device=embeddings.device)
+    if _distributed():
+        dist.all_reduce(rounds, op=dist.ReduceOp.MAX)
+    found = [classifier.top1(embeddings[i * per_round: (i + 1) * per_round])[1] for i in range(int(rounds))]
+    return torch.cat(found) if found else torch.zeros(0, dtype=torch.int64, device=embeddings.device)
+
+
 class ShardedLoss(nn.Module):
     """RecognitionLoss's cross-entropy term with the classifier's rows sharded: (Output, labels) -> {"ce", "total"},
     the shape ModelWithLoss and recog's step (StepRecipe) call. It reads the output's embeddings only: a model

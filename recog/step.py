@@ -25,6 +25,7 @@ from recog.data.position import Position
 from recog.errors import DataError
 from recog.loss import ModelWithLoss
 from recog.model import state_mismatch
+from recog.sharded import keep_out_of_ddp, sharded_names
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -72,6 +73,11 @@ class StepRecipe:
     # Where training stands, which the LR schedule follows: load_state_dict re-applies this run's LR at its
     # schedule_step (restore the position first). None: at the step the saved schedule stood at.
     position: Position | None = None
+    # A sharded classifier (recog.sharded) holds collectives in its forward and backward, so every rank makes the
+    # same number of forward passes each step: this many (the most micro-batches a rank has), a rank with fewer
+    # micro-batches or none making empty ones. 0: each rank makes one per micro-batch it holds (DDP's all-reduce,
+    # on the last, is the step's only collective).
+    rounds: int = 0
 
     def __post_init__(self):
         self.trained = self.trained or ModelWithLoss(self.model, self.loss_fn)
@@ -97,6 +103,8 @@ class StepRecipe:
         Returns the batch's loss summed over its images (detached, where it lives)."""
         sizes = list(batch.sizes or (len(batch.labels),))
         share = self.global_batch / dist.world_size() if self.global_batch else max(1, len(batch.labels))
+        if self.rounds:
+            return self._gradients_in_step(batch, sizes, share)
         last = max((i for i, n in enumerate(sizes) if n), default=None)
         if last is None:
             self._empty_step()
@@ -110,6 +118,34 @@ class StepRecipe:
                 with self.autocast():
                     loss = self.trained(x, y)["total"]  # model and loss: one DDP module
                 self.scaler.scale(loss * (len(y) / share)).backward()
+            total = total + loss.detach().double() * len(y)
+        return total
+
+    def _gradients_in_step(self, batch: Batch, sizes: list[int], share: float) -> torch.Tensor:
+        """`gradients` for a loss whose forward and backward hold collectives (`rounds`): every rank makes `rounds`
+        forward and backward passes, in step with the others; one without images for it (no micro-batch left, or
+        all unreadable) passes none through the model in eval mode (BatchNorm untouched) and the loss, times 0.
+        DDP all-reduces on the last round on every rank."""
+        if len(batch.labels):
+            images, labels = self.inputs(batch)
+            self.image_shape = tuple(images.shape[1:])
+        elif self.image_shape is None:
+            raise DataError("every sample of a rank's first batch was unreadable; the shards are damaged: "
+                            "write them again.")
+        else:
+            images = torch.zeros((0, *self.image_shape), device=self.device)
+            labels = torch.zeros(0, dtype=torch.int64, device=self.device)
+        sizes = sizes + [0] * (self.rounds - len(sizes))
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        for i, (x, y) in enumerate(zip(images.split(sizes), labels.split(sizes))):
+            if not len(y):
+                x = images.new_zeros((0, *self.image_shape))
+                self.trained.eval()
+            with parallel.no_sync(self.trained, sync=i == self.rounds - 1):
+                with self.autocast():
+                    loss = self.trained(x, y)["total"]
+                self.scaler.scale(loss * (len(y) / share)).backward()
+            self.trained.train()
             total = total + loss.detach().double() * len(y)
         return total
 
@@ -134,8 +170,10 @@ class StepRecipe:
 
     def distribute(self, ctx: dist.Dist, perf: DictConfig, ddp: DictConfig) -> None:
         """DDP (and torch.compile) around model + loss: every rank now holds rank 0's weights and loss parameters."""
-        self.trained = parallel.wrap_model(ModelWithLoss(self.model, self.loss_fn), perf, ddp, ctx.is_distributed,
-                                           ctx.device)
+        trained = ModelWithLoss(self.model, self.loss_fn)
+        if sharded_names(trained):  # each rank's own rows of a sharded classifier: no broadcast, no average
+            keep_out_of_ddp(trained)
+        self.trained = parallel.wrap_model(trained, perf, ddp, ctx.is_distributed, ctx.device)
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "loss": self.loss_fn.state_dict(),

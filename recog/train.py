@@ -30,6 +30,7 @@ from recog.model import Output
 from recog.preempt import Preempted, StopOnSignal
 from recog.retrieval import metrics_from_sums, retrieval_sums, undefined
 from recog.rundir import hold_run_dir
+from recog.sharded import ShardedClassifier, ShardedLoss, top1_in_rounds
 from recog.step import StepRecipe
 
 log = logging.getLogger("recog")
@@ -116,7 +117,7 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, stop: StopOnSignal) ->
         dist.broadcast_buffers(recipe.model)  # rank 0's BatchNorm statistics everywhere: one model is evaluated
         result = evaluate(recipe.model, data.test_loader, recipe.normalize, ctx, retrieval=cfg.eval.retrieval,
                           keep_images=cfg.eval.projector if position.epoch == cfg.epochs else 0,
-                          gallery_loader=data.gallery_loader)
+                          gallery_loader=data.gallery_loader, classifier=sharded_classifier(recipe.loss_fn))
         report_epoch(writer, cfg.epochs, position, stats, result, data.classes)
         checkpoints.save(position.step, result.top1)
     return finish(cfg, ctx, run_dir, writer, recipe, position, stats, result, totals.sums, checkpoints.best_top1)
@@ -231,26 +232,35 @@ class Evaluation:
 
 @torch.no_grad()
 def evaluate(model, loader, normalize, ctx: dist.Dist, retrieval: bool = False, keep_images: int = 0,
-             gallery_loader=None) -> Evaluation:
+             gallery_loader=None, classifier: ShardedClassifier | None = None) -> Evaluation:
     """Top-1 over the test split, and optionally retrieval metrics: each test image queried against the
     others, or against `gallery_loader`'s images (eval.gallery). Each rank holds a disjoint slice of the test
     images (no padding), so every one counts exactly once; for retrieval, each rank searches only its own
-    slice against the whole gallery, and the per-query sums are added up over the ranks."""
+    slice against the whole gallery, and the per-query sums are added up over the ranks. `classifier`: a sharded
+    classifier's rows (the model has none), whose top-1 every rank computes together once its images are embedded
+    (the ranks hold different numbers of them)."""
     model.eval()
     counts = torch.zeros(2, device=ctx.device, dtype=torch.int64)  # [correct, seen]
     embeddings, labels_seen, images = [], [], []
     for batch, labels, out in forward(model, loader, normalize, ctx.device):
-        correct = (out.logits.argmax(dim=1) == labels).sum()
-        counts += torch.stack([correct, torch.tensor(len(labels), device=ctx.device)])
-        if retrieval:
+        if classifier is None:
+            correct = (out.logits.argmax(dim=1) == labels).sum()
+            counts += torch.stack([correct, torch.tensor(len(labels), device=ctx.device)])
+        if retrieval or classifier is not None:
             embeddings.append(out.embeddings)
             labels_seen.append(labels)
-            if sum(len(x) for x in images) < keep_images:
-                images.append(batch.images)
+        if retrieval and sum(len(x) for x in images) < keep_images:
+            images.append(batch.images)
     if retrieval and gallery_loader is not None:
         gallery_parts = [(out.embeddings, labels) for _, labels, out in forward(model, gallery_loader, normalize,
                                                                                 ctx.device)]
     model.train()
+    if classifier is not None:
+        dim = classifier.weight.shape[1]
+        mine = torch.cat(embeddings) if embeddings else torch.zeros(0, dim, device=ctx.device)
+        labels_mine = torch.cat(labels_seen) if labels_seen else torch.zeros(0, dtype=torch.int64, device=ctx.device)
+        predicted = top1_in_rounds(classifier, mine)
+        counts = torch.stack([(predicted == labels_mine).sum(), torch.tensor(len(labels_mine), device=ctx.device)])
     correct, seen = dist.all_reduce_sum(counts).tolist()
     result = Evaluation(correct / max(seen, 1), seen, {})
     if retrieval:
@@ -269,6 +279,11 @@ def evaluate(model, loader, normalize, ctx: dist.Dist, retrieval: bool = False, 
         if undefined(sums) and ctx.is_main:
             log.warning("%s; they are NaN", undefined(sums))
     return result
+
+
+def sharded_classifier(loss_fn) -> ShardedClassifier | None:
+    """The sharded classifier a loss holds (model.classifier=sharded), which evaluation's top-1 needs."""
+    return loss_fn.classifier if isinstance(loss_fn, ShardedLoss) else None
 
 
 def forward(model, loader, normalize, device: torch.device) -> Iterator[tuple[Batch, torch.Tensor, Output]]:
