@@ -18,12 +18,12 @@ from typing import Any, Protocol
 import torch
 from omegaconf import DictConfig
 
-from recog import dist
+from recog import classifier_files, dist
 from recog.data.manifest import load_manifest
 from recog.data.prepare import parse_class_names
 from recog.data.source import is_remote
 from recog.errors import ConfigError, RecogError
-from recog.files import atomic_write, fsync_dir
+from recog.files import atomic_write, fsync_dir, is_plain_name
 
 log = logging.getLogger("recog")
 
@@ -50,8 +50,14 @@ def _link_atomically(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
-def save_step_checkpoint(state: dict[str, Any], folder: str | Path, step: int, keep: int, is_best: bool) -> Path:
-    """Write `step-NNNNNNNNN.pt`, point `last.pt` (and `best.pt` when `is_best`) at it, keep the newest `keep`."""
+BEST_ROWS = "best.rows"  # a link to the folder of classifier rows that best.pt names (model.classifier=sharded)
+
+
+def save_step_checkpoint(state: dict[str, Any], folder: str | Path, step: int, keep: int, is_best: bool,
+                         rows: str | None = None) -> Path:
+    """Write `step-NNNNNNNNN.pt`, point `last.pt` (and `best.pt` when `is_best`) at it, keep the newest `keep`.
+    `rows`: the folder of a sharded classifier's rows this checkpoint names (already complete, beside it); the
+    folders no kept checkpoint names (nor best.pt) are removed with their checkpoints."""
     folder = Path(folder)
     path = folder / f"step-{step:09d}.pt"
     try:
@@ -63,10 +69,27 @@ def save_step_checkpoint(state: dict[str, Any], folder: str | Path, step: int, k
     _link_atomically(path, folder / "last.pt")
     if is_best:
         _link_atomically(path, folder / "best.pt")
+        if rows:
+            tmp = folder / f".{BEST_ROWS}.tmp-{os.getpid()}"
+            tmp.unlink(missing_ok=True)
+            os.symlink(rows, tmp)
+            os.replace(tmp, folder / BEST_ROWS)
     for old in sorted(folder.glob("step-*.pt"))[:-keep]:  # last.pt and best.pt keep their own links
         old.unlink()
+    remove_unnamed_rows(folder)
     fsync_dir(folder)
     return path
+
+
+def remove_unnamed_rows(folder: Path) -> None:
+    """Remove the folders of classifier rows that no step-*.pt and not best.pt names: those of removed checkpoints,
+    and of a save cut short before its checkpoint was written."""
+    named = {f"{path.stem}.rows" for path in folder.glob("step-*.pt")}
+    if (folder / BEST_ROWS).is_symlink():
+        named.add(os.readlink(folder / BEST_ROWS))
+    for rows in folder.glob("step-*.rows"):
+        if rows.name not in named:
+            classifier_files.remove(rows)
 
 
 def load_newest_checkpoint(folder: str | Path, log) -> tuple[Path, dict[str, Any]] | None:
@@ -172,6 +195,46 @@ class RandomState:
             torch.cuda.set_rng_state(state["cuda_rng"])
 
 
+class ClassifierRows:
+    """A sharded classifier's rows and their optimizer state (AdamW's exp_avg and exp_avg_sq, SGD's momentum_buffer:
+    one value per row), which each rank holds its own slice of (model.classifier=sharded): every rank writes its
+    slice into one folder beside the checkpoint (recog.classifier_files), and reads back the rows of this run's
+    slice, whatever the world size that wrote them; no rank ever holds the whole classifier. Both are collective."""
+
+    def __init__(self, classifier, optimizer: torch.optim.Optimizer, ctx: dist.Dist):
+        self.classifier, self.optimizer, self.ctx = classifier, optimizer, ctx
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        rows = self.classifier.weight
+        state = self.optimizer.state.get(rows, {})
+        return {"weight": rows.detach(), **{name: value for name, value in state.items()
+                                            if torch.is_tensor(value) and value.shape == rows.shape}}
+
+    def save(self, folder: Path) -> None:
+        """Every rank: its slice into `folder` (a folder of this step left by a save cut short is removed first),
+        then rank 0 marks the folder complete; the checkpoint that names it is written after."""
+        if self.ctx.is_main and folder.exists():
+            classifier_files.remove(folder)
+        dist.control_barrier()  # no rank writes into the folder being removed
+        tensors, total = self.tensors(), self.classifier.num_classes
+        dist.fail_together(lambda: classifier_files.write_slice(folder, tensors, self.classifier.classes, total),
+                           self.ctx, "writing the classifier's rows")
+        if self.ctx.is_main:
+            classifier_files.finish(folder, total, tensors)
+
+    @torch.no_grad()
+    def restore(self, folder: Path) -> None:
+        """This rank's rows (and their optimizer state) from `folder`, after the optimizer's state_dict was loaded."""
+        classifier = self.classifier
+        read = dist.fail_together(lambda: classifier_files.read_rows(folder, classifier.classes,
+                                                                     total=classifier.num_classes),
+                                  self.ctx, "reading the classifier's rows")
+        rows = classifier.weight
+        rows.copy_(read.pop("weight"))
+        for name, value in read.items():
+            self.optimizer.state[rows][name] = value.to(rows.device, copy=True)
+
+
 class Checkpoints:
     """A dictionary of stateful components (the step recipe, the data position, the random generators, ...)
     whose states it writes into one checkpoint and puts back from one, in their order, never reaching inside
@@ -182,11 +245,13 @@ class Checkpoints:
     other ranks, whose components equal rank 0's after every step."""
 
     def __init__(self, settings: DictConfig, folder: Path, is_main: bool, components: dict[str, Stateful],
-                 config: dict[str, Any], classes: list[str] | None = None):
+                 config: dict[str, Any], classes: list[str] | None = None, rows: ClassifierRows | None = None):
         """`settings`: the config's checkpoint section; `config`: the run's whole resolved config, saved with
         every checkpoint; `classes`: the run's class names in label order, saved as "classes" (what weights=
-        maps a classifier by, and exports name; `trained_class_names`)."""
+        maps a classifier by, and exports name; `trained_class_names`); `rows`: a sharded classifier's, which
+        every rank saves (then `save` is collective: every rank calls it at the same steps)."""
         self.folder, self.is_main, self.components, self.config = folder, is_main, components, config
+        self.rows = rows
         self.classes = list(classes) if classes is not None else None
         self.keep, self.every_steps, self.every_minutes = settings.keep, settings.every_steps, settings.every_minutes
         self.best_top1, self.top1 = -1.0, float("nan")
@@ -217,11 +282,17 @@ class Checkpoints:
         if is_best:
             self.best_top1 = top1
         self.top1 = top1
-        if not self.is_main or step == self.last_step:
+        if step == self.last_step:
             return None
-        path = save_step_checkpoint(self.state_dict(), self.folder, step, self.keep, is_best)
+        rows = None
+        if self.rows is not None:  # every rank its slice, before rank 0's checkpoint names the folder
+            rows = f"step-{step:09d}.rows"
+            self.rows.save(self.folder / rows)
         self.last_step, self.last_time = step, time.monotonic()
-        return path
+        if not self.is_main:
+            return None
+        state = {**self.state_dict(), **({"classifier_rows": rows} if rows else {})}
+        return save_step_checkpoint(state, self.folder, step, self.keep, is_best, rows)
 
     def save_if_due(self, step: int) -> None:
         """Within an epoch: a checkpoint every `every_steps` steps and/or `every_minutes` minutes."""
@@ -236,6 +307,16 @@ class Checkpoints:
         if found:
             self.resumed_from, state = found
             self.load_state_dict(state)
+            if self.rows is not None:
+                self.rows.restore(self.rows_folder(Path(self.resumed_from), state))
+
+    def rows_folder(self, path: Path, state: dict[str, Any]) -> Path:
+        """The folder of classifier rows that the checkpoint at `path` names: a plain name beside it."""
+        name = state.get("classifier_rows")
+        if not is_plain_name(name):
+            raise ConfigError(f"{path} names no folder of sharded classifier rows beside it (it was not trained with "
+                              "model.classifier=sharded); resume with the model.classifier it was trained with.")
+        return path.parent / name
 
 
 def find_resume_point(settings: DictConfig, resume: str | None, run_dir: Path,

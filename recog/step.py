@@ -25,7 +25,7 @@ from recog.data.position import Position
 from recog.errors import DataError
 from recog.loss import ModelWithLoss
 from recog.model import state_mismatch
-from recog.sharded import keep_out_of_ddp, sharded_names
+from recog.sharded import ShardedClassifier, keep_out_of_ddp, sharded_names
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -175,9 +175,34 @@ class StepRecipe:
             keep_out_of_ddp(trained)
         self.trained = parallel.wrap_model(trained, perf, ddp, ctx.is_distributed, ctx.device)
 
+    def sharded_classifier(self) -> ShardedClassifier | None:
+        """The loss's sharded classifier (model.classifier=sharded), whose rows and their optimizer state each rank
+        saves apart (recog.checkpoint.ClassifierRows): `state_dict` leaves them out."""
+        classifier = getattr(self.loss_fn, "classifier", None)
+        return classifier if isinstance(classifier, ShardedClassifier) else None
+
+    def _loss_state(self) -> dict:
+        state = self.loss_fn.state_dict()
+        if self.sharded_classifier() is not None:  # this rank's rows alone: saved apart
+            state.pop("classifier.weight")
+        return state
+
+    def _optimizer_state(self) -> dict:
+        state = self.optimizer.state_dict()
+        classifier = self.sharded_classifier()
+        if classifier is None:
+            return state
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        index = next(i for i, p in enumerate(params) if p is classifier.weight)
+        if index in state["state"]:  # keep what is not one value per row (AdamW's step), the same on every rank
+            rows = classifier.weight
+            state["state"] = {**state["state"], index: {k: v for k, v in state["state"][index].items()
+                                                        if not (torch.is_tensor(v) and v.shape == rows.shape)}}
+        return state
+
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "loss": self.loss_fn.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+        return {"model": self.model.state_dict(), "loss": self._loss_state(),
+                "optimizer": self._optimizer_state(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -187,7 +212,7 @@ class StepRecipe:
         on, `Position.schedule_step`). Each parameter group keeps this run's `lr_scale`."""
         scales = [group.get("lr_scale", 1.0) for group in self.optimizer.param_groups]
         self.model.load_state_dict(state["model"])
-        self.loss_fn.load_state_dict(state["loss"])
+        self.loss_fn.load_state_dict(state["loss"], strict=self.sharded_classifier() is None)  # (`mismatch`)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -201,8 +226,8 @@ class StepRecipe:
     def mismatch(self, state: dict) -> tuple[str, str] | None:
         """What of a saved state does not fit this recipe's model or loss, ("model" or "loss", how), else None:
         checked before `load_state_dict`, whose own error would be torch's."""
-        for name, module in (("model", self.model), ("loss", self.loss_fn)):
-            problem = state_mismatch(module.state_dict(), state[name])
+        for name, own in (("model", self.model.state_dict()), ("loss", self._loss_state())):
+            problem = state_mismatch(own, state[name])
             if problem:
                 return name, problem
         return None

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from recog import dist
 from recog.build import build_data, build_recipe
-from recog.checkpoint import Checkpoints, RandomState, check_resume_point, find_resume_point
+from recog.checkpoint import Checkpoints, ClassifierRows, RandomState, check_resume_point, find_resume_point
 from recog.config import check_config
 from recog.data.loader import Batch, stop_data_workers
 from recog.data.position import Position
@@ -30,7 +30,7 @@ from recog.model import Output
 from recog.preempt import Preempted, StopOnSignal
 from recog.retrieval import metrics_from_sums, retrieval_sums, undefined
 from recog.rundir import hold_run_dir
-from recog.sharded import ShardedClassifier, ShardedLoss, top1_in_rounds
+from recog.sharded import ShardedClassifier, top1_in_rounds
 from recog.step import StepRecipe
 
 log = logging.getLogger("recog")
@@ -80,9 +80,11 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, stop: StopOnSignal) ->
     position = data.start(ctx.world_size)
     recipe = build_recipe(cfg, ctx, data, position)  # its LR schedule follows the position
     check_resume_point(found, run_dir, cfg.model.backbone, recipe.mismatch)
+    classifier = recipe.sharded_classifier()  # its rows: each rank saves and restores its own
     checkpoints = Checkpoints(cfg.checkpoint, run_dir / "checkpoints", ctx.is_main,
                               {"position": position, "recipe": recipe, "rng": RandomState(ctx.device)},
-                              config=OmegaConf.to_container(cfg, resolve=True), classes=data.classes)
+                              config=OmegaConf.to_container(cfg, resolve=True), classes=data.classes,
+                              rows=ClassifierRows(classifier, recipe.optimizer, ctx) if classifier else None)
     checkpoints.restore(found)  # in that order: the recipe's LR is this run's at the restored position
     if checkpoints.resumed_from:
         log.info("resumed from %s: %s", checkpoints.resumed_from, position)
@@ -117,7 +119,7 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, stop: StopOnSignal) ->
         dist.broadcast_buffers(recipe.model)  # rank 0's BatchNorm statistics everywhere: one model is evaluated
         result = evaluate(recipe.model, data.test_loader, recipe.normalize, ctx, retrieval=cfg.eval.retrieval,
                           keep_images=cfg.eval.projector if position.epoch == cfg.epochs else 0,
-                          gallery_loader=data.gallery_loader, classifier=sharded_classifier(recipe.loss_fn))
+                          gallery_loader=data.gallery_loader, classifier=classifier)
         report_epoch(writer, cfg.epochs, position, stats, result, data.classes)
         checkpoints.save(position.step, result.top1)
     return finish(cfg, ctx, run_dir, writer, recipe, position, stats, result, totals.sums, checkpoints.best_top1)
@@ -279,11 +281,6 @@ def evaluate(model, loader, normalize, ctx: dist.Dist, retrieval: bool = False, 
         if undefined(sums) and ctx.is_main:
             log.warning("%s; they are NaN", undefined(sums))
     return result
-
-
-def sharded_classifier(loss_fn) -> ShardedClassifier | None:
-    """The sharded classifier a loss holds (model.classifier=sharded), which evaluation's top-1 needs."""
-    return loss_fn.classifier if isinstance(loss_fn, ShardedLoss) else None
 
 
 def forward(model, loader, normalize, device: torch.device) -> Iterator[tuple[Batch, torch.Tensor, Output]]:
