@@ -114,7 +114,7 @@ def check_embed_config(cfg: DictConfig) -> None:
 
 def open_model(path: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict]:
     """An export's program, or a checkpoint's embedder built as recog.export builds it; with model.json's info."""
-    from recog.export import Embedder, describe, read_checkpoint, rebuild_model, training_class_names
+    from recog.export import Embedder, class_count, describe, read_checkpoint, rebuild_model, training_class_names
 
     path = Path(path)
     if path.is_dir():
@@ -125,7 +125,7 @@ def open_model(path: str) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict]
                           "checkpoint written by train.py.")
     ckpt = read_checkpoint(path, "model=")
     model = rebuild_model(ckpt, path)
-    info = describe(ckpt, path, model, training_class_names(ckpt, model.class_weights.shape[0])[0])
+    info = describe(ckpt, path, model, training_class_names(ckpt, class_count(ckpt, model))[0])
     return Embedder(model, info["mean"], info["std"]).eval(), info
 
 

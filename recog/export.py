@@ -87,11 +87,12 @@ def rebuild_model(ckpt: dict, path: str | Path) -> RecognitionModel:
     if target != "recog.model.RecognitionModel":
         raise ConfigError(f"{path} holds a {target} model; recog.export exports recog.model.RecognitionModel only.")
     state = ckpt["model"]
-    if "class_weights" not in state:
+    sharded = spec.get("classifier") == "sharded"  # its rows lie in slice files beside it: the export embeds only
+    if "class_weights" not in state and not sharded:
         raise ConfigError(f"{path} holds no recog model weights (no class_weights); export a checkpoint written "
                           "by train.py.")
     try:
-        model = RecognitionModel(num_classes=state["class_weights"].shape[0],
+        model = RecognitionModel(num_classes=0 if sharded else state["class_weights"].shape[0],
                                  in_channels=data_settings(config, path)["channels"], **spec)
     except TypeError as e:
         raise ConfigError(f"the model settings in {path} do not fit this recog version ({e}); export it with "
@@ -102,6 +103,12 @@ def rebuild_model(ckpt: dict, path: str | Path) -> RecognitionModel:
                           "the checkpoint is damaged: export another one.")
     model.load_state_dict(state)
     return model.eval()
+
+
+def class_count(ckpt: dict, model: RecognitionModel) -> int:
+    """The classes the model was trained on: its classifier's rows, or (model.classifier=sharded, rows not in the
+    model) the checkpoint's class names."""
+    return model.class_weights.shape[0] if model.class_weights is not None else len(ckpt.get("classes") or [])
 
 
 def training_class_names(ckpt: dict, num_classes: int) -> tuple[list[str], str]:
@@ -171,7 +178,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, onnx: bool = True, overw
     check_out_dir(out_dir, checkpoint, overwrite)
     ckpt = read_checkpoint(checkpoint)
     model = rebuild_model(ckpt, checkpoint)
-    classes, classes_from = training_class_names(ckpt, model.class_weights.shape[0])
+    classes, classes_from = training_class_names(ckpt, class_count(ckpt, model))
     info = describe(ckpt, checkpoint, model, classes) | {"classes_from": classes_from}
     embedder = Embedder(model, info["mean"], info["std"]).eval()
     program = export_program(embedder, info["input"]["channels"], info["input"]["image_size"])

@@ -1,0 +1,187 @@
+"""model.classifier=sharded end to end, for real: train.py under torchrun with 2 gloo processes, each holding half
+of the classifier's rows (recog.sharded), against the replicated classifier, and resumed on 1 process.
+
+One module-scoped set of runs on 256 training images (2 epochs of 4 steps, global batch 64, AdamW):
+  sharded    2 processes, model.classifier=sharded
+  replicated 2 processes, the default classifier, started from weights= holding the backbone the sharded run starts
+             from (the same seed) and the rows its two ranks drew: the two runs start from the same numbers
+  resumed    1 process, model.classifier=sharded, from the sharded run's epoch-1 checkpoint (its rows in two slice
+             files re-sliced into one), to the end of epoch 2
+"""
+
+import json
+
+import pytest
+import torch
+from conftest import recog_frames, run_train, tiny_args, tiny_split
+from test_train import read_scalars
+
+from recog.checkpoint import load_checkpoint
+from recog.classifier_files import read_layout, read_rows
+from recog.config import check_config
+from recog.errors import ConfigError
+from recog.model import RecognitionModel
+from recog.rundir import compose_train_config
+from recog.sharded import ShardedClassifier
+
+pytestmark = pytest.mark.slow
+
+CLASSES, DIM = 10, 128
+# fp32 throughout. The sharded loss adds its log-sum-exp over two ranks' partial sums, the replicated one over all
+# classes at once, so the two differ by rounding: measured over these 8 steps, the losses by at most 5e-7, the rows
+# by 2e-8, the backbone by 3e-6, AdamW's exp_avg and exp_avg_sq by 5e-7 of their largest value. (AdamW divides each
+# update by the root of its running squared gradient, which turns a rounding difference in a tiny gradient into
+# one in the update: over more steps these grow, to ~1e-3 after 16 steps of the default job, so the runs are kept
+# short.) The tolerances are 10-500 times those, and each check also asserts the steps moved what it compares by
+# far more than its tolerance (the rows by 3e-3 in epoch 2, 2e-2 in epoch 1), so that a wrong gradient, a lost
+# optimizer state or rows from the wrong rank fail it.
+LOSS_TOLERANCE, WEIGHT_TOLERANCE, STATE_TOLERANCE = 1e-5, 1e-5, 1e-5  # STATE: relative to its largest value
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("small")
+    tiny_split(root / "train", "train", 256, 128)
+    tiny_split(root / "test", "test", 96, 64)
+    return {"train": root / "train", "test": root / "test"}
+
+
+def args(data, run, **overrides):
+    return tiny_args(data, epochs=2, log_every=1, **{"checkpoint.keep": 3, **overrides}) + [f"hydra.run.dir={run}"]
+
+
+@pytest.fixture(scope="module")
+def runs(small_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    sharded = run_train(args(small_data, root / "sharded", **{"model.classifier": "sharded"}), cwd=root, nproc=2)
+    assert sharded.returncode == 0, sharded.stdout + sharded.stderr
+
+    torch.manual_seed(0)  # train.py's seed: the backbone the sharded run started from
+    start = RecognitionModel("convnet", CLASSES, 1, width=16).state_dict()
+    start["class_weights"] = torch.cat([ShardedClassifier(CLASSES, DIM, rank, 2, seed=0).weight.detach()
+                                        for rank in range(2)])  # the rows each of its ranks drew
+    torch.save(start, root / "start.pt")
+    replicated = run_train(args(small_data, root / "replicated", weights=root / "start.pt"), cwd=root, nproc=2)
+    assert replicated.returncode == 0, replicated.stdout + replicated.stderr
+
+    epoch1 = root / "sharded" / "checkpoints" / "step-000000004.pt"
+    resumed = run_train(args(small_data, root / "resumed", **{"model.classifier": "sharded", "resume": epoch1}),
+                        cwd=root, nproc=None)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    return {"root": root, "sharded": sharded, "replicated": replicated, "resumed": resumed}
+
+
+def rows(run, step: int) -> dict[str, torch.Tensor]:
+    """The whole classifier (and its optimizer state) a sharded run saved at `step`, read from its slice files."""
+    folder = run / "checkpoints" / f"step-{step:09d}.rows"
+    return read_rows(folder, range(CLASSES), total=CLASSES)
+
+
+def largest(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def test_two_processes_train_a_sharded_classifier_and_report_top1(runs):
+    run = runs["root"] / "sharded"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["step"] == 8 and metrics["world_size"] == 2 and metrics["eval_samples"] == 96
+    assert 0.0 <= metrics["top1"] <= 1.0 and "| top-1 " in runs["sharded"].stdout  # equal to replicated's: below
+    losses = read_scalars(run / "tb")["train/loss"]
+    assert losses[-1] < losses[0] - 0.5, losses  # it trains (8 steps, mostly warmup: top-1 is still near chance)
+    ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert "class_weights" not in ckpt["model"] and "classifier.weight" not in ckpt["loss"]  # the rows: apart
+    assert ckpt["classifier_rows"] == "step-000000008.rows"
+    layout = read_layout(run / "checkpoints" / "step-000000008.rows")  # one slice file per rank, complete
+    assert [(f["start"], f["stop"]) for f in layout["files"]] == [(0, 5), (5, 10)]
+    assert sorted(layout["tensors"]) == ["exp_avg", "exp_avg_sq", "weight"]  # AdamW's state of each row too
+    # checkpoint.keep=3 of 2 epochs: both kept, their folders too; a folder no checkpoint names would be removed
+    assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == [
+        "step-000000004.pt", "step-000000004.rows", "step-000000008.pt", "step-000000008.rows"]
+    assert not [p for p in run.rglob("*") if ".tmp" in p.name]
+
+
+def test_sharded_training_equals_the_replicated_classifier(runs):
+    """Same seed, same start: every step's loss, the top-1, the backbone and the rows (and AdamW's state of
+    them) after each epoch equal the replicated run's, within fp32 rounding."""
+    sharded, replicated = runs["root"] / "sharded", runs["root"] / "replicated"
+    losses = read_scalars(sharded / "tb")["train/loss"], read_scalars(replicated / "tb")["train/loss"]
+    assert len(losses[0]) == len(losses[1]) == 8
+    assert max(abs(a - b) for a, b in zip(*losses)) < LOSS_TOLERANCE, losses
+    top1 = [json.loads((run / "metrics.json").read_text())["top1"] for run in (sharded, replicated)]
+    assert top1[0] == top1[1]
+    for step in (4, 8):
+        mine = load_checkpoint(sharded / "checkpoints" / f"step-{step:09d}.pt")
+        theirs = load_checkpoint(replicated / "checkpoints" / f"step-{step:09d}.pt")
+        assert set(theirs["model"]) - set(mine["model"]) == {"class_weights"}
+        for key, value in mine["model"].items():  # the backbone, the embedding head, BatchNorm's statistics
+            assert largest(value, theirs["model"][key]) < WEIGHT_TOLERANCE, (step, key)
+        saved = rows(sharded, step)
+        assert largest(saved["weight"], theirs["model"]["class_weights"]) < WEIGHT_TOLERANCE, step
+        for name in ("exp_avg", "exp_avg_sq"):
+            expected = theirs["optimizer"]["state"][0][name]  # class_weights: the model's own, its first parameter
+            assert expected.shape == (CLASSES, DIM)
+            assert largest(saved[name], expected) <= STATE_TOLERANCE * expected.abs().max().item(), (step, name)
+    start = torch.load(runs["root"] / "start.pt", weights_only=True)
+    assert largest(rows(sharded, 4)["weight"], start["class_weights"]) > 100 * WEIGHT_TOLERANCE  # the rows moved
+
+
+def test_resumed_on_one_process_the_rows_are_re_sliced_and_training_goes_on(runs):
+    """The 1-process run reads both ranks' slice files into its one slice (weights and AdamW's state), and its
+    epoch 2 ends where the 2-process run's did."""
+    assert "resumed from" in runs["resumed"].stdout and "epoch 1/2" not in runs["resumed"].stdout
+    resumed, sharded = runs["root"] / "resumed", runs["root"] / "sharded"
+    layout = read_layout(resumed / "checkpoints" / "step-000000008.rows")
+    assert [(f["start"], f["stop"]) for f in layout["files"]] == [(0, 10)]
+    one, two = rows(resumed, 8), rows(sharded, 8)
+    moved = largest(two["weight"], rows(sharded, 4)["weight"])
+    assert moved > 100 * WEIGHT_TOLERANCE  # epoch 2 moved the rows (by 3e-3): the comparison can fail
+    assert largest(one["weight"], two["weight"]) < WEIGHT_TOLERANCE
+    for name in ("exp_avg", "exp_avg_sq"):
+        assert largest(one[name], two[name]) <= STATE_TOLERANCE * two[name].abs().max().item(), name
+    a = load_checkpoint(resumed / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(sharded / "checkpoints" / "last.pt")["model"]
+    # the parameters; BatchNorm's running statistics differ on any change of world size (one process updates them
+    # from each of its two micro-batches, two processes each from one, then rank 0's are kept), sharded or not
+    parameters = [key for key in b if key.rsplit(".", 1)[-1] not in ("running_mean", "running_var",
+                                                                      "num_batches_tracked")]
+    assert len(parameters) > 10 and max(largest(a[key], b[key]) for key in parameters) < WEIGHT_TOLERANCE
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["loss=ce_triplet"], "model.classifier=sharded trains on cross-entropy alone; use loss=ce or loss=arcface"),
+    (["sampler=pk"], "model.classifier=sharded is not yet wired for sampler=pk"),
+    (["perf.compile=true"], "perf.compile=true would compile the sharded classifier's collectives"),
+    (["weights=/some/file.pt"], "weights= does not yet load a classifier sharded across processes"),
+    (["checkpoint.every_minutes=5"], "checkpoint.every_minutes would let rank 0's clock alone decide"),
+    (["loss.sample_rate=0"], r"loss.sample_rate=0 is not valid; give a number above 0"),
+    (["loss.sample_rate=1.5"], r"loss.sample_rate=1.5 is the share of classes scored each step"),
+    (["model.classifier=split"], "model.classifier=split is unknown; use replicated"),
+])
+def test_what_sharded_does_not_do_is_refused_before_any_process_group(tiny_data, overrides, message):
+    cfg = compose_train_config(f"data.train={tiny_data['train']}", f"data.test={tiny_data['test']}",
+                               "model.classifier=sharded", *overrides)
+    with pytest.raises(ConfigError, match=message):
+        check_config(cfg)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.classifier=sharded", "sampler=pk"], "model.classifier=sharded is not yet wired for sampler=pk"),
+    (["loss.sample_rate=0.1"], "loss.sample_rate=0.1 samples the classes of a sharded classifier; add "
+                               "model.classifier=sharded"),
+])
+def test_refusals_under_torchrun_are_one_sentence(tiny_data, tmp_path, overrides, message):
+    result = run_train(tiny_args(tiny_data) + overrides, cwd=tmp_path, nproc=2, timeout=120)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert not recog_frames(result.stderr), result.stderr
+
+
+
+def test_a_sharded_run_exports_its_embedder(runs, tmp_path):
+    """The export is the model's embeddings (the classifier's rows stay in their slice files); the classes are the
+    checkpoint's names."""
+    from recog.export import export
+
+    info = export(runs["root"] / "sharded" / "checkpoints" / "last.pt", tmp_path / "export", onnx=False)
+    assert len(info["classes"]) == CLASSES and info["embedding_dim"] == DIM
