@@ -213,9 +213,12 @@ class ClassifierRows:
     def save(self, folder: Path) -> None:
         """Every rank: its slice into `folder` (a folder of this step left by a save cut short is removed first),
         then rank 0 marks the folder complete; the checkpoint that names it is written after."""
-        if self.ctx.is_main and folder.exists():
-            classifier_files.remove(folder)
-        dist.control_barrier()  # no rank writes into the folder being removed
+        def remove_cut_short():
+            if folder.exists():
+                classifier_files.remove(folder)
+
+        # rank 0 alone, and no rank writes before it is done (its failure, one sentence, stops every rank here)
+        dist.run_on_rank0(remove_cut_short, self.ctx, "removing a classifier folder left by a save cut short")
         tensors, total = self.tensors(), self.classifier.num_classes
         dist.fail_together(lambda: classifier_files.write_slice(folder, tensors, self.classifier.classes, total),
                            self.ctx, "writing the classifier's rows")

@@ -267,3 +267,55 @@ def test_a_folder_or_a_device_given_as_a_checkpoint_is_one_sentence_naming_the_o
         load_checkpoint(run, "resume=")
     with pytest.raises(ConfigError, match=r"^/dev/zero is not a regular file \(a device, FIFO or socket\)"):
         load_checkpoint("/dev/zero", "resume=")
+
+
+def sharded_recipe(seed: int):
+    """A StepRecipe whose loss holds a sharded classifier (one process: all 10 rows), trained by AdamW."""
+    from recog.build import parameter_groups
+    from recog.sharded import ShardedClassifier, ShardedLoss
+    from recog.step import StepRecipe
+
+    torch.manual_seed(seed)  # the model's start; the classifier's rows and Partial FC's draws follow the run's seed
+    model, loss_fn = torch.nn.Linear(6, 8), ShardedLoss(ShardedClassifier(10, 8, seed=3, sample_rate=0.5))
+    with torch.no_grad():
+        loss_fn.classifier.weight.add_(seed)
+    return StepRecipe(model, torch.optim.AdamW(parameter_groups(model, loss_fn, 0.1), lr=0.1), loss_fn, lr=0.1)
+
+
+def test_a_sharded_classifier_s_rows_and_adamw_state_are_saved_apart_and_restored(tmp_path):
+    """StepRecipe.state_dict leaves the rows and their per-row AdamW state out (each rank writes its own slice,
+    ClassifierRows); restored into a recipe that started elsewhere, rows, exp_avg, exp_avg_sq, AdamW's step and
+    Partial FC's step all come back, and the next step is the one the saved recipe takes."""
+    from recog.checkpoint import ClassifierRows
+    from recog.dist import Dist
+    from recog.model import Output
+
+    ctx = Dist(0, 0, 1, 1, torch.device("cpu"), None)
+    saved = sharded_recipe(seed=1)
+    x, labels = torch.randn(4, 6), torch.tensor([0, 3, 5, 9])
+
+    def step(recipe):
+        output = Output(torch.nn.functional.normalize(recipe.model(x), dim=1), torch.zeros(4, 0))
+        recipe.loss_fn(output, labels)["total"].backward()
+        recipe.optimizer.step()
+        recipe.optimizer.zero_grad()
+
+    for _ in range(2):
+        step(saved)
+    state = load_checkpoint(save_checkpoint(saved.state_dict(), tmp_path / "step-2.pt"))  # nothing shared with it
+    assert "classifier.weight" not in state["loss"] and int(state["loss"]["classifier.step"]) == 2
+    rows_state = state["optimizer"]["state"][2]  # model weight, bias, then the rows (the loss's group)
+    assert set(rows_state) == {"step"}  # exp_avg and exp_avg_sq: one value per row, in the slice files
+    ClassifierRows(saved.sharded_classifier(), saved.optimizer, ctx).save(tmp_path / "step-2.rows")
+
+    restored = sharded_recipe(seed=2)
+    assert not torch.equal(restored.sharded_classifier().weight, saved.sharded_classifier().weight)
+    assert restored.mismatch(state) is None
+    restored.load_state_dict(state)
+    ClassifierRows(restored.sharded_classifier(), restored.optimizer, ctx).restore(tmp_path / "step-2.rows")
+    mine, theirs = restored.sharded_classifier().weight, saved.sharded_classifier().weight
+    assert torch.equal(mine, theirs)
+    for name in ("exp_avg", "exp_avg_sq", "step"):
+        assert torch.equal(restored.optimizer.state[mine][name], saved.optimizer.state[theirs][name]), name
+    step(saved), step(restored)
+    assert torch.equal(mine, theirs) and torch.equal(restored.model.weight, saved.model.weight)
