@@ -245,7 +245,9 @@ class Checkpoints:
 
     Rank 0 writes one at the end of every epoch, and within epochs every `checkpoint.every_steps` steps and/or
     `checkpoint.every_minutes` minutes. It decides alone (the time is its clock): saving needs nothing from the
-    other ranks, whose components equal rank 0's after every step."""
+    other ranks, whose components equal rank 0's after every step. With a sharded classifier (`rows`) every rank
+    holds rows of its own and writes them, so every rank saves at the same steps: at epoch ends and every
+    `every_steps` (every_minutes, rank 0's clock alone, is refused by recog.config)."""
 
     def __init__(self, settings: DictConfig, folder: Path, is_main: bool, components: dict[str, Stateful],
                  config: dict[str, Any], classes: list[str] | None = None, rows: ClassifierRows | None = None):

@@ -1,7 +1,9 @@
 """model.classifier=sharded end to end, for real: train.py under torchrun with 2 gloo processes, each holding half
 of the classifier's rows (recog.sharded), against the replicated classifier, and resumed on 1 process.
 
-One module-scoped set of runs on 256 training images (2 epochs of 4 steps, global batch 64, AdamW):
+One module-scoped set of runs on 256 training images (2 epochs of 3 steps, AdamW), each step's global
+batch of 96 cut into 3 micro-batches of 32: rank 0 of 2 reads one of them, rank 1 two, so rank 0 makes an empty
+forward pass each step to keep the sharded classifier's collectives in step (StepRecipe.rounds):
   sharded    2 processes, model.classifier=sharded
   replicated 2 processes, the default classifier, started from weights= holding the backbone the sharded run starts
              from (the same seed) and the rows its two ranks drew: the two runs start from the same numbers
@@ -28,14 +30,17 @@ pytestmark = pytest.mark.slow
 
 CLASSES, DIM = 10, 128
 # fp32 throughout. The sharded loss adds its log-sum-exp over two ranks' partial sums, the replicated one over all
-# classes at once, so the two differ by rounding: measured over these 8 steps, the losses by at most 5e-7, the rows
-# by 2e-8, the backbone by 3e-6, AdamW's exp_avg and exp_avg_sq by 5e-7 of their largest value. (AdamW divides each
-# update by the root of its running squared gradient, which turns a rounding difference in a tiny gradient into
-# one in the update: over more steps these grow, to ~1e-3 after 16 steps of the default job, so the runs are kept
-# short.) The tolerances are 10-500 times those, and each check also asserts the steps moved what it compares by
-# far more than its tolerance (the rows by 3e-3 in epoch 2, 2e-2 in epoch 1), so that a wrong gradient, a lost
-# optimizer state or rows from the wrong rank fail it.
-LOSS_TOLERANCE, WEIGHT_TOLERANCE, STATE_TOLERANCE = 1e-5, 1e-5, 1e-5  # STATE: relative to its largest value
+# classes at once, and the rows' gradient is scaled in another order: the runs differ by rounding, which AdamW then
+# amplifies. Its update of an element is lr * m / (sqrt(v) + eps): a weight whose gradient is at rounding level
+# (some conv weights here) moves by up to lr either way, so the backbone can differ by a fraction of one step's
+# update (lr = 0.006 * 96 / 256 = 2.25e-3) while every loss agrees. Measured over these 6 steps: the first step's
+# loss equal, the others within 1e-4 (5e-5 of the loss), the rows within 1.5e-6, AdamW's exp_avg of them within
+# 3e-4 of its largest value, exp_avg_sq 2e-5, backbone parameters and BatchNorm statistics within 1.7e-4. Each
+# tolerance is ~3-10 times that, and far below what a mistake gives: a loss term assembled wrongly changes the first
+# step's loss by > 1e-2, a gradient scaled wrongly (which AdamW's update would hide) changes exp_avg by its factor,
+# rows from the wrong rank or an optimizer state not restored move the rows by ~lr (each check asserts the steps
+# moved what it compares by more than a hundred times its tolerance).
+FIRST_LOSS, LOSS, ROWS, STATE, BACKBONE = 1e-6, 1e-3, 1e-5, 1e-3, 5e-4  # LOSS and STATE: relative to the value
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +52,8 @@ def small_data(tmp_path_factory):
 
 
 def args(data, run, **overrides):
-    return tiny_args(data, epochs=2, log_every=1, **{"checkpoint.keep": 3, **overrides}) + [f"hydra.run.dir={run}"]
+    return tiny_args(data, epochs=2, log_every=1, global_batch=96, **{"checkpoint.keep": 3, **overrides}) + [
+        f"hydra.run.dir={run}"]
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +70,7 @@ def runs(small_data, tmp_path_factory):
     replicated = run_train(args(small_data, root / "replicated", weights=root / "start.pt"), cwd=root, nproc=2)
     assert replicated.returncode == 0, replicated.stdout + replicated.stderr
 
-    epoch1 = root / "sharded" / "checkpoints" / "step-000000004.pt"
+    epoch1 = root / "sharded" / "checkpoints" / "step-000000003.pt"
     resumed = run_train(args(small_data, root / "resumed", **{"model.classifier": "sharded", "resume": epoch1}),
                         cwd=root, nproc=None)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
@@ -84,45 +90,46 @@ def largest(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_two_processes_train_a_sharded_classifier_and_report_top1(runs):
     run = runs["root"] / "sharded"
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["step"] == 8 and metrics["world_size"] == 2 and metrics["eval_samples"] == 96
+    assert metrics["step"] == 6 and metrics["world_size"] == 2 and metrics["eval_samples"] == 96
     assert 0.0 <= metrics["top1"] <= 1.0 and "| top-1 " in runs["sharded"].stdout  # equal to replicated's: below
     losses = read_scalars(run / "tb")["train/loss"]
-    assert losses[-1] < losses[0] - 0.5, losses  # it trains (8 steps, mostly warmup: top-1 is still near chance)
+    assert losses[-1] < losses[0] - 0.5, losses  # it trains (6 steps, mostly warmup: top-1 is still near chance)
     ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
     assert "class_weights" not in ckpt["model"] and "classifier.weight" not in ckpt["loss"]  # the rows: apart
-    assert ckpt["classifier_rows"] == "step-000000008.rows"
-    layout = read_layout(run / "checkpoints" / "step-000000008.rows")  # one slice file per rank, complete
+    assert ckpt["classifier_rows"] == "step-000000006.rows"
+    layout = read_layout(run / "checkpoints" / "step-000000006.rows")  # one slice file per rank, complete
     assert [(f["start"], f["stop"]) for f in layout["files"]] == [(0, 5), (5, 10)]
     assert sorted(layout["tensors"]) == ["exp_avg", "exp_avg_sq", "weight"]  # AdamW's state of each row too
     # checkpoint.keep=3 of 2 epochs: both kept, their folders too; a folder no checkpoint names would be removed
     assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == [
-        "step-000000004.pt", "step-000000004.rows", "step-000000008.pt", "step-000000008.rows"]
+        "step-000000003.pt", "step-000000003.rows", "step-000000006.pt", "step-000000006.rows"]
     assert not [p for p in run.rglob("*") if ".tmp" in p.name]
 
 
 def test_sharded_training_equals_the_replicated_classifier(runs):
     """Same seed, same start: every step's loss, the top-1, the backbone and the rows (and AdamW's state of
-    them) after each epoch equal the replicated run's, within fp32 rounding."""
+    them) after each epoch equal the replicated run's, within fp32 rounding (amplified by AdamW: see above)."""
     sharded, replicated = runs["root"] / "sharded", runs["root"] / "replicated"
     losses = read_scalars(sharded / "tb")["train/loss"], read_scalars(replicated / "tb")["train/loss"]
-    assert len(losses[0]) == len(losses[1]) == 8
-    assert max(abs(a - b) for a, b in zip(*losses)) < LOSS_TOLERANCE, losses
+    assert len(losses[0]) == len(losses[1]) == 6
+    assert abs(losses[0][0] - losses[1][0]) < FIRST_LOSS, losses
+    assert max(abs(a - b) / b for a, b in zip(*losses)) < LOSS, losses
     top1 = [json.loads((run / "metrics.json").read_text())["top1"] for run in (sharded, replicated)]
-    assert top1[0] == top1[1]
-    for step in (4, 8):
+    assert abs(top1[0] - top1[1]) <= 1 / 96  # at most one of the 96 test images on the other side of a near tie
+    for step in (3, 6):
         mine = load_checkpoint(sharded / "checkpoints" / f"step-{step:09d}.pt")
         theirs = load_checkpoint(replicated / "checkpoints" / f"step-{step:09d}.pt")
         assert set(theirs["model"]) - set(mine["model"]) == {"class_weights"}
         for key, value in mine["model"].items():  # the backbone, the embedding head, BatchNorm's statistics
-            assert largest(value, theirs["model"][key]) < WEIGHT_TOLERANCE, (step, key)
+            assert largest(value, theirs["model"][key]) < BACKBONE, (step, key)
         saved = rows(sharded, step)
-        assert largest(saved["weight"], theirs["model"]["class_weights"]) < WEIGHT_TOLERANCE, step
+        assert largest(saved["weight"], theirs["model"]["class_weights"]) < ROWS, step
         for name in ("exp_avg", "exp_avg_sq"):
             expected = theirs["optimizer"]["state"][0][name]  # class_weights: the model's own, its first parameter
             assert expected.shape == (CLASSES, DIM)
-            assert largest(saved[name], expected) <= STATE_TOLERANCE * expected.abs().max().item(), (step, name)
+            assert largest(saved[name], expected) <= STATE * expected.abs().max().item(), (step, name)
     start = torch.load(runs["root"] / "start.pt", weights_only=True)
-    assert largest(rows(sharded, 4)["weight"], start["class_weights"]) > 100 * WEIGHT_TOLERANCE  # the rows moved
+    assert largest(rows(sharded, 3)["weight"], start["class_weights"]) > 100 * ROWS  # the rows moved (4.5e-3)
 
 
 def test_resumed_on_one_process_the_rows_are_re_sliced_and_training_goes_on(runs):
@@ -130,21 +137,21 @@ def test_resumed_on_one_process_the_rows_are_re_sliced_and_training_goes_on(runs
     epoch 2 ends where the 2-process run's did."""
     assert "resumed from" in runs["resumed"].stdout and "epoch 1/2" not in runs["resumed"].stdout
     resumed, sharded = runs["root"] / "resumed", runs["root"] / "sharded"
-    layout = read_layout(resumed / "checkpoints" / "step-000000008.rows")
+    layout = read_layout(resumed / "checkpoints" / "step-000000006.rows")
     assert [(f["start"], f["stop"]) for f in layout["files"]] == [(0, 10)]
-    one, two = rows(resumed, 8), rows(sharded, 8)
-    moved = largest(two["weight"], rows(sharded, 4)["weight"])
-    assert moved > 100 * WEIGHT_TOLERANCE  # epoch 2 moved the rows (by 3e-3): the comparison can fail
-    assert largest(one["weight"], two["weight"]) < WEIGHT_TOLERANCE
-    for name in ("exp_avg", "exp_avg_sq"):
-        assert largest(one[name], two[name]) <= STATE_TOLERANCE * two[name].abs().max().item(), name
+    one, two = rows(resumed, 6), rows(sharded, 6)
+    moved = largest(two["weight"], rows(sharded, 3)["weight"])
+    assert moved > 100 * ROWS  # epoch 2 moved the rows (by 4.3e-3): the comparison can fail
+    assert largest(one["weight"], two["weight"]) < ROWS  # measured: 3e-8
+    for name in ("exp_avg", "exp_avg_sq"):  # measured: 1.2e-5 and 5e-7 of the largest
+        assert largest(one[name], two[name]) <= STATE * two[name].abs().max().item(), name
     a = load_checkpoint(resumed / "checkpoints" / "last.pt")["model"]
     b = load_checkpoint(sharded / "checkpoints" / "last.pt")["model"]
     # the parameters; BatchNorm's running statistics differ on any change of world size (one process updates them
-    # from each of its two micro-batches, two processes each from one, then rank 0's are kept), sharded or not
+    # from each of its three micro-batches, two processes from theirs, then rank 0's are kept), sharded or not
     parameters = [key for key in b if key.rsplit(".", 1)[-1] not in ("running_mean", "running_var",
                                                                       "num_batches_tracked")]
-    assert len(parameters) > 10 and max(largest(a[key], b[key]) for key in parameters) < WEIGHT_TOLERANCE
+    assert len(parameters) > 10 and max(largest(a[key], b[key]) for key in parameters) < BACKBONE  # measured: 3e-5
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -152,6 +159,7 @@ def test_resumed_on_one_process_the_rows_are_re_sliced_and_training_goes_on(runs
     (["sampler=pk"], "model.classifier=sharded is not yet wired for sampler=pk"),
     (["perf.compile=true"], "perf.compile=true would compile the sharded classifier's collectives"),
     (["weights=/some/file.pt"], "weights= does not yet load a classifier sharded across processes"),
+    (["perf.precision=fp16"], "perf.precision=fp16 would let each process's gradient scaler skip a step"),
     (["checkpoint.every_minutes=5"], "checkpoint.every_minutes would let rank 0's clock alone decide"),
     (["loss.sample_rate=0"], r"loss.sample_rate=0 is not valid; give a number above 0"),
     (["loss.sample_rate=1.5"], r"loss.sample_rate=1.5 is the share of classes scored each step"),
