@@ -35,12 +35,20 @@ behind a load balancer (README, "Serve").
 
 from __future__ import annotations
 
+import signal
+
+# Run as `python -m recog.serve`, a SIGHUP (a reload asked for while the service starts: a daily job that adds to
+# the index right after a restart) would end the process while torch loads, its default action. From here on it
+# is noted instead, and answered by one reload once the service listens (serve, Reloader.start).
+EARLY_SIGHUPS: list[int] = []
+if __name__ == "__main__":
+    signal.signal(signal.SIGHUP, lambda number, frame: EARLY_SIGHUPS.append(number))
+
 import argparse
 import asyncio
 import hashlib
 import logging
 import os
-import signal
 import sys
 import threading
 import time
@@ -694,7 +702,7 @@ def serve(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     # a SIGHUP while the pair loads (it may have read the files before they changed): noted, and a reload once the
     # event loop runs and takes SIGHUP over (Reloader.start); the handler does nothing else
-    early: list[int] = []
+    early = EARLY_SIGHUPS  # those that came while this module loaded, if it runs as the program
     signal.signal(signal.SIGHUP, lambda number, frame: early.append(number))
     service = Service(args.model, args.index, args.shards, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                       max_inflight=args.max_inflight, max_bytes=int(args.max_mb * (1 << 20)),

@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -30,7 +32,7 @@ from recog.export import export
 from recog.gallery import open_gallery
 from recog.index import add, build
 from recog.index_files import read_index_info
-from recog.testing import ServeProcess
+from recog.testing import ROOT, ServeProcess
 
 pytest.importorskip("fastapi")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -307,3 +309,38 @@ async def until(condition, timeout: float = 60) -> None:
     while not condition():
         assert time.monotonic() < deadline
         await asyncio.sleep(0.01)
+
+
+def test_sighups_while_the_service_starts_are_one_reload_once_it_listens(days):
+    """A SIGHUP while `python -m recog.serve` loads torch, the export and the index (a daily job adding to the index
+    just after a restart) does not end it: every one sent from its first moments until it listens is one reload
+    once it does. Before the handler at the top of recog/serve.py, the first ended the process (SIGHUP's default)."""
+    command = [sys.executable, "-m", "recog.serve", "--model", str(days["export"]), "--index", str(days["root"] / "g0"),
+               "--host", "127.0.0.1", "--port", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
+    reader.start()
+    try:
+        time.sleep(0.2)  # the interpreter itself starts: from the module's first lines on, SIGHUP is noted
+        sent, deadline = 0, time.monotonic() + 180
+        while not any("listening on" in line for line in lines):
+            assert process.poll() is None, f"recog.serve ended (status {process.returncode}) after {sent} " \
+                                           "SIGHUP(s) while starting:\n" + "".join(lines)
+            assert time.monotonic() < deadline, "".join(lines)
+            process.send_signal(signal.SIGHUP)
+            sent += 1
+            time.sleep(0.1)
+        while not any("reloaded in" in line for line in lines):
+            assert process.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.05)
+        time.sleep(1.0)  # a second reload would have begun by now
+        assert sent >= 3, "".join(lines)  # they came while it loaded, not after
+        assert sum("reloaded in" in line for line in lines) == 1, "".join(lines)
+        assert process.poll() is None
+    finally:
+        process.kill()
+        process.wait(30)
+        reader.join(10)
