@@ -12,10 +12,13 @@ forward pass each step to keep the sharded classifier's collectives in step (Ste
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import recog_frames, run_train, tiny_args, tiny_split
+from conftest import ROOT, recog_frames, run_train, tiny_args, tiny_split
 from test_train import read_scalars
 
 from recog.checkpoint import load_checkpoint
@@ -189,7 +192,11 @@ def test_refusals_under_torchrun_are_one_sentence(tiny_data, tmp_path, overrides
 def test_a_sharded_run_exports_its_embedder(runs, tmp_path):
     """The export is the model's embeddings (the classifier's rows stay in their slice files); the classes are the
     checkpoint's names."""
-    from recog.export import export
-
-    info = export(runs["root"] / "sharded" / "checkpoints" / "last.pt", tmp_path / "export", onnx=False)
+    # in a process of its own: torch.export starts autograd's threads here, which later forked tests cannot have
+    done = subprocess.run([sys.executable, "-m", "recog.export", str(runs["root"] / "sharded" / "checkpoints" /
+                                                                     "last.pt"), str(tmp_path / "export"), "--no-onnx"],
+                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    info = json.loads((tmp_path / "export" / "model.json").read_text())
     assert len(info["classes"]) == CLASSES and info["embedding_dim"] == DIM
