@@ -24,7 +24,10 @@ them alike; a figure is the median over rounds. Columns, per rank (the larger of
   classifier + AdamW   bytes of the classifier's tensors after the first step: its rows, their gradient, AdamW's
                        exp_avg and exp_avg_sq (and its step counter), numel x element_size of each
   peak RSS             the child's ru_maxrss (whole process: Python, torch, backbone, gloo); "+" is its growth over
-                       the RSS just before the classifier was built (VmRSS)
+                       the RSS just before the model and classifier were built (VmRSS); the tiny backbone is a
+                       few KiB, so this is the classifier's: its rows (their `randn() * 0.01` start briefly holds
+                       two copies), gradient, AdamW state, DDP's bucket copy of a replicated gradient, the
+                       normalised rows, the logits and their gradient, and the allocator's slack
   DDP all-reduce       bytes DDP hands to all-reduce per step: a comm hook adds up each bucket's bytes, then does
                        DDP's default (default_hooks.allreduce_hook)
   own collectives      bytes the sharded classifier hands to torch.distributed per step (all_gather: the batch
@@ -153,8 +156,8 @@ def measure(args, rank: int, world_size: int) -> dict:
     """One mode's figures on this rank (the process group is up)."""
     torch.manual_seed(0)
     replicated = args.child == "replicated"
+    rss_before = vm("VmRSS")  # before any rows exist: replicated's are the model's own
     model = TinyModel(args.num_classes if replicated else None, args.dim)
-    rss_before = vm("VmRSS")
     if replicated:
         loss, rows = RecognitionLoss(), model.class_weights
     else:
@@ -260,7 +263,7 @@ def table(results: dict, sample_rate: float) -> list[str]:
         rows.append([f"{classes:,}", label, size(max(r["classifier_bytes"] for r in last)),
                      f"{size(peak)} (+{size(grown)})",
                      size(max(r["ddp_bytes"] for r in last)), own_text, f"{step * 1e3:,.0f}", ratio])
-    titles = ["classes", "mode", "classifier + AdamW per rank", "peak RSS per rank (+ from classifier on)",
+    titles = ["classes", "mode", "classifier + AdamW per rank", "peak RSS per rank (+ from the model on)",
               "DDP all-reduce per step", "own collectives per step", "step ms", "step / replicated"]
     return markdown_table(titles, rows, "rlrrrlrr")
 
