@@ -6,7 +6,8 @@ sharded with Partial FC's sampling; docs/classes.md's table on paper, here on CP
 
 Setup: a tiny backbone (recog.model's convnet at width 8, one conv block per stage, on synthetic 1x28x28 images),
 a 128-wide L2-normalised embedding (docs/classes.md's table uses 512), uniform random labels over all classes
-(new each step), --batch-size 64 images per rank, AdamW, fp32, gloo on CPU. The three modes:
+(new each step), --batch-size 64 images per rank, AdamW, fp32, gloo on CPU (CPU only, even where a GPU is: its
+timings say nothing about NCCL). The three modes:
 
   replicated  RecognitionModel's way: the cosine classifier's rows (`class_weights`, C x D) are a parameter of the
               model, and RecognitionLoss's cross-entropy; model + loss (ModelWithLoss) inside DDP, so DDP
