@@ -312,7 +312,7 @@ def test_weights_of_another_number_of_classes_drop_the_classifier(tiny_data, tmp
     run = Run(tiny_args(tiny_data) + [f"weights={seven}", "optim.lr=0.0", f"hydra.run.dir={tmp_path / 'ft'}"],
               tmp_path).finish()
     assert run.returncode == 0, run.stderr[-3000:]
-    notes = [line for line in run.stdout.splitlines() if "classifier" in line]
+    notes = [line for line in run.stdout.splitlines() if "classifier" in line and " INFO] " in line]  # not the config
     assert len(notes) == 1 and "7 classes" in notes[0] and "10" in notes[0], run.stdout[-3000:]
     trained = load_checkpoint(tmp_path / "ft" / "checkpoints" / "last.pt")["model"]
     assert torch.equal(trained["embed.weight"], state["model"]["embed.weight"])  # lr 0: the backbone was loaded
