@@ -237,11 +237,21 @@ class ShardedClassifier(nn.Module):
         return score[start: start + len(embeddings)], index[start: start + len(embeddings)]
 
 
+# The most logits one round of `top1_in_rounds` holds on a rank (elements; fp32: 1 GiB): 1,024 images a rank
+# at 8 ranks make 8,192 gathered rows, which at 10M classes on 8 ranks (1.25M rows each) would be 40 GiB.
+ROUND_LOGITS = 1 << 28
+
+
 @torch.no_grad()
-def top1_in_rounds(classifier: ShardedClassifier, embeddings: torch.Tensor, per_round: int = 1024) -> torch.Tensor:
+def top1_in_rounds(classifier: ShardedClassifier, embeddings: torch.Tensor, per_round: int | None = None
+                   ) -> torch.Tensor:
     """`classifier.top1`'s class for each of this rank's `embeddings` (any number, 0 included), at most `per_round`
-    of them a round, so that a round's logits stay (world size × per_round) × this rank's rows however many
-    images are evaluated. The ranks first agree on the number of rounds. Every rank calls it."""
+    of them a round (None: 1,024, or fewer where the round's logits, (world size × per_round) × this rank's rows,
+    would pass ROUND_LOGITS), so that evaluation's memory stays bounded however many images and classes there
+    are. The ranks first agree on the number of rounds. Every rank calls it."""
+    if per_round is None:  # from the largest slice: the same on every rank
+        ranks, classes = classifier.world_size, classifier.num_classes
+        per_round = max(1, min(1024, ROUND_LOGITS // (ranks * -(-classes // ranks))))
     rounds = torch.tensor([-(-len(embeddings) // per_round)], device=embeddings.device)
     if _distributed():
         dist.all_reduce(rounds, op=dist.ReduceOp.MAX)

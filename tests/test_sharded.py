@@ -133,6 +133,11 @@ def test_top1_over_the_shards_is_the_replicated_argmax(ranks):
     for report in ranks:
         top1 = report["top1"]
         assert top1["index"] == top1["ref_index"] and top1["score"] < TOLERANCE
+        # top1_in_rounds, a few images a round (ROUND_LOGITS): the same classes, but a query whose best rows are a
+        # row and its copy (1 and 8, 4 and 9) may get either, since a matmul of fewer images rounds differently
+        pairs = zip(top1["in_rounds"], top1["ref_index"])
+        assert all(got == want or (want, got) in ((1, 8), (4, 9)) for got, want in pairs)
+        assert len(top1["in_rounds"]) == len(top1["ref_index"])
     first = ranks[0]["top1"]["index"][0], ranks[-1]["top1"]["index"][-1]
     assert first == (1, 4)  # the queries equal to rows 1 and 4, which rows 8 and 9 repeat
 
