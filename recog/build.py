@@ -25,6 +25,7 @@ from recog.config import (
     data_mix,
     folders_line,
     global_batch_micro_batches,
+    settle_classifier,
     settle_data_settings,
 )
 from recog.data.decode import Decode, crop_while_decoding, decode_image
@@ -167,9 +168,12 @@ def open_shards(cfg: DictConfig, ctx: dist.Dist, source: ShardSource, workers_li
     mix = data_mix(cfg.data, train)
     settings = settle_data_settings(cfg, train, source)
     settings.write_into(cfg)
+    classifier_line = settle_classifier(cfg, len(train.classes))  # model.classifier=auto, from the class count
     if ctx.is_main:
         log.info("%s", folders_line(train, test, mix))
         log.info("%s | %s", settings.line, workers_line)
+        if classifier_line:
+            log.info("%s", classifier_line)
     check_against_data(cfg, train, test, gallery, micro_batches, ctx.world_size)
     test = into_classes(test, train.classes)  # labels of the training classes, by name
     gallery = None if gallery is None else into_classes(gallery, train.classes)

@@ -102,23 +102,38 @@ def check_config(cfg: DictConfig) -> None:
     check_can_prepare(cfg.data)
 
 
+# model.classifier=auto picks sharded from this many training classes. Measured with bench/classes.py (2 gloo
+# processes, CPU; bench/README.md "Many classes"): sharded's step against replicated's was 0.88 and 1.13 in two
+# runs at 10,000 classes (no gain beyond this machine's noise), 0.58 and 0.82 at 100,000, 0.77 and 0.55 at
+# 1,000,000, and its classifier + AdamW bytes are 1/W of replicated's at every size. At 100,000 classes × 512
+# dims a replicated classifier is 800 MB per GPU (rows, gradient, AdamW) and a 200-MB all-reduce each step. Not
+# yet measured on GPUs (NCCL): bench/gpu_session.sh has the check.
+AUTO_SHARDED_CLASSES = 100_000
+
+
 def check_classifier(cfg: DictConfig) -> None:
     """model.classifier and loss.sample_rate, and what a sharded classifier (recog.sharded) does not do yet: each
-    refusal names the setting and the fix."""
+    refusal names the setting and the fix. auto is settled once the classes are known (`settle_classifier`)."""
     classifier = cfg.model.get("classifier", "replicated")
-    if classifier not in CLASSIFIERS:
+    if classifier not in (*CLASSIFIERS, "auto"):
         raise ConfigError(f"model.classifier={classifier} is unknown; use replicated (every process holds every "
-                          "class's row) or sharded (each holds a slice of them).")
+                          "class's row), sharded (each holds a slice of them) or auto (sharded from "
+                          f"{AUTO_SHARDED_CLASSES:,} classes).")
     rate = cfg.loss.get("sample_rate", 1.0)
     check_number("loss.sample_rate", rate, False, 0, True)
     if rate > 1:
         raise ConfigError(f"loss.sample_rate={rate} is the share of classes scored each step; give a number above 0 "
                           "and at most 1 (1: every class).")
-    if classifier != "sharded":
-        if rate != 1:
-            raise ConfigError(f"loss.sample_rate={rate} samples the classes of a sharded classifier; add "
-                              "model.classifier=sharded, or set loss.sample_rate=1.0.")
-        return
+    if classifier == "replicated" and rate != 1:
+        raise ConfigError(f"loss.sample_rate={rate} samples the classes of a sharded classifier; add "
+                          "model.classifier=sharded, or set loss.sample_rate=1.0.")
+    refusal = sharded_refusal(cfg)
+    if classifier == "sharded" and refusal:
+        raise ConfigError(refusal)
+
+
+def sharded_refusal(cfg: DictConfig) -> str | None:
+    """Why model.classifier=sharded cannot train this config (one sentence naming the setting and the fix), or None."""
     refused = [
         (cfg.loss.get("metric") is not None or cfg.loss.get("metric_weight", 0),
          "model.classifier=sharded trains on cross-entropy alone; use loss=ce or loss=arcface (no metric-learning "
@@ -138,9 +153,30 @@ def check_classifier(cfg: DictConfig) -> None:
          "every process of a sharded classifier must join; use checkpoint.every_steps with "
          "model.classifier=sharded."),
     ]
-    for wrong, sentence in refused:
-        if wrong:
-            raise ConfigError(sentence)
+    return next((sentence for wrong, sentence in refused if wrong), None)
+
+
+def settle_classifier(cfg: DictConfig, num_classes: int) -> str | None:
+    """model.classifier=auto settled into `cfg` for `num_classes` training classes: sharded from
+    AUTO_SHARDED_CLASSES on, unless the config holds something sharded does not do (then replicated, and the line
+    says why). The same on every rank and on every resume: it depends on the config and the classes alone, not on
+    the world size. Returns the line that tells the user (None: not auto)."""
+    if cfg.model.get("classifier", "replicated") != "auto":
+        return None
+    refusal = sharded_refusal(cfg)
+    if num_classes < AUTO_SHARDED_CLASSES:
+        choice, why = "replicated", f"{num_classes:,} classes, under {AUTO_SHARDED_CLASSES:,}"
+    elif refusal:
+        choice, why = "replicated", f"{num_classes:,} classes, but not sharded: {refusal}"
+    else:
+        choice, why = "sharded", f"{num_classes:,} classes, at least {AUTO_SHARDED_CLASSES:,}"
+    rate = cfg.loss.get("sample_rate", 1.0)
+    if choice == "replicated" and rate != 1:
+        raise ConfigError(f"loss.sample_rate={rate} samples the classes of a sharded classifier, and "
+                          f"model.classifier=auto chose replicated ({why}); set model.classifier=sharded, or "
+                          "loss.sample_rate=1.0.")
+    cfg.model.classifier = choice
+    return f"model.classifier=auto: {choice} ({why})"
 
 
 def check_data_folders(data: DictConfig, sampler: str | None) -> None:
