@@ -35,6 +35,7 @@ from recog.data.decode import decode_image
 from recog.data.normalize import Normalize
 from recog.data.random_access import ShardRandomAccess
 from recog.dist import Dist
+from recog.errors import ConfigError
 from recog.export import rebuild_model
 from recog.rundir import compose_train_config
 from recog.sharded import ShardedClassifier, ShardedLoss, class_slice
@@ -169,8 +170,9 @@ def test_a_replicated_checkpoint_into_a_sharded_run(days, expected, caplog):
             loss = ShardedLoss(ShardedClassifier(len(DAY2), cfg.model.embedding_dim, rank, 2, seed=cfg.seed))
             images = partial(ShardRandomAccess, data.train_manifest, shard_source(cfg.data),
                              instantiate(cfg.augment.test), cfg.data.channels, decode_image)
+            normalize = Normalize(cfg.data.mean, cfg.data.std, torch.device("cpu"))
             imprint.start_from_weights(weights, "replicated.pt", DAY2, model, loss, images, cfg.imprint_images,
-                                       cfg.seed, ONE_PROCESS, Normalize(cfg.data.mean, cfg.data.std, torch.device("cpu")))
+                                       cfg.seed, ONE_PROCESS, normalize)
             slices.append(loss.classifier.weight.detach())
     check_rows(torch.cat(slices), days["rows"], expected)
     assert sum(NOTE in r.getMessage() for r in caplog.records) == 2
@@ -178,6 +180,14 @@ def test_a_replicated_checkpoint_into_a_sharded_run(days, expected, caplog):
 
 def test_weights_with_a_sharded_classifier_is_no_longer_refused(days):
     check_config(compose_train_config(*day2_overrides(days, f"weights={days['last']}", "model.classifier=sharded")))
+
+
+def test_a_sharded_checkpoint_without_its_rows_folder_is_refused_in_one_sentence(days, tmp_path):
+    alone = tmp_path / "last.pt"
+    alone.write_bytes(days["last"].read_bytes())
+    with pytest.raises(ConfigError, match=r"the classifier folder .*step-\d+\.rows does not exist; give the "
+                                          "checkpoint it was saved with"):
+        imprint.read_weights(str(alone))
 
 
 def test_a_rank_reads_a_few_spans_of_the_rows_it_needs(tmp_path, monkeypatch):
