@@ -292,8 +292,9 @@ def imprint_new_classes(model: RecognitionModel, targets: list[nn.Parameter], ma
     """Each new class's row in every one of `targets` (the classifier, the loss's mapped class rows) set to its
     imprinted mean embedding; the others keep the fresh rows they were built with. `held`: the classes whose rows
     `targets` hold, from row 0 (a sharded classifier's slice); None: every class. Every rank imprints every new
-    class (the same calls on every rank, each embedding its share of the images) and keeps those it holds. Returns
-    how, for the log."""
+    class (the same calls on every rank, each embedding its share of the images, so the collectives stay paired)
+    and keeps those it holds: for a moment each holds new classes × D float64 sums, as the replicated path does.
+    Returns how, for the log."""
     if not mapping.new:
         return ""
     if not per_class or images is None:
