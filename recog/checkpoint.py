@@ -317,11 +317,25 @@ class Checkpoints:
 
     def rows_folder(self, path: Path, state: dict[str, Any]) -> Path:
         """The folder of classifier rows that the checkpoint at `path` names: a plain name beside it."""
-        name = state.get("classifier_rows")
-        if not is_plain_name(name):
+        folder = classifier_rows_folder(path, state)
+        if folder is None:
             raise ConfigError(f"{path} names no folder of sharded classifier rows beside it (it was not trained with "
                               "model.classifier=sharded); resume with the model.classifier it was trained with.")
-        return path.parent / name
+        return folder
+
+
+def classifier_rows_folder(path: Path, state: dict[str, Any]) -> Path | None:
+    """The folder of a sharded classifier's rows that the checkpoint at `path` (read into `state`) names, beside it
+    (the .pt's "classifier_rows", a plain name: `Checkpoints.save` writes step-N.rows beside step-N.pt, and best.pt
+    and last.pt, links to one of them, name the same folder); None when it names none (a replicated classifier's
+    checkpoint: its rows are model["class_weights"])."""
+    name = state.get("classifier_rows")
+    if name is None:
+        return None
+    if not is_plain_name(name):
+        raise ConfigError(f"{path} names {str(name)[:80]!r} as its classifier rows' folder, which is not a plain name "
+                          "beside it (recog follows no path a file names); give a checkpoint train.py wrote.")
+    return Path(path).parent / name
 
 
 def find_resume_point(settings: DictConfig, resume: str | None, run_dir: Path,

@@ -2,7 +2,8 @@
 any world size, with no rank ever holding the whole classifier.
 
 A classifier of `total` rows (one per class; 10M classes x 512 fp32 is 20 GB) is split as torch.tensor_split splits
-it: with W ranks, rank r holds the contiguous rows `rows_of(r, W, total)`, the first total % W ranks one row more.
+it: with W ranks, rank r holds the contiguous rows `recog.sharded.class_slice(r, W, total)`, the first total % W
+ranks one row more. This module takes any contiguous rows and imports nothing from training.
 Per-row optimizer state (AdamW's exp_avg and exp_avg_sq, the rows' shape) is saved beside the rows, under its own
 name.
 
@@ -30,10 +31,10 @@ Nothing read here is unpickled (safetensors and JSON), and slices.json names onl
 
 A save and a resume, on every rank (the barriers and the agreeing are the caller's, recog.dist's):
 
-    write_slice(folder, {"weight": w, "exp_avg": m, "exp_avg_sq": v}, rows_of(rank, world, total), total)
+    write_slice(folder, {"weight": w, "exp_avg": m, "exp_avg_sq": v}, class_slice(rank, world, total), total)
     barrier; on one rank: finish(folder, total, names); barrier      (then the step's checkpoint may name folder)
     ...
-    got = fail_together(lambda: read_rows(folder, rows_of(rank, world, total), total=total), ...)
+    got = fail_together(lambda: read_rows(folder, class_slice(rank, world, total), total=total), ...)
 
 The slice files are written here rather than by safetensors' save_file, which first copies every tensor into
 bytes: this writer streams one tensor at a time (a GPU tensor copied to the CPU one at a time), so a rank holds at
@@ -67,16 +68,6 @@ DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torc
           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
           torch.bool: "BOOL"}
 TORCH_DTYPES = {name: dtype for dtype, name in DTYPES.items()}
-
-
-def rows_of(rank: int, world_size: int, total: int) -> range:
-    """The rows rank `rank` of `world_size` holds of `total`: torch.tensor_split's contiguous split, the first
-    total % world_size ranks one row more (a rank may hold none when total < world_size)."""
-    if world_size < 1 or not 0 <= rank < world_size or total < 0:
-        raise ValueError(f"no rows for rank {rank} of world size {world_size} and {total} rows")
-    each, extra = divmod(total, world_size)
-    start = rank * each + min(rank, extra)
-    return range(start, start + each + (rank < extra))
 
 
 def slice_name(rows: range) -> str:
@@ -272,10 +263,12 @@ def read_layout(folder: str | Path) -> dict:
     return layout
 
 
-def read_rows(folder: str | Path, rows: range, total: int | None = None) -> dict[str, torch.Tensor]:
-    """Rows `rows` of every tensor in the complete `folder`, whatever world size wrote it, on the CPU: only the
-    slice files that hold them are opened, and only those rows of them read. `total`: the rows this run expects
-    (its number of classes), refused in one sentence if the folder holds another number.
+def read_rows(folder: str | Path, rows: range, total: int | None = None,
+              names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """Rows `rows` of every tensor in the complete `folder` (`names`: of those alone, e.g. the weights without their
+    optimizer state), whatever world size wrote it, on the CPU: only the slice files that hold them are opened, and
+    only those rows of them read. `total`: the rows this run expects (its number of classes), refused in one
+    sentence if the folder holds another number.
 
     Rows from one file come back as safetensors gives them: a view of a private (copy-on-write) map of the file,
     whose pages are read when first touched; writing to them never changes the file. Rows from several files are
@@ -287,6 +280,14 @@ def read_rows(folder: str | Path, rows: range, total: int | None = None) -> dict
                           "with the classes it was trained with, or start from its weights instead.")
     _check_rows(rows, layout["total"])
     kinds = {name: (TORCH_DTYPES[kind["dtype"]], kind["shape"]) for name, kind in layout["tensors"].items()}
+    if names is not None:
+        names = list(names)
+        if missing := [name for name in names if name not in kinds]:
+            raise ConfigError(f"{folder} holds no {missing[0]} rows (it holds {sorted(kinds)}); give a folder of a "
+                              "classifier saved with them.")
+        wanted = {name: kinds[name] for name in names}
+    else:
+        wanted = kinds
     pieces = []  # (offset in the result, rows read, file) for each file that holds some of `rows`
     for entry in layout["files"]:
         start, stop = max(rows.start, entry["start"]), min(rows.stop, entry["stop"])
@@ -294,7 +295,7 @@ def read_rows(folder: str | Path, rows: range, total: int | None = None) -> dict
             pieces.append((start - rows.start, range(start, stop), entry))
     out = {}
     if len(pieces) != 1:  # the result put together from several files (or none): one buffer, no second copy
-        out = {name: torch.empty((len(rows), *shape), dtype=dtype) for name, (dtype, shape) in kinds.items()}
+        out = {name: torch.empty((len(rows), *shape), dtype=dtype) for name, (dtype, shape) in wanted.items()}
     for offset, part, entry in pieces:
         path = folder / entry["name"]
         with _open(path) as f:
@@ -305,7 +306,7 @@ def read_rows(folder: str | Path, rows: range, total: int | None = None) -> dict
                 raise ConfigError(f"{path} does not hold what {SLICES_JSON} says it holds (rows, tensors, dtypes or "
                                   "shapes): it was replaced after its save; resume from an earlier checkpoint.")
             lo, hi = part.start - file_rows.start, part.stop - file_rows.start
-            for name in kinds:
+            for name in wanted:
                 try:
                     rows_read = f.get_slice(name)[lo:hi]
                 except (SafetensorError, OSError, ValueError) as e:

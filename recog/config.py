@@ -147,8 +147,6 @@ def sharded_refusal(cfg: DictConfig) -> str | None:
         (cfg.perf.precision == "fp16", "perf.precision=fp16 would let each process's gradient scaler skip a step "
          "for an overflow in its own rows alone, and the processes would part ways; use perf.precision=bf16 with "
          "model.classifier=sharded."),
-        (cfg.weights, "weights= does not yet load a classifier sharded across processes (its rows would have to be "
-         "mapped by class name on every rank); start without weights=, or use model.classifier=replicated."),
         (cfg.checkpoint.every_minutes, "checkpoint.every_minutes would let rank 0's clock alone decide a save that "
          "every process of a sharded classifier must join; use checkpoint.every_steps with "
          "model.classifier=sharded."),

@@ -32,7 +32,10 @@ from recog.loss import additive_angular_margin
 
 def class_slice(rank: int, world_size: int, num_classes: int) -> range:
     """The classes (rows of the classifier) that `rank` holds: contiguous, in rank order; where `num_classes` does
-    not divide, the first num_classes % world_size ranks hold one more (as torch.tensor_split splits)."""
+    not divide, the first num_classes % world_size ranks hold one more (as torch.tensor_split splits). The one split
+    of a classifier's rows: recog.classifier_files writes and reads its slices by it too."""
+    if world_size < 1 or not 0 <= rank < world_size or num_classes < 0:
+        raise ValueError(f"no classes for rank {rank} of world size {world_size} and {num_classes} classes")
     per, extra = divmod(num_classes, world_size)
     start = rank * per + min(rank, extra)
     return range(start, start + per + (rank < extra))

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from recog import classifier_files as cf
 from recog.errors import ConfigError
+from recog.sharded import class_slice
 
 NAMES = ("weight", "exp_avg", "exp_avg_sq")
 
@@ -29,7 +30,7 @@ def save(folder: Path, tensors: dict[str, torch.Tensor], world_size: int, finish
     """What W ranks do at a checkpoint: each writes its rows, then (after the barrier) one finishes."""
     total = len(next(iter(tensors.values())))
     for rank in range(world_size):
-        rows = cf.rows_of(rank, world_size, total)
+        rows = class_slice(rank, world_size, total)
         cf.write_slice(folder, {name: t[rows.start:rows.stop] for name, t in tensors.items()}, rows, total)
     if finish:
         cf.finish(folder, total, tensors)
@@ -47,14 +48,19 @@ def refused(call, *words: str) -> str:
     return message
 
 
-def test_rows_of_is_tensor_splits_split():
-    for world_size in range(1, 6):
-        for total in range(12):
-            pieces = torch.tensor_split(torch.arange(total), world_size)
-            assert [list(cf.rows_of(r, world_size, total)) for r in range(world_size)] == \
-                [piece.tolist() for piece in pieces]
+def test_a_rank_outside_the_world_has_no_rows():
     with pytest.raises(ValueError):
-        cf.rows_of(2, 2, 10)
+        class_slice(2, 2, 10)
+
+
+def test_the_weights_alone_are_read_when_asked(tmp_path):
+    """weights= reads the rows without their optimizer state (recog.imprint): from one file, and across two."""
+    tensors = classifier(10)
+    folder = save(tmp_path / "c", tensors, 2)
+    for rows in (range(1, 4), range(3, 8)):
+        got = cf.read_rows(folder, rows, total=10, names=["weight"])
+        assert list(got) == ["weight"] and torch.equal(got["weight"], tensors["weight"][rows.start:rows.stop])
+    refused(lambda: cf.read_rows(folder, range(0, 2), names=["momentum_buffer"]), folder, "momentum_buffer")
 
 
 def test_any_world_size_reads_what_any_world_size_wrote(tmp_path):
@@ -65,7 +71,7 @@ def test_any_world_size_reads_what_any_world_size_wrote(tmp_path):
             assert len(list(folder.glob("rows-*.safetensors"))) == min(writers, total)
             for readers in (1, 2, 3, 4):
                 for rank in range(readers):
-                    rows = cf.rows_of(rank, readers, total)
+                    rows = class_slice(rank, readers, total)
                     got = cf.read_rows(folder, rows, total=total)
                     assert set(got) == set(NAMES)
                     for name in NAMES:
@@ -267,7 +273,7 @@ def test_a_rank_reads_only_its_rows(tmp_path):
         assert all(float(t.sum()) != 0 for t in got.values())  # every byte of every row read
         assert torch.equal(got["weight"][8192 - rows.start:8200 - rows.start], expected)
 
-    quarter = _peak_of(lambda: read_and_touch(cf.rows_of(1, 4, total)))
+    quarter = _peak_of(lambda: read_and_touch(class_slice(1, 4, total)))
     whole = _peak_of(lambda: read_and_touch(range(total)))
     assert quarter < 0.4 * size, (quarter, size)
     assert whole > 0.9 * size, (whole, size)
