@@ -11,11 +11,14 @@
 #      (bench/gpu_decode.py), then one epoch of ResNet-50 bf16 + channels_last training with each: its images/s
 #      and data wait (the share of step time spent waiting for batches);
 #   6. hostile input on the GPU paths (issue 27): JPEGs in each of the 8 EXIF orientations decode upright with
-#      data.decode=gpu (tests/test_decode.py, the device's decoder handing them to the CPU path).
+#      data.decode=gpu (tests/test_decode.py, the device's decoder handing them to the CPU path);
+#   7. model.classifier=sharded on one GPU for 2 epochs each (NCCL, world size 1): exact, and Partial FC 0.5 + bf16.
 #
 #   bash bench/gpu_session.sh OUT_DIR
 #   PARTS=24 bash bench/gpu_session.sh OUT_DIR   # only parts 2 and 4
 #   PARTS=5 bash bench/gpu_session.sh OUT_DIR    # only data.decode=gpu against cpu
+#   PARTS=7 bash bench/gpu_session.sh OUT_DIR    # only the sharded classifier (not in the default run, whose 10-12
+#                                                # minutes it would pass: about 1 minute, at most 4)
 #
 # A machine without recog's dependencies installed gets them from wheels in .whl/ (pure-Python wheels of
 # hydra-core, omegaconf, antlr4-python3-runtime, webdataset, braceexpand, pytorch-metric-learning),
@@ -103,4 +106,14 @@ fi
 if [[ $parts == *6* ]]; then
 echo "== 6. EXIF-turned JPEGs through data.decode=gpu on the GPU (issue 27)"
 timeout 120 "$py" -m pytest -q -p no:cacheprovider tests/test_decode.py -k "exif_orientation_of_a_jpeg" 2>&1 | tail -3
+fi
+
+if [[ $parts == *7* ]]; then
+echo "== 7. model.classifier=sharded on the GPU (issue 30): NCCL carries its all-gather and all-reduces"
+for knobs in "model.classifier=sharded" "model.classifier=sharded loss.sample_rate=0.5 perf.precision=bf16"; do
+  name=$(echo "$knobs" | tr ' =.' '_--')
+  timeout 120 "${torchrun[@]}" epochs=2 data.num_workers=4 $knobs hydra.run.dir="$out/$name" > "$out/$name.log" 2>&1
+  echo "$knobs: rc=$?"
+  grep -E "epoch 2/2|error" "$out/$name.log"
+done
 fi
