@@ -134,9 +134,6 @@ def check_classifier(cfg: DictConfig) -> None:
          "model.classifier=sharded."),
         (cfg.weights, "weights= does not yet load a classifier sharded across processes (its rows would have to be "
          "mapped by class name on every rank); start without weights=, or use model.classifier=replicated."),
-        (cfg.checkpoint.every_minutes, "checkpoint.every_minutes would let rank 0's clock alone decide a save that "
-         "every process of a sharded classifier must join; use checkpoint.every_steps with "
-         "model.classifier=sharded."),
     ]
     for wrong, sentence in refused:
         if wrong:

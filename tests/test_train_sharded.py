@@ -163,7 +163,6 @@ def test_resumed_on_one_process_the_rows_are_re_sliced_and_training_goes_on(runs
     (["perf.compile=true"], "perf.compile=true would compile the sharded classifier's collectives"),
     (["weights=/some/file.pt"], "weights= does not yet load a classifier sharded across processes"),
     (["perf.precision=fp16"], "perf.precision=fp16 would let each process's gradient scaler skip a step"),
-    (["checkpoint.every_minutes=5"], "checkpoint.every_minutes would let rank 0's clock alone decide"),
     (["loss.sample_rate=0"], r"loss.sample_rate=0 is not valid; give a number above 0"),
     (["loss.sample_rate=1.5"], r"loss.sample_rate=1.5 is the share of classes scored each step"),
     (["model.classifier=split"], "model.classifier=split is unknown; use replicated"),
