@@ -244,10 +244,11 @@ class Checkpoints:
     them; beside them its own state (the last and best evaluation) and the run's config.
 
     Rank 0 writes one at the end of every epoch, and within epochs every `checkpoint.every_steps` steps and/or
-    `checkpoint.every_minutes` minutes. It decides alone (the time is its clock): saving needs nothing from the
-    other ranks, whose components equal rank 0's after every step. With a sharded classifier (`rows`) every rank
-    holds rows of its own and writes them, so every rank saves at the same steps: at epoch ends and every
-    `every_steps` (every_minutes, rank 0's clock alone, is refused by recog.config)."""
+    `checkpoint.every_minutes` minutes; the other ranks' components equal rank 0's after every step. Every rank
+    decides at the same steps, because with a sharded classifier (`rows`) every rank holds rows of its own and
+    writes them. The minutes are rank 0's clock: `minutes_up` is its flag, which the training loop exchanges with
+    the stop flag (`StopOnSignal.agreed_with`), so that every rank learns it at the same step, one step later, and
+    hands it to `save_if_due`."""
 
     def __init__(self, settings: DictConfig, folder: Path, is_main: bool, components: dict[str, Stateful],
                  config: dict[str, Any], classes: list[str] | None = None, rows: ClassifierRows | None = None):
@@ -299,10 +300,18 @@ class Checkpoints:
         state = {**self.state_dict(), **({"classifier_rows": rows} if rows else {})}
         return save_step_checkpoint(state, self.folder, step, self.keep, is_best, rows)
 
-    def save_if_due(self, step: int) -> None:
-        """Within an epoch: a checkpoint every `every_steps` steps and/or `every_minutes` minutes."""
-        due = (self.every_steps and step % self.every_steps == 0) or \
-              (self.every_minutes and time.monotonic() - self.last_time >= 60 * self.every_minutes)
+    def minutes_up(self) -> bool:
+        """Rank 0: `every_minutes` minutes have passed since the last save (by its clock: the other ranks' say
+        nothing, so that every rank learns one answer)."""
+        return bool(self.is_main and self.every_minutes and
+                    time.monotonic() - self.last_time >= 60 * self.every_minutes)
+
+    def save_if_due(self, step: int, minutes_up: bool = False) -> None:
+        """Within an epoch, called by every rank after every step: a checkpoint every `every_steps` steps, and when
+        `minutes_up` (rank 0's, as every rank learnt it: a step late under torchrun) unless a save came since the
+        step before (an epoch's end; or this rule's own save, which rank 0's clock had not seen when it raised
+        its flag again)."""
+        due = (self.every_steps and step % self.every_steps == 0) or (minutes_up and self.last_step < step - 1)
         if due:
             self.save(step)
 

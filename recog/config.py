@@ -147,9 +147,6 @@ def sharded_refusal(cfg: DictConfig) -> str | None:
         (cfg.perf.precision == "fp16", "perf.precision=fp16 would let each process's gradient scaler skip a step "
          "for an overflow in its own rows alone, and the processes would part ways; use perf.precision=bf16 with "
          "model.classifier=sharded."),
-        (cfg.checkpoint.every_minutes, "checkpoint.every_minutes would let rank 0's clock alone decide a save that "
-         "every process of a sharded classifier must join; use checkpoint.every_steps with "
-         "model.classifier=sharded."),
     ]
     return next((sentence for wrong, sentence in refused if wrong), None)
 

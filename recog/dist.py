@@ -139,25 +139,27 @@ def _job_store(rank: int, world_size: int, timeout_s: float) -> dist.Store:
 
 
 class AnyRankFlag:
-    """Whether any rank has raised a flag, learnt one call later so that no step waits for it.
+    """Whether any rank has raised a flag (or each of a few flags), learnt one call later so that no step waits
+    for it.
 
-    Every rank calls `exchange(mine)` once per step: it posts this rank's flag in an
-    all-reduce and returns the result of the previous call's all-reduce, which has
-    long finished by then. Every rank gets the same answer at the same call.
+    Every rank calls `exchange(*mine)` once per step, with as many flags as the other ranks: it posts this rank's
+    flags in one all-reduce (MAX: a flag is up if any rank raised it) and returns the result of the previous
+    call's all-reduce, which has long finished by then. Every rank gets the same answer at the same call. Several
+    flags (a stop signal, and rank 0's clock saying a checkpoint is due) cost no more than one: one small tensor.
     """
 
     def __init__(self):
-        self._flag, self._work = None, None
+        self._flags, self._work = None, None
 
-    def exchange(self, mine: bool) -> bool:
+    def exchange(self, *mine: bool) -> tuple[bool, ...]:
         if not dist.is_initialized():
-            return mine
-        seen = False
+            return tuple(bool(flag) for flag in mine)
+        seen = (False,) * len(mine)
         if self._work is not None:
             self._work.wait()
-            seen = bool(self._flag.item())
-        self._flag = torch.tensor([int(mine)])  # a CPU tensor: gloo carries it, even beside NCCL
-        self._work = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, async_op=True)
+            seen = tuple(bool(flag) for flag in self._flags.tolist())
+        self._flags = torch.tensor([int(flag) for flag in mine])  # a CPU tensor: gloo carries it, even beside NCCL
+        self._work = dist.all_reduce(self._flags, op=dist.ReduceOp.MAX, async_op=True)
         return seen
 
     def finish(self) -> None:

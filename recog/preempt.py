@@ -56,8 +56,13 @@ class StopOnSignal:
     def agreed(self) -> bool:
         """Call after every training step on every rank. True on all ranks at the same step, one step
         after any of them caught a signal."""
-        mine = self.caught is not None
-        return self.flag.exchange(mine) if self.flag is not None else mine
+        return self.agreed_with()[0]
+
+    def agreed_with(self, *also: bool) -> tuple[bool, ...]:
+        """`agreed()`, and in the same exchange whether any rank raised each flag of `also` (rank 0: a checkpoint
+        is due by its clock): (stop, *also), the same on all ranks at the same step, one step after it was raised."""
+        mine = (self.caught is not None, *also)
+        return self.flag.exchange(*mine) if self.flag is not None else mine
 
     def finish(self) -> None:
         """Every rank got here: wait for the last exchange, which then returns at once."""

@@ -47,7 +47,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None, stop: StopOnSignal | None 
             raise Preempted("stopped before training started (when one rank fails, torchrun stops the others: "
                             "see its error above)", stop.caught)
         ctx = dist.setup(cfg.dist.backend, cfg.dist.timeout_s)
-        stop.flag = dist.AnyRankFlag()  # from here on the ranks agree on when to stop
+        stop.flag = dist.AnyRankFlag()  # from here on the ranks agree on when to stop (and save)
         try:
             run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
             with dist.collective_failures(ctx, cfg.dist.timeout_s):
@@ -96,10 +96,12 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, stop: StopOnSignal) ->
     recipe.distribute(ctx, cfg.perf, cfg.ddp)  # DDP: every rank now holds rank 0's weights (the loss's too)
 
     def after_step(position: Position) -> bool:  # True: every rank stops after this step
-        if stop.agreed():
+        # one exchange, read a step later: a rank caught a stop signal; rank 0's clock says a checkpoint is due
+        stop_now, minutes_up = stop.agreed_with(checkpoints.minutes_up())
+        if stop_now:
             return True
         if not position.epoch_done:  # an epoch's last step: its end-of-epoch checkpoint follows
-            checkpoints.save_if_due(position.step)
+            checkpoints.save_if_due(position.step, minutes_up)
         return False
 
     # Resuming in the same run directory: TensorBoard hides what the interrupted run logged after this step (its

@@ -73,6 +73,18 @@ report["grad_max_diff"] = (mine.grad / ctx.world_size - full.grad[ctx.rank * 6 :
 uneven = torch.arange(3 + ctx.rank, dtype=torch.float32)[:, None] + 10 * ctx.rank  # 3 rows on rank 0, 4 on rank 1
 report["gathered_uneven"] = dist.all_gather_uneven(uneven)[:, 0].tolist()
 
+# The per-step agreement (AnyRankFlag through StopOnSignal): rank 0's clock flag raised at call 2, a signal caught
+# by rank 1 alone before call 4; every rank learns each one call later, at the same call.
+from recog.preempt import StopOnSignal  # noqa: E402
+
+stop, agreed = StopOnSignal(dist.AnyRankFlag()), []
+for call in range(6):
+    if ctx.rank == 1 and call == 4:
+        stop.caught = "SIGUSR1"
+    agreed.append(list(stop.agreed_with(ctx.rank == 0 and call == 2)))
+stop.finish()
+report["agreed"] = agreed
+
 from accumulation import accumulation_max_difference  # noqa: E402  (DDP with no_sync on 3 of 4 micro-steps)
 
 report["accumulation_max_diff"] = accumulation_max_difference(ctx)

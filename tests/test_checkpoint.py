@@ -122,12 +122,22 @@ def test_mid_epoch_checkpoints_every_n_steps_and_every_t_minutes(tmp_path):
     assert state["epoch"] == 1 and state["data"] == {"done": [[0, 2]], "world_size": 1}
 
     by_time = checkpoints_of(tmp_path / "0-1", linear_recipe(0), every_minutes=1)  # every minute, by rank 0's clock
+    assert not by_time.minutes_up()
     by_time.save_if_due(1)
     assert not by_time.folder.exists()
     by_time.last_time = time.monotonic() - 61  # as if the last save were a minute ago
-    by_time.save_if_due(2)
-    by_time.save_if_due(3)  # the clock restarted at the save
-    assert [p.name for p in by_time.folder.glob("step-*")] == ["step-000000002.pt"]
+    assert by_time.minutes_up()
+    by_time.is_main = False
+    assert not by_time.minutes_up()  # only rank 0's clock speaks
+    by_time.is_main = True
+    # rank 0 raised its flag after step 2 and again after step 3 (before the save it asked for): every rank learns
+    # each a step later, and saves once
+    by_time.save_if_due(3, minutes_up=True)
+    assert not by_time.minutes_up()  # the clock restarted at the save
+    by_time.save_if_due(4, minutes_up=True)
+    by_time.save(10, top1=0.5)  # an epoch's end at the step rank 0 raised its flag: it answers that flag
+    by_time.save_if_due(11, minutes_up=True)
+    assert [p.name for p in sorted(by_time.folder.glob("step-*"))] == ["step-000000003.pt", "step-000000010.pt"]
 
 
 def test_restore_puts_back_everything_save_wrote(tmp_path):

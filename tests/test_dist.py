@@ -41,6 +41,9 @@ def test_collectives_under_torchrun(tmp_path):
         assert rep["gathered_uneven"] == [0.0, 1.0, 2.0, 10.0, 11.0, 12.0, 13.0]  # each row once, in rank order
         # 4 accumulated micro-batches (all-reduce on the last only) = one step on the 4x batch, up to rounding
         assert rep["accumulation_max_diff"] < 1e-6
+        # [stop, minutes up] as each call returned them: rank 0's flag of call 2 and rank 1's stop of call 4, one
+        # call later, the same on both ranks
+        assert rep["agreed"] == [[False, False]] * 3 + [[False, True], [False, False], [True, False]]
     assert (tmp_path / "read-by-0").exists() and not (tmp_path / "read-by-1").exists()  # only rank 0 read
 
 

@@ -157,12 +157,40 @@ def test_resumed_on_one_process_the_rows_are_re_sliced_and_training_goes_on(runs
     assert len(parameters) > 10 and max(largest(a[key], b[key]) for key in parameters) < BACKBONE  # measured: 3e-5
 
 
+def test_every_minutes_saves_every_ranks_rows_at_the_same_step_and_the_run_resumes_from_it(small_data, tmp_path):
+    """checkpoint.every_minutes with a sharded classifier: rank 0's clock, agreed in the per-step stop-flag
+    exchange, makes both ranks write their rows at the same mid-epoch step; a run resumed from it ends where the
+    uninterrupted one did, step for step."""
+    minutes = {"model.classifier": "sharded", "checkpoint.every_minutes": "0.000001", "checkpoint.keep": 10}
+    first = run_train(args(small_data, tmp_path / "first", **minutes), cwd=tmp_path, nproc=2)
+    assert first.returncode == 0, first.stdout + first.stderr
+    checkpoints = tmp_path / "first" / "checkpoints"
+    # rank 0's clock is up after every step; every rank learns it a step later and saves unless a save came since
+    # the step before: at 2 and 5, beside the epoch ends 3 and 6 (4: step 3's end-of-epoch save answered it)
+    assert sorted(p.name for p in checkpoints.glob("step-*.pt")) == [f"step-{s:09d}.pt" for s in (2, 3, 5, 6)]
+    mid = load_checkpoint(checkpoints / "step-000000002.pt")
+    assert (mid["epoch"], mid["step"], mid["classifier_rows"]) == (0, 2, "step-000000002.rows")
+    layout = read_layout(checkpoints / "step-000000002.rows")  # both ranks' slices of step 2, complete
+    assert [(f["start"], f["stop"]) for f in layout["files"]] == [(0, 5), (5, 10)]
+
+    resumed = run_train(args(small_data, tmp_path / "resumed", **minutes, resume=checkpoints / "step-000000002.pt"),
+                        cwd=tmp_path, nproc=2)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed from" in resumed.stdout
+    losses = read_scalars(tmp_path / "first" / "tb")["train/loss"], read_scalars(tmp_path / "resumed" / "tb")[
+        "train/loss"]
+    assert losses[1] == losses[0][2:], losses  # steps 3 to 6, as the uninterrupted run took them
+    again = tmp_path / "resumed" / "checkpoints"
+    assert sorted(p.name for p in again.glob("step-*.pt")) == [f"step-{s:09d}.pt" for s in (3, 5, 6)]
+    for name, value in read_rows(again / "step-000000006.rows", range(CLASSES), total=CLASSES).items():
+        assert torch.equal(value, rows(tmp_path / "first", 6)[name]), name
+
+
 @pytest.mark.parametrize("overrides,message", [
     (["loss=ce_triplet"], "model.classifier=sharded trains on cross-entropy alone; use loss=ce or loss=arcface"),
     (["sampler=pk"], "model.classifier=sharded is not yet wired for sampler=pk"),
     (["perf.compile=true"], "perf.compile=true would compile the sharded classifier's collectives"),
     (["perf.precision=fp16"], "perf.precision=fp16 would let each process's gradient scaler skip a step"),
-    (["checkpoint.every_minutes=5"], "checkpoint.every_minutes would let rank 0's clock alone decide"),
     (["loss.sample_rate=0"], r"loss.sample_rate=0 is not valid; give a number above 0"),
     (["loss.sample_rate=1.5"], r"loss.sample_rate=1.5 is the share of classes scored each step"),
     (["model.classifier=split"], "model.classifier=split is unknown; use replicated"),
