@@ -158,8 +158,8 @@ def test_resumed_on_one_process_the_rows_are_re_sliced_and_training_goes_on(runs
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["loss=ce_triplet"], "model.classifier=sharded trains on cross-entropy alone; use loss=ce or loss=arcface"),
-    (["sampler=pk"], "model.classifier=sharded is not yet wired for sampler=pk"),
+    (["loss=ce_triplet", "sampler=pk", "loss.cross_rank=true"], "loss.cross_rank=true gathers equal batches from "
+                                                                 "every process"),
     (["perf.compile=true"], "perf.compile=true would compile the sharded classifier's collectives"),
     (["weights=/some/file.pt"], "weights= does not yet load a classifier sharded across processes"),
     (["perf.precision=fp16"], "perf.precision=fp16 would let each process's gradient scaler skip a step"),
@@ -176,7 +176,8 @@ def test_what_sharded_does_not_do_is_refused_before_any_process_group(tiny_data,
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["model.classifier=sharded", "sampler=pk"], "model.classifier=sharded is not yet wired for sampler=pk"),
+    (["model.classifier=sharded", "loss=ce_triplet", "sampler=pk", "loss.cross_rank=true"],
+     "loss.cross_rank=true gathers equal batches from every process"),
     (["loss.sample_rate=0.1"], "loss.sample_rate=0.1 samples the classes of a sharded classifier; add "
                                "model.classifier=sharded"),
 ])
