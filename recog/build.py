@@ -236,28 +236,44 @@ def train_decoding(cfg: DictConfig, keep_decoded: bool) -> tuple[Decode, Callabl
 def build_loss(cfg: DictConfig, num_classes: int, ctx: dist.Dist | None = None) -> RecognitionLoss | ShardedLoss:
     """The loss of `cfg.loss`, told what only the data knows: a proxy loss's `num_classes: auto` is the training
     shards' `num_classes` (`cfg` stays as configured; recog.config checks the loss, before and against the data).
-    model.classifier=sharded: RecognitionLoss's cross-entropy settings with this rank's rows of the classifier
-    (`ctx`: which rank of how many), recog.sharded.ShardedLoss."""
+    model.classifier=sharded: RecognitionLoss's settings, its metric-learning term included, with this rank's rows
+    of the classifier (`ctx`: which rank of how many), recog.sharded.ShardedLoss."""
+    metric = cfg.loss.get("metric")
+    auto = metric is not None and metric.get("num_classes") == "auto"
     if cfg.model.get("classifier", "replicated") == "sharded":
         rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
         loss = cfg.loss
         classifier = ShardedClassifier(num_classes, cfg.model.embedding_dim, rank, world, loss.logit_scale,
                                        loss.label_smoothing, loss.arc_margin, loss.get("sample_rate", 1.0), cfg.seed)
-        return ShardedLoss(classifier, ce_weight=loss.ce_weight, lr_scale=loss.lr_scale)
-    metric = cfg.loss.get("metric")
-    if metric is not None and metric.get("num_classes") == "auto":
+        # metric_weight 0 is no term (RecognitionLoss), so its metric is not built
+        term = instantiate(metric, **({"num_classes": num_classes} if auto else {})) if loss.metric_weight else None
+        return ShardedLoss(classifier, ce_weight=loss.ce_weight, lr_scale=loss.lr_scale, metric=term,
+                           metric_weight=loss.metric_weight)
+    if auto:
         return instantiate(cfg.loss, metric={"num_classes": num_classes})
     return instantiate(cfg.loss)
 
 
 def parameter_groups(model: nn.Module, loss_fn: nn.Module, lr: float) -> list[dict]:
-    """The optimizer's parameter groups: the model's at `lr`, and the loss's own (proxies, ...) at
-    `lr` × `loss_fn.lr_scale`. Each group keeps its `lr_scale`, which resuming re-applies."""
+    """The optimizer's parameter groups: the model's at `lr`; a sharded classifier's rows (held by the loss) at `lr`
+    too, as the replicated classifier's rows (the model's) are, in a group of their own; and the loss's own
+    parameters (proxies, ...) at `lr` × `loss_fn.lr_scale`. Each group keeps its `lr_scale`, which resuming
+    re-applies."""
     groups = [{"params": list(model.parameters()), "lr": lr, "lr_scale": 1.0}]
-    own = [p for p in loss_fn.parameters() if p.requires_grad]
-    if own:  # no second group for a loss without parameters: checkpoints of those keep one group, as before
+    classifier = getattr(loss_fn, "classifier", None)
+    if isinstance(classifier, ShardedClassifier):
+        groups.append({"params": [classifier.weight], "lr": lr, "lr_scale": 1.0})
+    own = loss_parameters(loss_fn)
+    if own:  # no group for a loss without parameters: checkpoints of those keep one group, as before
         groups.append({"params": own, "lr": lr * loss_fn.lr_scale, "lr_scale": loss_fn.lr_scale})
     return groups
+
+
+def loss_parameters(loss_fn: nn.Module) -> list[nn.Parameter]:
+    """The loss's own trained parameters (a proxy loss's proxies), not a sharded classifier's rows it holds."""
+    classifier = getattr(loss_fn, "classifier", None)
+    rows = classifier.weight if isinstance(classifier, ShardedClassifier) else None
+    return [p for p in loss_fn.parameters() if p.requires_grad and p is not rows]
 
 
 def build_recipe(cfg: DictConfig, ctx: dist.Dist, data: TrainData, position: Position | None = None) -> StepRecipe:
@@ -285,7 +301,7 @@ def build_recipe(cfg: DictConfig, ctx: dist.Dist, data: TrainData, position: Pos
     optimizer = instantiate(cfg.optim.optimizer)(parameter_groups(model, loss_fn, lr), lr=lr)
     lr_factor = partial(warmup_cosine, warmup_steps=round(cfg.schedule.warmup_epochs * steps_per_epoch),
                         total_steps=cfg.epochs * steps_per_epoch)
-    own = sum(p.numel() for p in loss_fn.parameters() if p.requires_grad)
+    own = sum(p.numel() for p in loss_parameters(loss_fn))
     mine = len(rank_micro_batches(micro_batches, ctx.rank, ctx.world_size))
     log.info("world size %d (%s on %s) | per-rank batch %d%s, global batch %d | %d steps per epoch, %d epochs | "
              "%s lr %.4g = %.4g x %d / %d%s | %s", ctx.world_size, ctx.backend or "single process", ctx.device,

@@ -135,13 +135,9 @@ def check_classifier(cfg: DictConfig) -> None:
 def sharded_refusal(cfg: DictConfig) -> str | None:
     """Why model.classifier=sharded cannot train this config (one sentence naming the setting and the fix), or None."""
     refused = [
-        (cfg.loss.get("metric") is not None or cfg.loss.get("metric_weight", 0),
-         "model.classifier=sharded trains on cross-entropy alone; use loss=ce or loss=arcface (no metric-learning "
-         "term), or model.classifier=replicated."),
-        (cfg.loss.get("cross_rank"), "loss.cross_rank=true is for a metric-learning term, which "
-         "model.classifier=sharded does not train; set loss.cross_rank=false."),
-        (cfg.sampler.get("name") == "pk", "model.classifier=sharded is not yet wired for sampler=pk; use "
-         "sampler=stream, or model.classifier=replicated."),
+        (cfg.loss.get("cross_rank"), "loss.cross_rank=true gathers equal batches from every process, which the "
+         "empty forward passes a sharded classifier makes a process do are not; set loss.cross_rank=false with "
+         "model.classifier=sharded (each process mines its own batch), or use model.classifier=replicated."),
         (cfg.perf.compile, "perf.compile=true would compile the sharded classifier's collectives, which is not "
          "supported yet; set perf.compile=false with model.classifier=sharded."),
         (cfg.perf.precision == "fp16", "perf.precision=fp16 would let each process's gradient scaler skip a step "

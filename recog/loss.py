@@ -74,15 +74,24 @@ class RecognitionLoss(nn.Module):
                 rows[f"{path}.proxies" if path else "proxies"] = proxies
         return rows
 
-    def forward(self, output: Output, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        if len(labels) == 0:  # a batch whose samples were all unreadable: zero loss, zero gradients
-            # for every parameter, the loss's own too: DDP waits for a gradient of each
-            return {"total": sum((p.sum() for p in self.parameters()), output.logits.sum()) * 0.0}
+    def cross_entropy(self, output: Output, labels: torch.Tensor) -> torch.Tensor:
+        """The cross-entropy term on this rank's samples (their mean), from the model's logits; 0 for no samples, with a
+        gradient to the logits. recog.sharded.ShardedLoss computes it from a sharded classifier instead, which is why
+        `forward` calls it on every batch, empty ones too (that one's forward and backward hold collectives)."""
+        if len(labels) == 0:
+            return output.logits.sum() * 0.0
         logits = output.logits.float()  # the loss in fp32 under bf16/fp16 autocast too
         if self.arc_margin:
             logits = additive_angular_margin(logits, labels, self.arc_margin, self.logit_scale)
-        terms = {"ce": F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)}
-        total = self.ce_weight * terms["ce"]
+        return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+
+    def forward(self, output: Output, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        ce = self.cross_entropy(output, labels)
+        if len(labels) == 0:  # a batch whose samples were all unreadable (or a sharded run's empty forward pass): zero
+            # loss, zero gradients for every parameter, the loss's own too: DDP waits for a gradient of each
+            return {"total": sum((p.sum() for p in self.parameters()), ce) * 0.0}
+        terms = {"ce": ce}
+        total = self.ce_weight * ce
         if self.metric is not None:
             # fp32: pytorch-metric-learning casts its parameters to the embeddings' dtype, in place
             embeddings = output.embeddings.float()

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from recog.dist import all_gather_rows, world_size
 from recog.errors import ConfigError
-from recog.loss import additive_angular_margin
+from recog.loss import RecognitionLoss, additive_angular_margin
 
 
 def class_slice(rank: int, world_size: int, num_classes: int) -> range:
@@ -262,19 +262,27 @@ def top1_in_rounds(classifier: ShardedClassifier, embeddings: torch.Tensor, per_
     return torch.cat(found) if found else torch.zeros(0, dtype=torch.int64, device=embeddings.device)
 
 
-class ShardedLoss(nn.Module):
-    """RecognitionLoss's cross-entropy term with the classifier's rows sharded: (Output, labels) -> {"ce", "total"},
-    the shape ModelWithLoss and recog's step (StepRecipe) call. It reads the output's embeddings only: a model
-    for a sharded classifier holds no rows of its own. `lr_scale`: the rows' LR as a multiple of the model's
-    (recog.build.parameter_groups)."""
+class ShardedLoss(RecognitionLoss):
+    """RecognitionLoss with its cross-entropy term computed by a sharded classifier: (Output, labels) -> its terms
+    ("ce", "metric" with a metric-learning term, "total"), the shape ModelWithLoss and recog's step (StepRecipe) call.
+    The cross-entropy reads the output's embeddings only (a model for a sharded classifier holds no rows of its own);
+    the metric term (`metric`, `metric_weight`: e.g. batch-hard triplets) is RecognitionLoss's, on this rank's
+    embeddings. `lr_scale`: the metric term's own parameters' LR (a proxy loss's proxies) as a multiple of the
+    model's; the rows train at the model's LR, as the replicated classifier's do (recog.build.parameter_groups).
 
-    def __init__(self, classifier: ShardedClassifier, ce_weight: float = 1.0, lr_scale: float = 1.0):
-        super().__init__()
-        self.classifier, self.ce_weight, self.lr_scale = classifier, ce_weight, lr_scale
+    The classifier is called on every batch, an empty one too (RecognitionLoss.forward), since every rank must join
+    its collectives; cross-rank mining (`gather`) is not supported, its gather needing equal batches on every rank,
+    which a rank's empty forward passes are not (recog.config refuses loss.cross_rank)."""
 
-    def forward(self, output, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        ce = self.classifier(output.embeddings, labels)
-        return {"ce": ce, "total": self.ce_weight * ce}
+    def __init__(self, classifier: ShardedClassifier, ce_weight: float = 1.0, lr_scale: float = 1.0,
+                 metric=None, metric_weight: float = 0.0):
+        super().__init__(ce_weight=ce_weight, metric=metric, metric_weight=metric_weight, lr_scale=lr_scale,
+                         label_smoothing=classifier.label_smoothing, arc_margin=classifier.arc_margin,
+                         logit_scale=classifier.logit_scale)
+        self.classifier = classifier
+
+    def cross_entropy(self, output, labels: torch.Tensor) -> torch.Tensor:
+        return self.classifier(output.embeddings, labels)
 
 
 def sharded_names(module: nn.Module) -> list[str]:

@@ -187,8 +187,8 @@ def test_every_minutes_saves_every_ranks_rows_at_the_same_step_and_the_run_resum
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["loss=ce_triplet"], "model.classifier=sharded trains on cross-entropy alone; use loss=ce or loss=arcface"),
-    (["sampler=pk"], "model.classifier=sharded is not yet wired for sampler=pk"),
+    (["loss=ce_triplet", "sampler=pk", "loss.cross_rank=true"], "loss.cross_rank=true gathers equal batches from "
+                                                                 "every process"),
     (["perf.compile=true"], "perf.compile=true would compile the sharded classifier's collectives"),
     (["perf.precision=fp16"], "perf.precision=fp16 would let each process's gradient scaler skip a step"),
     (["loss.sample_rate=0"], r"loss.sample_rate=0 is not valid; give a number above 0"),
@@ -203,7 +203,8 @@ def test_what_sharded_does_not_do_is_refused_before_any_process_group(tiny_data,
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (["model.classifier=sharded", "sampler=pk"], "model.classifier=sharded is not yet wired for sampler=pk"),
+    (["model.classifier=sharded", "loss=ce_triplet", "sampler=pk", "loss.cross_rank=true"],
+     "loss.cross_rank=true gathers equal batches from every process"),
     (["loss.sample_rate=0.1"], "loss.sample_rate=0.1 samples the classes of a sharded classifier; add "
                                "model.classifier=sharded"),
 ])
