@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
@@ -43,7 +44,7 @@ from recog.data.stream import ShardStream, fits_in_memory
 from recog.errors import ConfigError
 from recog.imprint import read_weights, start_from_weights
 from recog.loss import RecognitionLoss
-from recog.sharded import ShardedClassifier, ShardedLoss
+from recog.sharded import SAME_START_VALUES, ShardedClassifier, ShardedLoss
 from recog.step import StepRecipe, warmup_cosine
 
 log = logging.getLogger("recog")
@@ -245,6 +246,11 @@ def build_loss(cfg: DictConfig, num_classes: int, ctx: dist.Dist | None = None) 
         loss = cfg.loss
         classifier = ShardedClassifier(num_classes, cfg.model.embedding_dim, rank, world, loss.logit_scale,
                                        loss.label_smoothing, loss.arc_margin, loss.get("sample_rate", 1.0), cfg.seed)
+        if num_classes * cfg.model.embedding_dim <= SAME_START_VALUES:
+            # The rows RecognitionModel would have drawn with the same seed: the global generator stands where the
+            # model, which drew no rows, left it. The same seed starts replicated and sharded runs from the same
+            # numbers, whatever the world size (the generator then moves on as the replicated model's does).
+            classifier.load_rows(torch.randn(num_classes, cfg.model.embedding_dim) * 0.01)
         # metric_weight 0 is no term (RecognitionLoss), so its metric is not built
         term = instantiate(metric, **({"num_classes": num_classes} if auto else {})) if loss.metric_weight else None
         return ShardedLoss(classifier, ce_weight=loss.ce_weight, lr_scale=loss.lr_scale, metric=term,

@@ -30,6 +30,13 @@ from recog.errors import ConfigError
 from recog.loss import RecognitionLoss, additive_angular_margin
 
 
+# Up to this many values (classes × embedding width; fp32: 128 MiB), a sharded classifier starts from the rows the
+# replicated one would draw with the same seed (recog.build.build_loss: every rank draws them all and keeps its
+# slice), so that the same seed gives the same run either way. Above it no rank draws the whole classifier: each
+# draws its slice from (seed, rank). 1M classes × 32 dims fit; 1M × 64 do not.
+SAME_START_VALUES = 1 << 25
+
+
 def class_slice(rank: int, world_size: int, num_classes: int) -> range:
     """The classes (rows of the classifier) that `rank` holds: contiguous, in rank order; where `num_classes` does
     not divide, the first num_classes % world_size ranks hold one more (as torch.tensor_split splits). The one split
@@ -153,7 +160,8 @@ class ShardedClassifier(nn.Module):
         self.rank, self.classes = rank, class_slice(rank, world_size, num_classes)
         self.logit_scale, self.label_smoothing, self.arc_margin = logit_scale, label_smoothing, arc_margin
         self.sample_rate, self.seed = sample_rate, seed
-        # RecognitionModel's rows start the same way; each rank draws its own from (seed, rank).
+        # RecognitionModel's rows start the same way; each rank draws its own from (seed, rank). recog.build.build_loss
+        # replaces them with RecognitionModel's own start where the whole classifier is small (SAME_START_VALUES).
         g = torch.Generator().manual_seed(int(np.random.SeedSequence((seed, rank)).generate_state(1)[0]))
         self.weight = nn.Parameter(torch.randn(len(self.classes), embedding_dim, generator=g) * 0.01)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))

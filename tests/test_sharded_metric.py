@@ -28,7 +28,6 @@ from recog.checkpoint import load_checkpoint
 from recog.classifier_files import read_rows
 from recog.model import Output, RecognitionModel
 from recog.rundir import compose_train_config
-from recog.sharded import ShardedClassifier
 
 CLASSES, DIM = 10, 128
 # SGD (momentum, no AdamW): an update is linear in the gradient. The runs differ by the sharded loss's rounding (its
@@ -112,12 +111,10 @@ def runs(small_data, tmp_path_factory):
     sharded = run_train(args(small_data, root / "sharded", **{"model.classifier": "sharded"}), cwd=root)
     assert sharded.returncode == 0, sharded.stdout + sharded.stderr
 
-    torch.manual_seed(0)  # train.py's seed: the backbone the sharded run started from
+    torch.manual_seed(0)  # train.py's seed: the backbone and rows both runs start from (recog.build.build_loss)
     start = RecognitionModel("convnet", CLASSES, 1, width=16).state_dict()
-    start["class_weights"] = torch.cat([ShardedClassifier(CLASSES, DIM, rank, 2, seed=0).weight.detach()
-                                        for rank in range(2)])  # the rows each of its ranks drew
     torch.save(start, root / "start.pt")
-    replicated = run_train(args(small_data, root / "replicated", weights=root / "start.pt"), cwd=root)
+    replicated = run_train(args(small_data, root / "replicated"), cwd=root)  # no weights=: the same seed
     assert replicated.returncode == 0, replicated.stdout + replicated.stderr
     return {"root": root, "sharded": sharded, "replicated": replicated, "start": start}
 

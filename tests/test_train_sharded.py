@@ -5,8 +5,8 @@ One module-scoped set of runs on 256 training images (2 epochs of 3 steps, AdamW
 batch of 96 cut into 3 micro-batches of 32: rank 0 of 2 reads one of them, rank 1 two, so rank 0 makes an empty
 forward pass each step to keep the sharded classifier's collectives in step (StepRecipe.rounds):
   sharded    2 processes, model.classifier=sharded
-  replicated 2 processes, the default classifier, started from weights= holding the backbone the sharded run starts
-             from (the same seed) and the rows its two ranks drew: the two runs start from the same numbers
+  replicated 2 processes, the default classifier, the same seed: the two runs start from the same numbers (the
+             sharded rows are drawn as RecognitionModel draws its own, recog.build.build_loss)
   resumed    1 process, model.classifier=sharded, from the sharded run's epoch-1 checkpoint (its rows in two slice
              files re-sliced into one), to the end of epoch 2
 """
@@ -27,7 +27,6 @@ from recog.config import check_config
 from recog.errors import ConfigError
 from recog.model import RecognitionModel
 from recog.rundir import compose_train_config
-from recog.sharded import ShardedClassifier
 
 pytestmark = pytest.mark.slow
 
@@ -65,12 +64,10 @@ def runs(small_data, tmp_path_factory):
     sharded = run_train(args(small_data, root / "sharded", **{"model.classifier": "sharded"}), cwd=root, nproc=2)
     assert sharded.returncode == 0, sharded.stdout + sharded.stderr
 
-    torch.manual_seed(0)  # train.py's seed: the backbone the sharded run started from
+    torch.manual_seed(0)  # train.py's seed: the backbone and rows both runs start from (recog.build.build_loss)
     start = RecognitionModel("convnet", CLASSES, 1, width=16).state_dict()
-    start["class_weights"] = torch.cat([ShardedClassifier(CLASSES, DIM, rank, 2, seed=0).weight.detach()
-                                        for rank in range(2)])  # the rows each of its ranks drew
     torch.save(start, root / "start.pt")
-    replicated = run_train(args(small_data, root / "replicated", weights=root / "start.pt"), cwd=root, nproc=2)
+    replicated = run_train(args(small_data, root / "replicated"), cwd=root, nproc=2)  # no weights=: the same seed
     assert replicated.returncode == 0, replicated.stdout + replicated.stderr
 
     epoch1 = root / "sharded" / "checkpoints" / "step-000000003.pt"
