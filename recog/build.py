@@ -252,7 +252,9 @@ def build_loss(cfg: DictConfig, num_classes: int, ctx: dist.Dist | None = None) 
             # numbers, whatever the world size (the generator then moves on as the replicated model's does).
             classifier.load_rows(torch.randn(num_classes, cfg.model.embedding_dim) * 0.01)
         # metric_weight 0 is no term (RecognitionLoss), so its metric is not built
-        term = instantiate(metric, **({"num_classes": num_classes} if auto else {})) if loss.metric_weight else None
+        # built whatever its weight, as instantiate(cfg.loss) builds it for the replicated classifier (a proxy loss
+        # draws its proxies from the global generator: the same seed, the same numbers); weight 0 then drops it
+        term = instantiate(metric, **({"num_classes": num_classes} if auto else {})) if metric is not None else None
         return ShardedLoss(classifier, ce_weight=loss.ce_weight, lr_scale=loss.lr_scale, metric=term,
                            metric_weight=loss.metric_weight)
     if auto:

@@ -163,11 +163,29 @@ def settle_classifier(cfg: DictConfig, num_classes: int) -> str | None:
         choice, why = "sharded", f"{num_classes:,} classes, at least {AUTO_SHARDED_CLASSES:,}"
     rate = cfg.loss.get("sample_rate", 1.0)
     if choice == "replicated" and rate != 1:
+        if refusal and num_classes >= AUTO_SHARDED_CLASSES:  # sharded would be refused: its fix, or no sampling
+            raise ConfigError(f"{refusal[:-1]}; or set loss.sample_rate=1.0 to train replicated "
+                              f"(model.classifier=auto, {num_classes:,} classes).")
         raise ConfigError(f"loss.sample_rate={rate} samples the classes of a sharded classifier, and "
                           f"model.classifier=auto chose replicated ({why}); set model.classifier=sharded, or "
                           "loss.sample_rate=1.0.")
     cfg.model.classifier = choice
     return f"model.classifier=auto: {choice} ({why})"
+
+
+def keep_resumed_classifier(cfg: DictConfig, state: dict) -> str | None:
+    """model.classifier=auto on a resume: what the checkpoint's run settled it to (its config), not settled again,
+    since a setting changed on the resume (perf.compile, say) could make auto pick the other classifier, whose
+    checkpoint this is not. A setting the kept classifier refuses is its one sentence. Returns the line that tells
+    the user (None: not auto, or a checkpoint that does not say, settled from the classes as on a first run)."""
+    if cfg.model.get("classifier", "replicated") != "auto":
+        return None
+    chosen = ((state.get("config") or {}).get("model") or {}).get("classifier")
+    if chosen not in CLASSIFIERS:
+        return None
+    cfg.model.classifier = chosen
+    check_classifier(cfg)
+    return f"model.classifier=auto: {chosen}, as the checkpoint it continues was trained"
 
 
 def check_data_folders(data: DictConfig, sampler: str | None) -> None:

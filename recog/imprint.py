@@ -34,7 +34,7 @@ from recog.data.random_access import ShardRandomAccess
 from recog.errors import ConfigError
 from recog.loss import RecognitionLoss
 from recog.model import ClassMap, RecognitionModel, load_weights, map_classes, move_rows
-from recog.sharded import ShardedClassifier, ShardedLoss
+from recog.sharded import ShardedLoss
 
 log = logging.getLogger("recog")
 
@@ -222,7 +222,7 @@ def start_from_weights(weights: dict, name: str, classes: Sequence[str], model: 
                           "training images each new class's row is imprinted from; 0: new classes start fresh).")
     mapping, assumed = class_map(weights, classes) if is_recog_checkpoint(weights) else (None, None)
     if isinstance(loss_fn, ShardedLoss):
-        notes = start_slice_from_weights(weights, mapping, classes, model, loss_fn.classifier, images, per_class, seed,
+        notes = start_slice_from_weights(weights, mapping, classes, model, loss_fn, images, per_class, seed,
                                          ctx, normalize)
         for note in ([assumed] if assumed else []) + notes:
             log.info("weights %s: %s", name, note)
@@ -244,12 +244,14 @@ def start_from_weights(weights: dict, name: str, classes: Sequence[str], model: 
 
 
 def start_slice_from_weights(weights: dict, mapping: ClassMap | None, classes: Sequence[str], model: RecognitionModel,
-                             classifier: ShardedClassifier, images: Callable[[], ShardRandomAccess] | None,
+                             loss_fn: ShardedLoss, images: Callable[[], ShardRandomAccess] | None,
                              per_class: int, seed: int, ctx: dist.Dist, normalize: Callable) -> list[str]:
     """start_from_weights for a sharded classifier: the model (which holds no class rows) loaded as the replicated
     path loads it, and this rank's rows, those of its slice of `classes`, taken from the weights' rows through
-    `mapping` (each rank reads only the rows its slice maps to) or imprinted. Every rank calls this: the imprinting
-    and the reads that may fail on one rank alone are collective. Returns the notes for the log."""
+    `mapping` (each rank reads only the rows its slice maps to) or imprinted; a proxy loss's proxies (every class's,
+    on every rank) mapped and imprinted as the replicated path does. Every rank calls this: the imprinting and the
+    reads that may fail on one rank alone are collective. Returns the notes for the log."""
+    classifier = loss_fn.classifier
     notes = load_weights(model, weights)  # no class rows in a model with a sharded classifier: the backbone alone
     replicated = weights.get("model", weights).get("class_weights")  # a bare state dict's too
     folder = weights.get("classifier_folder")
@@ -280,18 +282,22 @@ def start_slice_from_weights(weights: dict, mapping: ClassMap | None, classes: S
                               "reading the weights' classifier rows")
     with torch.no_grad():
         classifier.weight[kept] = rows.to(classifier.weight.device, classifier.weight.dtype)
+    loss_rows, loss_notes = load_loss_rows(loss_fn, weights.get("loss") or {}, mapping)
     how = imprint_new_classes(model, [classifier.weight], mapping, classes, images, per_class, seed, ctx, normalize,
-                              held)
+                              held, whole=list(loss_rows.values()))
+    others = [f"the loss's {row} likewise" for row in loss_rows] + loss_notes
     return notes + [f"classifier mapped by class name ({mapping.names_from}): {len(mapping.kept)} kept, "
-                    f"{len(mapping.new)} new{how}, {len(mapping.dropped)} dropped"]
+                    f"{len(mapping.new)} new{how}, {len(mapping.dropped)} dropped" + "".join(f"; {o}" for o in others)]
 
 
 def imprint_new_classes(model: RecognitionModel, targets: list[nn.Parameter], mapping: ClassMap,
                         classes: Sequence[str], images: Callable[[], ShardRandomAccess] | None, per_class: int,
-                        seed: int, ctx: dist.Dist, normalize: Callable, held: range | None = None) -> str:
+                        seed: int, ctx: dist.Dist, normalize: Callable, held: range | None = None,
+                        whole: Sequence[nn.Parameter] = ()) -> str:
     """Each new class's row in every one of `targets` (the classifier, the loss's mapped class rows) set to its
     imprinted mean embedding; the others keep the fresh rows they were built with. `held`: the classes whose rows
-    `targets` hold, from row 0 (a sharded classifier's slice); None: every class. Every rank imprints every new
+    `targets` hold, from row 0 (a sharded classifier's slice); None: every class. `whole`: rows of every class
+    beside a sharded slice (a proxy loss's proxies), each new class's set on every rank. Every rank imprints every new
     class (the same calls on every rank, each embedding its share of the images, so the collectives stay paired)
     and keeps those it holds: for a moment each holds new classes × D float64 sums, as the replicated path does.
     Returns how, for the log."""
@@ -304,10 +310,14 @@ def imprint_new_classes(model: RecognitionModel, targets: list[nn.Parameter], ma
     rows = [c for c, ok in zip(imprinted, have.tolist()) if ok]
     held = range(len(classes)) if held is None else held
     mine = [i for i, (c, ok) in enumerate(zip(imprinted, have.tolist())) if ok and c in held]
-    if mine:
-        with torch.no_grad():
+    with torch.no_grad():
+        if mine:
             for target in targets:
                 target[[imprinted[i] - held.start for i in mine]] = means[mine].to(target.dtype)
+        every = [i for i, ok in enumerate(have.tolist()) if ok]
+        if every:
+            for target in whole:
+                target[[imprinted[i] for i in every]] = means[every].to(target.dtype)
     without = [classes[c] for c, ok in zip(imprinted, have.tolist()) if not ok]
     how = f"{len(rows)} imprinted from up to {per_class} images each" if without else \
         f"imprinted from up to {per_class} images each"

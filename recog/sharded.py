@@ -29,7 +29,6 @@ from recog.dist import all_gather_rows, world_size
 from recog.errors import ConfigError
 from recog.loss import RecognitionLoss, additive_angular_margin
 
-
 # Up to this many values (classes × embedding width; fp32: 128 MiB), a sharded classifier starts from the rows the
 # replicated one would draw with the same seed (recog.build.build_loss: every rank draws them all and keeps its
 # slice), so that the same seed gives the same run either way. Above it no rank draws the whole classifier: each

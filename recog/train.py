@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from recog import dist
 from recog.build import build_data, build_recipe
 from recog.checkpoint import Checkpoints, ClassifierRows, RandomState, check_resume_point, find_resume_point
-from recog.config import check_config
+from recog.config import check_config, keep_resumed_classifier
 from recog.data.loader import Batch, stop_data_workers
 from recog.data.position import Position
 from recog.files import write_json
@@ -76,6 +76,9 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, stop: StopOnSignal) ->
 
     # The checkpoint to continue from, if any: its global batch is kept, whatever the world size now.
     found = find_resume_point(cfg.checkpoint, cfg.resume, run_dir, ctx)
+    kept = keep_resumed_classifier(cfg, found[1]) if found else None  # model.classifier=auto: as it was settled
+    if kept and ctx.is_main:
+        log.info("%s", kept)
     data = build_data(cfg, ctx, saved=Position.saved_layout(found[1]) if found else None)
     position = data.start(ctx.world_size)
     recipe = build_recipe(cfg, ctx, data, position)  # its LR schedule follows the position

@@ -8,7 +8,7 @@ from conftest import BUNDLED, run_train, tiny_args
 from omegaconf import OmegaConf
 
 from recog.checkpoint import load_checkpoint
-from recog.config import AUTO_SHARDED_CLASSES, check_classifier, settle_classifier
+from recog.config import AUTO_SHARDED_CLASSES, check_classifier, keep_resumed_classifier, settle_classifier
 from recog.data.idx import find_idx_pair
 from recog.data.write import idx_records, numbered_classes, write_shards
 from recog.errors import ConfigError
@@ -81,3 +81,31 @@ def test_auto_trains_sharded_from_100k_classes_and_replicated_below(many_classes
     assert replicated.returncode == 0, replicated.stdout + replicated.stderr
     assert "model.classifier=auto: replicated (10 classes, under 100,000)" in replicated.stdout + replicated.stderr
     assert not list((tmp_path / "few" / "checkpoints").glob("*.rows"))
+
+
+def test_sampling_where_auto_cannot_shard_names_the_setting_and_both_fixes():
+    cfg = config("loss.sample_rate=0.1", "perf.compile=true")
+    with pytest.raises(ConfigError, match=r"^perf.compile=true would compile .*; set perf.compile=false with "
+                                          r"model.classifier=sharded; or set loss.sample_rate=1.0 to train replicated "
+                                          r"\(model.classifier=auto, 200,000 classes\).$"):
+        settle_classifier(cfg, 200_000)
+
+
+@pytest.mark.parametrize("saved, overrides, choice", [
+    ("sharded", [], "sharded"),
+    ("replicated", [], "replicated"),  # whatever the classes would settle
+    (None, [], "auto"),  # a checkpoint that does not say: settled from the classes, as on a first run
+])
+def test_a_resume_keeps_what_auto_chose(saved, overrides, choice):
+    cfg = config(*overrides)
+    state = {"config": {"model": {"classifier": saved}}} if saved else {"config": {"model": {}}}
+    line = keep_resumed_classifier(cfg, state)
+    assert cfg.model.classifier == choice
+    assert line == (f"model.classifier=auto: {saved}, as the checkpoint it continues was trained" if saved else None)
+    assert settle_classifier(cfg, 1_000_000 if saved == "replicated" else 10) is None or saved is None
+
+
+def test_a_resume_of_a_sharded_choice_with_a_setting_sharded_refuses_is_its_sentence():
+    cfg = config("perf.compile=true")  # auto alone would now pick replicated, whose checkpoint this is not
+    with pytest.raises(ConfigError, match=r"^perf.compile=true would compile the sharded classifier's collectives"):
+        keep_resumed_classifier(cfg, {"config": {"model": {"classifier": "sharded"}}})

@@ -179,6 +179,35 @@ def test_a_replicated_checkpoint_into_a_sharded_run(days, expected, caplog):
     assert sum(NOTE in r.getMessage() for r in caplog.records) == 2
 
 
+def test_a_proxy_loss_beside_sharded_rows_takes_its_proxies_by_name(days, expected, caplog):
+    """loss=ce_proxyanchor with model.classifier=sharded: the proxies (every class's, on every process) are mapped
+    by class name and the new classes' imprinted, as the replicated path does, beside this process's slice of rows."""
+    from pytorch_metric_learning.losses import ProxyAnchorLoss
+
+    weights = imprint.read_weights(str(days["replicated"]))
+    saved = torch.randn(len(DAY1), days["rows"].shape[1])
+    weights["loss"] = {"metric.proxies": saved}
+    cfg = compose_train_config(*day2_overrides(days, "model.classifier=sharded"))
+    data = build_data(cfg, ONE_PROCESS)
+    model = instantiate(cfg.model, num_classes=len(DAY2), in_channels=cfg.data.channels)
+    metric = ProxyAnchorLoss(num_classes=len(DAY2), embedding_size=cfg.model.embedding_dim)
+    loss = ShardedLoss(ShardedClassifier(len(DAY2), cfg.model.embedding_dim, 1, 2, seed=cfg.seed), metric=metric,
+                       metric_weight=1.0)
+    images = partial(ShardRandomAccess, data.train_manifest, shard_source(cfg.data), instantiate(cfg.augment.test),
+                     cfg.data.channels, decode_image)
+    normalize = Normalize(cfg.data.mean, cfg.data.std, torch.device("cpu"))
+    with caplog.at_level(logging.INFO, logger="recog"):
+        imprint.start_from_weights(weights, "replicated.pt", DAY2, model, loss, images, cfg.imprint_images, cfg.seed,
+                                   ONE_PROCESS, normalize)
+    proxies = metric.proxies.detach()
+    for i, name in enumerate(DAY2):
+        if name in DAY1:
+            assert torch.equal(proxies[i], saved[DAY1.index(name)]), name
+        else:  # imprinted as the classifier's row is
+            assert (proxies[i] - expected[i]).abs().max() < IMPRINTED, name
+    assert any("the loss's metric.proxies likewise" in r.getMessage() for r in caplog.records)
+
+
 def test_weights_with_a_sharded_classifier_is_no_longer_refused(days):
     check_config(compose_train_config(*day2_overrides(days, f"weights={days['last']}", "model.classifier=sharded")))
 
