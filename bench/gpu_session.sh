@@ -68,14 +68,23 @@ timeout 330 bash bench/gpu.sh --log-dir "$out/bench"
 echo "bench rc=$?"
 fi
 
+# knob_runs SECONDS KNOBS...: the default job for 2 epochs with each set of knobs, at most SECONDS each: rc and the
+# last epoch's line (or the error).
+knob_runs() {
+  local seconds=$1 knobs name
+  shift
+  for knobs in "$@"; do
+    name=$(echo "$knobs" | tr ' =.' '_--')
+    timeout "$seconds" "${torchrun[@]}" epochs=2 data.num_workers=4 $knobs hydra.run.dir="$out/$name" \
+      > "$out/$name.log" 2>&1
+    echo "$knobs: rc=$?"
+    grep -E "epoch 2/2|error" "$out/$name.log"
+  done
+}
+
 if [[ $parts == *4* ]]; then
 echo "== 4. GPU-only knobs through train.py"
-for knobs in "perf.precision=fp16 perf.channels_last=true" "perf.precision=bf16 perf.channels_last=true perf.compile=true"; do
-  name=$(echo "$knobs" | tr ' =.' '_--')
-  timeout 150 "${torchrun[@]}" epochs=2 data.num_workers=4 $knobs hydra.run.dir="$out/$name" > "$out/$name.log" 2>&1
-  echo "$knobs: rc=$?"
-  grep -E "epoch 2/2|error" "$out/$name.log"
-done
+knob_runs 150 "perf.precision=fp16 perf.channels_last=true" "perf.precision=bf16 perf.channels_last=true perf.compile=true"
 fi
 
 if [[ $parts == *5* ]]; then
@@ -110,10 +119,5 @@ fi
 
 if [[ $parts == *7* ]]; then
 echo "== 7. model.classifier=sharded on the GPU (issue 30): NCCL carries its all-gather and all-reduces"
-for knobs in "model.classifier=sharded" "model.classifier=sharded loss.sample_rate=0.5 perf.precision=bf16"; do
-  name=$(echo "$knobs" | tr ' =.' '_--')
-  timeout 120 "${torchrun[@]}" epochs=2 data.num_workers=4 $knobs hydra.run.dir="$out/$name" > "$out/$name.log" 2>&1
-  echo "$knobs: rc=$?"
-  grep -E "epoch 2/2|error" "$out/$name.log"
-done
+knob_runs 120 "model.classifier=sharded" "model.classifier=sharded loss.sample_rate=0.5 perf.precision=bf16"
 fi
