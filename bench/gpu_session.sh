@@ -74,7 +74,7 @@ knob_runs() {
   local seconds=$1 knobs name
   shift
   for knobs in "$@"; do
-    name=$(echo "$knobs" | tr ' =.' '_--')
+    name=$(echo "$knobs" | sed 's/ /_/g; s/[=.]/-/g')
     timeout "$seconds" "${torchrun[@]}" epochs=2 data.num_workers=4 $knobs hydra.run.dir="$out/$name" \
       > "$out/$name.log" 2>&1
     echo "$knobs: rc=$?"
