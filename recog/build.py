@@ -44,6 +44,7 @@ from recog.data.stream import ShardStream, fits_in_memory
 from recog.errors import ConfigError
 from recog.imprint import read_weights, start_from_weights
 from recog.loss import RecognitionLoss
+from recog.pretrained import build_model
 from recog.sharded import SAME_START_VALUES, ShardedClassifier, ShardedLoss
 from recog.step import StepRecipe, warmup_cosine
 
@@ -284,12 +285,14 @@ def loss_parameters(loss_fn: nn.Module) -> list[nn.Parameter]:
     return [p for p in loss_fn.parameters() if p.requires_grad and p is not rows]
 
 
-def build_recipe(cfg: DictConfig, ctx: dist.Dist, data: TrainData, position: Position | None = None) -> StepRecipe:
+def build_recipe(cfg: DictConfig, ctx: dist.Dist, data: TrainData, position: Position | None = None,
+                 resuming: bool = False) -> StepRecipe:
     """The model (with weights= read by rank 0 only, its classifier and a proxy loss's proxies mapped by class name
     and new classes imprinted on every rank: recog.imprint), the loss, the optimizer over both at the LR scaled to the
     global batch (the loss's parameters at loss.lr_scale times it), warmup + cosine, the gradient scaler.
-    `position`: where training stands, which the LR schedule follows when resuming (StepRecipe.position)."""
-    model = instantiate(cfg.model, num_classes=len(data.classes), in_channels=cfg.data.channels)
+    `position`: where training stands, which the LR schedule follows when resuming (StepRecipe.position).
+    `resuming`: a checkpoint will give the weights, so model.pretrained is not read (recog.pretrained)."""
+    model = build_model(cfg, ctx, len(data.classes), resuming)
     model = parallel.prepare_model(model, cfg.perf, ctx.is_distributed)  # SyncBatchNorm, channels_last
     model.to(ctx.device)  # before the optimizer exists: its state must live where the parameters live
     loss_fn = build_loss(cfg, len(data.classes), ctx).to(ctx.device)

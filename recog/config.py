@@ -19,6 +19,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from recog import parallel
+from recog.backbones import pretrained_data_config, pretrained_source
 from recog.data.decode import SCALED_DECODE_AVAILABLE
 from recog.data.gpu_decode import GPU_DECODE_AVAILABLE
 from recog.data.manifest import Manifest, missing_classes
@@ -80,7 +81,7 @@ def check_config(cfg: DictConfig) -> None:
     if pk:
         for key in ("sampler.p", "sampler.k"):
             check_number(key, OmegaConf.select(cfg, key), True, 1, False)
-    check_backbone(cfg.model.backbone, cfg.model.get("small_input", False))
+    check_backbone(cfg.model.backbone, cfg.model.get("small_input", False), cfg.model.get("pretrained", False))
     check_classifier(cfg)
     cuda = torch.cuda.is_available() and cfg.dist.backend != "gloo"
     check_perf_config(cfg, cuda)
@@ -428,16 +429,22 @@ def settle_data_settings(cfg: DictConfig, manifest: Manifest, source: ShardSourc
     if auto and not stats:
         stats = measure_shards(manifest, source)
     channels = stats["channels"] if "channels" in auto else data.channels
-    image_size = (min(stats["height"]["median"], stats["width"]["median"], LARGEST_AUTO_SIZE)
+    # Pretrained weights: their config's mean/std, and its input size as the largest auto size (never upscaled:
+    # 28-px images stay 28 px, 64x less compute than 224; larger photos come down to what the weights saw)
+    pretrained = pretrained_settings(cfg.model, channels)
+    image_size = (min(stats["height"]["median"], stats["width"]["median"],
+                      pretrained["image_size"] if pretrained else LARGEST_AUTO_SIZE)
                   if "image_size" in auto else data.image_size)
     settled = {}
     for key in ("mean", "std"):
-        if key in auto:  # a grey data set read as RGB (channels=3) repeats its one value, and the reverse
+        if key in auto and pretrained:
+            settled[key] = pretrained[key]
+        elif key in auto:  # a grey data set read as RGB (channels=3) repeats its one value, and the reverse
             values = stats[key] * 3 if len(stats[key]) < channels else stats[key]
             settled[key] = [round(sum(values) / len(values), 4)] if channels == 1 else values[:3]
         else:
             settled[key] = list(data[key])
-    if "std" in auto:  # a channel that hardly varies (solid colours) is not blown up into noise
+    if "std" in auto and not pretrained:  # a channel that hardly varies (solid colours) is not blown up into noise
         settled["std"] = [max(value, SMALLEST_AUTO_STD) for value in settled["std"]]
     chose = cfg.augment.name == "auto"
     if chose:
@@ -450,10 +457,23 @@ def settle_data_settings(cfg: DictConfig, manifest: Manifest, source: ShardSourc
     if augment.get("pad") == "auto":  # 4 px at 28-32 px, 1 at 8 px: the same share of the image
         augment["pad"] = max(1, round(image_size / 8))
     line = f"data: {channels} channel(s), {image_size} px, mean {settled['mean']}, std {settled['std']}"
-    if auto:
+    from_weights = [key for key in ("mean", "std") if key in auto] if pretrained else []
+    from_images = [key for key in auto if key not in from_weights]
+    if from_images:
         height, width = stats["height"], stats["width"]
-        line += (f" ({', '.join(auto)} from {stats['sampled']} images of {height['min']}-{height['max']} x "
+        line += (f" ({', '.join(from_images)} from {stats['sampled']} images of {height['min']}-{height['max']} x "
                  f"{width['min']}-{width['max']} px)")
+    if from_weights:
+        line += (f" ({'/'.join(from_weights)} from the pretrained config of {cfg.model.backbone}"
+                 f"{', size at most its ' + str(pretrained['image_size']) + ' px' if 'image_size' in auto else ''})")
     knobs = ", ".join(f"{key} {augment[key]}" for key in ("pad", "flip") if key in augment)
     line += f" | augment={augment['name']} ({knobs}){' for that size' if chose else ''}"
     return DataSettings(channels, image_size, settled["mean"], settled["std"], augment, line)
+
+
+def pretrained_settings(model: DictConfig, channels: int) -> dict | None:
+    """mean, std and image_size from the pretrained config of a timm backbone with model.pretrained set (None
+    otherwise): what data.*=auto takes, so the images are normalised as the weights were trained."""
+    if pretrained_source(model.get("pretrained", False)).kind == "none":
+        return None
+    return pretrained_data_config(model.backbone, channels)

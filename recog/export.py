@@ -91,6 +91,7 @@ def rebuild_model(ckpt: dict, path: str | Path) -> RecognitionModel:
     if "class_weights" not in state and not sharded:
         raise ConfigError(f"{path} holds no recog model weights (no class_weights); export a checkpoint written "
                           "by train.py.")
+    spec["pretrained"] = False  # the checkpoint holds the trained weights: no pretrained file or download
     try:
         model = RecognitionModel(num_classes=0 if sharded else state["class_weights"].shape[0],
                                  in_channels=data_settings(config, path)["channels"], **spec)

@@ -1,8 +1,9 @@
 """Backbone + L2-normalised embedding head + classifier. Knows nothing about distribution.
 
-Backbones: `convnet` (a small CNN for 28×28 grey images, the CPU default) or
-any torchvision classification model by name (`resnet18`, `resnet50`, ...).
-The torchvision head is removed; its input width becomes the feature width.
+Backbones: `convnet` (a small CNN for 28×28 grey images, the CPU default), any torchvision classification
+model by name (`resnet18`, `resnet50`, ...), or any timm model as `timm:NAME` (recog.backbones: timm removes its
+head and adapts its stem itself, and loads pretrained weights). The torchvision head is removed here; its input
+width becomes the feature width.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from recog.backbones import check_timm_backbone, is_timm, timm_backbone
 from recog.errors import ConfigError
 
 
@@ -47,9 +49,16 @@ def convnet(in_channels: int, width: int = 32, blocks: Sequence[int] = (2, 2, 2)
 OWN_BACKBONES = {"convnet": convnet}
 
 
-def check_backbone(name: str, small_input: bool = False) -> None:
+def check_backbone(name: str, small_input: bool = False, pretrained=False) -> None:
     """model.backbone, and model.small_input, which only a ResNet-style stem (conv1, then maxpool) can take: that
-    is looked up on the model built on the meta device (no memory, no weights initialised, no random numbers)."""
+    is looked up on the model built on the meta device (no memory, no weights initialised, no random numbers).
+    model.pretrained is for timm backbones (torchvision weights come through weights=)."""
+    if is_timm(name):
+        check_timm_backbone(name, pretrained, small_input)
+        return
+    if pretrained not in (None, False):
+        raise ConfigError(f"model.pretrained is for timm backbones (model.backbone=timm:NAME), not '{name}'; set "
+                          "model.pretrained=false and give torchvision weights with weights=/path/to/file.pth.")
     if name not in OWN_BACKBONES and name not in torchvision.models.list_models(module=torchvision.models):
         raise ConfigError(
             f"unknown model '{name}'; use model=convnet, model=resnet18, model=resnet50 "
@@ -63,7 +72,8 @@ def check_backbone(name: str, small_input: bool = False) -> None:
 
 
 def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
-    """Adapt a 3-channel torchvision stem to `in_channels` (e.g. 1 for grey images)."""
+    """Adapt a 3-channel torchvision stem to `in_channels` (e.g. 1 for grey images). Kept for torchvision, whose
+    constructors have no `in_chans`; timm models get theirs from timm (recog.backbones)."""
     for parent in model.modules():
         for name, child in parent.named_children():
             if isinstance(child, nn.Conv2d):
@@ -75,7 +85,8 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> None:
 
 
 def _remove_head(model: nn.Module) -> int:
-    """Replace the last Linear layer (the ImageNet classifier) by Identity; return its input width."""
+    """Replace the last Linear layer (the ImageNet classifier) by Identity; return its input width. Kept for
+    torchvision, whose constructors have no `num_classes=0`; timm removes its own head (recog.backbones)."""
     last = None
     for parent in model.modules():
         for name, child in parent.named_children():
@@ -115,13 +126,18 @@ class RecognitionModel(nn.Module):
         logit_scale: float = 16.0,
         blocks: Sequence[int] = (2, 2, 2),
         classifier: str = "replicated",
+        pretrained: bool | str = False,
+        timm_kwargs: dict | None = None,
     ):
+        """`pretrained` and `timm_kwargs` (passed to timm.create_model) are for `backbone="timm:NAME"`."""
         super().__init__()
         if classifier not in CLASSIFIERS:
             raise ConfigError(f"model.classifier={classifier} is unknown; use replicated (every rank holds every "
                               "class's row) or sharded (each rank holds a slice of them).")
-        check_backbone(backbone, small_input)
-        if backbone in OWN_BACKBONES:
+        check_backbone(backbone, small_input, pretrained)
+        if is_timm(backbone):  # self.backbone is the timm model itself (its group_matcher, no_weight_decay, ...)
+            self.backbone, features = timm_backbone(backbone, in_channels, pretrained, timm_kwargs)
+        elif backbone in OWN_BACKBONES:
             self.backbone, features = OWN_BACKBONES[backbone](in_channels, width, blocks)
         else:
             self.backbone, features = torchvision_backbone(backbone, in_channels, small_input)

@@ -81,7 +81,7 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, stop: StopOnSignal) ->
         log.info("%s", kept)
     data = build_data(cfg, ctx, saved=Position.saved_layout(found[1]) if found else None)
     position = data.start(ctx.world_size)
-    recipe = build_recipe(cfg, ctx, data, position)  # its LR schedule follows the position
+    recipe = build_recipe(cfg, ctx, data, position, resuming=found is not None)  # LR schedule follows the position
     check_resume_point(found, run_dir, cfg.model.backbone, recipe.mismatch)
     classifier = recipe.sharded_classifier()  # its rows: each rank saves and restores its own
     checkpoints = Checkpoints(cfg.checkpoint, run_dir / "checkpoints", ctx.is_main,
