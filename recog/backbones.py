@@ -139,7 +139,9 @@ def timm_backbone(backbone: str, in_channels: int, pretrained=False, timm_kwargs
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"model.pretrained={pretrained} cannot be loaded into timm model {name} ({first[:300]}); "
                           "give weights saved from that model, as safetensors or a plain state dict.") from None
-    return model, model.num_features
+    # num_classes=0 returns the pre-logits features: head_hidden_size wide where a model has a head layer before its
+    # classifier (MobileNetV3's 1024 after 288 num_features), num_features elsewhere
+    return model, getattr(model, "head_hidden_size", None) or model.num_features
 
 
 def pretrained_data_config(backbone: str, channels: int) -> dict:

@@ -233,3 +233,25 @@ def test_a_pickled_weights_file_that_would_run_code_is_refused_unrun(small_data,
     reference = timm.create_model("test_resnet", pretrained=True, pretrained_cfg_overlay={"file": str(plain)},
                                   num_classes=0, in_chans=1)
     assert torch.equal(model.backbone.state_dict()["conv1.0.weight"], reference.state_dict()["conv1.0.weight"])
+
+
+@pytest.mark.slow  # train.py three times on one process
+def test_a_resume_needs_no_weights_file_and_ends_bit_identical(small_data, tmp_path):
+    """2 epochs in one go, against 1 epoch, the weights file deleted, then a restart to 2 epochs: the restart reads
+    the checkpoint, not the file, and ends with the same weights bit for bit."""
+    weights = save_weights("test_resnet", tmp_path / "w.safetensors", seed=123)
+    args = {"model.pretrained": weights, "global_batch": 32}
+    whole = run_train(train_args(small_data, tmp_path / "whole", "test_resnet", **args, epochs=2), cwd=tmp_path,
+                      nproc=None, extra_env=OFFLINE)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    first = run_train(train_args(small_data, tmp_path / "split", "test_resnet", **args, epochs=1), cwd=tmp_path,
+                      nproc=None, extra_env=OFFLINE)
+    assert first.returncode == 0, first.stderr[-3000:]
+    weights.unlink()
+    again = run_train(train_args(small_data, tmp_path / "split", "test_resnet", **args, epochs=2), cwd=tmp_path,
+                      nproc=None, extra_env=OFFLINE)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stdout and "Loading pretrained weights" not in again.stdout + again.stderr
+    ends = [load_checkpoint(tmp_path / run / "checkpoints" / "last.pt")["model"] for run in ("whole", "split")]
+    assert ends[0].keys() == ends[1].keys()
+    assert all(torch.equal(ends[0][key], ends[1][key]) for key in ends[0])
