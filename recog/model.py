@@ -62,7 +62,7 @@ def check_backbone(name: str, small_input: bool = False, pretrained=False) -> No
     if name not in OWN_BACKBONES and name not in torchvision.models.list_models(module=torchvision.models):
         raise ConfigError(
             f"unknown model '{name}'; use model=convnet, model=resnet18, model=resnet50 "
-            "or set model.backbone to any torchvision classification model name."
+            "or set model.backbone to any torchvision classification model name (or timm:NAME, any timm model)."
         )
     if small_input and name not in OWN_BACKBONES:
         with torch.device("meta"):

@@ -255,3 +255,17 @@ def test_a_resume_needs_no_weights_file_and_ends_bit_identical(small_data, tmp_p
     ends = [load_checkpoint(tmp_path / run / "checkpoints" / "last.pt")["model"] for run in ("whole", "split")]
     assert ends[0].keys() == ends[1].keys()
     assert all(torch.equal(ends[0][key], ends[1][key]) for key in ends[0])
+
+
+def test_without_timm_or_with_an_old_one_the_sentence_names_the_install(monkeypatch):
+    from recog.backbones import import_timm
+    from recog.model import check_backbone
+
+    monkeypatch.setattr(timm, "__version__", "1.0.25")  # its readers unpickled weights files
+    with pytest.raises(ConfigError, match=re.escape("timm 1.0.25 is installed and recog needs timm >= 1.0.26")):
+        import_timm()
+    monkeypatch.setitem(__import__("sys").modules, "timm", None)  # what `import timm` meets where it is not installed
+    with pytest.raises(ConfigError, match=re.escape("needs the timm package, which is not installed; run pip install "
+                                                    "'recog[timm]'")):
+        check_backbone("timm:resnet18")
+    check_backbone("convnet")  # the other backbones never import it
