@@ -84,8 +84,7 @@ def one_sentence(result, message: str) -> None:
 # --- offline pretrained weights: two families, from safetensors, no network ---
 
 @pytest.mark.parametrize("name,channels", [("test_resnet", 1), ("test_convnext", 3)])
-def test_a_weights_file_gives_timms_own_first_forward(small_data, tmp_path, name, channels, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+def test_a_weights_file_gives_timms_own_first_forward(small_data, tmp_path, name, channels):
     weights = save_weights(name, tmp_path / f"{name}.safetensors", seed=123)
     cfg = compose_train_config(*train_args(small_data, tmp_path / "run", name, **{
         "model.pretrained": weights, "data.channels": channels}))
@@ -209,8 +208,10 @@ def test_pretrained_true_offline_is_one_sentence_naming_the_fix(small_data, tmp_
 
 
 def test_a_hub_id_offline_is_one_sentence(small_data, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    from huggingface_hub import constants  # read from the environment at its import: set here, in this process
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))  # an empty cache
     cfg = compose_train_config(*train_args(small_data, tmp_path, "test_resnet", **{
         "model.pretrained": "hf-hub:timm/test_resnet.r160_in1k", "data.channels": 1}))
     check_config(cfg)
@@ -269,3 +270,28 @@ def test_without_timm_or_with_an_old_one_the_sentence_names_the_install(monkeypa
                                                     "'recog[timm]'")):
         check_backbone("timm:resnet18")
     check_backbone("convnet")  # the other backbones never import it
+
+
+def hub_cache(home: Path, repo: str, model: torch.nn.Module) -> Path:
+    """A Hugging Face cache (HF_HOME) holding `model`'s weights as the Hub repo `repo`'s model.safetensors, laid
+    out as huggingface_hub lays out a download: what HF_HUB_OFFLINE=1 reads instead of the network."""
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    folder = home / "hub" / f"models--{repo.replace('/', '--')}"
+    (folder / "snapshots" / revision).mkdir(parents=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(revision)
+    safetensors_torch.save_file(model.state_dict(), str(folder / "snapshots" / revision / "model.safetensors"))
+    return home
+
+
+@pytest.mark.slow  # torchrun with 2 processes
+def test_pretrained_true_reads_the_hub_cache_local_rank_0_first(small_data, tmp_path):
+    """model.pretrained=true on 2 processes with the weights in the Hugging Face cache and no network: local rank 0
+    builds first and the other rank after it (recog.pretrained), both from the cache; the run trains."""
+    torch.manual_seed(3)
+    home = hub_cache(tmp_path / "hf", "timm/test_resnet.r160_in1k", timm.create_model("test_resnet"))
+    result = run_train(train_args(small_data, tmp_path / "run", "test_resnet", **{"model.pretrained": "true"}),
+                       cwd=tmp_path, nproc=2, extra_env={**OFFLINE, "HF_HOME": str(home)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Loading pretrained weights from Hugging Face hub (timm/test_resnet.r160_in1k)" in result.stdout
+    assert "mean/std from the pretrained config of timm:test_resnet" in result.stdout
