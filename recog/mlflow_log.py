@@ -15,6 +15,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import time
 import urllib.error
 import urllib.request
@@ -55,6 +56,13 @@ def check_logger(cfg) -> None:
                               "start it (mlflow server --host HOST --port PORT), give logger.tracking_uri (or "
                               "MLFLOW_TRACKING_URI) a server that answers, or train without it: logger=tensorboard."
                               ) from None
+
+
+def mlflow_key(name: str) -> str:
+    """A metric's or param's name as MLflow takes it: letters, digits and `_-. :` between slashes, no empty, `.` or
+    `..` part (a class name in `eval_class/NAME` may hold anything); the rest become `_`."""
+    parts = [re.sub(r"[^\w.\- :]", "_", part) for part in name.split("/")]
+    return "/".join(part if part.strip(".") else part.replace(".", "_") or "_" for part in parts)
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, str]:
@@ -105,7 +113,7 @@ class MlflowLog:
     def log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(key, value) for key, value in params.items()]
+        items = [Param(mlflow_key(key), value) for key, value in params.items()]
         for i in range(0, len(items), MAX_BATCH):
             self.call("log params", lambda part=items[i:i + MAX_BATCH]: self.client.log_batch(self.run_id,
                                                                                              params=part))
@@ -115,7 +123,7 @@ class MlflowLog:
 
         if self.pending and (self.pending[-1].step != step or len(self.pending) >= MAX_BATCH):
             self.flush()  # a new step: the last step's scalars in one request
-        self.pending.append(Metric(tag, float(value), int(time.time() * 1000), int(step)))
+        self.pending.append(Metric(mlflow_key(tag), float(value), int(time.time() * 1000), int(step)))
 
     def flush(self) -> None:
         pending, self.pending = self.pending, []

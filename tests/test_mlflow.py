@@ -15,7 +15,7 @@ import pytest
 from conftest import recog_frames, run_train, tiny_args
 
 from recog.errors import ConfigError
-from recog.mlflow_log import INSTALL, check_logger, flatten
+from recog.mlflow_log import INSTALL, check_logger, flatten, mlflow_key
 from recog.rundir import compose_train_config
 
 mlflow = pytest.importorskip("mlflow")
@@ -40,7 +40,8 @@ def server(tmp_path_factory):
                              "--backend-store-uri", f"sqlite:///{root / 'store.db'}",
                              "--default-artifact-root", str(root / "artifacts"),
                              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job workers
     deadline = time.monotonic() + SERVER_START_S
     try:
         while True:
@@ -110,6 +111,16 @@ def test_mlflow_missing_is_one_sentence_naming_the_extra(monkeypatch):
     with pytest.raises(ConfigError, match=INSTALL.replace("[", r"\[").replace("]", r"\]")):
         check_logger(cfg)
     check_logger(compose_train_config())  # logger=tensorboard: nothing to check
+
+
+def test_names_mlflow_would_refuse_are_made_acceptable():
+    from mlflow.utils.validation import _validate_metric_name
+
+    for tag, key in (("eval_class/T-shirt/top", "eval_class/T-shirt/top"), ("eval/top1", "eval/top1"),
+                     ("eval_class/Café & Bar (new)", "eval_class/Café _ Bar _new_"), ("eval_class/..", "eval_class/__"),
+                     ("eval_class/a//b/", "eval_class/a/_/b/_")):
+        assert mlflow_key(tag) == key
+        _validate_metric_name(key)  # MLflow's own check
 
 
 def test_params_are_the_config_flattened():
