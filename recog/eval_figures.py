@@ -1,9 +1,10 @@
-"""Evaluation's figures beyond top-1, and how one evaluation is reported.
+"""Evaluation's figures: top-1, top-5, per class, the confusion matrix; and how one evaluation is reported.
 
-`ClassTally` counts, on each rank, the test images seen and classified right per class (O(classes)) and, up to
-`confusion_classes` classes, the confusion matrix (O(classes²)); `reduce` sums them over the ranks in one
-all-reduce. `report_evaluation` writes one evaluation to TensorBoard (and whatever the writer fans out to) under
-a tag suffix ("eval/top1", "eval/top1_ema"), and returns the worst classes for the log.
+`Tally` counts, on each rank, the test images seen, right at top-1 and within the top 5, and, given the number of
+classes, the same per class (O(classes)) and, up to `confusion_classes` classes, the confusion matrix
+(O(classes²)); `reduce` sums them over the ranks in one all-reduce. `report_evaluation` writes one evaluation to
+TensorBoard (and whatever the writer fans out to) under a tag suffix ("eval/top1", "eval/top1_ema"), and returns
+the worst classes for the log.
 """
 
 from __future__ import annotations
@@ -26,30 +27,44 @@ def say_once(message: str) -> None:
         log.info("%s", message)
 
 
-class ClassTally:
-    """Per class: the test images seen and those classified right; the confusion matrix (rows: the true class,
-    columns: the predicted one) only for up to `confusion_classes` classes."""
+class Tally:
+    """One evaluation's counts on this rank: the images seen, right at top-1 and (`top5`) within the top 5; with
+    `num_classes`, per class the images seen and right, and the confusion matrix (rows: the true class, columns:
+    the predicted one) for up to `confusion_classes` classes."""
 
-    def __init__(self, num_classes: int, device: torch.device, confusion_classes: int):
-        self.num_classes = num_classes
-        self.counts = torch.zeros(2, num_classes, dtype=torch.int64, device=device)  # [correct, seen]
+    def __init__(self, device: torch.device, num_classes: int = 0, confusion_classes: int = 100, top5: bool = True):
+        self.device, self.num_classes, self.top5 = device, num_classes, top5
+        self.totals = torch.zeros(3, dtype=torch.int64, device=device)  # [right, seen, right within the top 5]
+        self.per_class = torch.zeros(2, num_classes, dtype=torch.int64, device=device)  # [right, seen]
         self.confusion = (torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
-                          if num_classes <= confusion_classes else None)
+                          if 0 < num_classes <= confusion_classes else None)
+        if num_classes > confusion_classes:
+            say_once(f"confusion matrix: {num_classes} classes, above eval.confusion_classes={confusion_classes}: "
+                     "not drawn (per-class top-1 is still counted)")
 
-    def add(self, labels: torch.Tensor, predicted: torch.Tensor) -> None:
+    def add(self, labels: torch.Tensor, predicted: torch.Tensor, top: torch.Tensor | None = None) -> None:
+        """`predicted`: each image's class; `top`: its top 5 (or fewer) classes, with top5."""
+        right = predicted == labels
+        within = (top == labels[:, None]).any(dim=1).sum() if top is not None else torch.zeros_like(self.totals[0])
+        self.totals += torch.stack([right.sum(), torch.tensor(len(labels), device=self.device), within])
         n = self.num_classes
-        self.counts[0] += torch.bincount(labels[predicted == labels], minlength=n)
-        self.counts[1] += torch.bincount(labels, minlength=n)
+        if n:
+            self.per_class[0] += torch.bincount(labels[right], minlength=n)
+            self.per_class[1] += torch.bincount(labels, minlength=n)
         if self.confusion is not None:
             self.confusion += torch.bincount(labels * n + predicted, minlength=n * n)
 
-    def reduce(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(correct, seen) per class and the confusion matrix, summed over the ranks (every rank calls it)."""
-        mine = self.counts.flatten() if self.confusion is None else torch.cat([self.counts.flatten(), self.confusion])
-        total = dist.all_reduce_sum(mine).cpu()
-        n = self.num_classes
-        confusion = total[2 * n:].view(n, n) if self.confusion is not None else None
-        return total[:n], total[n:2 * n], confusion
+    def reduce(self) -> dict:
+        """Summed over the ranks (every rank calls it): top1, seen, top5 (None without), and with num_classes
+        class_correct, class_seen, confusion (None above confusion_classes)."""
+        parts = [self.totals, self.per_class.flatten()] + ([self.confusion] if self.confusion is not None else [])
+        total, n = dist.all_reduce_sum(torch.cat(parts)).cpu(), self.num_classes
+        right, seen, within = total[:3].tolist()
+        figures = {"top1": right / max(seen, 1), "seen": seen, "top5": within / max(seen, 1) if self.top5 else None}
+        if n:
+            figures.update(class_correct=total[3:3 + n], class_seen=total[3 + n:3 + 2 * n],
+                           confusion=total[3 + 2 * n:].view(n, n) if self.confusion is not None else None)
+        return figures
 
 
 def worst_classes(correct: torch.Tensor, seen: torch.Tensor, classes: list[str], count: int) -> str:

@@ -61,10 +61,11 @@ class Writer:
         return getattr(self.tensorboard, name)
 
 
-def make_writer(run_dir: Path, is_main: bool, purge_step: int | None = None, logger=None, config: dict | None = None):
-    """purge_step: when a run resumes in its own directory, events the interrupted run logged at this
-    step or later are hidden, so the curves do not show those steps twice. `logger`: the logger config
-    (conf/logger/; name mlflow: an MLflow run too, its params the resolved `config`)."""
+def make_writer(run_dir: Path, is_main: bool, resumed_at: int | None = None, logger=None, config: dict | None = None):
+    """resumed_at: the step a run resumed in its own directory continues from. TensorBoard hides what the
+    interrupted run logged after it, so the curves do not show those steps twice (its events of that step came
+    before the checkpoint, and stay). `logger`: the logger config (conf/logger/; name mlflow: an MLflow run too,
+    its params the resolved `config`)."""
     if not is_main:
         return NullWriter()
     mlflow = None
@@ -72,6 +73,7 @@ def make_writer(run_dir: Path, is_main: bool, purge_step: int | None = None, log
         from recog.mlflow_log import MlflowLog
 
         mlflow = MlflowLog(logger, run_dir, config or {})
+    purge_step = resumed_at + 1 if resumed_at is not None else None
     return Writer(SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=purge_step), mlflow)
 
 

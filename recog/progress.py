@@ -52,10 +52,14 @@ class Progress:
         epoch = f"epoch {position.epoch + 1}/{self.epochs} ({position.steps_done}/{position.batches_per_epoch})"
         figures = (f"loss {loss:.4f} | {images_per_s:.0f} images/s | data wait {100 * data_wait:.1f}% | "
                    f"epoch ETA {eta_epoch} | run ETA {eta_run}")
+        line = f"step {position.step}/{total} | {epoch} | {figures}"
         if self.use_bar:
             self.show_bar(position.step, total, f"{epoch} | {figures}")
+            to_log_files(line)
+            if not left_run:
+                self.close()
         else:
-            log.info("step %d/%d | %s | %s", position.step, total, epoch, figures)
+            log.info("%s", line)
 
     def show_bar(self, step: int, total: int, text: str) -> None:
         from tqdm import tqdm
@@ -71,6 +75,14 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def to_log_files(line: str) -> None:
+    """The line in train.log (the log's file handlers), not on the console, where the bar is."""
+    record = log.makeRecord(log.name, logging.INFO, __file__, 0, "%s", (line,), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
 
 
 class NoProgress:

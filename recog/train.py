@@ -24,7 +24,7 @@ from recog.checkpoint import Checkpoints, ClassifierRows, RandomState, check_res
 from recog.config import check_config, keep_resumed_classifier
 from recog.data.loader import Batch, stop_data_workers
 from recog.data.position import Position
-from recog.eval_figures import ClassTally, report_evaluation, say_once
+from recog.eval_figures import Tally, report_evaluation, say_once
 from recog.files import write_json
 from recog.log import make_writer, setup_logging, write_model_json
 from recog.mlflow_log import check_logger
@@ -111,28 +111,15 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, stop: StopOnSignal) ->
             checkpoints.save_if_due(position.step, minutes_up)
         return False
 
-    # Resuming in the same run directory: TensorBoard hides what the interrupted run logged after this step (its
-    # events of this step came before the checkpoint, and stay).
-    writer = make_writer(run_dir, ctx.is_main, purge_step=position.step + 1 if checkpoints.resumed_from else None,
-                         logger=cfg.logger, config=checkpoints.config)
-    log_steps = StepLog(writer, cfg.log_every, make_progress(ctx.is_main, cfg.epochs))
+    writer = make_writer(run_dir, ctx.is_main, resumed_at=position.step if checkpoints.resumed_from else None,
+                         logger=cfg.logger, config=checkpoints.config)  # TensorBoard, + MLflow (logger=mlflow)
+    log_steps = StepLog(writer, cfg.log_every, make_progress(ctx.is_main, cfg.epochs),
+                        MidEpochEvaluation(cfg.eval, recipe, data, ctx, classifier, writer))  # eval.every_steps
     totals = Meter("images", "seconds", "skipped")
-
-    def evaluate_between(position: Position) -> float:  # eval.every_steps: the seconds it took (0: not due)
-        if not cfg.eval.every_steps or position.step % cfg.eval.every_steps or position.epoch_done:
-            return 0.0  # an epoch's last step: its end-of-epoch evaluation follows
-        started = time.perf_counter()
-        result = evaluate_mid_epoch(recipe, data, ctx, cfg.eval, classifier)
-        log.info("step %d (epoch %d, %d/%d) | top-1 %.4f%s on %d test images%s", position.step, position.epoch + 1,
-                 position.steps_done, position.batches_per_epoch, result.top1, top5_text(result), result.seen,
-                 "".join(f" | {k} {v:.4f}" for k, v in result.retrieval.items()))
-        report_worst(report_evaluation(writer, result, position.step, data.classes, **figures_settings(cfg.eval)))
-        return time.perf_counter() - started
-
     stats, result = None, None
     batches = data.batches(position)
     while position.epoch < cfg.epochs:
-        stats = train_one_epoch(recipe, batches, position, log_steps, after_step, evaluate_between)
+        stats = train_one_epoch(recipe, batches, position, log_steps, after_step)
         totals.add(images=stats.images, seconds=stats.seconds, skipped=stats.skipped)
         if stats.stopped:  # SIGTERM/SIGUSR1: every rank stopped after this same step
             raise preempted(checkpoints, position, stop.caught, writer)
@@ -140,29 +127,52 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, stop: StopOnSignal) ->
         if position.epoch < cfg.epochs:  # the workers fill their queue with the next epoch while we evaluate
             batches = data.batches(position)
         dist.broadcast_buffers(recipe.model)  # rank 0's BatchNorm statistics everywhere: one model is evaluated
-        result = evaluate(recipe.model, data.test_loader, recipe.normalize, ctx, retrieval=cfg.eval.retrieval,
-                          keep_images=cfg.eval.projector if position.epoch == cfg.epochs else 0,
-                          gallery_loader=data.gallery_loader, classifier=classifier, num_classes=len(data.classes),
-                          confusion_classes=cfg.eval.confusion_classes)
+        result = evaluate_test(recipe.model, recipe, data, ctx, cfg.eval, classifier,
+                               keep_images=cfg.eval.projector if position.epoch == cfg.epochs else 0)
         report_epoch(writer, cfg.epochs, position, stats, result, data.classes, cfg.eval)
         checkpoints.save(position.step, result.top1)
-    log_steps.progress.close()
-    return finish(cfg, ctx, run_dir, writer, recipe, position, stats, result, totals.sums, checkpoints.best_top1,
-                  data.classes)
+    return finish(cfg, ctx, run_dir, writer, recipe, position, stats, result, totals.sums, checkpoints)
 
 
-def evaluate_mid_epoch(recipe: StepRecipe, data, ctx: dist.Dist, eval_cfg: DictConfig, classifier) -> Evaluation:
-    """An evaluation between two steps of an epoch that leaves training as it was: the random generators
-    restored (the training run's draws are those of a run without it) and each module back in its own mode."""
-    modes = {module: module.training for module in recipe.trained.modules()}
-    with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
-        dist.broadcast_buffers(recipe.model)  # rank 0's BatchNorm statistics (DDP sends them at each step anyway)
-        result = evaluate(recipe.model, data.test_loader, recipe.normalize, ctx, retrieval=eval_cfg.retrieval,
-                          gallery_loader=data.gallery_loader, classifier=classifier,
-                          num_classes=len(data.classes), confusion_classes=eval_cfg.confusion_classes)
-    for module, training in modes.items():
-        module.train(training)
-    return result
+def evaluate_test(model, recipe: StepRecipe, data, ctx: dist.Dist, eval_cfg: DictConfig,
+                  classifier: ShardedClassifier | None, keep_images: int = 0) -> Evaluation:
+    """`model` (the trained one, or another of the same data: an average of its weights) on the test split, with
+    the figures eval_cfg asks for."""
+    return evaluate(model, data.test_loader, recipe.normalize, ctx, retrieval=eval_cfg.retrieval,
+                    keep_images=keep_images, gallery_loader=data.gallery_loader, classifier=classifier,
+                    num_classes=len(data.classes), confusion_classes=eval_cfg.confusion_classes)
+
+
+@dataclass
+class MidEpochEvaluation:
+    """eval.every_steps: an evaluation between two steps of an epoch, on every rank at the same step, that leaves
+    training as it was: the random generators restored (the training run's draws are those of a run without it)
+    and each module back in its own mode. Called after each step: the seconds it took (0: none was due)."""
+
+    eval_cfg: DictConfig
+    recipe: StepRecipe
+    data: object  # recog.build.TrainData
+    ctx: dist.Dist
+    classifier: ShardedClassifier | None
+    writer: object
+
+    def __call__(self, position: Position) -> float:
+        every = self.eval_cfg.every_steps
+        if not every or position.step % every or position.epoch_done:  # the epoch's end evaluates anyway
+            return 0.0
+        started, recipe = time.perf_counter(), self.recipe
+        modes = {module: module.training for module in recipe.trained.modules()}
+        with torch.random.fork_rng(devices=[self.ctx.device] if self.ctx.device.type == "cuda" else []):
+            dist.broadcast_buffers(recipe.model)  # rank 0's BatchNorm statistics (DDP sends them each step anyway)
+            result = evaluate_test(recipe.model, recipe, self.data, self.ctx, self.eval_cfg, self.classifier)
+        for module, training in modes.items():
+            module.train(training)
+        log.info("step %d (epoch %d, %d/%d) | top-1 %.4f%s on %d test images%s", position.step, position.epoch + 1,
+                 position.steps_done, position.batches_per_epoch, result.top1, top5_text(result), result.seen,
+                 "".join(f" | {k} {v:.4f}" for k, v in result.retrieval.items()))
+        report_worst(report_evaluation(self.writer, result, position.step, self.data.classes,
+                                       **figures_settings(self.eval_cfg)))
+        return time.perf_counter() - started
 
 
 @dataclass
@@ -206,11 +216,13 @@ class Meter:
 @dataclass
 class StepLog:
     """Training scalars in TensorBoard, and rank 0's progress line, every `every` optimizer steps, summed over
-    all ranks."""
+    all ranks; `evaluate`, called after each step, evaluates when due (eval.every_steps) and returns the seconds it
+    took, which the figures leave out."""
 
     writer: object  # a SummaryWriter on rank 0, a NullWriter elsewhere
     every: int
     progress: Progress | NoProgress = field(default_factory=NoProgress)  # rank 0's line: recog/progress.py
+    evaluate: Callable[[Position], float] | None = None  # MidEpochEvaluation
     first_batch: bool = True  # the run's first batch: its wait (starting the workers) is startup, not data wait
 
     def write(self, position: Position, window: Meter, lr: float, device: torch.device) -> None:
@@ -244,13 +256,12 @@ def relay_warnings(batch: Batch) -> None:
 
 
 def train_one_epoch(recipe: StepRecipe, batches: Iterable[Batch], position: Position, log_steps: StepLog,
-                    after_step: Callable[[Position], bool],
-                    evaluate_between: Callable[[Position], float] | None = None) -> EpochStats:
+                    after_step: Callable[[Position], bool]) -> EpochStats:
     """One epoch (or the rest of one) of DDP training, advancing `position` (its step and the steps of the
     epoch done: what a mid-epoch checkpoint records). Each batch is one optimizer step (`StepRecipe.step`): a
     batch from each of this rank's micro-batches of the global batch (`Batch.sizes`; recog.data.plan). `after_step`
-    decides checkpoints and stops (True: leave the epoch now; every rank gets the same answer); `evaluate_between`
-    evaluates when due (eval.every_steps) and returns the seconds it took, which the figures leave out."""
+    decides checkpoints and stops (True: leave the epoch now; every rank gets the same answer); then `log_steps`
+    evaluates, when due (eval.every_steps)."""
     stopped = False
     recipe.trained.train()
     window, epoch = Meter("loss", "images", "skipped", "wait"), Meter("loss", "images", "skipped", "wait")
@@ -269,8 +280,8 @@ def train_one_epoch(recipe: StepRecipe, batches: Iterable[Batch], position: Posi
         if after_step(position):
             stopped = True
             break
-        if evaluate_between is not None:  # every rank, at the same step
-            paused = evaluate_between(position)
+        if log_steps.evaluate is not None:  # every rank, at the same step
+            paused = log_steps.evaluate(position)
             window.pause(paused), epoch.pause(paused)
     seconds = dist.all_reduce_max(torch.tensor([time.perf_counter() - epoch.started], device=recipe.device)).item()
     sums = epoch.reduce(recipe.device)
@@ -304,19 +315,11 @@ def evaluate(model, loader, normalize, ctx: dist.Dist, retrieval: bool = False, 
     (the ranks hold different numbers of them). `num_classes`: also top-1 per class and, up to `confusion_classes`
     classes, the confusion matrix (0: neither)."""
     model.eval()
-    counts = torch.zeros(3, device=ctx.device, dtype=torch.int64)  # [correct, seen, correct in the top 5]
-    tally = ClassTally(num_classes, ctx.device, confusion_classes) if num_classes else None
-    if tally is not None and tally.confusion is None:
-        say_once(f"confusion matrix: {num_classes} classes, above eval.confusion_classes={confusion_classes}: "
-                 "not drawn (per-class top-1 is still counted)")
+    tally = Tally(ctx.device, num_classes, confusion_classes, top5=classifier is None)
     embeddings, labels_seen, images = [], [], []
     for batch, labels, out in forward(model, loader, normalize, ctx.device):
         if classifier is None:
-            predicted, top = out.logits.argmax(dim=1), out.logits.topk(min(5, out.logits.shape[1]), dim=1).indices
-            correct, correct5 = (predicted == labels).sum(), (top == labels[:, None]).any(dim=1).sum()
-            counts += torch.stack([correct, torch.tensor(len(labels), device=ctx.device), correct5])
-            if tally is not None:
-                tally.add(labels, predicted)
+            tally.add(labels, out.logits.argmax(dim=1), out.logits.topk(min(5, out.logits.shape[1]), dim=1).indices)
         if retrieval or classifier is not None:
             embeddings.append(out.embeddings)
             labels_seen.append(labels)
@@ -330,17 +333,9 @@ def evaluate(model, loader, normalize, ctx: dist.Dist, retrieval: bool = False, 
         dim = classifier.weight.shape[1]
         mine = torch.cat(embeddings) if embeddings else torch.zeros(0, dim, device=ctx.device)
         labels_mine = torch.cat(labels_seen) if labels_seen else torch.zeros(0, dtype=torch.int64, device=ctx.device)
-        predicted = top1_in_rounds(classifier, mine)
-        counts = torch.stack([(predicted == labels_mine).sum(), torch.tensor(len(labels_mine), device=ctx.device),
-                              torch.zeros((), dtype=torch.int64, device=ctx.device)])
+        tally.add(labels_mine, top1_in_rounds(classifier, mine))
         say_once("top-5 is not computed with model.classifier=sharded (its rounds find each image's top class only)")
-        if tally is not None:
-            tally.add(labels_mine, predicted)
-    correct, seen, correct5 = dist.all_reduce_sum(counts).tolist()
-    top5 = correct5 / max(seen, 1) if classifier is None else None
-    result = Evaluation(correct / max(seen, 1), seen, {}, top5=top5)
-    if tally is not None:
-        result.class_correct, result.class_seen, result.confusion = tally.reduce()
+    result = Evaluation(retrieval={}, **tally.reduce())
     if retrieval:
         result.embeddings, result.labels = torch.cat(embeddings), torch.cat(labels_seen)
         result.images = torch.cat(images)[:keep_images] if images else None
@@ -432,11 +427,11 @@ def override_hparams() -> dict:
 
 
 def finish(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, writer, recipe: StepRecipe, position: Position,
-           stats: EpochStats | None, result: Evaluation | None, totals: dict, best_top1: float,
-           classes: list[str] | None = None) -> dict:
+           stats: EpochStats | None, result: Evaluation | None, totals: dict, checkpoints: Checkpoints) -> dict:
     """metrics.json, model.json and TensorBoard's hparams (rank 0; both files to MLflow with logger=mlflow), and
     the metrics every rank returns."""
     lr, global_batch, top1 = recipe.lr, recipe.global_batch, result.top1 if result else float("nan")
+    best_top1 = checkpoints.best_top1
     metrics = {
         "epoch": max(cfg.epochs, position.epoch), "step": position.step, "top1": top1, "best_top1": best_top1,
         "top5": result.top5 if result else None,  # None: a sharded classifier (top-1 only)
@@ -449,7 +444,7 @@ def finish(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, writer, recipe: StepR
     }
     if ctx.is_main:
         write_json(metrics, run_dir / "metrics.json")
-        write_model_json(run_dir, cfg.model.backbone, recipe.model, classes or [], top1, best_top1)
+        write_model_json(run_dir, cfg.model.backbone, recipe.model, checkpoints.classes, top1, best_top1)
         writer.log_artifacts([run_dir / "metrics.json", run_dir / "model.json"])
         hparams = {"model": cfg.model.backbone, "optimizer": cfg.optim.optimizer._target_.rsplit(".", 1)[-1],
                    "lr": lr, "global_batch": global_batch, "epochs": cfg.epochs, "seed": cfg.seed,

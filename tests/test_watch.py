@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from recog.checkpoint import load_checkpoint
 from recog.data.position import Position
-from recog.eval_figures import ClassTally, confusion_image, worst_classes
+from recog.eval_figures import Tally, confusion_image, worst_classes
 from recog.progress import Progress, duration
 
 # 1,000 training images, global batch 128 on 2 ranks: 8 steps an epoch; with eval.every_steps=3, evaluations at
@@ -111,24 +111,43 @@ def test_eta_follows_the_smoothed_step_time(caplog):
     assert duration(None) == "?" and duration(3 * 86400 + 3725) == "3d 1:02:05"
 
 
-def test_the_bar_on_a_terminal(capsys):
+def test_the_bar_on_a_terminal_and_the_lines_in_the_log_file(capsys, tmp_path):
+    from recog.log import setup_logging
+
+    root = logging.getLogger()
+    kept, level = list(root.handlers), root.level
+    setup_logging(tmp_path, is_main=True)
     progress = Progress(epochs=1, bar=True)
     position = Position(batches_per_epoch=10)
-    for step in range(5):
+    for step in range(10):
         position.advance(step)
-    progress.update(position, 5, 1.0, 0.5, 200.0, 0.0)
-    progress.close()
-    err = capsys.readouterr().err
-    assert "5/10" in err and "epoch ETA 0:00:01" in err
+        if step in (4, 9):
+            progress.update(position, 5, 1.0, 0.5, 200.0, 0.0)
+    assert progress.bar is None  # closed at the run's last step
+    captured = capsys.readouterr()
+    assert "5/10" in captured.err and "epoch ETA 0:00:01" in captured.err and "step 5/10" not in captured.out
+    logged = (tmp_path / "train.log").read_text()
+    assert "step 5/10 | epoch 1/1 (5/10)" in logged and "step 10/10" in logged
+    for handler in root.handlers:
+        handler.close()
+        root.removeHandler(handler)
+    for handler in kept:
+        root.addHandler(handler)
+    root.setLevel(level)
 
 
-def test_class_tally_and_worst_classes():
-    tally = ClassTally(3, torch.device("cpu"), confusion_classes=3)
-    tally.add(torch.tensor([0, 0, 1, 2, 2, 2]), torch.tensor([0, 1, 1, 2, 0, 0]))
-    correct, seen, confusion = tally.reduce()  # no process group: this rank's own
+def test_tally_top5_per_class_and_worst_classes():
+    tally = Tally(torch.device("cpu"), num_classes=3, confusion_classes=3)
+    labels, predicted = torch.tensor([0, 0, 1, 2, 2, 2]), torch.tensor([0, 1, 1, 2, 0, 0])
+    top = torch.stack([predicted, torch.tensor([1, 0, 0, 1, 1, 2])], dim=1)  # the second guess right for 2 more
+    tally.add(labels, predicted, top)
+    figures = tally.reduce()  # no process group: this rank's own
+    assert figures["top1"] == 3 / 6 and figures["top5"] == 5 / 6 and figures["seen"] == 6
+    correct, seen = figures["class_correct"], figures["class_seen"]
     assert correct.tolist() == [1, 1, 1] and seen.tolist() == [2, 1, 3]
-    assert confusion.tolist() == [[1, 1, 0], [0, 1, 0], [2, 0, 1]]
+    assert figures["confusion"].tolist() == [[1, 1, 0], [0, 1, 0], [2, 0, 1]]
     assert worst_classes(correct, seen, ["a", "b", "c"], 2) == "c 0.333 (3), a 0.500 (2)"
-    assert ClassTally(101, torch.device("cpu"), confusion_classes=100).confusion is None  # O(classes²): not kept
-    image = confusion_image(confusion)
+    assert Tally(torch.device("cpu"), 101, confusion_classes=100).reduce()["confusion"] is None  # O(classes²): off
+    assert Tally(torch.device("cpu"), top5=False).reduce() == {"top1": 0.0, "seen": 0, "top5": None}
+    image = confusion_image(figures["confusion"])
     assert image.shape == (3, 255, 255) and image[:, 0, 0].tolist() != image[:, 0, 255 - 1].tolist()
