@@ -128,7 +128,7 @@ def test_the_bar_on_a_terminal_and_the_lines_in_the_log_file(capsys, tmp_path):
     assert "5/10" in captured.err and "epoch ETA 0:00:01" in captured.err and "step 5/10" not in captured.out
     logged = (tmp_path / "train.log").read_text()
     assert "step 5/10 | epoch 1/1 (5/10)" in logged and "step 10/10" in logged
-    for handler in root.handlers:
+    for handler in list(root.handlers):
         handler.close()
         root.removeHandler(handler)
     for handler in kept:
