@@ -5,8 +5,9 @@ sent in batches (one request per logged step, not one per scalar). Artefacts: me
 end. A resumed run (the same run directory) continues its MLflow run: its id is kept in run_dir/mlflow_run.json.
 
 `check_logger` runs on every rank before any process group exists: mlflow not installed, or a tracking server
-that does not answer, is one sentence before training starts. A server that stops answering during the run is a
-warning, once, and the run goes on with TensorBoard alone: a tracking server never stops training.
+that does not answer, is one sentence before training starts. During the run, requests go out from a thread of
+their own, so training never waits for the server (nor for MLflow's retries, minutes of them by default); one
+that fails is a warning, once, and the run goes on with TensorBoard alone: a tracking server never stops training.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import importlib.util
 import json
 import logging
 import os
+import queue
 import re
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -29,6 +32,7 @@ log = logging.getLogger("recog")
 INSTALL = "pip install 'recog[mlflow]'"
 CHECK_TIMEOUT_S = 10  # how long the start waits for the tracking server's /health
 MAX_BATCH = 100  # metrics and params per request (MLflow's log_batch takes up to 1,000 metrics and 100 params)
+CLOSE_WAIT_S = 120  # at the end, how long the run waits for the requests still queued (a server slow to answer)
 
 
 def tracking_uri(logger) -> str | None:
@@ -86,6 +90,8 @@ class MlflowLog:
         self.uri = tracking_uri(logger)
         self.client = MlflowClient(tracking_uri=self.uri)
         self.pending, self.working, self.finished = [], True, False
+        self.requests: queue.Queue = queue.Queue()  # (what, action); None: the end
+        self.sender = threading.Thread(target=self.send, name="mlflow", daemon=True)
         saved = run_dir / "mlflow_run.json"
         self.run_id = self.resumed_run(saved)
         if self.run_id is None:
@@ -98,6 +104,7 @@ class MlflowLog:
             write_json({"tracking_uri": self.uri, "run_id": self.run_id}, saved)
             self.log_params(flatten(config))
             log.info("MLflow: run %s in experiment %r at %s", self.run_id, name, self.uri or "MLflow's default store")
+        self.sender.start()
 
     def resumed_run(self, saved: Path) -> str | None:
         """The MLflow run an interrupted run in this directory logged to, if it is on this tracking URI."""
@@ -139,12 +146,24 @@ class MlflowLog:
     def close(self) -> None:
         """The run ends FINISHED once its artefacts were logged, KILLED otherwise (stopped by a signal)."""
         self.flush()
-        self.call("end the run", lambda: self.client.set_terminated(self.run_id,
-                                                                     "FINISHED" if self.finished else "KILLED"))
+        status = "FINISHED" if self.finished else "KILLED"
+        self.call("end the run", lambda: self.client.set_terminated(self.run_id, status))
+        self.requests.put(None)
+        self.sender.join(timeout=CLOSE_WAIT_S)
+        if self.sender.is_alive():
+            log.warning("MLflow at %s: still sending after %d s; the run's last figures may be missing there",
+                        self.uri, CLOSE_WAIT_S)
 
     def call(self, what: str, action) -> None:
-        if not self.working:
-            return
+        """`action` (a request), sent from the sender thread in order."""
+        self.requests.put((what, action))
+
+    def send(self) -> None:
+        while (request := self.requests.get()) is not None:
+            if self.working:
+                self.attempt(*request)
+
+    def attempt(self, what: str, action) -> None:
         try:
             action()
         except Exception as error:  # noqa: BLE001 (MlflowException, requests' errors, OSError: all the same here)
