@@ -210,7 +210,11 @@ def evaluation_loader(cfg: DictConfig, manifest: Manifest, common: dict, workers
     """A split read for evaluation: each rank its own slice, each image once, kept decoded if it fits."""
     images = ShardStream(manifest, transform=instantiate(cfg.augment.test), train=False,
                          keep_decoded=fits_in_memory(manifest, cfg.data.keep_decoded_mb), **common)
-    return make_loader(images, workers, pin)
+    loader = make_loader(images, workers, pin)
+    # Its workers' seeds from a generator of its own: an evaluation (eval.every_steps, or the first after a resume)
+    # draws nothing from the training's random generator.
+    loader.generator = torch.Generator()
+    return loader
 
 
 def training_stream(cfg: DictConfig, manifest: Manifest, common: dict, micro_batches: int, mix: Mix | None = None

@@ -35,6 +35,8 @@ from recog.model import CLASSIFIERS, check_backbone
 NUMBERS = [
     ("epochs", True, 1, False), ("batch_size", True, 1, False), ("accumulate", True, 1, False),
     ("log_every", True, 1, False), ("seed", True, 0, False), ("eval.projector", True, 0, False),
+    ("eval.every_steps", True, 0, False), ("eval.worst_classes", True, 0, False),
+    ("eval.per_class_scalars", True, 0, False), ("eval.confusion_classes", True, 0, False),
     ("checkpoint.keep", True, 1, False), ("checkpoint.every_steps", True, 0, False),
     ("checkpoint.every_minutes", False, 0, False), ("schedule.warmup_epochs", False, 0, False),
     ("optim.lr", False, 0, False), ("optim.reference_batch", True, 1, False),

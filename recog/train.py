@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,10 +24,13 @@ from recog.checkpoint import Checkpoints, ClassifierRows, RandomState, check_res
 from recog.config import check_config, keep_resumed_classifier
 from recog.data.loader import Batch, stop_data_workers
 from recog.data.position import Position
+from recog.eval_figures import Tally, report_evaluation, say_once
 from recog.files import write_json
-from recog.log import make_writer, setup_logging
+from recog.log import make_writer, setup_logging, write_model_json
+from recog.mlflow_log import check_logger
 from recog.model import Output
 from recog.preempt import Preempted, StopOnSignal
+from recog.progress import NoProgress, Progress, make_progress
 from recog.retrieval import metrics_from_sums, retrieval_sums, undefined
 from recog.rundir import hold_run_dir
 from recog.sharded import ShardedClassifier, top1_in_rounds
@@ -43,6 +46,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None, stop: StopOnSignal | None 
     stop = stop or StopOnSignal().install()
     try:
         check_config(cfg)  # every configured value, before any process group exists
+        check_logger(cfg)  # logger=mlflow: installed, and its tracking server answers
         if stop.caught:  # torchrun stops every rank when one fails: it failed before this one started
             raise Preempted("stopped before training started (when one rank fails, torchrun stops the others: "
                             "see its error above)", stop.caught)
@@ -107,10 +111,11 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, stop: StopOnSignal) ->
             checkpoints.save_if_due(position.step, minutes_up)
         return False
 
-    # Resuming in the same run directory: TensorBoard hides what the interrupted run logged after this step (its
-    # events of this step came before the checkpoint, and stay).
-    writer = make_writer(run_dir, ctx.is_main, purge_step=position.step + 1 if checkpoints.resumed_from else None)
-    log_steps, totals = StepLog(writer, cfg.log_every), Meter("images", "seconds", "skipped")
+    writer = make_writer(run_dir, ctx.is_main, resumed_at=position.step if checkpoints.resumed_from else None,
+                         logger=cfg.logger, config=checkpoints.config)  # TensorBoard, + MLflow (logger=mlflow)
+    log_steps = StepLog(writer, cfg.log_every, make_progress(ctx.is_main, cfg.epochs),
+                        MidEpochEvaluation(cfg.eval, recipe, data, ctx, classifier, writer))  # eval.every_steps
+    totals = Meter("images", "seconds", "skipped")
     stats, result = None, None
     batches = data.batches(position)
     while position.epoch < cfg.epochs:
@@ -122,12 +127,52 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, stop: StopOnSignal) ->
         if position.epoch < cfg.epochs:  # the workers fill their queue with the next epoch while we evaluate
             batches = data.batches(position)
         dist.broadcast_buffers(recipe.model)  # rank 0's BatchNorm statistics everywhere: one model is evaluated
-        result = evaluate(recipe.model, data.test_loader, recipe.normalize, ctx, retrieval=cfg.eval.retrieval,
-                          keep_images=cfg.eval.projector if position.epoch == cfg.epochs else 0,
-                          gallery_loader=data.gallery_loader, classifier=classifier)
-        report_epoch(writer, cfg.epochs, position, stats, result, data.classes)
+        result = evaluate_test(recipe.model, recipe, data, ctx, cfg.eval, classifier,
+                               keep_images=cfg.eval.projector if position.epoch == cfg.epochs else 0)
+        report_epoch(writer, cfg.epochs, position, stats, result, data.classes, cfg.eval)
         checkpoints.save(position.step, result.top1)
-    return finish(cfg, ctx, run_dir, writer, recipe, position, stats, result, totals.sums, checkpoints.best_top1)
+    return finish(cfg, ctx, run_dir, writer, recipe, position, stats, result, totals.sums, checkpoints)
+
+
+def evaluate_test(model, recipe: StepRecipe, data, ctx: dist.Dist, eval_cfg: DictConfig,
+                  classifier: ShardedClassifier | None, keep_images: int = 0) -> Evaluation:
+    """`model` (the trained one, or another of the same data: an average of its weights) on the test split, with
+    the figures eval_cfg asks for."""
+    return evaluate(model, data.test_loader, recipe.normalize, ctx, retrieval=eval_cfg.retrieval,
+                    keep_images=keep_images, gallery_loader=data.gallery_loader, classifier=classifier,
+                    num_classes=len(data.classes), confusion_classes=eval_cfg.confusion_classes)
+
+
+@dataclass
+class MidEpochEvaluation:
+    """eval.every_steps: an evaluation between two steps of an epoch, on every rank at the same step, that leaves
+    training as it was: the random generators restored (the training run's draws are those of a run without it)
+    and each module back in its own mode. Called after each step: the seconds it took (0: none was due)."""
+
+    eval_cfg: DictConfig
+    recipe: StepRecipe
+    data: object  # recog.build.TrainData
+    ctx: dist.Dist
+    classifier: ShardedClassifier | None
+    writer: object
+
+    def __call__(self, position: Position) -> float:
+        every = self.eval_cfg.every_steps
+        if not every or position.step % every or position.epoch_done:  # the epoch's end evaluates anyway
+            return 0.0
+        started, recipe = time.perf_counter(), self.recipe
+        modes = {module: module.training for module in recipe.trained.modules()}
+        with torch.random.fork_rng(devices=[self.ctx.device] if self.ctx.device.type == "cuda" else []):
+            dist.broadcast_buffers(recipe.model)  # rank 0's BatchNorm statistics (DDP sends them each step anyway)
+            result = evaluate_test(recipe.model, recipe, self.data, self.ctx, self.eval_cfg, self.classifier)
+        for module, training in modes.items():
+            module.train(training)
+        log.info("step %d (epoch %d, %d/%d) | top-1 %.4f%s on %d test images%s", position.step, position.epoch + 1,
+                 position.steps_done, position.batches_per_epoch, result.top1, top5_text(result), result.seen,
+                 "".join(f" | {k} {v:.4f}" for k, v in result.retrieval.items()))
+        report_worst(report_evaluation(self.writer, result, position.step, self.data.classes,
+                                       **figures_settings(self.eval_cfg)))
+        return time.perf_counter() - started
 
 
 @dataclass
@@ -152,8 +197,14 @@ class Meter:
     def reset(self) -> None:
         self.sums = dict.fromkeys(self.names, 0.0)
         self.started = time.perf_counter()
+        self.count = 0  # `add` calls since: steps, for a meter added to at each step
+
+    def pause(self, seconds: float) -> None:
+        """Leave these seconds (an evaluation between steps) out of the time since the reset."""
+        self.started += seconds
 
     def add(self, **values) -> None:
+        self.count += 1
         for name, value in values.items():
             self.sums[name] = self.sums[name] + (value.double() if torch.is_tensor(value) else value)
 
@@ -164,19 +215,26 @@ class Meter:
 
 @dataclass
 class StepLog:
-    """Training scalars in TensorBoard every `every` optimizer steps, summed over all ranks."""
+    """Training scalars in TensorBoard, and rank 0's progress line, every `every` optimizer steps, summed over
+    all ranks; `evaluate`, called after each step, evaluates when due (eval.every_steps) and returns the seconds it
+    took, which the figures leave out."""
 
     writer: object  # a SummaryWriter on rank 0, a NullWriter elsewhere
     every: int
+    progress: Progress | NoProgress = field(default_factory=NoProgress)  # rank 0's line: recog/progress.py
+    evaluate: Callable[[Position], float] | None = None  # MidEpochEvaluation
     first_batch: bool = True  # the run's first batch: its wait (starting the workers) is startup, not data wait
 
-    def write(self, step: int, window: Meter, lr: float, device: torch.device) -> None:
-        elapsed, sums = time.perf_counter() - window.started, window.reduce(device)
-        self.writer.add_scalar("train/loss", sums["loss"] / sums["images"], step)
+    def write(self, position: Position, window: Meter, lr: float, device: torch.device) -> None:
+        step, elapsed, sums = position.step, time.perf_counter() - window.started, window.reduce(device)
+        loss, images_per_s = sums["loss"] / sums["images"], sums["images"] / elapsed
+        data_wait = sums["wait"] / dist.world_size() / elapsed
+        self.writer.add_scalar("train/loss", loss, step)
         self.writer.add_scalar("train/lr", lr, step)
-        self.writer.add_scalar("train/images_per_s", sums["images"] / elapsed, step)
-        self.writer.add_scalar("train/data_wait_frac", sums["wait"] / dist.world_size() / elapsed, step)
+        self.writer.add_scalar("train/images_per_s", images_per_s, step)
+        self.writer.add_scalar("train/data_wait_frac", data_wait, step)
         self.writer.add_scalar("data/skipped_samples", sums["skipped"], step)
+        self.progress.update(position, window.count, elapsed, loss, images_per_s, data_wait)
         window.reset()
 
 
@@ -202,7 +260,8 @@ def train_one_epoch(recipe: StepRecipe, batches: Iterable[Batch], position: Posi
     """One epoch (or the rest of one) of DDP training, advancing `position` (its step and the steps of the
     epoch done: what a mid-epoch checkpoint records). Each batch is one optimizer step (`StepRecipe.step`): a
     batch from each of this rank's micro-batches of the global batch (`Batch.sizes`; recog.data.plan). `after_step`
-    decides checkpoints and stops (True: leave the epoch now; every rank gets the same answer)."""
+    decides checkpoints and stops (True: leave the epoch now; every rank gets the same answer); then `log_steps`
+    evaluates, when due (eval.every_steps)."""
     stopped = False
     recipe.trained.train()
     window, epoch = Meter("loss", "images", "skipped", "wait"), Meter("loss", "images", "skipped", "wait")
@@ -217,10 +276,13 @@ def train_one_epoch(recipe: StepRecipe, batches: Iterable[Batch], position: Posi
         for meter in (window, epoch):
             meter.add(loss=loss, images=len(batch.labels), skipped=batch.skipped, wait=waited)
         if position.step % log_steps.every == 0:  # every rank reaches this at the same step: cannot hang
-            log_steps.write(position.step, window, lr, recipe.device)
+            log_steps.write(position, window, lr, recipe.device)
         if after_step(position):
             stopped = True
             break
+        if log_steps.evaluate is not None:  # every rank, at the same step
+            paused = log_steps.evaluate(position)
+            window.pause(paused), epoch.pause(paused)
     seconds = dist.all_reduce_max(torch.tensor([time.perf_counter() - epoch.started], device=recipe.device)).item()
     sums = epoch.reduce(recipe.device)
     return EpochStats(position.step, sums["loss"] / max(sums["images"], 1), int(sums["images"]), seconds,
@@ -235,24 +297,29 @@ class Evaluation:
     embeddings: torch.Tensor | None = None  # this rank's, for the projector
     labels: torch.Tensor | None = None
     images: torch.Tensor | None = None  # this rank's first images, uint8, for the projector's thumbnails
+    top5: float | None = None  # None with a sharded classifier (its rounds find the top class only)
+    class_correct: torch.Tensor | None = None  # per class, over all ranks (with num_classes)
+    class_seen: torch.Tensor | None = None
+    confusion: torch.Tensor | None = None  # [true class, predicted class] counts, up to confusion_classes classes
 
 
 @torch.no_grad()
 def evaluate(model, loader, normalize, ctx: dist.Dist, retrieval: bool = False, keep_images: int = 0,
-             gallery_loader=None, classifier: ShardedClassifier | None = None) -> Evaluation:
+             gallery_loader=None, classifier: ShardedClassifier | None = None, num_classes: int = 0,
+             confusion_classes: int = 100) -> Evaluation:
     """Top-1 over the test split, and optionally retrieval metrics: each test image queried against the
     others, or against `gallery_loader`'s images (eval.gallery). Each rank holds a disjoint slice of the test
     images (no padding), so every one counts exactly once; for retrieval, each rank searches only its own
     slice against the whole gallery, and the per-query sums are added up over the ranks. `classifier`: a sharded
     classifier's rows (the model has none), whose top-1 every rank computes together once its images are embedded
-    (the ranks hold different numbers of them)."""
+    (the ranks hold different numbers of them). `num_classes`: also top-1 per class and, up to `confusion_classes`
+    classes, the confusion matrix (0: neither)."""
     model.eval()
-    counts = torch.zeros(2, device=ctx.device, dtype=torch.int64)  # [correct, seen]
+    tally = Tally(ctx.device, num_classes, confusion_classes, top5=classifier is None)
     embeddings, labels_seen, images = [], [], []
     for batch, labels, out in forward(model, loader, normalize, ctx.device):
         if classifier is None:
-            correct = (out.logits.argmax(dim=1) == labels).sum()
-            counts += torch.stack([correct, torch.tensor(len(labels), device=ctx.device)])
+            tally.add(labels, out.logits.argmax(dim=1), out.logits.topk(min(5, out.logits.shape[1]), dim=1).indices)
         if retrieval or classifier is not None:
             embeddings.append(out.embeddings)
             labels_seen.append(labels)
@@ -266,10 +333,9 @@ def evaluate(model, loader, normalize, ctx: dist.Dist, retrieval: bool = False, 
         dim = classifier.weight.shape[1]
         mine = torch.cat(embeddings) if embeddings else torch.zeros(0, dim, device=ctx.device)
         labels_mine = torch.cat(labels_seen) if labels_seen else torch.zeros(0, dtype=torch.int64, device=ctx.device)
-        predicted = top1_in_rounds(classifier, mine)
-        counts = torch.stack([(predicted == labels_mine).sum(), torch.tensor(len(labels_mine), device=ctx.device)])
-    correct, seen = dist.all_reduce_sum(counts).tolist()
-    result = Evaluation(correct / max(seen, 1), seen, {})
+        tally.add(labels_mine, top1_in_rounds(classifier, mine))
+        say_once("top-5 is not computed with model.classifier=sharded (its rounds find each image's top class only)")
+    result = Evaluation(retrieval={}, **tally.reduce())
     if retrieval:
         result.embeddings, result.labels = torch.cat(embeddings), torch.cat(labels_seen)
         result.images = torch.cat(images)[:keep_images] if images else None
@@ -311,17 +377,15 @@ def preempted(checkpoints: Checkpoints, position: Position, signal_name: str | N
 
 
 def report_epoch(writer, epochs: int, position: Position, stats: EpochStats, result: Evaluation,
-                 classes: list[str]) -> None:
+                 classes: list[str], eval_cfg: DictConfig | None = None) -> None:
     """The epoch's line in the log, its scalars in TensorBoard, and (last epoch, retrieval) the projector."""
     retrieval = result.retrieval
-    log.info("epoch %d/%d | loss %.4f | top-1 %.4f on %d test images%s | %.0f images/s | data wait %.1f%%%s",
-             position.epoch, epochs, stats.loss, result.top1, result.seen,
+    log.info("epoch %d/%d | loss %.4f | top-1 %.4f%s on %d test images%s | %.0f images/s | data wait %.1f%%%s",
+             position.epoch, epochs, stats.loss, result.top1, top5_text(result), result.seen,
              "".join(f" | {k} {v:.4f}" for k, v in retrieval.items()), stats.images / stats.seconds,
              100 * stats.data_wait, f" | skipped {stats.skipped} unreadable samples" if stats.skipped else "")
     step = position.step
-    writer.add_scalar("eval/top1", result.top1, step)
-    for name, value in retrieval.items():
-        writer.add_scalar(f"eval/{name}", value, step)
+    report_worst(report_evaluation(writer, result, step, classes, **figures_settings(eval_cfg)))
     if result.images is not None:  # TensorBoard's projector: a sample of the test embeddings, with thumbnails
         n = len(result.images)
         writer.add_embedding(result.embeddings[:n].cpu(), global_step=step, tag="test",
@@ -330,6 +394,22 @@ def report_epoch(writer, epochs: int, position: Position, stats: EpochStats, res
     writer.add_scalar("train/epoch_loss", stats.loss, step)
     writer.add_scalar("train/epoch_images_per_s", stats.images / stats.seconds, step)
     writer.add_scalar("train/epoch_data_wait_frac", stats.data_wait, step)
+
+
+def top5_text(result: Evaluation) -> str:
+    return f" | top-5 {result.top5:.4f}" if result.top5 is not None else ""
+
+
+def figures_settings(eval_cfg: DictConfig | None) -> dict:
+    """report_evaluation's settings from the eval config (its defaults without one)."""
+    if eval_cfg is None:
+        return {}
+    return {"per_class_scalars": eval_cfg.per_class_scalars, "worst": eval_cfg.worst_classes}
+
+
+def report_worst(worst: str) -> None:
+    if worst:
+        log.info("worst classes (top-1, test images): %s", worst)
 
 
 def override_hparams() -> dict:
@@ -347,11 +427,14 @@ def override_hparams() -> dict:
 
 
 def finish(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, writer, recipe: StepRecipe, position: Position,
-           stats: EpochStats | None, result: Evaluation | None, totals: dict, best_top1: float) -> dict:
-    """metrics.json and TensorBoard's hparams (rank 0), and the metrics every rank returns."""
+           stats: EpochStats | None, result: Evaluation | None, totals: dict, checkpoints: Checkpoints) -> dict:
+    """metrics.json, model.json and TensorBoard's hparams (rank 0; both files to MLflow with logger=mlflow), and
+    the metrics every rank returns."""
     lr, global_batch, top1 = recipe.lr, recipe.global_batch, result.top1 if result else float("nan")
+    best_top1 = checkpoints.best_top1
     metrics = {
         "epoch": max(cfg.epochs, position.epoch), "step": position.step, "top1": top1, "best_top1": best_top1,
+        "top5": result.top5 if result else None,  # None: a sharded classifier (top-1 only)
         "eval_samples": result.seen if result else 0,
         "images_per_s": totals["images"] / totals["seconds"] if totals["seconds"] else 0.0,
         "train_loss": stats.loss if stats else float("nan"),
@@ -361,6 +444,8 @@ def finish(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, writer, recipe: StepR
     }
     if ctx.is_main:
         write_json(metrics, run_dir / "metrics.json")
+        write_model_json(run_dir, cfg.model.backbone, recipe.model, checkpoints.classes, top1, best_top1)
+        writer.log_artifacts([run_dir / "metrics.json", run_dir / "model.json"])
         hparams = {"model": cfg.model.backbone, "optimizer": cfg.optim.optimizer._target_.rsplit(".", 1)[-1],
                    "lr": lr, "global_batch": global_batch, "epochs": cfg.epochs, "seed": cfg.seed,
                    "world_size": ctx.world_size, "precision": cfg.perf.precision, "accumulate": cfg.accumulate,

@@ -36,7 +36,7 @@ from recog.rundir import compose_train_config
 
 CONF = ROOT / "conf"
 # The groups this file has a test for; conf/hydra/ holds Hydra's own groups (only its launcher is ours to test).
-COVERED_GROUPS = {"data", "augment", "model", "optim", "loss", "sampler", "experiment", "hydra"}
+COVERED_GROUPS = {"data", "augment", "model", "optim", "loss", "sampler", "experiment", "hydra", "logger"}
 COVERED_HYDRA_GROUPS = {"launcher"}
 # Files that are not options but pieces the options of their group include through their defaults list.
 FRAGMENTS = {"data": {"common"}}
