@@ -125,6 +125,9 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, stop: StopOnSignal) ->
         result = evaluate(recipe.model, data.test_loader, recipe.normalize, ctx, retrieval=cfg.eval.retrieval,
                           keep_images=cfg.eval.projector if position.epoch == cfg.epochs else 0,
                           gallery_loader=data.gallery_loader, classifier=classifier)
+        if recipe.ema is not None:  # the averaged weights beside the raw ones, with rank 0's BatchNorm statistics
+            dist.broadcast_buffers(recipe.ema.module)
+            result.top1_ema = evaluate(recipe.ema.module, data.test_loader, recipe.normalize, ctx).top1
         report_epoch(writer, cfg.epochs, position, stats, result, data.classes)
         checkpoints.save(position.step, result.top1)
     return finish(cfg, ctx, run_dir, writer, recipe, position, stats, result, totals.sums, checkpoints.best_top1)
@@ -235,6 +238,7 @@ class Evaluation:
     embeddings: torch.Tensor | None = None  # this rank's, for the projector
     labels: torch.Tensor | None = None
     images: torch.Tensor | None = None  # this rank's first images, uint8, for the projector's thumbnails
+    top1_ema: float | None = None  # the weights' moving average's (ema.decay > 0)
 
 
 @torch.no_grad()
@@ -314,12 +318,15 @@ def report_epoch(writer, epochs: int, position: Position, stats: EpochStats, res
                  classes: list[str]) -> None:
     """The epoch's line in the log, its scalars in TensorBoard, and (last epoch, retrieval) the projector."""
     retrieval = result.retrieval
-    log.info("epoch %d/%d | loss %.4f | top-1 %.4f on %d test images%s | %.0f images/s | data wait %.1f%%%s",
-             position.epoch, epochs, stats.loss, result.top1, result.seen,
+    log.info("epoch %d/%d | loss %.4f | top-1 %.4f%s on %d test images%s | %.0f images/s | data wait %.1f%%%s",
+             position.epoch, epochs, stats.loss, result.top1,
+             f" (EMA {result.top1_ema:.4f})" if result.top1_ema is not None else "", result.seen,
              "".join(f" | {k} {v:.4f}" for k, v in retrieval.items()), stats.images / stats.seconds,
              100 * stats.data_wait, f" | skipped {stats.skipped} unreadable samples" if stats.skipped else "")
     step = position.step
     writer.add_scalar("eval/top1", result.top1, step)
+    if result.top1_ema is not None:
+        writer.add_scalar("eval/top1_ema", result.top1_ema, step)
     for name, value in retrieval.items():
         writer.add_scalar(f"eval/{name}", value, step)
     if result.images is not None:  # TensorBoard's projector: a sample of the test embeddings, with thumbnails
@@ -358,6 +365,7 @@ def finish(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, writer, recipe: StepR
         "data_wait_frac": stats.data_wait if stats else float("nan"), "skipped_samples": int(totals["skipped"]),
         "world_size": ctx.world_size, "global_batch": global_batch, "lr": lr,
         **(result.retrieval if result else {}),
+        **({"top1_ema": result.top1_ema} if result and result.top1_ema is not None else {}),
     }
     if ctx.is_main:
         write_json(metrics, run_dir / "metrics.json")
