@@ -17,12 +17,15 @@ timm is an optional extra (`pip install 'recog[timm]'`), imported only when the 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from omegaconf import DictConfig
 from torch import nn
 
 from recog.errors import ConfigError
+
+log = logging.getLogger("recog")
 
 
 class WeightsEma:
@@ -62,4 +65,7 @@ def build_ema(cfg: DictConfig | None, model: nn.Module) -> WeightsEma | None:
     imported)."""
     if cfg is None or not cfg.get("decay"):
         return None
-    return WeightsEma(model, float(cfg.decay), bool(cfg.get("warmup", False)), int(cfg.get("every", 1)))
+    ema = WeightsEma(model, float(cfg.decay), bool(cfg.get("warmup", False)), int(cfg.get("every", 1)))
+    log.info("EMA of the weights: decay %g%s, every %d step(s); evaluated beside them (eval/top1_ema)", cfg.decay,
+             " with warmup" if ema.ema.use_warmup else "", ema.every)
+    return ema

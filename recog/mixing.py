@@ -15,11 +15,14 @@ the global one (recog.data.plan), the same images are mixed alike on any number 
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import torch
 from omegaconf import DictConfig
 from torch.nn import functional as F
 from torchvision.transforms import v2
+
+log = logging.getLogger("recog")
 
 
 class Mixing:
@@ -32,6 +35,7 @@ class Mixing:
     def __init__(self, num_classes: int, alpha: float = 0.0, cutmix_alpha: float = 0.0, prob: float = 1.0,
                  switch_prob: float = 0.5, seed: int = 0, first_micro_batch: int = 0):
         self.num_classes, self.prob, self.seed, self.first = num_classes, prob, seed, first_micro_batch
+        self.switch_prob = switch_prob
         mixes = []
         if alpha > 0:
             mixes.append(v2.MixUp(alpha=alpha, num_classes=num_classes))
@@ -40,6 +44,12 @@ class Mixing:
         if not mixes:
             raise ValueError("Mixing needs mixup.alpha or mixup.cutmix_alpha above 0")
         self.transform = mixes[0] if len(mixes) == 1 else v2.RandomChoice(mixes, p=[1 - switch_prob, switch_prob])
+
+    def __str__(self) -> str:
+        names = {v2.MixUp: "mixup", v2.CutMix: "cutmix"}
+        mixes = getattr(self.transform, "transforms", [self.transform])
+        both = f" ({1 - self.switch_prob:g} / {self.switch_prob:g})" if len(mixes) > 1 else ""
+        return " or ".join(f"{names[type(m)]} alpha {m.alpha:g}" for m in mixes) + both
 
     def seed_of(self, step: int, micro_batch: int) -> int:
         """The generator's seed for this rank's micro-batch `micro_batch` (from 0) of optimizer step `step`."""
@@ -61,5 +71,7 @@ def build_mixing(cfg: DictConfig | None, num_classes: int, seed: int, first_micr
     """conf/train.yaml's `mixup:` section for `num_classes` classes (None: both alphas 0, or no section: off)."""
     if cfg is None or not (cfg.get("alpha") or cfg.get("cutmix_alpha")):
         return None
-    return Mixing(num_classes, float(cfg.get("alpha", 0.0)), float(cfg.get("cutmix_alpha", 0.0)),
-                  float(cfg.get("prob", 1.0)), float(cfg.get("switch_prob", 0.5)), seed, first_micro_batch)
+    mixing = Mixing(num_classes, float(cfg.get("alpha", 0.0)), float(cfg.get("cutmix_alpha", 0.0)),
+                    float(cfg.get("prob", 1.0)), float(cfg.get("switch_prob", 0.5)), seed, first_micro_batch)
+    log.info("mixing each micro-batch: %s (probability %g); soft targets", mixing, mixing.prob)
+    return mixing
