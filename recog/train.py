@@ -125,10 +125,7 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, stop: StopOnSignal) ->
         result = evaluate(recipe.model, data.test_loader, recipe.normalize, ctx, retrieval=cfg.eval.retrieval,
                           keep_images=cfg.eval.projector if position.epoch == cfg.epochs else 0,
                           gallery_loader=data.gallery_loader, classifier=classifier)
-        if recipe.ema is not None:  # the averaged weights beside the raw ones, with rank 0's BatchNorm statistics
-            dist.broadcast_buffers(recipe.ema.module)
-            result.top1_ema = evaluate(recipe.ema.module, data.test_loader, recipe.normalize, ctx).top1
-        report_epoch(writer, cfg.epochs, position, stats, result, data.classes)
+        report_epoch(writer, cfg.epochs, position, stats, with_ema(result, recipe, data.test_loader, ctx), data.classes)
         checkpoints.save(position.step, result.top1)
     return finish(cfg, ctx, run_dir, writer, recipe, position, stats, result, totals.sums, checkpoints.best_top1)
 
@@ -289,6 +286,15 @@ def evaluate(model, loader, normalize, ctx: dist.Dist, retrieval: bool = False, 
         result.retrieval = metrics_from_sums(sums)
         if undefined(sums) and ctx.is_main:
             log.warning("%s; they are NaN", undefined(sums))
+    return result
+
+
+def with_ema(result: Evaluation, recipe: StepRecipe, loader, ctx: dist.Dist) -> Evaluation:
+    """`result` with the top-1 of the weights' moving average (ema.decay > 0: recog/ema.py) beside the raw weights',
+    evaluated as they are, with rank 0's BatchNorm statistics on every rank."""
+    if recipe.ema is not None:
+        dist.broadcast_buffers(recipe.ema.module)
+        result.top1_ema = evaluate(recipe.ema.module, loader, recipe.normalize, ctx).top1
     return result
 
 
