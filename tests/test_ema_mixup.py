@@ -25,6 +25,8 @@ from recog.data.photo import photo_train
 from recog.ema import WeightsEma
 from recog.errors import ConfigError
 from recog.export import Embedder, export, rebuild_model
+from recog.export import main as export_main
+from recog.exported import ExportedEmbedder
 from recog.loss import RecognitionLoss
 from recog.mixing import Mixing
 from recog.model import Output, RecognitionModel
@@ -90,6 +92,8 @@ def test_export_with_ema_writes_the_averaged_weights_and_a_checkpoint_without_th
     with pytest.raises(ConfigError, match=r"holds no EMA weights \(its run trained with ema.decay=0\); export it "
                                           r"without --ema, or train with ema.decay above 0\.$"):
         export(tmp_path / "last.pt", tmp_path / "refused", onnx=False, ema=True)
+    assert export_main([str(tmp_path / "last.pt"), str(tmp_path / "refused"), "--ema"]) == 2  # the command: the same
+    assert not (tmp_path / "refused").exists()
     save_checkpoint({**ckpt, "ema": averaged.state_dict()}, tmp_path / "with_ema.pt")
 
     info = export(tmp_path / "with_ema.pt", tmp_path / "ema", onnx=False, ema=True)
@@ -105,6 +109,8 @@ def test_export_with_ema_writes_the_averaged_weights_and_a_checkpoint_without_th
         from_ema = Embedder(averaged, info["mean"], info["std"]).eval()(images)
         from_raw = Embedder(raw, info["mean"], info["std"]).eval()(images)
     assert torch.allclose(exported, from_ema, atol=1e-5)
+    reader = ExportedEmbedder(tmp_path / "ema")  # what embed, index and serve read
+    assert reader.sha256 == info["checkpoint"]["sha256"]
     assert not torch.allclose(exported, from_raw, atol=1e-2)
     assert torch.equal(rebuild_model({**ckpt, "model": averaged.state_dict()}, "x").embed.weight,
                        averaged.embed.weight)
