@@ -215,7 +215,7 @@ class StepRecipe:
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "loss": self._loss_state(),
                 "optimizer": self._optimizer_state(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), **({"ema": self.ema.state_dict()} if self.ema else {})}
+                "scaler": self.scaler.state_dict(), **({"ema": self.ema.state_dict()} if self.ema is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
         """Everything `state_dict` saved, then this run's LR schedule at this run's point in it: its peak LR
