@@ -41,9 +41,11 @@ from recog.data.random_access import ShardRandomAccess, collate
 from recog.data.sampler import DistributedBatchSampler
 from recog.data.source import ShardSource
 from recog.data.stream import ShardStream, fits_in_memory
+from recog.ema import build_ema
 from recog.errors import ConfigError
 from recog.imprint import read_weights, start_from_weights
 from recog.loss import RecognitionLoss
+from recog.mixing import build_mixing
 from recog.pretrained import build_model
 from recog.sharded import SAME_START_VALUES, ShardedClassifier, ShardedLoss
 from recog.step import StepRecipe, warmup_cosine
@@ -329,4 +331,7 @@ def build_recipe(cfg: DictConfig, ctx: dist.Dist, data: TrainData, position: Pos
                       partial(parallel.autocast, cfg.perf.precision, ctx.device), cfg.perf.channels_last,
                       ctx.device, lr, lr_factor, global_batch, position=position,
                       rounds=max(len(rank_micro_batches(micro_batches, r, ctx.world_size))
-                                 for r in range(ctx.world_size)) if isinstance(loss_fn, ShardedLoss) else 0)
+                                 for r in range(ctx.world_size)) if isinstance(loss_fn, ShardedLoss) else 0,
+                      ema=build_ema(cfg.get("ema"), model),  # of the starting weights (weights= read above)
+                      mixing=build_mixing(cfg.get("mixup"), len(data.classes), cfg.seed,
+                                          rank_micro_batches(micro_batches, ctx.rank, ctx.world_size).start))

@@ -10,6 +10,7 @@ training shards' manifest says the images are; `DataSettings.write_into` puts th
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from recog.backbones import pretrained_data_config, pretrained_source
 from recog.data.decode import SCALED_DECODE_AVAILABLE
 from recog.data.gpu_decode import GPU_DECODE_AVAILABLE
 from recog.data.manifest import Manifest, missing_classes
+from recog.data.photo import AUTO_AUGMENTS
 from recog.data.plan import Mix, epoch_samples, ranks_without_samples
 from recog.data.prepare import check_can_prepare
 from recog.data.source import ShardSource
@@ -77,6 +79,7 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"augment.flip={cfg.augment.flip} is a probability; give a number from 0 to 1.")
     if cfg.augment.get("pad", "auto") != "auto":
         check_number("augment.pad", cfg.augment.pad, True, 0, False)
+    check_photo_augment(cfg.augment)
     if cfg.sampler.get("name") not in SAMPLERS:
         raise ConfigError(f"sampler.name={cfg.sampler.get('name')} is unknown; use sampler=stream or sampler=pk.")
     pk = "p" in cfg.sampler  # P classes x K images per batch
@@ -95,6 +98,7 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError("loss.cross_rank=true needs equal batches on every rank; use sampler=pk.")
     if cfg.loss.get("cross_rank"):
         check_cross_rank_loss(cfg.loss)
+    check_ema_and_mixup(cfg)
     if cfg.eval.gallery is not None and not cfg.eval.retrieval:
         raise ConfigError(f"eval.gallery={cfg.eval.gallery} is the gallery of the retrieval metrics, which are off; "
                           "add eval.retrieval=true, or leave eval.gallery out.")
@@ -146,8 +150,62 @@ def sharded_refusal(cfg: DictConfig) -> str | None:
         (cfg.perf.precision == "fp16", "perf.precision=fp16 would let each process's gradient scaler skip a step "
          "for an overflow in its own rows alone, and the processes would part ways; use perf.precision=bf16 with "
          "model.classifier=sharded."),
+        (ema_on(cfg), f"ema.decay={OmegaConf.select(cfg, 'ema.decay')} averages the model's weights, and a sharded "
+         "classifier's rows live in the loss, outside the average; set ema.decay=0 with model.classifier=sharded, "
+         "or use model.classifier=replicated."),
+        (mixup_on(cfg), "mixup/cutmix (mixup.alpha, mixup.cutmix_alpha) train on soft targets, which a sharded "
+         "classifier's loss does not take; set mixup.alpha=0 and mixup.cutmix_alpha=0 with model.classifier=sharded, "
+         "or use model.classifier=replicated."),
     ]
     return next((sentence for wrong, sentence in refused if wrong), None)
+
+
+def check_photo_augment(augment: DictConfig) -> None:
+    """augment=photo's own knobs (recog/data/photo.py)."""
+    if "auto_augment" in augment and augment.auto_augment not in AUTO_AUGMENTS:
+        raise ConfigError(f"augment.auto_augment={augment.auto_augment} is unknown; use trivial (TrivialAugmentWide), "
+                          "rand (RandAugment) or none.")
+    if "erase" in augment:
+        check_number("augment.erase", augment.erase, False, 0, False)
+        if augment.erase > 1:
+            raise ConfigError(f"augment.erase={augment.erase} is a probability; give a number from 0 to 1.")
+
+
+def ema_on(cfg: DictConfig) -> bool:
+    return bool(OmegaConf.select(cfg, "ema.decay", default=0))
+
+
+def mixup_on(cfg: DictConfig) -> bool:
+    return bool(OmegaConf.select(cfg, "mixup.alpha", default=0) or
+                OmegaConf.select(cfg, "mixup.cutmix_alpha", default=0))
+
+
+def check_ema_and_mixup(cfg: DictConfig) -> None:
+    """ema.* (recog/ema.py) and mixup.* (recog/mixing.py), and what mixup/cutmix's soft targets cannot train: each
+    refusal one sentence naming the setting and the fix (model.classifier=sharded: `sharded_refusal`)."""
+    for key in ("ema.decay", "mixup.alpha", "mixup.cutmix_alpha", "mixup.prob", "mixup.switch_prob"):
+        value = OmegaConf.select(cfg, key, default=0.0)
+        check_number(key, value, False, 0, False)
+        bounded = key in ("ema.decay", "mixup.prob", "mixup.switch_prob")  # the alphas are Beta's: any above 0
+        if bounded and (value > 1 or key == "ema.decay" and value == 1):
+            raise ConfigError(f"{key}={value} is not valid; give a number from 0 to 1"
+                              f"{' (below 1; 0: off)' if key == 'ema.decay' else ''}.")
+    check_number("ema.every", OmegaConf.select(cfg, "ema.every", default=1), True, 1, False)
+    if ema_on(cfg) and importlib.util.find_spec("timm") is None:
+        raise ConfigError(f"ema.decay={cfg.ema.decay} averages the weights with timm's ModelEmaV3, and timm is not "
+                          "installed; pip install 'recog[timm]', or set ema.decay=0.")
+    if not mixup_on(cfg):
+        return
+    off = "or turn mixup off (mixup.alpha=0 mixup.cutmix_alpha=0)"
+    if cfg.loss.arc_margin > 0:
+        raise ConfigError(f"mixup/cutmix mix two classes into one target, and loss.arc_margin={cfg.loss.arc_margin} "
+                          f"puts ArcFace's margin on a single target class; set loss.arc_margin=0, {off}.")
+    if cfg.sampler.get("name") == "pk":
+        raise ConfigError("mixup/cutmix blend the images of a batch, and sampler=pk's batches of P classes x K images "
+                          f"are made for metric learning on unblended ones; use sampler=stream, {off}.")
+    if cfg.loss.get("metric") is not None and cfg.loss.get("metric_weight", 0):
+        raise ConfigError("mixup/cutmix give each image two classes, and the metric-learning term (loss.metric, "
+                          f"weight {cfg.loss.metric_weight}) needs one class per image; use loss=ce, {off}.")
 
 
 def settle_classifier(cfg: DictConfig, num_classes: int) -> str | None:

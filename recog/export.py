@@ -19,6 +19,7 @@ anything else) is the reader's, recog.exported: this writer checks its program a
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import io
 import sys
@@ -172,15 +173,21 @@ def check_out_dir(out_dir: Path, checkpoint: Path, overwrite: bool) -> None:
         raise ConfigError(f"the checkpoint {checkpoint} would be overwritten by the export; choose another folder.")
 
 
-def export(checkpoint: str | Path, out_dir: str | Path, onnx: bool = True, overwrite: bool = False) -> dict:
+def export(checkpoint: str | Path, out_dir: str | Path, onnx: bool = True, overwrite: bool = False,
+           ema: bool = False) -> dict:
     """Write the export of `checkpoint` into `out_dir` (one export at a time there); returns what model.json says.
-    The program is checked as readers check it (pt2_problem) before anything is written."""
+    The program is checked as readers check it (pt2_problem) before anything is written. `ema`: the weights'
+    moving average (ema.decay > 0, recog/ema.py) rather than the raw weights."""
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     check_out_dir(out_dir, checkpoint, overwrite)
     ckpt = read_checkpoint(checkpoint)
+    if ema:
+        ckpt = ema_weights(ckpt, checkpoint)
     model = rebuild_model(ckpt, checkpoint)
     classes, classes_from = training_class_names(ckpt, class_count(ckpt, model))
     info = describe(ckpt, checkpoint, model, classes) | {"classes_from": classes_from}
+    if ema:
+        mark_ema(info)
     embedder = Embedder(model, info["mean"], info["std"]).eval()
     program = export_program(embedder, info["input"]["channels"], info["input"]["image_size"])
     pt2 = io.BytesIO()
@@ -202,6 +209,22 @@ def export(checkpoint: str | Path, out_dir: str | Path, onnx: bool = True, overw
     return info
 
 
+def ema_weights(ckpt: dict, path: Path) -> dict:
+    """The checkpoint with its EMA weights as its model's, or one sentence when it holds none."""
+    if not isinstance(ckpt.get("ema"), dict):
+        raise ConfigError(f"{path} holds no EMA weights (its run trained with ema.decay=0); export it without --ema, "
+                          "or train with ema.decay above 0.")
+    return {**ckpt, "model": ckpt["ema"]}
+
+
+def mark_ema(info: dict) -> None:
+    """model.json of an EMA export: says so, and carries an identity of its own (the checkpoint's sha256 with
+    ":ema"), so that its embeddings are never mixed with those of the same checkpoint's raw weights."""
+    sha = info["checkpoint"]["sha256"]
+    info["weights"] = "ema"
+    info["checkpoint"] |= {"file_sha256": sha, "sha256": hashlib.sha256(f"{sha}:ema".encode()).hexdigest()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m recog.export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -209,15 +232,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", help="folder for embedder.pt2, embedder.onnx and model.json")
     parser.add_argument("--no-onnx", action="store_true", help="write embedder.pt2 and model.json only")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in OUT_DIR")
+    parser.add_argument("--ema", action="store_true", help="export the weights' moving average (ema.decay > 0)")
     return run_command(lambda: export_and_say(parser.parse_args(argv)))
 
 
 def export_and_say(args: argparse.Namespace) -> None:
-    info = export(args.checkpoint, args.out_dir, onnx=not args.no_onnx, overwrite=args.overwrite)
+    info = export(args.checkpoint, args.out_dir, onnx=not args.no_onnx, overwrite=args.overwrite, ema=args.ema)
     files = ", ".join(info["files"].values())
     print(f"{args.out_dir}: {files}, {MODEL_JSON} | {info['backbone']}, {info['input']['channels']} channel(s), "
           f"{info['input']['image_size']} px, {info['embedding_dim']}-d embeddings, {len(info['classes'])} classes "
-          f"(names from {info['classes_from']})")
+          f"(names from {info['classes_from']}){', EMA weights' if args.ema else ''}")
     if not args.no_onnx and "onnx" not in info["files"]:
         print(f"{ONNX} not written: install onnx and onnxscript (pip install 'recog[onnx]')", file=sys.stderr)
 

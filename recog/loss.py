@@ -77,10 +77,15 @@ class RecognitionLoss(nn.Module):
     def cross_entropy(self, output: Output, labels: torch.Tensor) -> torch.Tensor:
         """The cross-entropy term on this rank's samples (their mean), from the model's logits; 0 for no samples, with a
         gradient to the logits. recog.sharded.ShardedLoss computes it from a sharded classifier instead, which is why
-        `forward` calls it on every batch, empty ones too (that one's forward and backward hold collectives)."""
+        `forward` calls it on every batch, empty ones too (that one's forward and backward hold collectives).
+        `labels`: class indices (N,), or probabilities (N × classes: mixup/cutmix's soft targets, recog.mixing),
+        which cross-entropy takes as they are, label smoothing applied on top (recog.config refuses them with the
+        margin, which needs one target class)."""
         if len(labels) == 0:
             return output.logits.sum() * 0.0
         logits = output.logits.float()  # the loss in fp32 under bf16/fp16 autocast too
+        if labels.dim() == 2:
+            return F.cross_entropy(logits, labels.float(), label_smoothing=self.label_smoothing)
         if self.arc_margin:
             logits = additive_angular_margin(logits, labels, self.arc_margin, self.logit_scale)
         return F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)

@@ -22,8 +22,10 @@ from recog import dist, parallel
 from recog.data.loader import Batch
 from recog.data.normalize import Normalize
 from recog.data.position import Position
+from recog.ema import WeightsEma
 from recog.errors import DataError
 from recog.loss import ModelWithLoss
+from recog.mixing import Mixing
 from recog.model import state_mismatch
 from recog.sharded import ShardedClassifier, keep_out_of_ddp, sharded_names
 
@@ -78,6 +80,8 @@ class StepRecipe:
     # micro-batches or none making empty ones. 0: each rank makes one per micro-batch it holds (DDP's all-reduce,
     # on the last, is the step's only collective).
     rounds: int = 0
+    ema: WeightsEma | None = None  # ema.decay > 0: the weights' moving average, updated after each optimizer step
+    mixing: Mixing | None = None  # mixup.alpha / cutmix_alpha > 0: each micro-batch mixed, its labels soft
 
     def __post_init__(self):
         self.trained = self.trained or ModelWithLoss(self.model, self.loss_fn)
@@ -91,6 +95,8 @@ class StepRecipe:
         lr = self.optimizer.param_groups[0]["lr"]  # this step's: what train/lr shows at it
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.ema is not None:  # every rank: DDP keeps the weights, and so their average, the same everywhere
+            self.ema.update(self.model, self.steps_taken() + 1)
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return StepResult(loss, lr)
@@ -114,6 +120,8 @@ class StepRecipe:
         for i, (x, y) in enumerate(zip(images.split(sizes), labels.split(sizes))):
             if i > last or not len(y):
                 continue
+            if self.mixing is not None:  # mixed images, soft labels: drawn from (seed, step, micro-batch) alone
+                x, y = self.mixing(x, y, self.steps_taken(), i)
             with parallel.no_sync(self.trained, sync=i == last):
                 with self.autocast():
                     loss = self.trained(x, y)["total"]  # model and loss: one DDP module
@@ -162,6 +170,10 @@ class StepRecipe:
         self.scaler.scale(loss * 0.0).backward()
         self.trained.train()
 
+    def steps_taken(self) -> int:
+        """Optimizer steps taken before this one: the position's (restored on resume), else the schedule's."""
+        return self.position.step if self.position is not None else self.scheduler.last_epoch
+
     def inputs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         images = self.normalize(batch.images.to(self.device, non_blocking=True))
         if self.channels_last:
@@ -203,7 +215,7 @@ class StepRecipe:
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "loss": self._loss_state(),
                 "optimizer": self._optimizer_state(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict()}
+                "scaler": self.scaler.state_dict(), **({"ema": self.ema.state_dict()} if self.ema is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
         """Everything `state_dict` saved, then this run's LR schedule at this run's point in it: its peak LR
@@ -216,6 +228,8 @@ class StepRecipe:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:  # a checkpoint of a run without it: the average starts from the weights resumed
+            self.ema.load_state_dict(state["ema"] if "ema" in state else self.model.state_dict())
         at = self.position.schedule_step if self.position is not None else self.scheduler.last_epoch
         self.scheduler.base_lrs = [self.lr * scale for scale in scales]
         self.scheduler.last_epoch = at

@@ -115,8 +115,7 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, stop: StopOnSignal) ->
                          logger=cfg.logger, config=checkpoints.config)  # TensorBoard, + MLflow (logger=mlflow)
     log_steps = StepLog(writer, cfg.log_every, make_progress(ctx.is_main, cfg.epochs),
                         MidEpochEvaluation(cfg.eval, recipe, data, ctx, classifier, writer))  # eval.every_steps
-    totals = Meter("images", "seconds", "skipped")
-    stats, result = None, None
+    totals, stats, result = Meter("images", "seconds", "skipped"), None, None
     batches = data.batches(position)
     while position.epoch < cfg.epochs:
         stats = train_one_epoch(recipe, batches, position, log_steps, after_step)
@@ -127,8 +126,9 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, stop: StopOnSignal) ->
         if position.epoch < cfg.epochs:  # the workers fill their queue with the next epoch while we evaluate
             batches = data.batches(position)
         dist.broadcast_buffers(recipe.model)  # rank 0's BatchNorm statistics everywhere: one model is evaluated
-        result = evaluate_test(recipe.model, recipe, data, ctx, cfg.eval, classifier,
-                               keep_images=cfg.eval.projector if position.epoch == cfg.epochs else 0)
+        result = with_ema(evaluate_test(recipe.model, recipe, data, ctx, cfg.eval, classifier,
+                                        keep_images=cfg.eval.projector if position.epoch == cfg.epochs else 0),
+                          recipe, data.test_loader, ctx)
         report_epoch(writer, cfg.epochs, position, stats, result, data.classes, cfg.eval)
         checkpoints.save(position.step, result.top1)
     return finish(cfg, ctx, run_dir, writer, recipe, position, stats, result, totals.sums, checkpoints)
@@ -301,6 +301,7 @@ class Evaluation:
     class_correct: torch.Tensor | None = None  # per class, over all ranks (with num_classes)
     class_seen: torch.Tensor | None = None
     confusion: torch.Tensor | None = None  # [true class, predicted class] counts, up to confusion_classes classes
+    top1_ema: float | None = None  # the weights' moving average's (ema.decay > 0)
 
 
 @torch.no_grad()
@@ -354,6 +355,15 @@ def evaluate(model, loader, normalize, ctx: dist.Dist, retrieval: bool = False, 
     return result
 
 
+def with_ema(result: Evaluation, recipe: StepRecipe, loader, ctx: dist.Dist) -> Evaluation:
+    """`result` with the top-1 of the weights' moving average (ema.decay > 0: recog/ema.py) beside the raw weights',
+    evaluated as they are, with rank 0's BatchNorm statistics on every rank."""
+    if recipe.ema is not None:
+        dist.broadcast_buffers(recipe.ema.module)
+        result.top1_ema = evaluate(recipe.ema.module, loader, recipe.normalize, ctx).top1
+    return result
+
+
 def forward(model, loader, normalize, device: torch.device) -> Iterator[tuple[Batch, torch.Tensor, Output]]:
     """Each batch of an evaluation loader, its labels and the model's output (batches left empty by unreadable
     samples, counted by the loader, are passed over)."""
@@ -380,11 +390,14 @@ def report_epoch(writer, epochs: int, position: Position, stats: EpochStats, res
                  classes: list[str], eval_cfg: DictConfig | None = None) -> None:
     """The epoch's line in the log, its scalars in TensorBoard, and (last epoch, retrieval) the projector."""
     retrieval = result.retrieval
-    log.info("epoch %d/%d | loss %.4f | top-1 %.4f%s on %d test images%s | %.0f images/s | data wait %.1f%%%s",
-             position.epoch, epochs, stats.loss, result.top1, top5_text(result), result.seen,
+    log.info("epoch %d/%d | loss %.4f | top-1 %.4f%s%s on %d test images%s | %.0f images/s | data wait %.1f%%%s",
+             position.epoch, epochs, stats.loss, result.top1,
+             f" (EMA {result.top1_ema:.4f})" if result.top1_ema is not None else "", top5_text(result), result.seen,
              "".join(f" | {k} {v:.4f}" for k, v in retrieval.items()), stats.images / stats.seconds,
              100 * stats.data_wait, f" | skipped {stats.skipped} unreadable samples" if stats.skipped else "")
     step = position.step
+    if result.top1_ema is not None:
+        writer.add_scalar("eval/top1_ema", result.top1_ema, step)
     report_worst(report_evaluation(writer, result, step, classes, **figures_settings(eval_cfg)))
     if result.images is not None:  # TensorBoard's projector: a sample of the test embeddings, with thumbnails
         n = len(result.images)
@@ -441,6 +454,7 @@ def finish(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, writer, recipe: StepR
         "data_wait_frac": stats.data_wait if stats else float("nan"), "skipped_samples": int(totals["skipped"]),
         "world_size": ctx.world_size, "global_batch": global_batch, "lr": lr,
         **(result.retrieval if result else {}),
+        **({"top1_ema": result.top1_ema} if result and result.top1_ema is not None else {}),
     }
     if ctx.is_main:
         write_json(metrics, run_dir / "metrics.json")
