@@ -115,6 +115,7 @@ class RecognitionModel(nn.Module):
         logit_scale: float = 16.0,
         blocks: Sequence[int] = (2, 2, 2),
         classifier: str = "replicated",
+        freeze_backbone_epochs: int = 0,  # a training setting (recog.finetune.BackboneFreeze): the model ignores it
     ):
         super().__init__()
         if classifier not in CLASSIFIERS:
