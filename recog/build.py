@@ -297,7 +297,9 @@ def build_recipe(cfg: DictConfig, ctx: dist.Dist, data: TrainData, position: Pos
     optimizer = instantiate(cfg.optim.optimizer)(parameter_groups(model, loss_fn, lr,
                                                                   GroupSettings.from_config(cfg.optim)), lr=lr)
     lr_factor = lr_schedule(cfg.schedule, steps_per_epoch, cfg.epochs)  # schedule.name: cosine or step
-    frozen = cfg.model.get("freeze_backbone_epochs", 0)
+    frozen, tuning = cfg.model.get("freeze_backbone_epochs", 0), finetune.describe(cfg, len(optimizer.param_groups))
+    if tuning and ctx.is_main:
+        log.info("%s", tuning)
     own = sum(p.numel() for p in loss_parameters(loss_fn))
     mine = len(rank_micro_batches(micro_batches, ctx.rank, ctx.world_size))
     log.info("world size %d (%s on %s) | per-rank batch %d%s, global batch %d | %d steps per epoch, %d epochs | "

@@ -136,6 +136,18 @@ class BackboneFreeze:
             param.grad = None
 
 
+def describe(cfg: DictConfig, groups: int) -> str | None:
+    """The log line of the fine-tuning settings that are on (None: all off)."""
+    optim, frozen = cfg.optim, cfg.model.get("freeze_backbone_epochs", 0)
+    on = [f"backbone LR x {optim.get('backbone_lr_scale', 1.0):g}" if optim.get("backbone_lr_scale", 1.0) != 1 else "",
+          f"layer decay {optim.layer_decay:g}" if optim.get("layer_decay") is not None else "",
+          "no weight decay on norms and biases" if optim.get("no_weight_decay_norm_bias") else "",
+          f"gradients clipped to norm {optim.clip_grad_norm:g}" if optim.get("clip_grad_norm") is not None else "",
+          f"backbone frozen for the first {frozen} epoch(s)" if frozen else ""]
+    on = [part for part in on if part]
+    return f"fine-tuning: {', '.join(on)} ({groups} parameter groups)" if on else None
+
+
 def check_finetune(cfg: DictConfig) -> None:
     """optim.backbone_lr_scale, optim.layer_decay, optim.no_weight_decay_norm_bias, optim.clip_grad_norm,
     model.freeze_backbone_epochs and schedule.*: each wrong value one sentence, before any process group."""

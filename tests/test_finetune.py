@@ -242,6 +242,8 @@ def test_a_resume_inside_and_right_after_the_frozen_epochs_is_bit_exact(tiny_dat
         "checkpoint.keep": 20})
     whole = run_train(args + [f"hydra.run.dir={tmp_path / 'whole'}"], cwd=tmp_path)
     assert whole.returncode == 0, whole.stdout + whole.stderr
+    assert ("fine-tuning: backbone LR x 0.5, no weight decay on norms and biases, gradients clipped to norm 0.5, "
+            "backbone frozen for the first 1 epoch(s) (4 parameter groups)") in whole.stdout
     saved = tmp_path / "whole" / "checkpoints"
     first, frozen_end, last = (load_checkpoint(saved / f"step-{s:09d}.pt") for s in (4, 8, 16))
     backbone = [k for k in first["model"] if k.startswith("backbone.")]
