@@ -20,7 +20,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
-from recog import dist, parallel
+from recog import dist, finetune, parallel
 from recog.config import (
     check_against_data,
     data_mix,
@@ -43,12 +43,13 @@ from recog.data.source import ShardSource
 from recog.data.stream import ShardStream, fits_in_memory
 from recog.ema import build_ema
 from recog.errors import ConfigError
+from recog.finetune import BackboneFreeze, GroupSettings, loss_parameters
 from recog.imprint import read_weights, start_from_weights
 from recog.loss import RecognitionLoss
 from recog.mixing import build_mixing
 from recog.pretrained import build_model
 from recog.sharded import SAME_START_VALUES, ShardedClassifier, ShardedLoss
-from recog.step import StepRecipe, warmup_cosine
+from recog.step import StepRecipe, lr_schedule
 
 log = logging.getLogger("recog")
 
@@ -269,26 +270,13 @@ def build_loss(cfg: DictConfig, num_classes: int, ctx: dist.Dist | None = None) 
     return instantiate(cfg.loss)
 
 
-def parameter_groups(model: nn.Module, loss_fn: nn.Module, lr: float) -> list[dict]:
-    """The optimizer's parameter groups: the model's at `lr`; a sharded classifier's rows (held by the loss) at `lr`
-    too, as the replicated classifier's rows (the model's) are, in a group of their own; and the loss's own
-    parameters (proxies, ...) at `lr` × `loss_fn.lr_scale`. Each group keeps its `lr_scale`, which resuming
-    re-applies."""
-    groups = [{"params": list(model.parameters()), "lr": lr, "lr_scale": 1.0}]
-    classifier = getattr(loss_fn, "classifier", None)
-    if isinstance(classifier, ShardedClassifier):
-        groups.append({"params": [classifier.weight], "lr": lr, "lr_scale": 1.0})
-    own = loss_parameters(loss_fn)
-    if own:  # no group for a loss without parameters: checkpoints of those keep one group, as before
-        groups.append({"params": own, "lr": lr * loss_fn.lr_scale, "lr_scale": loss_fn.lr_scale})
-    return groups
-
-
-def loss_parameters(loss_fn: nn.Module) -> list[nn.Parameter]:
-    """The loss's own trained parameters (a proxy loss's proxies), not a sharded classifier's rows it holds."""
-    classifier = getattr(loss_fn, "classifier", None)
-    rows = classifier.weight if isinstance(classifier, ShardedClassifier) else None
-    return [p for p in loss_fn.parameters() if p.requires_grad and p is not rows]
+def parameter_groups(model: nn.Module, loss_fn: nn.Module, lr: float, settings: GroupSettings | None = None
+                     ) -> list[dict]:
+    """The optimizer's parameter groups (recog.finetune.parameter_groups): the model's at `lr` (its backbone at
+    optim.backbone_lr_scale times it, by layer with optim.layer_decay), a sharded classifier's rows at `lr` in a
+    group of their own, the loss's own parameters at `lr` × `loss_fn.lr_scale`. Each group keeps its `lr_scale`,
+    which resuming re-applies."""
+    return finetune.parameter_groups(model, loss_fn, lr, settings or GroupSettings())
 
 
 def build_recipe(cfg: DictConfig, ctx: dist.Dist, data: TrainData, position: Position | None = None,
@@ -315,9 +303,12 @@ def build_recipe(cfg: DictConfig, ctx: dist.Dist, data: TrainData, position: Pos
     steps_per_epoch = len(data.epochs)  # optimizer steps, whatever the world size
     global_batch, micro_batches = data.global_batch, data.layout["micro_batches"]
     lr = cfg.optim.lr * global_batch / cfg.optim.reference_batch  # linear scaling rule (Goyal et al., 2017)
-    optimizer = instantiate(cfg.optim.optimizer)(parameter_groups(model, loss_fn, lr), lr=lr)
-    lr_factor = partial(warmup_cosine, warmup_steps=round(cfg.schedule.warmup_epochs * steps_per_epoch),
-                        total_steps=cfg.epochs * steps_per_epoch)
+    optimizer = instantiate(cfg.optim.optimizer)(parameter_groups(model, loss_fn, lr,
+                                                                  GroupSettings.from_config(cfg.optim)), lr=lr)
+    lr_factor = lr_schedule(cfg.schedule, steps_per_epoch, cfg.epochs)  # schedule.name: cosine or step
+    frozen, tuning = cfg.model.get("freeze_backbone_epochs", 0), finetune.describe(cfg, len(optimizer.param_groups))
+    if tuning and ctx.is_main:
+        log.info("%s", tuning)
     own = sum(p.numel() for p in loss_parameters(loss_fn))
     mine = len(rank_micro_batches(micro_batches, ctx.rank, ctx.world_size))
     log.info("world size %d (%s on %s) | per-rank batch %d%s, global batch %d | %d steps per epoch, %d epochs | "
@@ -334,4 +325,6 @@ def build_recipe(cfg: DictConfig, ctx: dist.Dist, data: TrainData, position: Pos
                                  for r in range(ctx.world_size)) if isinstance(loss_fn, ShardedLoss) else 0,
                       ema=build_ema(cfg.get("ema"), model),  # of the starting weights (weights= read above)
                       mixing=build_mixing(cfg.get("mixup"), len(data.classes), cfg.seed,
-                                          rank_micro_batches(micro_batches, ctx.rank, ctx.world_size).start))
+                                          rank_micro_batches(micro_batches, ctx.rank, ctx.world_size).start),
+                      clip_grad_norm=cfg.optim.get("clip_grad_norm"),
+                      freeze=BackboneFreeze(model.backbone, frozen) if frozen else None)

@@ -390,6 +390,11 @@ def check_resume_point(found: tuple[str, dict] | None, run_dir: Path, backbone: 
                "instead of resume=")
         raise ConfigError(f"{path} holds a {saved.get('backbone', 'different')} model that does not fit the "
                           f"{backbone} model of this run ({wrong[1]}); {fix}.")
+    if wrong and wrong[0] == "optimizer":  # recog.finetune's groups: another grouping's optimizer state
+        raise ConfigError(f"{path} was saved with other optimizer parameter groups ({wrong[1]}); resume with the "
+                          "optim.backbone_lr_scale, optim.layer_decay and optim.no_weight_decay_norm_bias it was "
+                          "saved with (its config holds them), or start from its weights with weights= instead of "
+                          "resume=.")
     if wrong:  # a proxy loss's proxies against none, or proxies for another number of classes or dimensions
         raise ConfigError(f"{path} was trained with another loss (its state: {wrong[1]}); resume with the loss it "
                           "was trained with, or start from its weights with weights= instead of resume=.")

@@ -30,6 +30,7 @@ from recog.data.prepare import check_can_prepare
 from recog.data.source import ShardSource
 from recog.data.write import measure_shards
 from recog.errors import ConfigError, check_number
+from recog.finetune import check_finetune
 from recog.model import CLASSIFIERS, check_backbone
 
 # The numbers checked alike, each always a number: (key, whole number?, smallest allowed, strictly above it?).
@@ -88,6 +89,7 @@ def check_config(cfg: DictConfig) -> None:
             check_number(key, OmegaConf.select(cfg, key), True, 1, False)
     check_backbone(cfg.model.backbone, cfg.model.get("small_input", False), cfg.model.get("pretrained", False))
     check_classifier(cfg)
+    check_finetune(cfg)  # optim.backbone_lr_scale, layer_decay, ..., model.freeze_backbone_epochs, schedule.*
     cuda = torch.cuda.is_available() and cfg.dist.backend != "gloo"
     check_perf_config(cfg, cuda)
     check_decode(cfg.data, cuda)
@@ -156,6 +158,9 @@ def sharded_refusal(cfg: DictConfig) -> str | None:
         (mixup_on(cfg), "mixup/cutmix (mixup.alpha, mixup.cutmix_alpha) train on soft targets, which a sharded "
          "classifier's loss does not take; set mixup.alpha=0 and mixup.cutmix_alpha=0 with model.classifier=sharded, "
          "or use model.classifier=replicated."),
+        (cfg.optim.get("clip_grad_norm") is not None, f"optim.clip_grad_norm={cfg.optim.get('clip_grad_norm')} "
+         "would clip each process's own norm, its rows of a sharded classifier being its own; set "
+         "optim.clip_grad_norm=null with model.classifier=sharded, or use model.classifier=replicated."),
     ]
     return next((sentence for wrong, sentence in refused if wrong), None)
 

@@ -128,6 +128,7 @@ class RecognitionModel(nn.Module):
         classifier: str = "replicated",
         pretrained: bool | str = False,
         timm_kwargs: dict | None = None,
+        freeze_backbone_epochs: int = 0,  # a training setting (recog.finetune.BackboneFreeze): the model ignores it
     ):
         """`pretrained` and `timm_kwargs` (passed to timm.create_model) are for `backbone="timm:NAME"`."""
         super().__init__()

@@ -11,6 +11,7 @@ import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -24,20 +25,43 @@ from recog.data.normalize import Normalize
 from recog.data.position import Position
 from recog.ema import WeightsEma
 from recog.errors import DataError
+from recog.finetune import BackboneFreeze
 from recog.loss import ModelWithLoss
 from recog.mixing import Mixing
 from recog.model import state_mismatch
 from recog.sharded import ShardedClassifier, keep_out_of_ddp, sharded_names
 
 
-def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr: float = 0.0) -> float:
     """LR multiplier at optimizer step `step` (from 0): (step + 1) / `warmup_steps` over the first `warmup_steps`
-    steps (1 at the last of them), then a cosine from 1 down toward 0, which it reaches at step `total_steps` (one
-    past a run's last step, so the last step trained keeps a small LR) and keeps beyond."""
+    steps (1 at the last of them), then a cosine from 1 down toward `min_lr` (a fraction of the peak), which it
+    reaches at step `total_steps` (one past a run's last step, so the last step trained keeps a small LR) and keeps
+    beyond."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return min_lr + (1.0 - min_lr) * cosine if min_lr else cosine
+
+
+def warmup_step(step: int, warmup_steps: int, milestones: tuple[int, ...], gamma: float, min_lr: float = 0.0
+                ) -> float:
+    """LR multiplier at optimizer step `step` (from 0): the same warmup as `warmup_cosine`, then 1, multiplied by
+    `gamma` at each of the `milestones` (optimizer steps from the run's start) reached, never below `min_lr`
+    (torchvision's reference recipes: MultiStepLR after a linear warmup)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return max(min_lr, gamma ** sum(step >= milestone for milestone in milestones))
+
+
+def lr_schedule(schedule: DictConfig, steps_per_epoch: int, epochs: int) -> Callable[[int], float]:
+    """The config's schedule (schedule.name, warmup_epochs, min_lr; for step: milestones in epochs from the run's
+    start, gamma) as the LR multiplier at each optimizer step: what LambdaLR follows and a resume re-applies."""
+    warmup, min_lr = round(schedule.warmup_epochs * steps_per_epoch), schedule.get("min_lr", 0.0)
+    if schedule.get("name", "cosine") == "step":
+        return partial(warmup_step, warmup_steps=warmup, gamma=schedule.gamma, min_lr=min_lr,
+                       milestones=tuple(round(m * steps_per_epoch) for m in schedule.milestones))
+    return partial(warmup_cosine, warmup_steps=warmup, total_steps=epochs * steps_per_epoch, min_lr=min_lr)
 
 
 def _constant(step: int) -> float:
@@ -82,6 +106,8 @@ class StepRecipe:
     rounds: int = 0
     ema: WeightsEma | None = None  # ema.decay > 0: the weights' moving average, updated after each optimizer step
     mixing: Mixing | None = None  # mixup.alpha / cutmix_alpha > 0: each micro-batch mixed, its labels soft
+    clip_grad_norm: float | None = None  # the gradients' total norm clipped to this before each step (optim.*)
+    freeze: BackboneFreeze | None = None  # the backbone frozen for the first epochs of `position` (recog.finetune)
 
     def __post_init__(self):
         self.trained = self.trained or ModelWithLoss(self.model, self.loss_fn)
@@ -93,6 +119,12 @@ class StepRecipe:
         through the gradient scaler, zeroed gradients, the LR schedule's next step."""
         loss = self.gradients(batch)
         lr = self.optimizer.param_groups[0]["lr"]  # this step's: what train/lr shows at it
+        if self.frozen():
+            self.freeze.drop_gradients()  # all-reduced like any others (BackboneFreeze says why), then not used
+        if self.clip_grad_norm is not None:  # (a sharded classifier's rows, per rank, are refused: recog.config)
+            self.scaler.unscale_(self.optimizer)  # the true gradients, which the scaler's step then leaves as they are
+            torch.nn.utils.clip_grad_norm_([p for group in self.optimizer.param_groups for p in group["params"]
+                                            if p.grad is not None], self.clip_grad_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.ema is not None:  # every rank: DDP keeps the weights, and so their average, the same everywhere
@@ -107,6 +139,8 @@ class StepRecipe:
         Each image's loss is divided by a rank's share of the global batch: after DDP's average over the ranks
         every image weighs 1 / global_batch on any number of ranks, and a short batch counts for what it holds.
         Returns the batch's loss summed over its images (detached, where it lives)."""
+        if self.freeze is not None:
+            self.train_mode()
         sizes = list(batch.sizes or (len(batch.labels),))
         share = self.global_batch / dist.world_size() if self.global_batch else max(1, len(batch.labels))
         if self.rounds:
@@ -153,7 +187,7 @@ class StepRecipe:
                 with self.autocast():
                     loss = self.trained(x, y)["total"]
                 self.scaler.scale(loss * (len(y) / share)).backward()
-            self.trained.train()
+            self.train_mode()
             total = total + loss.detach().double() * len(y)
         return total
 
@@ -168,7 +202,17 @@ class StepRecipe:
             loss = self.trained(torch.zeros((1, *self.image_shape), device=self.device),
                                 torch.zeros(1, dtype=torch.int64, device=self.device))["total"]
         self.scaler.scale(loss * 0.0).backward()
+        self.train_mode()
+
+    def frozen(self) -> bool:
+        """The backbone frozen this step (model.freeze_backbone_epochs): it follows the position's epoch alone."""
+        return self.freeze is not None and self.position is not None and self.freeze.frozen(self.position.epoch)
+
+    def train_mode(self) -> None:
+        """The training model in train mode, but a frozen backbone in eval mode (its BatchNorm statistics kept)."""
         self.trained.train()
+        if self.frozen():
+            self.freeze.hold()
 
     def steps_taken(self) -> int:
         """Optimizer steps taken before this one: the position's (restored on resume), else the schedule's."""
@@ -238,10 +282,16 @@ class StepRecipe:
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # what get_last_lr() says
 
     def mismatch(self, state: dict) -> tuple[str, str] | None:
-        """What of a saved state does not fit this recipe's model or loss, ("model" or "loss", how), else None:
+        """What of a saved state does not fit this recipe's model, loss or parameter groups, ("model", "loss" or
+        "optimizer", how), else None:
         checked before `load_state_dict`, whose own error would be torch's."""
         for name, own in (("model", self.model.state_dict()), ("loss", self._loss_state())):
             problem = state_mismatch(own, state[name])
             if problem:
                 return name, problem
+        saved = [len(group["params"]) for group in state["optimizer"]["param_groups"]]
+        own = [len(group["params"]) for group in self.optimizer.param_groups]
+        if saved != own:  # optim.backbone_lr_scale, layer_decay or no_weight_decay_norm_bias cut other groups
+            return "optimizer", (f"its optimizer holds {len(saved)} parameter group(s) of {saved} parameters and "
+                                 f"this run's {len(own)} of {own}")
         return None
