@@ -28,7 +28,7 @@ STEPS = 16  # 2 epochs of 8 steps: 500 images a rank, 2 micro-batches of 32 a st
 def recipe_args(tiny_data, weights: Path, run_dir: Path) -> list[str]:
     return tiny_args(tiny_data, epochs=2, batch_size=32, global_batch=128, **{
         "model": "timm", "model.backbone": "timm:test_resnet", "model.pretrained": weights,
-        "model.embedding_dim": 32, "optim": "adamw", "optim.layer_decay": 0.75, "optim.backbone_lr_scale": 0.5,
+        "model.embedding_dim": 32, "optim.layer_decay": 0.75, "optim.backbone_lr_scale": 0.5,
         "optim.clip_grad_norm": 1.0, "schedule.min_lr": 0.1, "ema.decay": 0.9, "ema.warmup": "true",
         "mixup.alpha": 0.8, "mixup.cutmix_alpha": 1.0, "eval.every_steps": 5, "checkpoint.every_steps": 2,
         "model.width": None, "hydra.run.dir": run_dir})
