@@ -5,9 +5,12 @@ sent in batches (one request per logged step, not one per scalar). Artefacts: me
 end. A resumed run (the same run directory) continues its MLflow run: its id is kept in run_dir/mlflow_run.json.
 
 `check_logger` runs on every rank before any process group exists: mlflow not installed, or a tracking server
-that does not answer, is one sentence before training starts. During the run, requests go out from a thread of
-their own, so training never waits for the server (nor for MLflow's retries, minutes of them by default); one
-that fails is a warning, once, and the run goes on with TensorBoard alone: a tracking server never stops training.
+that does not answer, is one sentence before training starts; rank 0, which logs, also makes one real request
+(listing an experiment: a server behind authentication that refuses it is that sentence too). Should starting the
+run fail after all, rank 0 warns and trains on with TensorBoard alone (the other ranks never wait on MLflow).
+During the run, requests go out from a thread of their own, so training never waits for the server (nor for
+MLflow's retries, minutes of them by default); one that fails is a warning, once, and the run goes on with
+TensorBoard alone: a tracking server never stops training.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from recog.files import write_json
 log = logging.getLogger("recog")
 
 INSTALL = "pip install 'recog[mlflow]'"
-CHECK_TIMEOUT_S = 10  # how long the start waits for the tracking server's /health
+CHECK_TIMEOUT_S = 10  # how long the start waits for the tracking server's /health (and its one request)
 MAX_BATCH = 100  # metrics and params per request (MLflow's log_batch takes up to 1,000 metrics and 100 params)
 CLOSE_WAIT_S = 120  # at the end, how long the run waits for the requests still queued (a server slow to answer)
 
@@ -60,6 +63,36 @@ def check_logger(cfg) -> None:
                               "start it (mlflow server --host HOST --port PORT), give logger.tracking_uri (or "
                               "MLFLOW_TRACKING_URI) a server that answers, or train without it: logger=tensorboard."
                               ) from None
+    if os.environ.get("RANK", "0") == "0":  # the rank that logs: one real request, as the run will make them
+        try:
+            with quick_requests():
+                from mlflow.tracking import MlflowClient
+
+                MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+        except Exception as error:  # noqa: BLE001 (MlflowException, requests' errors: all one sentence here)
+            first = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ConfigError(f"logger.tracking_uri={uri or '(MLflow default)'}: MLflow's first request failed "
+                              f"({first}); give logger.tracking_uri (or MLFLOW_TRACKING_URI) a tracking server this "
+                              "process may write to (credentials: MLFLOW_TRACKING_USERNAME/PASSWORD or TOKEN), or "
+                              "train without it: logger=tensorboard.") from None
+
+
+class quick_requests:
+    """MLflow's HTTP requests without its retries (minutes of them by default) and with CHECK_TIMEOUT_S each, for
+    the duration of a `with`: a check answers at once."""
+
+    SETTINGS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": str(CHECK_TIMEOUT_S)}
+
+    def __enter__(self):
+        self.saved = {key: os.environ.get(key) for key in self.SETTINGS}
+        os.environ.update(self.SETTINGS)
+
+    def __exit__(self, *exc):
+        for key, value in self.saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def mlflow_key(name: str) -> str:
@@ -92,6 +125,16 @@ class MlflowLog:
         self.pending, self.working, self.finished = [], True, False
         self.requests: queue.Queue = queue.Queue()  # (what, action); None: the end
         self.sender = threading.Thread(target=self.send, name="mlflow", daemon=True)
+        try:  # checked before training (check_logger); should it fail now, a warning: never rank 0 alone stopping
+            self.start(logger, run_dir, config)
+        except Exception as error:  # noqa: BLE001 (MlflowException, requests' errors, OSError: all the same here)
+            self.working = False
+            log.warning("MLflow at %s: the run could not be started (%s); training goes on, logging to TensorBoard "
+                        "only", self.uri, str(error).splitlines()[0] if str(error) else type(error).__name__)
+        self.sender.start()
+
+    def start(self, logger, run_dir: Path, config: dict) -> None:
+        """The MLflow run this directory logs to: the interrupted one's, or a new one with the config's params."""
         saved = run_dir / "mlflow_run.json"
         self.run_id = self.resumed_run(saved)
         if self.run_id is None:
@@ -104,7 +147,6 @@ class MlflowLog:
             write_json({"tracking_uri": self.uri, "run_id": self.run_id}, saved)
             self.log_params(flatten(config))
             log.info("MLflow: run %s in experiment %r at %s", self.run_id, name, self.uri or "MLflow's default store")
-        self.sender.start()
 
     def resumed_run(self, saved: Path) -> str | None:
         """The MLflow run an interrupted run in this directory logged to, if it is on this tracking URI."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 
 import torch
 import torch.nn as nn
@@ -28,10 +29,21 @@ def prepare_model(model: nn.Module, perf: DictConfig, distributed: bool) -> nn.M
     """Before the optimizer exists: SyncBatchNorm (it keeps the same parameters) and the memory format (`perf`:
     the config's perf section)."""
     if perf.sync_bn and distributed:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = prepare_sync_bn(model)
     if perf.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def prepare_sync_bn(model: nn.Module) -> nn.Module:
+    """SyncBatchNorm for every BatchNorm of `model`. With timm loaded (a timm backbone), timm's converter: its
+    BatchNormAct2d (EfficientNet, MobileNetV3, ...) holds its activation, which it keeps as SyncBatchNormAct, where
+    torch's converter would make a plain SyncBatchNorm that never calls it; other BatchNorms it converts as torch's."""
+    if "timm" in sys.modules:
+        from timm.layers import convert_sync_batchnorm
+
+        return convert_sync_batchnorm(model)
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 def wrap_model(model: nn.Module, perf: DictConfig, ddp: DictConfig, distributed: bool,

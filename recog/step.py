@@ -118,7 +118,7 @@ class StepRecipe:
         """One optimizer step on one step's batch: forward and backward (`gradients`), the optimizer's step
         through the gradient scaler, zeroed gradients, the LR schedule's next step."""
         loss = self.gradients(batch)
-        lr = self.optimizer.param_groups[0]["lr"]  # this step's: what train/lr shows at it
+        lr = self.head_lr()  # this step's: what train/lr shows at it
         if self.frozen():
             self.freeze.drop_gradients()  # all-reduced like any others (BackboneFreeze says why), then not used
         if self.clip_grad_norm is not None:  # (a sharded classifier's rows, per rank, are refused: recog.config)
@@ -213,6 +213,12 @@ class StepRecipe:
         self.trained.train()
         if self.frozen():
             self.freeze.hold()
+
+    def head_lr(self) -> float:
+        """The LR now, as train/lr and the progress line show it: the first parameter group's at lr_scale 1 (the
+        model's, or with optim.backbone_lr_scale / layer_decay the head's), not a scaled backbone layer's."""
+        groups = self.optimizer.param_groups
+        return next((g["lr"] for g in groups if g.get("lr_scale", 1.0) == 1.0), groups[0]["lr"])
 
     def steps_taken(self) -> int:
         """Optimizer steps taken before this one: the position's (restored on resume), else the schedule's."""

@@ -105,6 +105,39 @@ def test_a_server_that_does_not_answer_is_one_sentence_before_training(tiny_data
     assert "step 1" not in result.stdout and not list(tmp_path.rglob("*.pt"))  # nothing trained
 
 
+def test_a_server_that_refuses_requests_is_one_sentence_before_training(monkeypatch):
+    """A real HTTP server on loopback that answers every request 401 (a tracking server behind authentication, no
+    credentials given): /health answers, MLflow's first real request is refused: one sentence, not a traceback on
+    rank 0 after the process group exists."""
+    import http.server
+    import threading
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def refuse(self):
+            self.send_response(401)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_POST = refuse
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        uri = f"http://127.0.0.1:{httpd.server_address[1]}"
+        monkeypatch.delenv("RANK", raising=False)
+        with pytest.raises(ConfigError, match="MLflow's first request failed") as caught:
+            check_logger(compose_train_config("logger=mlflow", f"logger.tracking_uri={uri}"))
+        assert uri in str(caught.value) and "logger=tensorboard" in str(caught.value)
+        assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ  # the check's quick settings put back
+        monkeypatch.setenv("RANK", "1")  # another rank: it does not log, it makes no request
+        check_logger(compose_train_config("logger=mlflow", f"logger.tracking_uri={uri}"))
+    finally:
+        httpd.shutdown()
+
+
 def test_mlflow_missing_is_one_sentence_naming_the_extra(monkeypatch):
     cfg = compose_train_config("logger=mlflow")
     monkeypatch.setitem(sys.modules, "mlflow", None)  # what an environment without the package imports

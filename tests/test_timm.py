@@ -81,6 +81,17 @@ def one_sentence(result, message: str) -> None:
     assert not recog_frames(result.stderr), result.stderr[-3000:]
 
 
+def test_sync_bn_keeps_timms_activations_inside_its_norms():
+    """perf.sync_bn on a timm backbone: timm's BatchNormAct2d (MobileNetV3, EfficientNet) holds its activation;
+    torch's converter alone would make it a plain SyncBatchNorm that never calls it. Converted by timm's, the
+    activation stays (SyncBatchNormAct), and a plain BatchNorm becomes torch's SyncBatchNorm."""
+    from recog.parallel import prepare_sync_bn
+
+    model = torch.nn.Sequential(timm.create_model("mobilenetv3_small_050", num_classes=0), torch.nn.BatchNorm1d(4))
+    kinds = {type(m).__name__ for m in prepare_sync_bn(model).modules()}
+    assert "SyncBatchNormAct" in kinds and "SyncBatchNorm" in kinds and "BatchNormAct2d" not in kinds, kinds
+
+
 # --- offline pretrained weights: two families, from safetensors, no network ---
 
 @pytest.mark.parametrize("name,channels", [("test_resnet", 1), ("test_convnext", 3)])
