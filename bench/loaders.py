@@ -2,6 +2,7 @@
 
     python bench/loaders.py --csv docs/loaders.csv --plot docs/loaders.png
     python bench/loaders.py --images 300 --png-images 1000 --rounds 1 --workdir /tmp/recog-loaders-small
+    python bench/loaders.py --quick --workdir /tmp/recog-loaders-quick   # a first look: under 5 minutes
 
 Images, written once into --workdir in each loader's own format and kept there for reruns:
   jpeg   --images synthetic photo-like JPEGs (bench/data.py's synthetic_jpeg), 500x375, quality 90 (~115 KB),
@@ -174,12 +175,20 @@ def litdata_bytes(item: tuple[str, int]) -> dict:
 
 
 def write_litdata(s: ImageSet, shard_bytes: int) -> None:
+    """litdata.optimize sets this process's multiprocessing start method to spawn (force=True), under which the
+    other loaders' workers could not take their local functions: the method this process had is put back after."""
+    import multiprocessing
+
     import litdata
 
     files = loose_files(s)
-    for kind, fn in (("image", litdata_image), ("bytes", litdata_bytes)):
-        litdata.optimize(fn=fn, inputs=files, output_dir=str(s.root / f"litdata-{kind}"), chunk_bytes=shard_bytes,
-                         num_workers=1, verbose=False)
+    method = multiprocessing.get_start_method(allow_none=True)
+    try:
+        for kind, fn in (("image", litdata_image), ("bytes", litdata_bytes)):
+            litdata.optimize(fn=fn, inputs=files, output_dir=str(s.root / f"litdata-{kind}"),
+                             chunk_bytes=shard_bytes, num_workers=1, verbose=False)
+    finally:
+        multiprocessing.set_start_method(method, force=True)
 
 
 def write_dali_index(s: ImageSet) -> None:
@@ -532,9 +541,13 @@ def main() -> None:
     parser.add_argument("--modes", default="decode,bytes", help="which cases (decode,bytes)")
     parser.add_argument("--loaders", default=",".join(LOADERS), help="which loaders (recog always runs)")
     parser.add_argument("--workdir", default="/tmp/recog-bench-loaders")
+    parser.add_argument("--quick", action="store_true",
+                        help="a first look in under 5 minutes: 500 JPEGs, 2,000 PNGs, 2 rounds after 1 warm-up epoch")
     parser.add_argument("--csv", help="write the figures here")
     parser.add_argument("--plot", help="write a bar chart here (PNG)")
     args = parser.parse_args()
+    if args.quick:
+        args.images, args.png_images, args.rounds, args.warmup = 500, 2000, 2, 1
     require("webdataset", "streaming", "litdata", *(["matplotlib"] if args.plot else []))
     import importlib.util
 
