@@ -12,13 +12,17 @@
 #      and data wait (the share of step time spent waiting for batches);
 #   6. hostile input on the GPU paths (issue 27): JPEGs in each of the 8 EXIF orientations decode upright with
 #      data.decode=gpu (tests/test_decode.py, the device's decoder handing them to the CPU path);
-#   7. model.classifier=sharded on one GPU for 2 epochs each (NCCL, world size 1): exact, and Partial FC 0.5 + bf16.
+#   7. model.classifier=sharded on one GPU for 2 epochs each (NCCL, world size 1): exact, and Partial FC 0.5 + bf16;
+#   8. a timm backbone (issue 31) on part 5's JPEGs, one epoch each: timm:convnext_tiny bf16 + channels_last with
+#      the defaults, then with the photo recipe (augment=photo, layer decay, EMA, mixup + cutmix, clipping): images/s.
 #
 #   bash bench/gpu_session.sh OUT_DIR
 #   PARTS=24 bash bench/gpu_session.sh OUT_DIR   # only parts 2 and 4
 #   PARTS=5 bash bench/gpu_session.sh OUT_DIR    # only data.decode=gpu against cpu
 #   PARTS=7 bash bench/gpu_session.sh OUT_DIR    # only the sharded classifier (not in the default run, whose 10-12
 #                                                # minutes it would pass: about 1 minute, at most 4)
+#   PARTS=58 bash bench/gpu_session.sh OUT_DIR   # timm, after part 5 writes its JPEGs (about 3 minutes, at most 5;
+#                                                # not in the default run either; skipped where timm is not installed)
 #
 # A machine without recog's dependencies installed gets them from wheels in .whl/ (pure-Python wheels of
 # hydra-core, omegaconf, antlr4-python3-runtime, webdataset, braceexpand, pytorch-metric-learning),
@@ -120,4 +124,24 @@ fi
 if [[ $parts == *7* ]]; then
 echo "== 7. model.classifier=sharded on the GPU (issue 30): NCCL carries its all-gather and all-reduces"
 knob_runs 120 "model.classifier=sharded" "model.classifier=sharded loss.sample_rate=0.5 perf.precision=bf16"
+fi
+
+if [[ $parts == *8* ]]; then
+echo "== 8. a timm backbone on the GPU (issue 31): timm:convnext_tiny, bf16 + channels_last, part 5's JPEGs"
+if ! "$py" -c "import timm" 2>/dev/null; then
+  echo "timm is not installed here (pip install 'recog[timm]'): part 8 skipped"
+elif [ ! -e "$out/decode-set/train/manifest.json" ]; then
+  echo "no JPEG set: run part 5 first (PARTS=58)"
+else
+  timm_args=(data=images data.train="$out/decode-set/train" data.test="$out/decode-set/test" data.image_size=224
+    model=timm model.backbone=timm:convnext_tiny perf.precision=bf16 perf.channels_last=true batch_size=128
+    epochs=1 data.num_workers=16 log_every=20)
+  for recipe in "augment=imagenet" "augment=photo optim.layer_decay=0.75 ema.decay=0.999 mixup.alpha=0.8 mixup.cutmix_alpha=1.0 optim.clip_grad_norm=1.0"; do
+    name=timm-$(echo "$recipe" | cut -d' ' -f1 | sed 's/[=.]/-/g')
+    start=$(date +%s)
+    timeout 150 "${torchrun[@]}" "${timm_args[@]}" $recipe hydra.run.dir="$out/$name" > "$out/$name.log" 2>&1
+    echo "$recipe: rc=$? in $(( $(date +%s) - start )) s"
+    grep -E "epoch 1/1|error" "$out/$name.log"
+  done
+fi
 fi
