@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -64,6 +65,24 @@ def tiny_args(tiny_data, **overrides) -> list[str]:
     }
     args.update(overrides)
     return [f"{k}={v}" for k, v in args.items() if v is not None]  # None: leave that key out
+
+
+@pytest.fixture(autouse=True)
+def root_logging_put_back():
+    """recog's entry points set up the root logger in-process (recog.log.setup_logging: a handler on the sys.stdout
+    of the moment). Under capsys that stream is closed when the test ends, and a later test's warning written to it
+    was a "Logging error" traceback on stderr: each test's root handlers and level are put back after it."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="module")
