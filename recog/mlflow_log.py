@@ -56,7 +56,7 @@ def check_logger(cfg) -> None:
         try:
             urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=CHECK_TIMEOUT_S).close()
         except urllib.error.HTTPError:
-            pass  # something answered (a server behind authentication, a proxy): MLflow's client says the rest
+            pass  # something answered (a server behind authentication, a proxy): the real request below decides
         except (OSError, ValueError) as error:
             reason = getattr(error, "reason", error)
             raise ConfigError(f"logger.tracking_uri={uri}: no MLflow tracking server answers there ({reason}); "
