@@ -72,6 +72,7 @@ MEAN, STD = [0.286], [0.353]  # Fashion-MNIST's, as recog's manifest records the
 CLASSES = 10
 SIDES = ("recog", "lightning", "accelerate")
 PEERS = SIDES[1:]
+EVERY_STEP = "recog-every-step"  # --every-step: recog with its stop flag posted every step
 
 
 @dataclass
@@ -148,8 +149,9 @@ class StepClock:
         self.stop()
 
 
-def recog_side(job: Job, clock: StepClock) -> Callable[[int], float]:
-    """recog's step as train.py takes it: what build_recipe builds, distribute(), train_one_epoch."""
+def recog_side(job: Job, clock: StepClock, flag_seconds: float = dist.FLAG_SECONDS) -> Callable[[int], float]:
+    """recog's step as train.py takes it: what build_recipe builds, distribute(), train_one_epoch. flag_seconds:
+    how often the ranks post their stop flags (train.py's: dist.FLAG_SECONDS; 0: every step, as before)."""
     cfg, ctx = job.cfg, job.ctx
     model, loss_fn = job.model(), build_loss(cfg, CLASSES).to(ctx.device)
     optimizer = job.optimizer(parameter_groups(model, loss_fn, job.lr))
@@ -161,7 +163,7 @@ def recog_side(job: Job, clock: StepClock) -> Callable[[int], float]:
     sampler = DistributedSampler(job.data, ctx.world_size, ctx.rank, shuffle=True, seed=cfg.seed)
     loader = DataLoader(job.data, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
                         collate_fn=lambda samples: Batch(*map(torch.stack, zip(*samples)), skipped=0))
-    stop = StopOnSignal(dist.AnyRankFlag())  # train.py's: an all-reduced stop flag every step (no handlers here)
+    stop = StopOnSignal(dist.AnyRankFlag(flag_seconds))  # train.py's agreed stop flag (no handlers here)
     log_steps = StepLog(NullWriter(), every=cfg.log_every)  # rank 0 would write to TensorBoard: the same reduce
 
     def one_round(r: int) -> float:
@@ -268,6 +270,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before them, each round")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--csv", help="also write each round's figures here")
+    p.add_argument("--every-step", action="store_true",
+                   help="a fourth side: recog posting its stop flag every step (dist.AnyRankFlag(seconds=0))")
     p.add_argument("overrides", nargs="*", help="train.py overrides, e.g. model.width=16 batch_size=128")
     return p
 
@@ -282,9 +286,12 @@ def main() -> None:
     data = TensorDataset(torch.randint(0, 256, (samples, 1, 28, 28), dtype=torch.uint8, generator=g),
                          torch.randint(0, CLASSES, (samples,), generator=g))
     job = Job(cfg, ctx, data, args.warmup, args.steps)
-    clocks, fixed_s = {side: StepClock(job) for side in SIDES}, []
+    names = (*SIDES, EVERY_STEP) if args.every_step else SIDES
+    clocks, fixed_s = {side: StepClock(job) for side in names}, []
     sides = {"recog": recog_side(job, clocks["recog"]), "lightning": lightning_side(job, clocks["lightning"], fixed_s),
              "accelerate": accelerate_side(job, clocks["accelerate"])}
+    if args.every_step:
+        sides[EVERY_STEP] = recog_side(job, clocks[EVERY_STEP], flag_seconds=0)
     for side in sides.values():  # an untimed round each: first calls, allocator, DDP's buckets
         side(-1)
     for clock in clocks.values():
@@ -301,18 +308,19 @@ def main() -> None:
 def report(args, job: Job, figures: dict[str, list[float]], cpu_ms: dict[str, list[float]], fixed_s: list[float],
            load: tuple[float, float]) -> None:
     cfg, ctx = job.cfg, job.ctx
+    sides, peers = list(figures), list(figures)[1:]
     print(f"{cfg.model.backbone} width {cfg.model.width}, {'channels_last' if cfg.perf.channels_last else 'NCHW'}, "
           f"{cfg.perf.precision}, batch {cfg.batch_size}/process x {ctx.world_size} process(es) on {ctx.device} "
           f"({torch.get_num_threads()} thread(s) each), {args.warmup} + {args.steps} steps per side and round, "
           f"{args.rounds} rounds; load average {load[0]:.1f} before, {load[1]:.1f} after (1 minute)")
-    columns = [("round", ">5"), *((f"{side} img/s", f"  >{len(side) + 6}.0f") for side in SIDES),
-               *((f"{side} CPU ms/step", f"  >{len(side) + 13}.1f") for side in SIDES),
+    columns = [("round", ">5"), *((f"{side} img/s", f"  >{len(side) + 6}.0f") for side in sides),
+               *((f"{side} CPU ms/step", f"  >{len(side) + 13}.1f") for side in sides),
                ("Lightning outside steps s", "  >25.2f")]
     print(header(columns))
     for r in range(args.rounds):
-        print(row(columns, [r, *(figures[side][r] for side in SIDES), *(cpu_ms[side][r] for side in SIDES),
+        print(row(columns, [r, *(figures[side][r] for side in sides), *(cpu_ms[side][r] for side in sides),
                             fixed_s[r]]))
-    ratios = {peer: [ours / theirs for ours, theirs in zip(figures["recog"], figures[peer])] for peer in PEERS}
+    ratios = {peer: [ours / theirs for ours, theirs in zip(figures["recog"], figures[peer])] for peer in peers}
     rate, rate_ratio, cpu = medians(figures), medians(ratios), medians(cpu_ms)
     print()
     columns = [("side", "<10"), ("img/s", " >6.0f"), ("recog/side", " >10.3f"), ("same round", " >10.3f"),
@@ -321,7 +329,7 @@ def report(args, job: Job, figures: dict[str, list[float]], cpu_ms: dict[str, li
           "ratio; side/recog: of the CPU ms per step (>= 1: recog spends less)")
     print(header(columns))
     print(row(columns, ["recog", rate["recog"], "", "", cpu["recog"], ""]))
-    for peer in PEERS:
+    for peer in peers:
         print(row(columns, [peer, rate[peer], rate["recog"] / rate[peer], rate_ratio[peer], cpu[peer],
                             cpu[peer] / cpu["recog"]]))
     fixed = medians({"fixed": fixed_s})["fixed"]
@@ -330,11 +338,11 @@ def report(args, job: Job, figures: dict[str, list[float]], cpu_ms: dict[str, li
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["round", *(f"{side}_images_per_s" for side in SIDES),
-                             *(f"{side}_cpu_ms_per_step" for side in SIDES), "lightning_outside_steps_s"])
+            writer.writerow(["round", *(f"{side}_images_per_s" for side in sides),
+                             *(f"{side}_cpu_ms_per_step" for side in sides), "lightning_outside_steps_s"])
             for r in range(args.rounds):
-                writer.writerow([r, *(f"{figures[side][r]:.1f}" for side in SIDES),
-                                 *(f"{cpu_ms[side][r]:.2f}" for side in SIDES), f"{fixed_s[r]:.3f}"])
+                writer.writerow([r, *(f"{figures[side][r]:.1f}" for side in sides),
+                                 *(f"{cpu_ms[side][r]:.2f}" for side in sides), f"{fixed_s[r]:.3f}"])
 
 
 if __name__ == "__main__":

@@ -247,8 +247,8 @@ class Checkpoints:
     `checkpoint.every_minutes` minutes; the other ranks' components equal rank 0's after every step. Every rank
     decides at the same steps, because with a sharded classifier (`rows`) every rank holds rows of its own and
     writes them. The minutes are rank 0's clock: `minutes_up` is its flag, which the training loop exchanges with
-    the stop flag (`StopOnSignal.agreed_with`), so that every rank learns it at the same step, one step later, and
-    hands it to `save_if_due`."""
+    the stop flag (`StopOnSignal.agreed_with`), so that every rank learns it at the same step, one step after it
+    was posted (posts go about once a second: dist.AnyRankFlag), and hands it to `save_if_due`."""
 
     def __init__(self, settings: DictConfig, folder: Path, is_main: bool, components: dict[str, Stateful],
                  config: dict[str, Any], classes: list[str] | None = None, rows: ClassifierRows | None = None):

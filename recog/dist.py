@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import time
 import traceback
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -109,7 +110,7 @@ def setup(backend: str | None = None, timeout_s: float = 600.0) -> Dist:
     else:
         device = torch.device("cpu")
     # On GPUs the process group gets a gloo backend for CPU tensors beside NCCL: small control messages
-    # (a stop flag every step, see AnyRankFlag) then travel without waiting for the GPU.
+    # (the stop flags, see AnyRankFlag) then travel without waiting for the GPU.
     dist.init_process_group(
         "cpu:gloo,cuda:nccl" if backend == "nccl" else backend,
         store=_job_store(rank, world_size, timeout_s),
@@ -138,32 +139,59 @@ def _job_store(rank: int, world_size: int, timeout_s: float) -> dist.Store:
     return dist.PrefixStore(f"recog/attempt-{attempt}/job-{_jobs}", _store)
 
 
-class AnyRankFlag:
-    """Whether any rank has raised a flag (or each of a few flags), learnt one call later so that no step waits
-    for it.
+# How often the ranks post their stop flags, at most: about once a second (never more than once a step). A post
+# costs each rank ~1 ms of a CPU thread (gloo's): posted every step, that was 0.7 % of the default job's ~145-ms
+# step on 2 cores and 25 % of a 10-ms step (bench/README.md, "Against other trainers"). Once a second, a stop
+# signal is acted on at most ~1 s plus a step later: nothing against the 30 s a scheduler gives before SIGKILL.
+FLAG_SECONDS = 1.0
 
-    Every rank calls `exchange(*mine)` once per step, with as many flags as the other ranks: it posts this rank's
-    flags in one all-reduce (MAX: a flag is up if any rank raised it) and returns the result of the previous
-    call's all-reduce, which has long finished by then. Every rank gets the same answer at the same call. Several
-    flags (a stop signal, and rank 0's clock saying a checkpoint is due) cost no more than one: one small tensor.
+
+class AnyRankFlag:
+    """Whether any rank has raised a flag (or each of a few flags), learnt one call after it was posted, so that
+    no step waits for it.
+
+    Every rank calls `exchange(*mine)` once per step, with as many flags as the other ranks. Every `gap` calls it
+    posts this rank's flags in one asynchronous all-reduce (MAX: a flag is up if any rank raised it); the call
+    after a post returns that post's result, which has long finished by then; every other call returns no flags
+    up. Every rank gets the same answer at the same call. Several flags (a stop signal, and rank 0's clock
+    saying a checkpoint is due) cost no more than one: one small tensor. Flags are levels (a caught signal stays
+    caught), so one raised between posts goes out with the next.
+
+    The gap: each post also carries each rank's proposal, `seconds` over its measured time per call since the
+    previous post (1 to `max_calls`), and the ranks take the smallest, learnt with the flags: every rank counts
+    the same calls to the next post. The first post proposes 1; `seconds=0` posts every call.
     """
 
-    def __init__(self):
-        self._flags, self._work = None, None
+    def __init__(self, seconds: float = FLAG_SECONDS, max_calls: int = 1000):
+        self.seconds, self.max_calls = seconds, max_calls
+        self._sent, self._work = None, None
+        self._gap, self._calls, self._posted_at = 1, 0, None  # the agreed gap; calls since the last post, its time
 
     def exchange(self, *mine: bool) -> tuple[bool, ...]:
         if not dist.is_initialized():
             return tuple(bool(flag) for flag in mine)
         seen = (False,) * len(mine)
-        if self._work is not None:
+        if self._work is not None:  # posted at the previous call: every rank reads it now
             self._work.wait()
-            seen = tuple(bool(flag) for flag in self._flags.tolist())
-        self._flags = torch.tensor([int(flag) for flag in mine])  # a CPU tensor: gloo carries it, even beside NCCL
-        self._work = dist.all_reduce(self._flags, op=dist.ReduceOp.MAX, async_op=True)
+            *flags, minus_gap = self._sent.tolist()
+            seen, self._gap, self._work = tuple(bool(flag) for flag in flags), -minus_gap, None
+        self._calls += 1
+        if self._calls >= self._gap:
+            self._post(mine)
         return seen
 
+    def _post(self, mine: tuple[bool, ...]) -> None:
+        now, proposal = time.monotonic(), 1
+        if self._posted_at is not None and self.seconds > 0:
+            per_call = max((now - self._posted_at) / self._calls, 1e-9)
+            proposal = max(1, min(self.max_calls, int(self.seconds / per_call)))
+        self._calls, self._posted_at = 0, now
+        # a CPU tensor: gloo carries it, even beside NCCL; -gap under MAX is the smallest proposal
+        self._sent = torch.tensor([int(flag) for flag in mine] + [-proposal])
+        self._work = dist.all_reduce(self._sent, op=dist.ReduceOp.MAX, async_op=True)
+
     def finish(self) -> None:
-        """Wait for the last exchange: every rank posted it, so this returns at once."""
+        """Wait for the last post: every rank posted it, so this returns at once."""
         if self._work is not None:
             self._work.wait()
             self._work = None

@@ -44,6 +44,9 @@ def test_collectives_under_torchrun(tmp_path):
         # [stop, minutes up] as each call returned them: rank 0's flag of call 2 and rank 1's stop of call 4, one
         # call later, the same on both ranks
         assert rep["agreed"] == [[False, False]] * 3 + [[False, True], [False, False], [True, False]]
+        # posting every 3 calls: rank 1's stop of call 3 goes out at call 4 and is read at call 5 (only the call
+        # after a post says anything); rank 0's flag of call 2, between posts and lowered again, never goes out
+        assert rep["agreed_gap"] == [[False, False]] * 5 + [[True, False]] + [[False, False]] * 2
     assert (tmp_path / "read-by-0").exists() and not (tmp_path / "read-by-1").exists()  # only rank 0 read
 
 

@@ -538,7 +538,7 @@ def wait_for_no_orphans(timeout: float = 10) -> list[int]:
         time.sleep(0.2)
 
 
-def test_sigterm_saves_at_the_next_step_and_the_same_command_continues(tiny_data, tmp_path, uninterrupted):
+def test_sigterm_saves_within_a_second_and_the_same_command_continues(tiny_data, tmp_path, uninterrupted):
     run_dir = tmp_path / "run"
     proc = start(args(tiny_data, run_dir), tmp_path)
     wait_for(run_dir, "step-000000020.pt", proc)
