@@ -212,6 +212,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny smoke test (resnet18, 32x32); CPU if no GPU")
     parser.add_argument("--log-dir", help="each case's output (default bench/results/gpu-<time>)")
+    parser.add_argument("--budget", type=float, help="seconds for the whole table (default 280; bench/gpu_session.sh "
+                        "passes what its session has left): cases that would not fit are skipped")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process
     parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--shards", help=argparse.SUPPRESS)
@@ -224,6 +226,8 @@ def main() -> None:
         sys.exit("error: bench/gpu.sh measures a GPU, but torch sees no CUDA device here "
                  "(run `bash bench/gpu.sh --quick` for a CPU smoke test).")
     cfg = QUICK if args.quick else FULL
+    if args.budget:  # the last 40 s of a budget are for the case that started before them (as FULL's 240 of 280)
+        cfg = {**cfg, "deadline_s": args.budget, "skip_after_s": max(args.budget - 40, 0)}
     log_dir = Path(args.log_dir or ROOT / "bench" / "results" / time.strftime("gpu-%Y%m%d-%H%M%S"))
     log_dir.mkdir(parents=True, exist_ok=True)
     device_name = torch.cuda.get_device_name() if cuda else "no GPU (CPU)"
