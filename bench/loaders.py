@@ -283,7 +283,7 @@ class RecogBytes(IterableDataset):
         from recog.data.offsets import ShardOffsets
         from recog.data.plan import MicroBatchPlan, epoch_steps, worker_steps
         from recog.data.source import ShardSource
-        from recog.data.stream import MicroBatchReader, read_pieces
+        from recog.data.stream import MicroBatchReader, by_sample, read_pieces
 
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
@@ -293,7 +293,8 @@ class RecogBytes(IterableDataset):
         plan = MicroBatchPlan.make(self.manifest.shard_sizes, 0, 1, batch_size=self.batch_size,
                                    block=SHUFFLE_BUFFER, epoch=0, seed=0)
         reader = MicroBatchReader(plan, steps,
-                                  lambda pieces: read_pieces(self.manifest, pieces, True, offsets=self.offsets))
+                                  lambda pieces: read_pieces(self.manifest, pieces, True, offsets=self.offsets),
+                                  by_sample(self.offsets, plan.pieces))
         for step in steps:
             chunk = reader.step(step)
             key = next(k for k in IMAGE_KEYS if k in chunk[0])

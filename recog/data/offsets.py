@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import BinaryIO
 
@@ -24,6 +24,7 @@ import numpy as np
 
 from recog.data.decode import IMAGE_KEYS
 from recog.data.manifest import Manifest
+from recog.data.plan import Piece
 from recog.data.source import ShardSource, join
 from recog.errors import ConfigError
 
@@ -87,6 +88,15 @@ class ShardOffsets:
     def of(self, shard: int) -> ShardLayout | None:
         return self._layouts.get(shard)
 
+    def mean_size(self, pieces: Sequence[Piece]) -> float | None:
+        """The mean image size in bytes of the samples of `pieces`; None if a shard of them has no layout."""
+        sizes, samples = 0, 0
+        for p in pieces:
+            if (layout := self._layouts.get(p.shard)) is None:
+                return None
+            sizes, samples = sizes + int(layout.size[p.start:p.stop].sum()), samples + len(p)
+        return sizes / samples if samples else None
+
     def drop(self, shard: int, url: str, why: str) -> None:
         """Read `shard` through its tar headers from now on (in this process)."""
         if self._layouts.pop(shard, None) is not None:
@@ -119,19 +129,19 @@ def _folder_layouts(manifest: Manifest, source: ShardSource, first: int) -> dict
 
 def read_indexed(stream: BinaryIO, url: str, layout: ShardLayout, start: int, stop: int) -> Iterator[dict]:
     """Samples [start, stop) of a shard, as webdataset's tar iterator gives them (key, url, image bytes, cls).
+    `stream`: the shard, at its start unless it can seek.
 
     Raises IndexMismatch before yielding a sample whose tar header does not match the index, and EOFError
     where the shard ends before a sample does (the samples before it have been yielded).
     """
     begins = layout.offset[start:stop] - BLOCK
     ends = layout.offset[start:stop] + layout.size[start:stop]
-    position, i = 0, 0
+    seekable, position, i = stream.seekable(), 0, 0  # position: where a stream that cannot seek is (its start)
     while i < len(begins):
-        skip = int(begins[i]) - position
-        if stream.seekable():
-            stream.seek(skip, 1)
+        if seekable:  # to the sample, wherever the file is (one file may serve many pieces: read_pieces)
+            stream.seek(int(begins[i]))
         else:
-            _discard(stream, skip)
+            _discard(stream, int(begins[i]) - position)
         size = int(layout.size[start + i])
         if size >= ON_ITS_OWN:
             key, ext = _member(memoryview(_read_exactly(stream, BLOCK)), size)

@@ -63,6 +63,26 @@ def slice_pieces(pieces: Sequence[Piece], start: int, stop: int) -> list[Piece]:
     return out
 
 
+def pick(pieces: Sequence[Piece], positions: Sequence[int]) -> list[Piece]:
+    """The samples at `positions` (increasing; 0 is the first sample of the stream formed by `pieces`) as pieces in
+    stream order, neighbours in one shard merged into one piece."""
+    out: list[Piece] = []
+    ends, offset = [], 0
+    for p in pieces:
+        offset += len(p)
+        ends.append(offset)
+    k = 0
+    for position in positions:
+        while ends[k] <= position:
+            k += 1
+        shard, index = pieces[k].shard, pieces[k].start + position - (ends[k] - len(pieces[k]))
+        if out and out[-1].shard == shard and out[-1].stop == index:
+            out[-1] = Piece(shard, out[-1].start, index + 1)
+        else:
+            out.append(Piece(shard, index, index + 1))
+    return out
+
+
 def samples_per_rank(num_samples: int, world_size: int) -> int:
     return math.ceil(num_samples / world_size)
 
