@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import BinaryIO
 
@@ -24,7 +24,6 @@ import numpy as np
 
 from recog.data.decode import IMAGE_KEYS
 from recog.data.manifest import Manifest
-from recog.data.plan import Piece
 from recog.data.source import ShardSource, join
 from recog.errors import ConfigError
 
@@ -87,15 +86,6 @@ class ShardOffsets:
 
     def of(self, shard: int) -> ShardLayout | None:
         return self._layouts.get(shard)
-
-    def mean_size(self, pieces: Sequence[Piece]) -> float | None:
-        """The mean image size in bytes of the samples of `pieces`; None if a shard of them has no layout."""
-        sizes, samples = 0, 0
-        for p in pieces:
-            if (layout := self._layouts.get(p.shard)) is None:
-                return None
-            sizes, samples = sizes + int(layout.size[p.start:p.stop].sum()), samples + len(p)
-        return sizes / samples if samples else None
 
     def drop(self, shard: int, url: str, why: str) -> None:
         """Read `shard` through its tar headers from now on (in this process)."""

@@ -7,8 +7,9 @@ from every stretch. Which micro-batch a sample lands in, in which step, and how 
 (seed, epoch, micro-batch, step) alone; the world size only decides which rank reads which micro-batches
 (`rank_micro_batches`), and the loader workers which steps (`worker_steps`). So a run resumed on another
 number of ranks continues the same epoch with every remaining sample seen exactly once, in the same global
-batches. Each micro-batch's stretch is read sequentially, shuffled in blocks of `block` samples (a multiple
-of the batch size, so that no batch straddles two blocks).
+batches. Each micro-batch's stretch is shuffled in blocks of `block` samples (a multiple of the batch size, so
+that no batch straddles two blocks) and read sequentially, a block at a time, or, where the shards' index makes
+that cheap (photos), each step's samples on their own (`pick`): the same batches either way.
 
 Evaluation (`rank_pieces`) splits the stream among the ranks directly: the shards, in their order (training
 shuffles it from seed and epoch), form one stream, and rank r takes its r-th contiguous slice. The slices

@@ -201,8 +201,12 @@ def by_sample(offsets: ShardOffsets, pieces: Sequence[Piece]) -> bool:
     its index, and the images average ON_ITS_OWN bytes or more, which read_indexed reads one by one in any case (a
     seek and a read each). Smaller ones (the default job's 28-pixel PNGs: a 1,000-sample block is ~1.5 MB) are read a
     block at a time in a few large reads."""
-    mean = offsets.mean_size(pieces)
-    return mean is not None and mean >= ON_ITS_OWN
+    size, samples = 0, 0
+    for p in pieces:
+        if (layout := offsets.of(p.shard)) is None:
+            return False
+        size, samples = size + int(layout.size[p.start:p.stop].sum()), samples + len(p)
+    return samples > 0 and size >= ON_ITS_OWN * samples
 
 
 class ShardStream(IterableDataset):
