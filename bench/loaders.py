@@ -269,8 +269,8 @@ def recog_decode(s: ImageSet, workers: int, batch_size: int, keep_decoded: bool 
 class RecogBytes(IterableDataset):
     """Bytes only, through recog's reading: one rank's epoch as ShardStream plans it (one micro-batch, recog.data.plan),
     this worker's steps of it, read by recog.data.stream.read_pieces through a MicroBatchReader (shuffled within
-    blocks), in batches of (encoded images, labels). ShardStream is this plus decoding, the transform and the
-    per-batch bookkeeping."""
+    blocks; these photos read sample by sample, as ShardStream reads them: recog.data.stream.by_sample), in batches
+    of (encoded images, labels). ShardStream is this plus decoding, the transform and the per-batch bookkeeping."""
 
     def __init__(self, shards: Path, batch_size: int):
         from recog.data.manifest import load_manifest
