@@ -269,8 +269,8 @@ def recog_decode(s: ImageSet, workers: int, batch_size: int, keep_decoded: bool 
 class RecogBytes(IterableDataset):
     """Bytes only, through recog's reading: one rank's epoch as ShardStream plans it (one micro-batch, recog.data.plan),
     this worker's steps of it, read by recog.data.stream.read_pieces through a MicroBatchReader (shuffled within
-    blocks), in batches of (encoded images, labels). ShardStream is this plus decoding, the transform and the
-    per-batch bookkeeping."""
+    blocks; these photos read sample by sample, as ShardStream reads them: recog.data.stream.by_sample), in batches
+    of (encoded images, labels). ShardStream is this plus decoding, the transform and the per-batch bookkeeping."""
 
     def __init__(self, shards: Path, batch_size: int):
         from recog.data.manifest import load_manifest
@@ -283,7 +283,7 @@ class RecogBytes(IterableDataset):
         from recog.data.offsets import ShardOffsets
         from recog.data.plan import MicroBatchPlan, epoch_steps, worker_steps
         from recog.data.source import ShardSource
-        from recog.data.stream import MicroBatchReader, read_pieces
+        from recog.data.stream import MicroBatchReader, by_sample, read_pieces
 
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
@@ -293,7 +293,8 @@ class RecogBytes(IterableDataset):
         plan = MicroBatchPlan.make(self.manifest.shard_sizes, 0, 1, batch_size=self.batch_size,
                                    block=SHUFFLE_BUFFER, epoch=0, seed=0)
         reader = MicroBatchReader(plan, steps,
-                                  lambda pieces: read_pieces(self.manifest, pieces, True, offsets=self.offsets))
+                                  lambda pieces: read_pieces(self.manifest, pieces, True, offsets=self.offsets),
+                                  by_sample(self.offsets, plan.pieces))
         for step in steps:
             chunk = reader.step(step)
             key = next(k for k in IMAGE_KEYS if k in chunk[0])

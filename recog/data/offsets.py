@@ -119,46 +119,51 @@ def _folder_layouts(manifest: Manifest, source: ShardSource, first: int) -> dict
 
 def read_indexed(stream: BinaryIO, url: str, layout: ShardLayout, start: int, stop: int) -> Iterator[dict]:
     """Samples [start, stop) of a shard, as webdataset's tar iterator gives them (key, url, image bytes, cls).
+    `stream`: the shard, at its start unless it can seek.
 
     Raises IndexMismatch before yielding a sample whose tar header does not match the index, and EOFError
     where the shard ends before a sample does (the samples before it have been yielded).
     """
-    begins = layout.offset[start:stop] - BLOCK
-    ends = layout.offset[start:stop] + layout.size[start:stop]
-    position, i = 0, 0
-    while i < len(begins):
-        skip = int(begins[i]) - position
-        if stream.seekable():
-            stream.seek(skip, 1)
+    offsets, sizes = layout.offset[start:stop].tolist(), layout.size[start:stop].tolist()  # Python ints: a sample
+    labels = layout.label[start:stop].tolist()  # read on its own costs a few µs of bookkeeping, not numpy's
+    seekable, position, i = stream.seekable(), 0, 0  # position: where a stream that cannot seek is (its start)
+    while i < len(offsets):
+        begin, size = offsets[i] - BLOCK, sizes[i]
+        if seekable:  # to the sample, wherever the file is (one file may serve many pieces: read_pieces)
+            stream.seek(begin)
         else:
-            _discard(stream, skip)
-        size = int(layout.size[start + i])
+            _discard(stream, begin - position)
         if size >= ON_ITS_OWN:
-            key, ext = _member(memoryview(_read_exactly(stream, BLOCK)), size)
+            key, ext = _member(_read_exactly(stream, BLOCK), size)
             if len(image := _read_exactly(stream, size)) < size:
-                raise EOFError(f"the shard ends at byte {int(begins[i]) + BLOCK + len(image)}, inside sample {key}")
-            yield {"__key__": key, "__url__": url, ext: image, "cls": str(int(layout.label[start + i])).encode()}
-            position, i = int(ends[i]), i + 1
+                raise EOFError(f"the shard ends at byte {begin + BLOCK + len(image)}, inside sample {key}")
+            yield {"__key__": key, "__url__": url, ext: image, "cls": str(labels[i]).encode()}
+            position, i = offsets[i] + size, i + 1
             continue
-        j = i + 1 + int(np.searchsorted(ends[i + 1:], begins[i] + CHUNK, side="right"))  # samples of one read
-        large = layout.size[start + i + 1:start + j] >= ON_ITS_OWN
-        if large.any():  # the chunk stops before the next large image
-            j = i + 1 + int(large.argmax())
-        data = _read_exactly(stream, int(ends[j - 1] - begins[i]))
-        position = int(ends[j - 1])
+        j = _chunk_end(offsets, sizes, i)
+        position = offsets[j - 1] + sizes[j - 1]
+        data = _read_exactly(stream, position - begin)
         view = memoryview(data)
         for n in range(i, j):
-            lo = int(begins[n] - begins[i])
-            size = int(layout.size[start + n])
+            lo, size = offsets[n] - BLOCK - begin, sizes[n]
             key, ext = _member(view[lo:lo + BLOCK], size)
             if lo + BLOCK + size > len(data):
-                raise EOFError(f"the shard ends at byte {int(begins[i]) + len(data)}, inside sample {key}")
+                raise EOFError(f"the shard ends at byte {begin + len(data)}, inside sample {key}")
             yield {"__key__": key, "__url__": url, ext: bytes(view[lo + BLOCK:lo + BLOCK + size]),
-                   "cls": str(int(layout.label[start + n])).encode()}
+                   "cls": str(labels[n]).encode()}
         i = j
 
 
-def _member(header: memoryview, size: int) -> tuple[str, str]:
+def _chunk_end(offsets: list[int], sizes: list[int], i: int) -> int:
+    """One past the last sample of the read that starts with sample i (smaller than ON_ITS_OWN): the samples
+    that end within CHUNK bytes of its header, stopping before the next large image."""
+    limit, j = offsets[i] - BLOCK + CHUNK, i + 1
+    while j < len(offsets) and offsets[j] + sizes[j] <= limit and sizes[j] < ON_ITS_OWN:
+        j += 1
+    return j
+
+
+def _member(header: bytes | memoryview, size: int) -> tuple[str, str]:
     """Key and extension of the image a tar header describes; IndexMismatch unless it is an image of `size`."""
     block = bytes(header)
     if len(block) < BLOCK:

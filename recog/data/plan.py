@@ -7,8 +7,9 @@ from every stretch. Which micro-batch a sample lands in, in which step, and how 
 (seed, epoch, micro-batch, step) alone; the world size only decides which rank reads which micro-batches
 (`rank_micro_batches`), and the loader workers which steps (`worker_steps`). So a run resumed on another
 number of ranks continues the same epoch with every remaining sample seen exactly once, in the same global
-batches. Each micro-batch's stretch is read sequentially, shuffled in blocks of `block` samples (a multiple
-of the batch size, so that no batch straddles two blocks).
+batches. Each micro-batch's stretch is shuffled in blocks of `block` samples (a multiple of the batch size, so
+that no batch straddles two blocks) and read sequentially, a block at a time, or, where the shards' index makes
+that cheap (photos), each step's samples on their own (`pick`): the same batches either way.
 
 Evaluation (`rank_pieces`) splits the stream among the ranks directly: the shards, in their order (training
 shuffles it from seed and epoch), form one stream, and rank r takes its r-th contiguous slice. The slices
@@ -60,6 +61,26 @@ def slice_pieces(pieces: Sequence[Piece], start: int, stop: int) -> list[Piece]:
         if lo < hi:
             out.append(Piece(p.shard, p.start + lo - offset, p.start + hi - offset))
         offset += len(p)
+    return out
+
+
+def pick(pieces: Sequence[Piece], positions: Sequence[int]) -> list[Piece]:
+    """The samples at `positions` (increasing; 0 is the first sample of the stream formed by `pieces`) as pieces in
+    stream order, neighbours in one shard merged into one piece."""
+    out: list[Piece] = []
+    ends, offset = [], 0
+    for p in pieces:
+        offset += len(p)
+        ends.append(offset)
+    k = 0
+    for position in positions:
+        while ends[k] <= position:
+            k += 1
+        shard, index = pieces[k].shard, pieces[k].start + position - (ends[k] - len(pieces[k]))
+        if out and out[-1].shard == shard and out[-1].stop == index:
+            out[-1] = Piece(shard, out[-1].start, index + 1)
+        else:
+            out.append(Piece(shard, index, index + 1))
     return out
 
 

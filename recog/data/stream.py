@@ -15,7 +15,9 @@ import logging
 import multiprocessing
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from itertools import islice
+from contextlib import closing, contextmanager
+from itertools import groupby, islice
+from typing import BinaryIO
 
 import torch
 import webdataset as wds
@@ -25,7 +27,7 @@ from recog.data.decode import Decode, decode_or_skip
 from recog.data.gpu_decode import EncodedImages, keep_encoded
 from recog.data.loader import Batch, WorkerWarnings, join_batches
 from recog.data.manifest import Manifest
-from recog.data.offsets import IndexMismatch, ShardOffsets, read_indexed
+from recog.data.offsets import ON_ITS_OWN, IndexMismatch, ShardOffsets, read_indexed
 from recog.data.plan import (
     MicroBatchPlan,
     Mix,
@@ -33,6 +35,7 @@ from recog.data.plan import (
     epoch_samples,
     epoch_steps,
     num_batches,
+    pick,
     rank_micro_batches,
     rank_pieces,
     worker_pieces,
@@ -61,45 +64,81 @@ def read_pieces(manifest: Manifest, pieces: list[Piece], strict: bool, source: S
                 offsets: ShardOffsets | None = None) -> Iterator[dict | None]:
     """Yield exactly one item per planned sample: the raw sample dict, or None if it could not be read.
 
-    offsets: where the shards' samples lie (their index): each piece is read in a few large reads. Shards it
-    has no layout for, and the rest of a shard that does not match its layout, go through the tar headers.
-    Damaged data (a truncated tar, a shard failing its sha256) is skipped and counted unless `strict`; a
-    server that stays unreachable stops the run.
+    offsets: where the shards' samples lie (their index): each piece is read in a few large reads, and
+    neighbouring pieces of one shard through one open file. Shards it has no layout for, and the rest of a shard
+    that does not match its layout, go through the tar headers. Damaged data (a truncated tar, a shard failing
+    its sha256) is skipped and counted unless `strict`; a server that stays unreachable stops the run.
     """
     source = source or ShardSource()
-    for piece in pieces:
-        url, produced = manifest.url(piece.shard), 0
-        layout = offsets.of(piece.shard) if offsets else None
-        labels = manifest.relabel(piece.shard)  # a union's: its folder's labels -> the run's
-        try:
-            if layout is not None:
-                try:
-                    with source.open(url, manifest.shards[piece.shard].sha256) as stream:
-                        for sample in read_indexed(stream, url, layout, piece.start, piece.stop):
-                            produced += 1
-                            yield relabelled(sample, labels)
-                except IndexMismatch as e:
-                    offsets.drop(piece.shard, url, str(e))
-                    layout = None
-            if layout is None:
-                with source.open(url, manifest.shards[piece.shard].sha256) as stream:
-                    files = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}])
-                    for sample in islice(wds.tariterators.group_by_keys(files), piece.start + produced, piece.stop):
+    for shard, group in groupby(pieces, key=lambda p: p.shard):
+        with closing(OpenShard(source, manifest, shard)) as opened:
+            for piece in group:
+                yield from _read_piece(opened, piece, strict, offsets)
+
+
+class OpenShard:
+    """One shard for a run of its pieces: its URL, sha256 and labels looked up once, and read by its index through
+    one open file (read_indexed seeks to each piece); a stream that cannot seek (a URL scheme webdataset opens) is
+    opened again for each piece, as it is read from its start."""
+
+    def __init__(self, source: ShardSource, manifest: Manifest, shard: int):
+        self.source, self.shard = source, shard
+        self.url, self.sha256 = manifest.url(shard), manifest.shards[shard].sha256
+        self.labels = manifest.relabel(shard)  # a union's: its folder's labels -> the run's
+        self.stream: BinaryIO | None = None
+
+    @contextmanager
+    def use(self) -> Iterator[BinaryIO]:
+        if self.stream is not None:
+            yield self.stream
+            return
+        stream = self.source.open(self.url, self.sha256)
+        if not stream.seekable():
+            with stream:
+                yield stream
+            return
+        self.stream = stream
+        yield stream
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
+            self.stream = None
+
+
+def _read_piece(shard: OpenShard, piece: Piece, strict: bool, offsets: ShardOffsets | None) -> Iterator[dict | None]:
+    """read_pieces of one piece of `shard`."""
+    url, labels, produced = shard.url, shard.labels, 0
+    layout = offsets.of(piece.shard) if offsets else None
+    try:
+        if layout is not None:
+            try:
+                with shard.use() as stream:
+                    for sample in read_indexed(stream, url, layout, piece.start, piece.stop):
                         produced += 1
                         yield relabelled(sample, labels)
-        except FetchError:
-            raise
-        except Exception as e:  # a truncated or unreadable tar, a sha256 mismatch, ...
-            if strict:
-                raise DataError(f"shard {url} could not be read ({e}); fix or rewrite it, or set "
-                                "data.strict=false.") from e
-            log.warning("shard %s: read failed after %d of %d samples (%s); skipping the rest", url, produced,
-                        len(piece), e)
-        if produced < len(piece):
-            if strict:
-                raise DataError(f"shard {url} holds fewer samples than its manifest says; rewrite the shards.")
-            log.warning("shard %s: %d planned samples missing, skipped", url, len(piece) - produced)
-            yield from [None] * (len(piece) - produced)
+            except IndexMismatch as e:
+                offsets.drop(piece.shard, url, str(e))
+                layout = None
+        if layout is None:
+            with shard.source.open(url, shard.sha256) as stream:
+                members = wds.tariterators.tar_file_expander([{"url": url, "stream": stream}])
+                for sample in islice(wds.tariterators.group_by_keys(members), piece.start + produced, piece.stop):
+                    produced += 1
+                    yield relabelled(sample, labels)
+    except FetchError:
+        raise
+    except Exception as e:  # a truncated or unreadable tar, a sha256 mismatch, ...
+        if strict:
+            raise DataError(f"shard {url} could not be read ({e}); fix or rewrite it, or set "
+                            "data.strict=false.") from e
+        log.warning("shard %s: read failed after %d of %d samples (%s); skipping the rest", url, produced,
+                    len(piece), e)
+    if produced < len(piece):
+        if strict:
+            raise DataError(f"shard {url} holds fewer samples than its manifest says; rewrite the shards.")
+        log.warning("shard %s: %d planned samples missing, skipped", url, len(piece) - produced)
+        yield from [None] * (len(piece) - produced)
 
 
 def relabelled(sample: dict, labels: Sequence[int] | None) -> dict:
@@ -118,15 +157,22 @@ def relabelled(sample: dict, labels: Sequence[int] | None) -> dict:
 
 
 class MicroBatchReader:
-    """One micro-batch's samples for the steps a data-loader worker makes: its blocks read in stream order (a
-    block this worker has no step in, between two it has, is read and dropped), each shuffled as its plan says."""
+    """One micro-batch's samples for the steps a data-loader worker makes, each batch in the order its plan says.
 
-    def __init__(self, plan: MicroBatchPlan, steps: Sequence[int], read: Callable[[list[Piece]], Iterator]):
-        self.plan = plan
+    by_sample=False: the worker's blocks are read in stream order (a block this worker has no step in, between two it
+    has, is read and dropped), each held whole and shuffled. by_sample=True (shards read by their index, images large
+    enough to be read one by one anyway: see `by_sample`): each step reads only its own samples, in stream order, and
+    puts them in the plan's order; the same batches, without reading a whole block before a block's first batch
+    (115 MB for 1,000 photos: a stall in which the other workers' batches wait) and without reading the samples of a
+    block shared with another worker twice."""
+
+    def __init__(self, plan: MicroBatchPlan, steps: Sequence[int], read: Callable[[list[Piece]], Iterator],
+                 by_sample: bool = False):
+        self.plan, self.read, self.by_sample = plan, read, by_sample
         blocks = [plan.block_of(s) for s in steps if s * plan.batch_size < len(plan)]
         self.next_block = blocks[0] if blocks else 0
-        self.items = read(plan.block_pieces(blocks[0], blocks[-1])) if blocks else iter(())
-        self.block, self.shuffled = -1, []
+        self.items = read(plan.block_pieces(blocks[0], blocks[-1])) if blocks and not by_sample else iter(())
+        self.block, self.shuffled, self.order = -1, [], []
 
     def step(self, step: int) -> list:
         """The items of step `step`'s batch of this micro-batch ([] past its stretch's end); steps in increasing
@@ -135,12 +181,32 @@ class MicroBatchReader:
         if step * plan.batch_size >= len(plan):
             return []
         block = plan.block_of(step)
+        if self.by_sample:
+            if self.block != block:
+                self.block, self.order = block, plan.block_order(block)
+            mine = self.order[plan.step_slice(step)]  # positions in the block, in the batch's order
+            wanted = sorted(mine)
+            items = dict(zip(wanted, self.read(pick(plan.block_pieces(block, block), wanted))))
+            return [items[i] for i in mine]
         while self.block != block:
             items = list(islice(self.items, plan.block_length(self.next_block)))
             self.block, self.next_block = self.next_block, self.next_block + 1
             if self.block == block:
                 self.shuffled = [items[i] for i in plan.block_order(block)]
         return self.shuffled[plan.step_slice(step)]
+
+
+def by_sample(offsets: ShardOffsets, pieces: Sequence[Piece]) -> bool:
+    """Whether a reader of `pieces` should read each step's samples on their own (MicroBatchReader): every shard has
+    its index, and the images average ON_ITS_OWN bytes or more, which read_indexed reads one by one in any case (a
+    seek and a read each). Smaller ones (the default job's 28-pixel PNGs: a 1,000-sample block is ~1.5 MB) are read a
+    block at a time in a few large reads."""
+    size, samples = 0, 0
+    for p in pieces:
+        if (layout := offsets.of(p.shard)) is None:
+            return False
+        size, samples = size + int(layout.size[p.start:p.stop].sum()), samples + len(p)
+    return samples > 0 and size >= ON_ITS_OWN * samples
 
 
 class ShardStream(IterableDataset):
@@ -244,7 +310,8 @@ class ShardStream(IterableDataset):
         plans = [MicroBatchPlan.make(self.manifest.shard_sizes, m, self.micro_batches, batch_size=self.batch_size,
                                      block=self.shuffle_block, epoch=self.epoch, seed=self.seed, mix=self.mix)
                  for m in rank_micro_batches(self.micro_batches, self.rank, self.world_size)]
-        readers = [MicroBatchReader(plan, steps, self._read) for plan in plans]
+        readers = [MicroBatchReader(plan, steps, self._read, by_sample(self.offsets(), plan.pieces))
+                   for plan in plans]
         for step in steps:
             batches = []
             for plan, reader in zip(plans, readers):
