@@ -162,15 +162,17 @@ class Query:
 
 
 class Batcher:
-    """Requests' images embedded and searched together. A batch is every query waiting when the last one ended, up
-    to `max_batch` (and, with `max_wait_s` > 0, those arriving that long after its first). It runs on one thread
-    (the model and faiss use their own threads inside), while the event loop takes requests for the next batch."""
+    """Requests' images embedded and searched together. A batch is every query waiting when a batch thread came
+    free, up to `max_batch` (and, with `max_wait_s` > 0, those arriving that long after its first). Up to `workers`
+    batches run at once, each on a thread of its own (the model and faiss release the GIL, and use their own
+    threads inside), while the event loop takes requests for the next batch."""
 
-    def __init__(self, compute, max_batch: int, max_wait_s: float):
-        self.compute, self.max_batch, self.max_wait_s = compute, max_batch, max_wait_s
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="recog-batch")
+    def __init__(self, compute, max_batch: int, max_wait_s: float, workers: int = 1):
+        self.compute, self.max_batch, self.max_wait_s, self.workers = compute, max_batch, max_wait_s, workers
+        self.executor = ThreadPoolExecutor(workers, thread_name_prefix="recog-batch")
         self.queue: asyncio.Queue[Query] | None = None
         self.task: asyncio.Task | None = None
+        self.running: set[asyncio.Task] = set()  # batches being computed (their answers not yet handed out)
 
     def start(self) -> None:
         self.queue = asyncio.Queue()
@@ -189,7 +191,7 @@ class Batcher:
 
     async def stop(self) -> None:
         self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
+        await asyncio.gather(self.task, *self.running, return_exceptions=True)
         self.executor.shutdown(wait=True)
 
     async def submit(self, pixels: torch.Tensor, k: int, pair: Pair | None = None):
@@ -220,23 +222,40 @@ class Batcher:
         return [query for query in batch if not query.done.done()]  # cancelled (at the shutdown's end): left out
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+        """A batch is taken from the queue once a batch thread is free (the queries that came meanwhile wait
+        together for it), and computed while the next one is gathered."""
+        free = asyncio.Semaphore(self.workers)
         while True:
+            await free.acquire()
             batch = await self._next_batch()
             if not batch:
+                free.release()
                 continue
-            try:
-                results = await loop.run_in_executor(self.executor, self.compute, batch)
-            except Exception as e:  # noqa: BLE001 - every waiting request learns of it; the service stays up
-                log.exception("a batch of %d failed", len(batch))
-                results = [e] * len(batch)
-            for query, result in zip(batch, results):
-                if query.done.done():
-                    continue
-                if isinstance(result, Exception):
-                    query.done.set_exception(result)
-                else:
-                    query.done.set_result(result)
+            task = asyncio.get_running_loop().create_task(self._answer(batch))
+            self.running.add(task)
+            task.add_done_callback(lambda done: (self.running.discard(done), free.release()))
+
+    async def _answer(self, batch: list[Query]) -> None:
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(self.executor, self.compute, batch)
+        except Exception as e:  # noqa: BLE001 - every waiting request learns of it; the service stays up
+            log.exception("a batch of %d failed", len(batch))
+            results = [e] * len(batch)
+        for query, result in zip(batch, results):
+            if query.done.done():
+                continue
+            if isinstance(result, Exception):
+                query.done.set_exception(result)
+            else:
+                query.done.set_result(result)
+
+
+def default_batch_threads() -> int:
+    """Batches computed at once: enough for the model's threads to fill the cores. With one torch thread
+    (OMP_NUM_THREADS=1) on 2 cores: 2, measured (bench/serve_peers.py): one batch at a time left a core to the
+    event loop alone, and LitServe's 2 workers (a model each) answered 32 clients faster; with torch's default
+    (a thread per core): 1, as before."""
+    return max(1, (os.cpu_count() or 1) // max(1, torch.get_num_threads()))
 
 
 @dataclass(frozen=True)
@@ -377,7 +396,7 @@ class Service:
     def __init__(self, model_dir: str, index_dir: str, shards: list[str] | str | None = None, *, max_batch: int = 32,
                  max_wait_ms: float = 0.0, max_inflight: int = 256, max_bytes: int = 20 << 20,
                  max_pixels: int = Image.MAX_IMAGE_PIXELS, default_k: int = 5, read_timeout_s: float = 30.0,
-                 cache_dir: str | None = None, decode_threads: int = 0,
+                 cache_dir: str | None = None, decode_threads: int = 0, batch_threads: int = 0,
                  shard_servers: list[tuple[str, int]] | None = None, shard_token: str | None = None):
         for name, value in (("--max-batch", max_batch), ("--max-inflight", max_inflight), ("-k", default_k)):
             if value < 1:
@@ -392,7 +411,7 @@ class Service:
         self.reloads = {"done": 0, "refused": 0}  # on /healthz, with whether one runs now
         # images decoded at once (a decoded image at the pixel limit takes hundreds of MB): one per core by default
         self.decoding = asyncio.Semaphore(decode_threads or os.cpu_count() or 1)
-        self.batcher = Batcher(self.compute, max_batch, max_wait_ms / 1000)
+        self.batcher = Batcher(self.compute, max_batch, max_wait_ms / 1000, batch_threads or default_batch_threads())
         self.reloader = Reloader(self.reload)
 
     @property
@@ -679,6 +698,8 @@ def parser() -> argparse.ArgumentParser:
                    help="where remote (http) --shards are fetched to, as training's data.cache_dir")
     p.add_argument("--decode-threads", type=int, default=0, help="images decoded at once (0: one per core)")
     p.add_argument("--threads", type=int, default=0, help="torch threads for the model (0: torch's default)")
+    p.add_argument("--batch-threads", type=int, default=0,
+                   help="batches computed at once (0: the cores / the torch threads, at least 1)")
     p.add_argument("--grace-s", type=float, default=30.0, help="on SIGTERM, how long requests in flight may take")
     p.add_argument("--access-log", action="store_true", help="log every request")
     return p
@@ -707,7 +728,7 @@ def serve(args: argparse.Namespace) -> None:
     service = Service(args.model, args.index, args.shards, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                       max_inflight=args.max_inflight, max_bytes=int(args.max_mb * (1 << 20)),
                       max_pixels=args.max_pixels, default_k=args.k, read_timeout_s=args.read_timeout_s,
-                      cache_dir=args.cache_dir, decode_threads=args.decode_threads,
+                      cache_dir=args.cache_dir, decode_threads=args.decode_threads, batch_threads=args.batch_threads,
                       shard_servers=args.shard_servers, shard_token=args.shard_token or os.environ.get(TOKEN_ENV))
     service.reloader.early = early
     sock = bind(args.host, args.port)
@@ -733,9 +754,10 @@ def log_what_is_served(service: Service, args: argparse.Namespace, sock) -> None
              f"{'; none from ' + ', '.join(service.items.missing) if service.items.missing else ''})"
              if service.items else "; no gallery images (no --shards)")
     host, port = sock.getsockname()[:2]
-    log.info("listening on http://%s:%d (batches of up to %d, %g ms wait, %d requests in flight at most; "
-             "kill -HUP %d reloads the export and the index)", host, port, args.max_batch, args.max_wait_ms,
-             args.max_inflight, os.getpid())
+    log.info("listening on http://%s:%d (batches of up to %d, %g ms wait, %d at once on %d torch thread(s) each; "
+             "%d requests in flight at most; kill -HUP %d reloads the export and the index)", host, port,
+             args.max_batch, args.max_wait_ms, service.batcher.workers, torch.get_num_threads(), args.max_inflight,
+             os.getpid())
 
 
 if __name__ == "__main__":
