@@ -13,8 +13,9 @@
                               flight, the reloads
     GET  /                    a page: choose or drop a photo, see its nearest gallery items
 
-Concurrent requests are embedded and searched together: a batch is every image that arrived while the previous
-batch ran, up to --max-batch (--max-wait-ms > 0 also waits that long after a batch's first image for more). At
+Concurrent requests are embedded and searched together: a batch is every image that arrived while the batch
+threads were busy, up to --max-batch (--max-wait-ms > 0 also waits that long after a batch's first image for more);
+--batch-threads batches run at once (default: the cores / torch's threads, so that the model fills the cores). At
 most --max-inflight requests are held at once; past that the answer is 503 at once (a client retries, a load
 balancer tries another replica) instead of a queue that grows without end. Bad input is a 4xx with {"error": one
 sentence}, and the next request is served as if it had not happened. SIGTERM: no new connections, the requests
@@ -138,6 +139,24 @@ def decode_upload(data: bytes, channels: int, preprocess, max_pixels: int) -> to
     except Exception as e:  # a truncated or damaged file: PIL raises many kinds
         reason = str(e).split("\n")[0][:80] or type(e).__name__
         raise BadRequest(400, f"the image could not be decoded ({reason}); send the whole file, undamaged.") from None
+
+
+# Images this small (by their header) are decoded on the event loop, not handed to a decode thread and back (that
+# hand-over took ~a tenth of the loop's time at 32 clients, py-spy, bench/serve_peers.py): on this 2-core machine,
+# loaded, a 64×64 noise PNG decodes in 0.27 ms, a JPEG in 1.1 ms; a 256×256 one in 6-7 ms, too long to block it
+INLINE_DECODE_PIXELS = 64 * 64
+
+
+def small_image(data: bytes) -> bool:
+    """Whether an upload is an image of at most INLINE_DECODE_PIXELS by its header (anything else, a refused one
+    included, is decoded, or refused, on a decode thread)."""
+    if not data or len(data) > INLINE_DECODE_PIXELS * 4:
+        return False
+    try:
+        header_size(data, INLINE_DECODE_PIXELS)
+    except ImageRefused:
+        return False
+    return True
 
 
 def parse_k(value: str | None, default: int, limit: int) -> int:
@@ -475,6 +494,10 @@ class Service:
                                   "it again.") from None
         except ClientDisconnect:
             raise BadRequest(400, "the client went away before its upload ended.") from None
+        if small_image(data):  # decoded here: a thread's hand-over costs more than the decode
+            started = time.perf_counter()
+            pixels = pair.decode(data, self.max_pixels)
+            return pixels, top, round(1000 * (time.perf_counter() - started), 3)
         async with self.decoding:
             started = time.perf_counter()
             pixels = await run_in_threadpool(pair.decode, data, self.max_pixels)
@@ -622,8 +645,10 @@ def create_app(service: Service) -> FastAPI:
     add_error_handlers(app)
     page = files("recog").joinpath(PAGE).read_text()
 
-    @app.post("/identify")
-    async def identify(request: Request, k: str | None = None):
+    async def identify(request: Request):
+        """A Starlette route, not a FastAPI one: FastAPI's parameter solving and response encoding took a fifth of
+        the event loop's time at 32 clients (py-spy, bench/serve_peers.py); the answer is the same JSON."""
+        k = request.query_params.get("k")
         if service.inflight >= service.max_inflight:
             return JSONResponse({"error": f"the service is answering {service.inflight} requests already "
                                           "(--max-inflight); try again shortly."},
@@ -632,9 +657,11 @@ def create_app(service: Service) -> FastAPI:
         pair = service.pair  # this request's export and index, from decode to answer, whatever a reload does
         try:
             pixels, top, decode_ms = await service.decode_request(request, k, pair)
-            return service.encode_response(await service.predict(pixels, top, pair), decode_ms)
+            return JSONResponse(service.encode_response(await service.predict(pixels, top, pair), decode_ms))
         finally:
             service.inflight -= 1
+
+    app.router.add_route("/identify", identify, methods=["POST"])
 
     @app.get("/items/{key}/image")
     async def item_image(key: str, request: Request):
