@@ -3,6 +3,7 @@
     .venv/bin/pip install -e '.[serve,bench]'
     .venv/bin/python bench/serve_peers.py                          # 10 s per case and round, 5 rounds
     .venv/bin/python bench/serve_peers.py --seconds 6 --rounds 5 --clients 8 32
+    .venv/bin/python bench/serve_peers.py --recog-variant '--processes 2'   # and a third server in the rotation
 
 Both servers answer "what is this photo?" from the same export (bench/serve.py's: the default convnet, random
 weights, or --checkpoint) and the same faiss index (the Fashion-MNIST subset's 10,000 training images, flat),
@@ -127,13 +128,13 @@ def requests_for(images: list[bytes], k: int) -> dict[str, tuple[str, list[bytes
 
 
 def measure(servers: dict, clients: int, args, images: list[bytes]) -> dict[str, list[dict]]:
-    """Each server under `clients` clients, alternating which goes first round by round."""
+    """Each server under `clients` clients, the order rotating round by round."""
     wanted = requests_for(images, args.k)
     results: dict[str, list[dict]] = {name: [] for name in servers}
     names = list(servers)
     for r in range(args.rounds):
-        for name in names[r % 2:] + names[:r % 2]:
-            path, bodies, headers = wanted[name]
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            path, bodies, headers = wanted["LitServe" if name == "LitServe" else "recog"]
             load(servers[name].url, path, bodies, headers, min(clients, 4), 1.0)  # warm: connections, caches
             results[name].append(load(servers[name].url, path, bodies, headers, clients, args.seconds))
             print(f"  {clients} clients, round {r + 1}, {name}: {results[name][-1]['rate']:.1f} req/s", flush=True)
@@ -150,6 +151,8 @@ def main() -> int:
     p.add_argument("--work", default="/tmp/recog-bench-serve", help="export, embeddings and indexes (kept)")
     p.add_argument("--litserve-timeout-s", type=float, default=0.01, help="LitServe's batch_timeout")
     p.add_argument("--litserve-workers", type=int, default=os.cpu_count() or 1, help="its workers_per_device")
+    p.add_argument("--recog-variant", action="append", default=[], metavar="ARGS",
+                   help="one more recog.serve, with these arguments (e.g. '--processes 2'), in the rotation")
     args = p.parse_args()
     require("fastapi", "uvicorn", "faiss", "litserve", extra="serve,bench")
     from serve import prepare, query_images
@@ -160,6 +163,8 @@ def main() -> int:
     index = setup["galleries"]["fashion"]["index"]
     images = query_images()
     servers = {"recog": ServeProcess("--model", setup["export"], "--index", index)}
+    for variant in args.recog_variant:
+        servers[f"recog {variant}"] = ServeProcess("--model", setup["export"], "--index", index, *variant.split())
     try:
         servers["LitServe"] = LitServeProcess("--model", setup["export"], "--index", index, "--batch-timeout-s",
                                               args.litserve_timeout_s, "--workers", args.litserve_workers)
@@ -171,7 +176,7 @@ def main() -> int:
 
 
 def report(servers: dict, args, images: list[bytes]) -> list[list]:
-    columns = [("server", "<9"), ("clients", ">7"), ("req/s", ">7.1f"), ("spread", ">13"), ("p50 ms", ">7.1f"),
+    columns = [("server", "<24"), ("clients", ">7"), ("req/s", ">7.1f"), ("spread", ">13"), ("p50 ms", ">7.1f"),
                ("p99 ms", ">7.1f"), ("errors", ">6"), ("batch", ">5.1f")]
     table, ratios = [], []
     for clients in args.clients:
@@ -182,17 +187,18 @@ def report(servers: dict, args, images: list[bytes]) -> list[list]:
             rates = [r["rate"] for r in rs]
             table.append([name, clients, med[name]["rate"], f"{min(rates):.0f}-{max(rates):.0f}", med[name]["p50"],
                           med[name]["p99"], sum(r["errors"] for r in rs), med[name]["batch"]])
-        per_round = [a["rate"] / b["rate"] for a, b in zip(results["recog"], results["LitServe"])]
-        ratios.append([clients, med["recog"]["rate"] / med["LitServe"]["rate"], min(per_round), max(per_round),
-                       med["recog"]["p99"] / med["LitServe"]["p99"]])
+        for name in [n for n in results if n != "LitServe"]:
+            per_round = [a["rate"] / b["rate"] for a, b in zip(results[name], results["LitServe"])]
+            ratios.append([name, clients, med[name]["rate"] / med["LitServe"]["rate"], min(per_round),
+                           max(per_round), med[name]["p99"] / med["LitServe"]["p99"]])
     print("\n" + header(columns))
     for r in table:
         print(row(columns, r))
     shown = [[r[0], r[1], f"{r[2]:.1f}", r[3], f"{r[4]:.1f}", f"{r[5]:.1f}", r[6], f"{r[7]:.1f}"] for r in table]
     print("\n" + "\n".join(markdown_table([c for c, _ in columns], shown, "lrrrrrrr")))
     print("\nrecog/LitServe (medians of the rounds; req/s: higher is better, p99: lower is better):")
-    for clients, rate, low, high, p99 in ratios:
-        print(f"  {clients:>2} clients: req/s {rate:.2f}x (rounds {low:.2f}-{high:.2f}), p99 {p99:.2f}x")
+    for name, clients, rate, low, high, p99 in ratios:
+        print(f"  {name}, {clients:>2} clients: req/s {rate:.2f}x (rounds {low:.2f}-{high:.2f}), p99 {p99:.2f}x")
     print(f"load average (1, 5, 15 min) at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return table
 
