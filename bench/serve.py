@@ -13,9 +13,10 @@ The model: --checkpoint (a train.py checkpoint), or the default convnet with ran
 depend on the weights). Queries: the bundled test images as PNG files, sent as request bodies.
 
 Each gallery is served by two `python -m recog.serve` processes at once, on 127.0.0.1: batched (its defaults,
---max-batch 32 --max-wait-ms 0) and one request at a time (--max-batch 1); the two alternate round by round (this
-machine is shared and noisy). The clients are threads in this process with a keep-alive connection each, each
-sending its next request when its last one is answered, for --seconds. Printed per case: requests/s, p50/p95/p99
+--max-batch 32 --max-wait-ms 0, --batch-threads: cores / torch threads) and one request at a time (--max-batch 1
+--batch-threads 1); the two alternate round by round (this machine is shared and noisy). The clients are threads
+in this process with a keep-alive connection each, each sending its next request when its last one is answered,
+for --seconds. Printed per case: requests/s, p50/p95/p99
 latency, errors (answers other than 200: there must be none, the clients stay below --max-inflight) and the mean
 number of requests that shared a model call; then the gain of batching.
 Everything (clients, event loop, model, faiss) shares this machine's cores: on 2 cores the figures say what one
@@ -39,7 +40,7 @@ import numpy as np
 from _common import header, markdown_table, require, rounds, row
 
 ROOT = Path(__file__).resolve().parents[1]
-MODES = {"batched": [], "one at a time": ["--max-batch", "1"]}
+MODES = {"batched": [], "one at a time": ["--max-batch", "1", "--batch-threads", "1"]}
 
 
 def prepare(work: Path, checkpoint: str | None, galleries: list[str]) -> dict[str, dict]:

@@ -13,8 +13,9 @@
                               flight, the reloads
     GET  /                    a page: choose or drop a photo, see its nearest gallery items
 
-Concurrent requests are embedded and searched together: a batch is every image that arrived while the previous
-batch ran, up to --max-batch (--max-wait-ms > 0 also waits that long after a batch's first image for more). At
+Concurrent requests are embedded and searched together: a batch is every image that arrived while the batch
+threads were busy, up to --max-batch (--max-wait-ms > 0 also waits that long after a batch's first image for more);
+--batch-threads batches run at once (default: the cores / torch's threads, so that the model fills the cores). At
 most --max-inflight requests are held at once; past that the answer is 503 at once (a client retries, a load
 balancer tries another replica) instead of a queue that grows without end. Bad input is a 4xx with {"error": one
 sentence}, and the next request is served as if it had not happened. SIGTERM: no new connections, the requests
@@ -140,6 +141,24 @@ def decode_upload(data: bytes, channels: int, preprocess, max_pixels: int) -> to
         raise BadRequest(400, f"the image could not be decoded ({reason}); send the whole file, undamaged.") from None
 
 
+# Images this small (by their header) are decoded on the event loop, not handed to a decode thread and back (that
+# hand-over took ~a tenth of the loop's time at 32 clients, py-spy, bench/serve_peers.py): on this 2-core machine,
+# loaded, a 64×64 noise PNG decodes in 0.27 ms, a JPEG in 1.1 ms; a 256×256 one in 6-7 ms, too long to block it
+INLINE_DECODE_PIXELS = 64 * 64
+
+
+def small_image(data: bytes) -> bool:
+    """Whether an upload is an image of at most INLINE_DECODE_PIXELS by its header (anything else, a refused one
+    included, is decoded, or refused, on a decode thread)."""
+    if not data or len(data) > INLINE_DECODE_PIXELS * 4:
+        return False
+    try:
+        header_size(data, INLINE_DECODE_PIXELS)
+    except ImageRefused:
+        return False
+    return True
+
+
 def parse_k(value: str | None, default: int, limit: int) -> int:
     if value is None:
         return default
@@ -162,15 +181,17 @@ class Query:
 
 
 class Batcher:
-    """Requests' images embedded and searched together. A batch is every query waiting when the last one ended, up
-    to `max_batch` (and, with `max_wait_s` > 0, those arriving that long after its first). It runs on one thread
-    (the model and faiss use their own threads inside), while the event loop takes requests for the next batch."""
+    """Requests' images embedded and searched together. A batch is every query waiting when a batch thread came
+    free, up to `max_batch` (and, with `max_wait_s` > 0, those arriving that long after its first). Up to `workers`
+    batches run at once, each on a thread of its own (the model and faiss release the GIL, and use their own
+    threads inside), while the event loop takes requests for the next batch."""
 
-    def __init__(self, compute, max_batch: int, max_wait_s: float):
-        self.compute, self.max_batch, self.max_wait_s = compute, max_batch, max_wait_s
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix="recog-batch")
+    def __init__(self, compute, max_batch: int, max_wait_s: float, workers: int = 1):
+        self.compute, self.max_batch, self.max_wait_s, self.workers = compute, max_batch, max_wait_s, workers
+        self.executor = ThreadPoolExecutor(workers, thread_name_prefix="recog-batch")
         self.queue: asyncio.Queue[Query] | None = None
         self.task: asyncio.Task | None = None
+        self.running: set[asyncio.Task] = set()  # batches being computed (their answers not yet handed out)
 
     def start(self) -> None:
         self.queue = asyncio.Queue()
@@ -189,7 +210,7 @@ class Batcher:
 
     async def stop(self) -> None:
         self.task.cancel()
-        await asyncio.gather(self.task, return_exceptions=True)
+        await asyncio.gather(self.task, *self.running, return_exceptions=True)
         self.executor.shutdown(wait=True)
 
     async def submit(self, pixels: torch.Tensor, k: int, pair: Pair | None = None):
@@ -220,23 +241,40 @@ class Batcher:
         return [query for query in batch if not query.done.done()]  # cancelled (at the shutdown's end): left out
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+        """A batch is taken from the queue once a batch thread is free (the queries that came meanwhile wait
+        together for it), and computed while the next one is gathered."""
+        free = asyncio.Semaphore(self.workers)
         while True:
+            await free.acquire()
             batch = await self._next_batch()
             if not batch:
+                free.release()
                 continue
-            try:
-                results = await loop.run_in_executor(self.executor, self.compute, batch)
-            except Exception as e:  # noqa: BLE001 - every waiting request learns of it; the service stays up
-                log.exception("a batch of %d failed", len(batch))
-                results = [e] * len(batch)
-            for query, result in zip(batch, results):
-                if query.done.done():
-                    continue
-                if isinstance(result, Exception):
-                    query.done.set_exception(result)
-                else:
-                    query.done.set_result(result)
+            task = asyncio.get_running_loop().create_task(self._answer(batch))
+            self.running.add(task)
+            task.add_done_callback(lambda done: (self.running.discard(done), free.release()))
+
+    async def _answer(self, batch: list[Query]) -> None:
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(self.executor, self.compute, batch)
+        except Exception as e:  # noqa: BLE001 - every waiting request learns of it; the service stays up
+            log.exception("a batch of %d failed", len(batch))
+            results = [e] * len(batch)
+        for query, result in zip(batch, results):
+            if query.done.done():
+                continue
+            if isinstance(result, Exception):
+                query.done.set_exception(result)
+            else:
+                query.done.set_result(result)
+
+
+def default_batch_threads(processes: int = 1) -> int:
+    """Batches computed at once: enough for the model's threads to fill the cores. With one torch thread
+    (OMP_NUM_THREADS=1) on 2 cores: 2, measured (bench/serve_peers.py): one batch at a time left a core to the
+    event loop alone, and LitServe's 2 workers (a model each) answered 32 clients faster; with torch's default
+    (a thread per core): 1, as before."""
+    return max(1, (os.cpu_count() or 1) // max(1, torch.get_num_threads()) // max(1, processes))
 
 
 @dataclass(frozen=True)
@@ -377,7 +415,7 @@ class Service:
     def __init__(self, model_dir: str, index_dir: str, shards: list[str] | str | None = None, *, max_batch: int = 32,
                  max_wait_ms: float = 0.0, max_inflight: int = 256, max_bytes: int = 20 << 20,
                  max_pixels: int = Image.MAX_IMAGE_PIXELS, default_k: int = 5, read_timeout_s: float = 30.0,
-                 cache_dir: str | None = None, decode_threads: int = 0,
+                 cache_dir: str | None = None, decode_threads: int = 0, batch_threads: int = 0,
                  shard_servers: list[tuple[str, int]] | None = None, shard_token: str | None = None):
         for name, value in (("--max-batch", max_batch), ("--max-inflight", max_inflight), ("-k", default_k)):
             if value < 1:
@@ -392,7 +430,7 @@ class Service:
         self.reloads = {"done": 0, "refused": 0}  # on /healthz, with whether one runs now
         # images decoded at once (a decoded image at the pixel limit takes hundreds of MB): one per core by default
         self.decoding = asyncio.Semaphore(decode_threads or os.cpu_count() or 1)
-        self.batcher = Batcher(self.compute, max_batch, max_wait_ms / 1000)
+        self.batcher = Batcher(self.compute, max_batch, max_wait_ms / 1000, batch_threads or default_batch_threads())
         self.reloader = Reloader(self.reload)
 
     @property
@@ -456,6 +494,10 @@ class Service:
                                   "it again.") from None
         except ClientDisconnect:
             raise BadRequest(400, "the client went away before its upload ended.") from None
+        if small_image(data):  # decoded here: a thread's hand-over costs more than the decode
+            started = time.perf_counter()
+            pixels = pair.decode(data, self.max_pixels)
+            return pixels, top, round(1000 * (time.perf_counter() - started), 3)
         async with self.decoding:
             started = time.perf_counter()
             pixels = await run_in_threadpool(pair.decode, data, self.max_pixels)
@@ -603,8 +645,10 @@ def create_app(service: Service) -> FastAPI:
     add_error_handlers(app)
     page = files("recog").joinpath(PAGE).read_text()
 
-    @app.post("/identify")
-    async def identify(request: Request, k: str | None = None):
+    async def identify(request: Request):
+        """A Starlette route, not a FastAPI one: FastAPI's parameter solving and response encoding took a fifth of
+        the event loop's time at 32 clients (py-spy, bench/serve_peers.py); the answer is the same JSON."""
+        k = request.query_params.get("k")
         if service.inflight >= service.max_inflight:
             return JSONResponse({"error": f"the service is answering {service.inflight} requests already "
                                           "(--max-inflight); try again shortly."},
@@ -613,9 +657,11 @@ def create_app(service: Service) -> FastAPI:
         pair = service.pair  # this request's export and index, from decode to answer, whatever a reload does
         try:
             pixels, top, decode_ms = await service.decode_request(request, k, pair)
-            return service.encode_response(await service.predict(pixels, top, pair), decode_ms)
+            return JSONResponse(service.encode_response(await service.predict(pixels, top, pair), decode_ms))
         finally:
             service.inflight -= 1
+
+    app.router.add_route("/identify", identify, methods=["POST"])
 
     @app.get("/items/{key}/image")
     async def item_image(key: str, request: Request):
@@ -679,6 +725,10 @@ def parser() -> argparse.ArgumentParser:
                    help="where remote (http) --shards are fetched to, as training's data.cache_dir")
     p.add_argument("--decode-threads", type=int, default=0, help="images decoded at once (0: one per core)")
     p.add_argument("--threads", type=int, default=0, help="torch threads for the model (0: torch's default)")
+    p.add_argument("--batch-threads", type=int, default=0,
+                   help="batches computed at once per process (0: the cores / the torch threads / --processes)")
+    p.add_argument("--processes", type=int, default=1,
+                   help="processes answering on the one port, each with its own copy of the model and index (1)")
     p.add_argument("--grace-s", type=float, default=30.0, help="on SIGTERM, how long requests in flight may take")
     p.add_argument("--access-log", action="store_true", help="log every request")
     return p
@@ -704,13 +754,18 @@ def serve(args: argparse.Namespace) -> None:
     # event loop runs and takes SIGHUP over (Reloader.start); the handler does nothing else
     early = EARLY_SIGHUPS  # those that came while this module loaded, if it runs as the program
     signal.signal(signal.SIGHUP, lambda number, frame: early.append(number))
+    sock = None
+    if args.processes > 1:  # the listening socket first, shared by every process; then each loads its own pair
+        sock = bind(args.host, args.port)
+        fork_processes(args.processes)
     service = Service(args.model, args.index, args.shards, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                       max_inflight=args.max_inflight, max_bytes=int(args.max_mb * (1 << 20)),
                       max_pixels=args.max_pixels, default_k=args.k, read_timeout_s=args.read_timeout_s,
                       cache_dir=args.cache_dir, decode_threads=args.decode_threads,
+                      batch_threads=args.batch_threads or default_batch_threads(args.processes),
                       shard_servers=args.shard_servers, shard_token=args.shard_token or os.environ.get(TOKEN_ENV))
     service.reloader.early = early
-    sock = bind(args.host, args.port)
+    sock = sock or bind(args.host, args.port)
     log_what_is_served(service, args, sock)
     config = uvicorn.Config(create_app(service), log_level="warning", access_log=args.access_log,
                             timeout_graceful_shutdown=args.grace_s, lifespan="on")
@@ -719,6 +774,22 @@ def serve(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda number, frame: None)
     uvicorn.Server(config).run(sockets=[sock])
+
+
+def fork_processes(count: int) -> None:
+    """count - 1 more processes like this one (before torch or faiss has started a thread: a fork after that can
+    hang), each answering on the listening socket it inherits, with its own event loop, batcher and pair (the
+    kernel gives each accepted connection to one of them). Each ends when this one does (PR_SET_PDEATHSIG:
+    SIGTERM, so it finishes its requests in flight); a SIGHUP reloads only the process it reaches: send it to the
+    process group (kill -HUP -PGID)."""
+    import ctypes
+
+    for _ in range(count - 1):
+        if os.fork() == 0:
+            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
+            if os.getppid() == 1:  # the parent ended before the line above
+                os._exit(0)
+            return
 
 
 def log_what_is_served(service: Service, args: argparse.Namespace, sock) -> None:
@@ -733,9 +804,10 @@ def log_what_is_served(service: Service, args: argparse.Namespace, sock) -> None
              f"{'; none from ' + ', '.join(service.items.missing) if service.items.missing else ''})"
              if service.items else "; no gallery images (no --shards)")
     host, port = sock.getsockname()[:2]
-    log.info("listening on http://%s:%d (batches of up to %d, %g ms wait, %d requests in flight at most; "
-             "kill -HUP %d reloads the export and the index)", host, port, args.max_batch, args.max_wait_ms,
-             args.max_inflight, os.getpid())
+    log.info("listening on http://%s:%d (batches of up to %d, %g ms wait, %d at once on %d torch thread(s) each; "
+             "%d requests in flight at most; kill -HUP %d reloads the export and the index)", host, port,
+             args.max_batch, args.max_wait_ms, service.batcher.workers, torch.get_num_threads(), args.max_inflight,
+             os.getpid())
 
 
 if __name__ == "__main__":

@@ -381,3 +381,85 @@ def test_an_index_sharded_over_shard_servers_answers_as_the_local_index(served, 
     finally:
         for shard_server in shard_servers:
             shard_server.stop()
+
+
+def test_batches_run_on_as_many_threads_as_asked_and_each_takes_every_query_that_waited():
+    """Two batch threads: two batches are computed at once (each waits at a barrier for the other: with one thread
+    the barrier breaks); a third batch, once a thread is free, takes all the queries that arrived meanwhile."""
+    import asyncio
+    import threading
+
+    import torch
+
+    from recog.serve import Batcher
+
+    both_running, release, sizes = threading.Barrier(2, timeout=30), threading.Event(), []
+
+    def compute(batch):
+        sizes.append(len(batch))
+        if len(sizes) <= 2:
+            both_running.wait()  # BrokenBarrierError unless the other batch runs at the same time
+            release.wait(30)
+        return [query.pixels * 10 for query in batch]
+
+    async def until(count):
+        while len(sizes) < count:
+            await asyncio.sleep(0.01)
+
+    async def scenario():
+        batcher = Batcher(compute, max_batch=32, max_wait_s=0.0, workers=2)
+        batcher.start()
+        first = [asyncio.create_task(batcher.submit(torch.tensor(0), 1))]
+        await until(1)  # the first batch, one query, computing
+        first.append(asyncio.create_task(batcher.submit(torch.tensor(1), 1)))
+        await until(2)  # and the second, on the other thread
+        later = [asyncio.create_task(batcher.submit(torch.tensor(i), 1)) for i in range(2, 7)]
+        await asyncio.sleep(0.2)  # the five are queued behind the two busy threads
+        release.set()
+        answers = await asyncio.gather(*first, *later)
+        await batcher.stop()
+        return [int(a) for a in answers]
+
+    assert asyncio.run(scenario()) == [i * 10 for i in range(7)]
+    assert sizes == [1, 1, 5]
+
+
+def test_only_small_images_are_decoded_on_the_event_loop():
+    from recog.serve import INLINE_DECODE_PIXELS, small_image
+
+    rng = np.random.default_rng(0)
+    assert INLINE_DECODE_PIXELS == 64 * 64
+    assert small_image(png(rng.integers(0, 256, (28, 28), dtype=np.uint8)))
+    assert small_image(jpeg(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)))
+    assert not small_image(png(rng.integers(0, 256, (65, 64), dtype=np.uint8)))  # one row more: a decode thread
+    assert not small_image(png_header_only(20_000, 20_000))  # a bomb's header: refused on a thread, as before
+    assert not small_image(b"not an image") and not small_image(b"")
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+@pytest.mark.slow  # starts a server process
+def test_processes_answer_on_one_port_and_end_when_the_first_ends(served):
+    path = served["images"][0][0]
+    with Server(served, "--processes", "2") as server:
+        children = children_of(server.process.pid)
+        assert len(children) == 1  # the second process, forked before either loaded the pair
+        for _ in range(8):  # fresh connections: the kernel hands them to either process
+            with httpx.Client(base_url=server.url, timeout=60) as client:
+                response = post_image(client, path, 3)
+                assert response.status_code == 200, response.text
+                assert len(response.json()["matches"]) == 3
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{children[0]}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{children[0]}").exists()  # SIGKILLed parent: the child got SIGTERM and finished
