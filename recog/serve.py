@@ -269,12 +269,12 @@ class Batcher:
                 query.done.set_result(result)
 
 
-def default_batch_threads(processes: int = 1) -> int:
+def default_batch_threads() -> int:
     """Batches computed at once: enough for the model's threads to fill the cores. With one torch thread
     (OMP_NUM_THREADS=1) on 2 cores: 2, measured (bench/serve_peers.py): one batch at a time left a core to the
     event loop alone, and LitServe's 2 workers (a model each) answered 32 clients faster; with torch's default
     (a thread per core): 1, as before."""
-    return max(1, (os.cpu_count() or 1) // max(1, torch.get_num_threads()) // max(1, processes))
+    return max(1, (os.cpu_count() or 1) // max(1, torch.get_num_threads()))
 
 
 @dataclass(frozen=True)
@@ -726,9 +726,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-threads", type=int, default=0, help="images decoded at once (0: one per core)")
     p.add_argument("--threads", type=int, default=0, help="torch threads for the model (0: torch's default)")
     p.add_argument("--batch-threads", type=int, default=0,
-                   help="batches computed at once per process (0: the cores / the torch threads / --processes)")
-    p.add_argument("--processes", type=int, default=1,
-                   help="processes answering on the one port, each with its own copy of the model and index (1)")
+                   help="batches computed at once (0: the cores / the torch threads, at least 1)")
     p.add_argument("--grace-s", type=float, default=30.0, help="on SIGTERM, how long requests in flight may take")
     p.add_argument("--access-log", action="store_true", help="log every request")
     return p
@@ -754,18 +752,13 @@ def serve(args: argparse.Namespace) -> None:
     # event loop runs and takes SIGHUP over (Reloader.start); the handler does nothing else
     early = EARLY_SIGHUPS  # those that came while this module loaded, if it runs as the program
     signal.signal(signal.SIGHUP, lambda number, frame: early.append(number))
-    sock = None
-    if args.processes > 1:  # the listening socket first, shared by every process; then each loads its own pair
-        sock = bind(args.host, args.port)
-        fork_processes(args.processes)
     service = Service(args.model, args.index, args.shards, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                       max_inflight=args.max_inflight, max_bytes=int(args.max_mb * (1 << 20)),
                       max_pixels=args.max_pixels, default_k=args.k, read_timeout_s=args.read_timeout_s,
-                      cache_dir=args.cache_dir, decode_threads=args.decode_threads,
-                      batch_threads=args.batch_threads or default_batch_threads(args.processes),
+                      cache_dir=args.cache_dir, decode_threads=args.decode_threads, batch_threads=args.batch_threads,
                       shard_servers=args.shard_servers, shard_token=args.shard_token or os.environ.get(TOKEN_ENV))
     service.reloader.early = early
-    sock = sock or bind(args.host, args.port)
+    sock = bind(args.host, args.port)
     log_what_is_served(service, args, sock)
     config = uvicorn.Config(create_app(service), log_level="warning", access_log=args.access_log,
                             timeout_graceful_shutdown=args.grace_s, lifespan="on")
@@ -774,22 +767,6 @@ def serve(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda number, frame: None)
     uvicorn.Server(config).run(sockets=[sock])
-
-
-def fork_processes(count: int) -> None:
-    """count - 1 more processes like this one (before torch or faiss has started a thread: a fork after that can
-    hang), each answering on the listening socket it inherits, with its own event loop, batcher and pair (the
-    kernel gives each accepted connection to one of them). Each ends when this one does (PR_SET_PDEATHSIG:
-    SIGTERM, so it finishes its requests in flight); a SIGHUP reloads only the process it reaches: send it to the
-    process group (kill -HUP -PGID)."""
-    import ctypes
-
-    for _ in range(count - 1):
-        if os.fork() == 0:
-            ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
-            if os.getppid() == 1:  # the parent ended before the line above
-                os._exit(0)
-            return
 
 
 def log_what_is_served(service: Service, args: argparse.Namespace, sock) -> None:

@@ -434,32 +434,3 @@ def test_only_small_images_are_decoded_on_the_event_loop():
     assert not small_image(png(rng.integers(0, 256, (65, 64), dtype=np.uint8)))  # one row more: a decode thread
     assert not small_image(png_header_only(20_000, 20_000))  # a bomb's header: refused on a thread, as before
     assert not small_image(b"not an image") and not small_image(b"")
-
-
-def children_of(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
-@pytest.mark.slow  # starts a server process
-def test_processes_answer_on_one_port_and_end_when_the_first_ends(served):
-    path = served["images"][0][0]
-    with Server(served, "--processes", "2") as server:
-        children = children_of(server.process.pid)
-        assert len(children) == 1  # the second process, forked before either loaded the pair
-        for _ in range(8):  # fresh connections: the kernel hands them to either process
-            with httpx.Client(base_url=server.url, timeout=60) as client:
-                response = post_image(client, path, 3)
-                assert response.status_code == 200, response.text
-                assert len(response.json()["matches"]) == 3
-    deadline = time.monotonic() + 30
-    while Path(f"/proc/{children[0]}").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not Path(f"/proc/{children[0]}").exists()  # SIGKILLed parent: the child got SIGTERM and finished
