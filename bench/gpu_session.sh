@@ -162,6 +162,8 @@ if [ ! -e "$out/job/checkpoints/last.pt" ]; then
 elif ! "$py" -c "import litserve, faiss, fastapi" 2>/dev/null; then
   echo "litserve, faiss or fastapi is not installed here (pip install 'recog[serve,bench]'): part 9 skipped"
 else
+  timeout $(cap 60) "$py" -m pytest -q -p no:cacheprovider tests/test_serve.py -k "on_a_gpu" 2>&1 \
+    | grep -E "passed|failed|skipped|error" | tail -3
   start=$(date +%s)
   timeout $(cap 150) "$py" bench/serve_peers.py --checkpoint "$out/job/checkpoints/last.pt" --device cuda \
     --work "$out/serve" --seconds 5 --rounds 2 > "$out/serve.log" 2>&1

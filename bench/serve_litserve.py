@@ -51,7 +51,7 @@ class IdentifyAPI(ls.LitAPI):
         self.model_dir, self.index_dir = model_dir, index_dir
 
     def setup(self, device):
-        self.embedder = ExportedEmbedder(self.model_dir)
+        self.embedder = ExportedEmbedder(self.model_dir, device)  # LitServe's device: "cpu", or "cuda:N" per worker
         self.gallery = open_gallery(self.index_dir)
         check_match(self.embedder, self.gallery, self.model_dir, self.index_dir)
         self.classes = gallery_class_names(self.embedder, self.gallery)
@@ -94,11 +94,12 @@ def main() -> int:
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--batch-timeout-s", type=float, default=0.01)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="workers_per_device (default: cores)")
+    p.add_argument("--accelerator", default="cpu", help="LitServer's accelerator: cpu or cuda")
     p.add_argument("--no-fast-queue", action="store_true", help="LitServe's multiprocessing queues, not ZeroMQ")
     args = p.parse_args()
     api = IdentifyAPI(str(Path(args.model).resolve()), str(Path(args.index).resolve()), args.max_batch,
                       args.batch_timeout_s)
-    server = ls.LitServer(api, accelerator="cpu", workers_per_device=args.workers,
+    server = ls.LitServer(api, accelerator=args.accelerator, workers_per_device=args.workers,
                           fast_queue=not args.no_fast_queue, disable_openapi_url=True)
     server.run(host="127.0.0.1", port=args.port, log_level="warning", generate_client_file=False)
     return 0

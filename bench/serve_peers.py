@@ -150,7 +150,9 @@ def main() -> int:
     p.add_argument("--checkpoint", help="a train.py checkpoint (default: the default convnet, random weights)")
     p.add_argument("--work", default="/tmp/recog-bench-serve", help="export, embeddings and indexes (kept)")
     p.add_argument("--litserve-timeout-s", type=float, default=0.01, help="LitServe's batch_timeout")
-    p.add_argument("--litserve-workers", type=int, default=os.cpu_count() or 1, help="its workers_per_device")
+    p.add_argument("--litserve-workers", type=int, help="its workers_per_device (default: the cores; on a GPU 1)")
+    p.add_argument("--device", default="cpu", help="where both compute: cpu, or cuda (recog.serve --device, "
+                   "LitServer's accelerator)")
     p.add_argument("--recog-variant", action="append", default=[], metavar="ARGS",
                    help="one more recog.serve, with these arguments (e.g. '--processes 2'), in the rotation")
     args = p.parse_args()
@@ -162,12 +164,15 @@ def main() -> int:
     setup = prepare(Path(args.work), args.checkpoint, ["fashion"])
     index = setup["galleries"]["fashion"]["index"]
     images = query_images()
-    servers = {"recog": ServeProcess("--model", setup["export"], "--index", index)}
+    on = ("--device", args.device)
+    workers = args.litserve_workers or (1 if args.device.startswith("cuda") else os.cpu_count() or 1)  # its docs'
+    servers = {"recog": ServeProcess("--model", setup["export"], "--index", index, *on)}
     for variant in args.recog_variant:
-        servers[f"recog {variant}"] = ServeProcess("--model", setup["export"], "--index", index, *variant.split())
+        servers[f"recog {variant}"] = ServeProcess("--model", setup["export"], "--index", index, *on, *variant.split())
     try:
         servers["LitServe"] = LitServeProcess("--model", setup["export"], "--index", index, "--batch-timeout-s",
-                                              args.litserve_timeout_s, "--workers", args.litserve_workers)
+                                              args.litserve_timeout_s, "--workers", workers,
+                                              "--accelerator", "cuda" if args.device.startswith("cuda") else "cpu")
         table = report(servers, args, images)
     finally:
         for server in servers.values():

@@ -262,15 +262,21 @@ class Preprocess:
         return TF.center_crop(image, [self.size, self.size])
 
 
-def load_program(path: Path, folder: str | Path) -> torch.nn.Module:
-    """embedder.pt2's program, from bytes that check_pt2 found free of anything that runs code when loaded."""
+def load_program(path: Path, folder: str | Path, device: torch.device | None = None) -> torch.nn.Module:
+    """embedder.pt2's program, from bytes that check_pt2 found free of anything that runs code when loaded; on
+    `device` (a GPU: torch.export's own pass moves its weights and the devices its operators name)."""
     fix = f"export the checkpoint again into {folder}"
     if not path.exists():
         raise ConfigError(f"{path} is missing; {fix}.")
     data = read_regular_file(path, MAX_PT2_BYTES, "the exported program", fix)
     check_pt2(data, path)
     try:  # these bytes, not the file again: it could be changed between the check and the load
-        return torch.export.load(io.BytesIO(data)).module()
+        program = torch.export.load(io.BytesIO(data))
+        if device is not None and device.type != "cpu":
+            from torch.export.passes import move_to_device_pass
+
+            program = move_to_device_pass(program, device)
+        return program.module()
     except Exception as e:  # a damaged or foreign file: torch raises many kinds
         raise ConfigError(f"{path} could not be loaded ({type(e).__name__}); {fix}.") from None
 
@@ -298,12 +304,13 @@ def read_image(path: str | Path, max_bytes: int = int(MAX_IMAGE_MB * 2**20), max
 
 
 class ExportedEmbedder:
-    """embedder.pt2 with its model.json: `load_image` -> `preprocess` -> `embed`."""
+    """embedder.pt2 with its model.json: `load_image` -> `preprocess` -> `embed` (on `device`; the images and
+    embeddings stay on the CPU)."""
 
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
+    def __init__(self, folder: str | Path, device: str | torch.device = "cpu"):
+        self.folder, self.device = Path(folder), torch.device(device)
         self.info = read_model_json(folder)
-        self.program = load_program(self.folder / self.info["files"]["pt2"], folder)
+        self.program = load_program(self.folder / self.info["files"]["pt2"], folder, self.device)
         self.channels, self._preprocess = self.info["input"]["channels"], Preprocess.of(self.info)
         self.size, self.interpolation = self._preprocess.size, self._preprocess.interpolation
 
@@ -341,5 +348,6 @@ class ExportedEmbedder:
     @torch.no_grad()
     def embed(self, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
         """uint8 N×C×S×S -> float32 N×D, unit length."""
-        out = [self.program(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+        out = [self.program(images[i : i + batch_size].to(self.device)).float().cpu()
+               for i in range(0, len(images), batch_size)]
         return torch.cat(out).numpy() if out else np.zeros((0, self.dim), np.float32)

@@ -290,6 +290,20 @@ class PairSource:
     shard_servers: list[tuple[str, int]] | None = None
     shard_token: str | None = None
     default_k: int = 5
+    device: str = "cpu"  # where the model computes (--device)
+
+
+def check_device(device: str) -> None:
+    """--device: one sentence for a device this machine lacks, before anything loads."""
+    try:
+        where = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device {device} is not a device; give cpu, cuda or cuda:N.") from None
+    if where.type == "cuda" and (not torch.cuda.is_available() or (where.index or 0) >= torch.cuda.device_count()):
+        raise ConfigError(f"--device {device}: this machine has {torch.cuda.device_count()} usable GPU(s); give "
+                          "--device cpu (the default) or a GPU it has.")
+    if where.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device}: recog.serve computes on cpu or cuda; give one of those.")
 
 
 class Pair:
@@ -299,7 +313,7 @@ class Pair:
 
     def __init__(self, source: PairSource, previous: Pair | None = None):
         model_dir, index_dir = Path(source.model_dir).resolve(), Path(source.index_dir).resolve()
-        self.embedder = ExportedEmbedder(model_dir)
+        self.embedder = ExportedEmbedder(model_dir, source.device)
         self.gallery = open_gallery(index_dir, source.shard_servers, source.shard_token)
         check_match(self.embedder, self.gallery, str(model_dir), str(index_dir))
         blank = torch.zeros((1, self.embedder.channels, self.embedder.size, self.embedder.size), dtype=torch.uint8)
@@ -416,13 +430,15 @@ class Service:
                  max_wait_ms: float = 0.0, max_inflight: int = 256, max_bytes: int = 20 << 20,
                  max_pixels: int = Image.MAX_IMAGE_PIXELS, default_k: int = 5, read_timeout_s: float = 30.0,
                  cache_dir: str | None = None, decode_threads: int = 0, batch_threads: int = 0,
-                 shard_servers: list[tuple[str, int]] | None = None, shard_token: str | None = None):
+                 shard_servers: list[tuple[str, int]] | None = None, shard_token: str | None = None,
+                 device: str = "cpu"):
+        check_device(device)
         for name, value in (("--max-batch", max_batch), ("--max-inflight", max_inflight), ("-k", default_k)):
             if value < 1:
                 raise ConfigError(f"{name} {value} must be 1 or more.")
         shards = [shards] if isinstance(shards, str) else shards
         self.source = PairSource(str(model_dir), str(index_dir), [str(s) for s in shards] if shards else None,
-                                 cache_dir, shard_servers, shard_token, default_k)
+                                 cache_dir, shard_servers, shard_token, default_k, device)
         self.pair = Pair(self.source)  # a request takes the current pair once, when it arrives (identify)
         self.max_inflight, self.max_bytes, self.max_pixels = max_inflight, max_bytes, max_pixels
         self.read_timeout_s = read_timeout_s
@@ -725,6 +741,8 @@ def parser() -> argparse.ArgumentParser:
                    help="where remote (http) --shards are fetched to, as training's data.cache_dir")
     p.add_argument("--decode-threads", type=int, default=0, help="images decoded at once (0: one per core)")
     p.add_argument("--threads", type=int, default=0, help="torch threads for the model (0: torch's default)")
+    p.add_argument("--device", default="cpu", help="where the model computes: cpu, cuda or cuda:N (decoding and the "
+                   "index stay on the CPU)")
     p.add_argument("--batch-threads", type=int, default=0,
                    help="batches computed at once (0: the cores / the torch threads, at least 1)")
     p.add_argument("--grace-s", type=float, default=30.0, help="on SIGTERM, how long requests in flight may take")
@@ -756,7 +774,8 @@ def serve(args: argparse.Namespace) -> None:
                       max_inflight=args.max_inflight, max_bytes=int(args.max_mb * (1 << 20)),
                       max_pixels=args.max_pixels, default_k=args.k, read_timeout_s=args.read_timeout_s,
                       cache_dir=args.cache_dir, decode_threads=args.decode_threads, batch_threads=args.batch_threads,
-                      shard_servers=args.shard_servers, shard_token=args.shard_token or os.environ.get(TOKEN_ENV))
+                      shard_servers=args.shard_servers, shard_token=args.shard_token or os.environ.get(TOKEN_ENV),
+                      device=args.device)
     service.reloader.early = early
     sock = bind(args.host, args.port)
     log_what_is_served(service, args, sock)

@@ -202,6 +202,37 @@ def test_a_port_outside_0_to_65535_is_one_sentence(port, capsys):
     assert "is not HOST:PORT" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("device,message", [
+    ("cuda", "--device cuda: this machine has 0 usable GPU(s); give --device cpu (the default) or a GPU it has."),
+    ("gpu0", "--device gpu0 is not a device; give cpu, cuda or cuda:N."),
+    ("meta", "--device meta: recog.serve computes on cpu or cuda; give one of those."),
+])
+def test_a_device_this_machine_lacks_is_one_sentence_before_anything_loads(device, message, capsys, tmp_path):
+    import torch
+
+    from recog.serve import main
+
+    if torch.cuda.is_available() and device == "cuda":
+        pytest.skip("this machine has a GPU")
+    # the folders do not exist: the device is refused before they are read
+    code = main(["--model", str(tmp_path / "m"), "--index", str(tmp_path / "i"), "--device", device])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {message}"
+
+
+def test_on_a_gpu_the_embeddings_equal_the_cpus(served):
+    """bench/gpu_session.sh part 9 runs this where there is a GPU; here it is skipped."""
+    import torch
+
+    from recog.exported import ExportedEmbedder
+
+    if not torch.cuda.is_available():
+        pytest.skip("no GPU here")
+    images = torch.randint(0, 256, (8, 1, 28, 28), dtype=torch.uint8)
+    cpu, gpu = ExportedEmbedder(served["export"]), ExportedEmbedder(served["export"], "cuda")
+    assert np.abs(cpu.embed(images) - gpu.embed(images)).max() < 1e-3
+
+
 def test_shards_takes_several_folders_at_once_or_one_at_a_time():
     from recog.serve import parser
 
