@@ -3,7 +3,7 @@
     .venv/bin/pip install -e '.[serve,bench]'
     .venv/bin/python bench/serve_peers.py                          # 10 s per case and round, 5 rounds
     .venv/bin/python bench/serve_peers.py --seconds 6 --rounds 5 --clients 8 32
-    .venv/bin/python bench/serve_peers.py --recog-variant '--processes 2'   # and a third server in the rotation
+    .venv/bin/python bench/serve_peers.py --recog-variant '--batch-threads 1'   # and a third server in the rotation
 
 Both servers answer "what is this photo?" from the same export (bench/serve.py's: the default convnet, random
 weights, or --checkpoint) and the same faiss index (the Fashion-MNIST subset's 10,000 training images, flat),
@@ -154,7 +154,7 @@ def main() -> int:
     p.add_argument("--device", default="cpu", help="where both compute: cpu, or cuda (recog.serve --device, "
                    "LitServer's accelerator)")
     p.add_argument("--recog-variant", action="append", default=[], metavar="ARGS",
-                   help="one more recog.serve, with these arguments (e.g. '--processes 2'), in the rotation")
+                   help="one more recog.serve, with these arguments (e.g. '--batch-threads 1'), in the rotation")
     args = p.parse_args()
     require("fastapi", "uvicorn", "faiss", "litserve", extra="serve,bench")
     from serve import prepare, query_images
