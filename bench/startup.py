@@ -42,7 +42,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 FIRST_STEP = "first optimizer step done on every rank"  # the Lightning job's line
-SIDES = ("recog", "lightning")
 
 
 def torchrun(*args: str) -> list[str]:
@@ -80,12 +79,12 @@ def kill_tree(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def launch(command: list[str], marks: dict[str, str], timeout_s: float) -> dict[str, float]:
-    """Seconds from the launch to the first output line containing each mark (the last mark: the first step)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-           "PYTHONUNBUFFERED": "1"}
+def launch(command: list[str], marks: dict[str, str], timeout_s: float, root: Path = ROOT) -> dict[str, float]:
+    """Seconds from the launch (in `root`, a checkout of recog) to the first output line containing each mark
+    (the last mark: the first step)."""
+    env = {**os.environ, "PYTHONPATH": str(root), "PYTHONUNBUFFERED": "1"}
     started = time.perf_counter()
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    process = subprocess.Popen(command, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, bufsize=1)
     seen: dict[str, float] = {}
     tail: list[str] = []
@@ -105,11 +104,11 @@ def launch(command: list[str], marks: dict[str, str], timeout_s: float) -> dict[
     return seen
 
 
-def recog_side(run_root: Path, timeout_s: float):
+def recog_side(run_root: Path, timeout_s: float, root: Path = ROOT):
     def one_round(r: int) -> dict[str, float]:
-        run_dir = run_root / f"recog-{r}"
+        run_dir = run_root / f"recog-{root.name}-{r}"
         return launch(torchrun("train.py", "log_every=1", f"hydra.run.dir={run_dir}"),
-                      {"config": "INFO] config:", "step": "INFO] step 1/"}, timeout_s)
+                      {"config": "INFO] config:", "step": "INFO] step 1/"}, timeout_s, root)
 
     return one_round
 
@@ -192,6 +191,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds a launch may take to its first step")
     p.add_argument("--csv", help="also write each round's figures here")
+    p.add_argument("--baseline", type=Path, help="also time the default job of this other checkout of recog "
+                   "(e.g. `git worktree add --detach /tmp/recog-main main`): before against after a change")
     p.add_argument("--lightning-job", metavar="DIR", help=argparse.SUPPRESS)  # run under torchrun, DIR: its outputs
     return p
 
@@ -205,6 +206,8 @@ def main() -> None:
     require("lightning")
     with tempfile.TemporaryDirectory(prefix="recog-startup-") as tmp:
         sides = {"recog": recog_side(Path(tmp), args.timeout), "lightning": lightning_side(Path(tmp), args.timeout)}
+        if args.baseline:
+            sides["baseline"] = recog_side(Path(tmp), args.timeout, args.baseline.resolve())
         for side in sides.values():  # untimed: the page cache, recog's shards on first use
             side(-1)
         load_before = os.getloadavg()[0]
@@ -216,28 +219,30 @@ def main() -> None:
 def report(args, figures: dict[str, list[dict[str, float]]], load: tuple[float, float]) -> None:
     from _common import header, row
 
-    step = {side: [f["step"] for f in figures[side]] for side in SIDES}
-    config = [f["config"] for f in figures["recog"]]
-    ratio = [ours / theirs for ours, theirs in zip(step["recog"], step["lightning"])]
+    sides = list(figures)  # recog, lightning (, baseline)
+    series = {f"{side} first step s": [f["step"] for f in figures[side]] for side in sides}
+    series.update({f"{side} config line s": [f["config"] for f in figures[side]]
+                   for side in sides if "config" in figures[side][0]})
+    recog = series["recog first step s"]
+    for side in sides[1:]:
+        series[f"recog/{side}"] = [ours / theirs for ours, theirs in zip(recog, series[f"{side} first step s"])]
     print(f"torchrun --standalone --nproc_per_node=2, {args.rounds} rounds alternating; load average "
           f"{load[0]:.1f} before, {load[1]:.1f} after (1 minute); {os.cpu_count()} CPU(s)")
-    columns = [("round", ">5"), ("recog config line s", "  >19.2f"), ("recog first step s", "  >18.2f"),
-               ("Lightning first step s", "  >22.2f"), ("recog/Lightning", "  >15.3f")]
+    columns = [("round", ">5"), *((name, f"  >{len(name)}.{3 if '/' in name else 2}f") for name in series)]
     print(header(columns))
     for r in range(args.rounds):
-        print(row(columns, [r, config[r], step["recog"][r], step["lightning"][r], ratio[r]]))
+        print(row(columns, [r, *(values[r] for values in series.values())]))
     print()
-    for name, values in (("recog config line", config), ("recog first step", step["recog"]),
-                         ("Lightning first step", step["lightning"]), ("recog/Lightning", ratio)):
-        print(f"{name:<22} median {statistics.median(values):6.2f}  min {min(values):6.2f}  max {max(values):6.2f}")
-    print(f"target: recog/Lightning <= 1.0 (median {statistics.median(ratio):.3f}), recog < 10 s "
-          f"(median {statistics.median(step['recog']):.2f} s)")
+    for name, values in series.items():
+        print(f"{name:<26} median {statistics.median(values):6.3f}  min {min(values):6.3f}  max {max(values):6.3f}")
+    print(f"target: recog/lightning <= 1.0 (median {statistics.median(series['recog/lightning']):.3f}), recog "
+          f"< 10 s (median {statistics.median(recog):.2f} s)")
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["round", "recog_config_s", "recog_first_step_s", "lightning_first_step_s"])
+            writer.writerow(["round", *series])
             for r in range(args.rounds):
-                writer.writerow([r, f"{config[r]:.3f}", f"{step['recog'][r]:.3f}", f"{step['lightning'][r]:.3f}"])
+                writer.writerow([r, *(f"{values[r]:.3f}" for values in series.values())])
 
 
 if __name__ == "__main__":
