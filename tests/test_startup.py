@@ -2,6 +2,9 @@
 
 import subprocess
 import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # Imported by nothing a rank other than 0 runs on the default job: TensorBoard (rank 0's writer imports it),
 # and the optional packages of other features (faiss: indexes; timm: timm backbones; mlflow: logger=mlflow;
@@ -12,7 +15,8 @@ NOT_AT_IMPORT = ("tensorboard", "boto3", "faiss", "timm", "mlflow", "litserve", 
 def test_train_imports_no_optional_package():
     code = ("import sys; import train; import recog.train; "
             f"print(' '.join(m for m in {NOT_AT_IMPORT!r} if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300,
+                         cwd=ROOT)
     assert out.stdout.split() == [], f"importing train.py and recog.train imported {out.stdout.split()}"
 
 
@@ -45,7 +49,7 @@ del batches  # its persistent worker ends with it (it ignores the SIGTERM of Pyt
 
 def forked_server(thread: bool) -> list[str]:
     code = FORKED_SERVER.format(thread=thread)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout.splitlines()
 
