@@ -34,6 +34,10 @@ def main(cfg: DictConfig) -> float:
     # TensorBoard: ~4 s of CPU per worker, taken from training. A worker needs none of it.
     from recog.train import run
 
+    if cfg.data.num_workers != 0:  # the data-loader workers' fork server, forked now: see the function
+        from recog.data.loader import fork_worker_server
+
+        fork_worker_server()
     metrics = {}
     code = run_command(lambda: metrics.update(run(cfg, stop=STOP)))  # a failure: one sentence, its exit code
     if code:

@@ -521,7 +521,8 @@ def test_a_killed_worker_is_restarted_and_the_job_ends_as_if_nothing_happened(ti
 
 
 def wait_for_no_orphans(timeout: float = 10) -> list[int]:
-    """Fork servers of recog's data loaders left without their training process (parent pid 1)."""
+    """Fork servers of recog's data loaders (or a rank: train.py's command line) left without their training
+    process (parent pid 1)."""
     deadline = time.monotonic() + timeout
     while True:
         orphans = []
@@ -531,7 +532,9 @@ def wait_for_no_orphans(timeout: float = 10) -> list[int]:
                 ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
             except (OSError, ValueError, IndexError):
                 continue
-            if ppid == 1 and b"multiprocessing.forkserver" in cmdline and b"recog.data.stream" in cmdline:
+            # multiprocessing's fork server, or the one train.py forks from itself (its command line is the rank's)
+            spawned = b"multiprocessing.forkserver" in cmdline and b"recog.data.stream" in cmdline
+            if ppid == 1 and (spawned or b"train.py" in cmdline):
                 orphans.append(int(proc.name))
         if not orphans or time.monotonic() > deadline:
             return orphans

@@ -7,11 +7,15 @@ it belongs to (what the training loop marks done: the mid-epoch position) and it
 
 from __future__ import annotations
 
+import importlib
 import logging
 import multiprocessing
+import multiprocessing.connection
 import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import os
 import signal
+import socket
 import threading
 import time
 from functools import partial
@@ -93,11 +97,7 @@ def worker_context() -> multiprocessing.context.BaseContext:
     started anew each epoch.
     """
     context = multiprocessing.get_context("forkserver")
-    # What a worker needs, imported once by the server, so that each worker forked from it starts at once:
-    # the data pipeline and its transforms (torchvision). The main script is not on the list: CPython never
-    # preloads it (3.10-3.13 pass the server no main path), so each worker imports it again (train.py keeps
-    # that import light).
-    context.set_forkserver_preload(["torch", "torchvision", "recog.data.stream", "recog.data.augment"])
+    context.set_forkserver_preload(WORKER_PRELOAD)
     # The server, and every worker forked from it, ignores the stop signals: torchrun sends SIGTERM to the
     # whole process group of a training process, and SLURM may signal every process of a job, but it is
     # the training process that must act (save a checkpoint, then shut its workers down). An ignored
@@ -109,6 +109,51 @@ def worker_context() -> multiprocessing.context.BaseContext:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return context
+
+
+# What a worker needs, imported once by the server, so that each worker forked from it starts at once: the data
+# pipeline and its transforms (torchvision). The main script is not on the list: CPython never preloads it (3.10-3.13
+# pass the server no main path), so each worker imports it again (train.py keeps that import light).
+WORKER_PRELOAD = ["torch", "torchvision", "recog.data.stream", "recog.data.augment"]
+
+
+def fork_worker_server() -> bool:
+    """Make this process's fork server (worker_context) now, by forking this process, rather than later as a fresh
+    interpreter that imports torch and torchvision all over again. For train.py, at its start: what it has imported
+    by then (torch, torchvision, the data pipeline) the server holds at no cost, and the workers forked from it get
+    the same modules as from a server that imported them itself. On the default job (2 ranks, 2 cores) that saves
+    each rank's server ~5 s of CPU, which it took from the ranks before their first step.
+
+    Only while this process runs no other thread (no process group, no TensorBoard writer, CUDA not initialised:
+    a fork copies no lock a thread holds) and has no server yet, on a Python whose fork server this knows (3.10 to
+    3.13); otherwise False, and worker_context starts one as usual."""
+    server = multiprocessing.forkserver._forkserver
+    if (threading.active_count() > 1 or torch.distributed.is_initialized() or torch.cuda.is_initialized()
+            or server._forkserver_pid is not None or not hasattr(server, "_forkserver_alive_fd")
+            or hasattr(server, "_forkserver_authkey")):  # 3.14 and later: the protocol differs
+        return False
+    for name in WORKER_PRELOAD:
+        importlib.import_module(name)
+    multiprocessing.resource_tracker.ensure_running()  # as ensure_running does first: the workers share it
+    listener = socket.socket(socket.AF_UNIX)
+    address = multiprocessing.connection.arbitrary_address("AF_UNIX")
+    listener.bind(address)
+    os.chmod(address, 0o600)
+    listener.listen()
+    alive_r, alive_w = os.pipe()  # the server leaves when its read end sees this process (the writer) gone
+    pid = os.fork()
+    if pid == 0:  # the server: as multiprocessing.forkserver's, ignoring the stop signals (see worker_context)
+        try:
+            os.close(alive_w)
+            for sig in STOP_SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
+            multiprocessing.forkserver.main(listener.fileno(), alive_r, [])
+        finally:
+            os._exit(0)
+    os.close(alive_r)
+    listener.close()
+    server._forkserver_address, server._forkserver_alive_fd, server._forkserver_pid = address, alive_w, pid
+    return True
 
 
 def start_data_worker(trainer_pid: int, _worker_id: int) -> None:
