@@ -103,8 +103,7 @@ def train(cfg: DictConfig, ctx: dist.Dist, run_dir: Path, stop: StopOnSignal) ->
     recipe.distribute(ctx, cfg.perf, cfg.ddp)  # DDP: every rank now holds rank 0's weights (the loss's too)
 
     def after_step(position: Position) -> bool:  # True: every rank stops after this step
-        # posted about once a second, read a step later: a rank caught a stop signal; rank 0's clock says a
-        # checkpoint is due (dist.AnyRankFlag)
+        # ~1/s, read a step later (AnyRankFlag): a rank caught a stop signal; rank 0's clock says a checkpoint is due
         stop_now, minutes_up = stop.agreed_with(checkpoints.minutes_up())
         if stop_now:
             return True
