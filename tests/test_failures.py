@@ -207,10 +207,11 @@ def test_a_programming_error_in_a_data_worker_shows_its_traceback_and_stops_ever
 
 def test_ctrl_c_saves_a_checkpoint_after_the_current_step_and_exits_130(tiny_data, tmp_path):
     run_dir = tmp_path / "run"
-    run = Run(tiny_args(tiny_data, epochs=50, **{"data.num_workers": 1}) + [f"hydra.run.dir={run_dir}"], tmp_path,
-              nproc=None)
-    run.wait_for("world size 1")
-    time.sleep(2)  # some steps into the first epoch
+    # batches of 8: 125 steps an epoch, so that the signal, sent once step 5's line is out, lands in the first one
+    # (a fixed sleep did not: once the workers' fork server came for free, 2 s was past the first epoch)
+    run = Run(tiny_args(tiny_data, epochs=50, batch_size=8, **{"data.num_workers": 1}) + [f"hydra.run.dir={run_dir}"],
+              tmp_path, nproc=None)
+    run.wait_for("step 5/")
     os.killpg(run.proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the trainer, fork server and workers
     run.finish(marker="interrupted", within_s=30)
     assert run.returncode == 130, run.stderr[-3000:]
@@ -220,8 +221,8 @@ def test_ctrl_c_saves_a_checkpoint_after_the_current_step_and_exits_130(tiny_dat
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert ckpt["step"] > 0 and ckpt["epoch"] == 0 and count_done(ckpt["data"]["done"]) > 0  # mid-epoch, not lost
     # the same command continues from it
-    again = Run(tiny_args(tiny_data, epochs=1, **{"data.num_workers": 1}) + [f"hydra.run.dir={run_dir}"], tmp_path,
-                nproc=None).finish()
+    again = Run(tiny_args(tiny_data, epochs=1, batch_size=8, **{"data.num_workers": 1}) + [f"hydra.run.dir={run_dir}"],
+                tmp_path, nproc=None).finish()
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from {run_dir / 'checkpoints'}" in again.stdout
 
