@@ -46,6 +46,7 @@ NUMBERS = [
     ("data.shuffle_block", True, 1, False),
     ("data.http.retries", True, 0, False), ("data.http.backoff_s", False, 0, False),
     ("data.http.timeout_s", False, 0, True), ("dist.timeout_s", False, 0, True),
+    ("dist.stop_check_s", False, 0, False),
     ("ddp.bucket_cap_mb", False, 0, True), ("loss.ce_weight", False, 0, False),
     ("loss.metric_weight", False, 0, False), ("loss.label_smoothing", False, 0, False),
     ("loss.arc_margin", False, 0, False), ("loss.lr_scale", False, 0, False),

@@ -143,7 +143,7 @@ def _job_store(rank: int, world_size: int, timeout_s: float) -> dist.Store:
 # costs each rank ~1 ms of a CPU thread (gloo's): posted every step, that was 0.7 % of the default job's ~145-ms
 # step on 2 cores and 25 % of a 10-ms step (bench/README.md, "Against other trainers"). Once a second, a stop
 # signal is acted on at most ~1 s plus a step later: nothing against the 30 s a scheduler gives before SIGKILL.
-FLAG_SECONDS = 1.0
+FLAG_SECONDS = 1.0  # train.py takes dist.stop_check_s (conf/train.yaml), the same by default
 
 
 class AnyRankFlag:

@@ -51,7 +51,7 @@ def run(cfg: DictConfig, run_dir: Path | None = None, stop: StopOnSignal | None 
             raise Preempted("stopped before training started (when one rank fails, torchrun stops the others: "
                             "see its error above)", stop.caught)
         ctx = dist.setup(cfg.dist.backend, cfg.dist.timeout_s)
-        stop.flag = dist.AnyRankFlag()  # from here on the ranks agree on when to stop (and save)
+        stop.flag = dist.AnyRankFlag(cfg.dist.stop_check_s)  # from here on the ranks agree on when to stop (and save)
         try:
             run_dir = Path(run_dir or HydraConfig.get().runtime.output_dir)
             with dist.collective_failures(ctx, cfg.dist.timeout_s):

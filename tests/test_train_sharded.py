@@ -158,7 +158,8 @@ def test_every_minutes_saves_every_ranks_rows_at_the_same_step_and_the_run_resum
     """checkpoint.every_minutes with a sharded classifier: rank 0's clock, agreed in the per-step stop-flag
     exchange, makes both ranks write their rows at the same mid-epoch step; a run resumed from it ends where the
     uninterrupted one did, step for step."""
-    minutes = {"model.classifier": "sharded", "checkpoint.every_minutes": "0.000001", "checkpoint.keep": 10}
+    minutes = {"model.classifier": "sharded", "checkpoint.every_minutes": "0.000001", "checkpoint.keep": 10,
+               "dist.stop_check_s": 0}  # the ranks agree after every step (by default: about once a second)
     first = run_train(args(small_data, tmp_path / "first", **minutes), cwd=tmp_path, nproc=2)
     assert first.returncode == 0, first.stdout + first.stderr
     checkpoints = tmp_path / "first" / "checkpoints"
