@@ -85,10 +85,11 @@ def query_images(count: int = 200) -> list[bytes]:
     return [record.read() for record in records[:count]]
 
 
-def load(url: str, clients: int, seconds: float, images: list[bytes], k: int) -> dict:
+def load(url: str, clients: int, seconds: float, bodies: list[bytes], path: str, headers: dict | None = None) -> dict:
     """`clients` closed-loop clients for `seconds`, a thread and a keep-alive connection each (the standard
     library's http.client: an asyncio client in this process cost so much CPU on 2 cores that it, not the service,
-    set the tail at 32 clients): each request's latency and status, and the batch it shared."""
+    set the tail at 32 clients), POSTing `bodies` in turn to `path`: each request's latency and status, and the
+    batch it shared (bench/serve_peers.py uses it too, with LitServe's path and bodies)."""
     host, port = url.removeprefix("http://").rsplit(":", 1)
     latencies, statuses, batches, lock = [], [], [], threading.Lock()
     deadline = time.perf_counter() + seconds
@@ -97,7 +98,7 @@ def load(url: str, clients: int, seconds: float, images: list[bytes], k: int) ->
         connection, i = http.client.HTTPConnection(host, int(port), timeout=60), c
         while time.perf_counter() < deadline:
             started = time.perf_counter()
-            connection.request("POST", f"/identify?k={k}", body=images[i % len(images)])
+            connection.request("POST", path, body=bodies[i % len(bodies)], headers=headers or {})
             response = connection.getresponse()
             body = response.read()
             with lock:
@@ -126,7 +127,7 @@ def side_by_side(servers: dict, clients: int, args, images: list[bytes]) -> tupl
 
     def case(mode):
         def one_round(_round):
-            results[mode].append(load(servers[mode].url, clients, args.seconds, images, args.k))
+            results[mode].append(load(servers[mode].url, clients, args.seconds, images, f"/identify?k={args.k}"))
             return results[mode][-1]["rate"]
         return one_round
 

@@ -32,7 +32,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -87,37 +86,14 @@ class LitServeProcess:
 
 
 def load(url: str, path: str, bodies: list[bytes], headers: dict, clients: int, seconds: float) -> dict:
-    """`clients` closed-loop clients for `seconds` (bench/serve.py's client, with each server's path and bodies):
-    requests/s, each request's latency, the errors and the batches."""
-    host, port = url.removeprefix("http://").rsplit(":", 1)
-    latencies, statuses, batches, lock = [], [], [], threading.Lock()
-    deadline = time.perf_counter() + seconds
+    """bench/serve.py's closed-loop client with each server's path and bodies: requests/s, p50/p99 latency, the
+    errors and the mean batch."""
+    from serve import load as closed_loop
 
-    def one_client(c: int):
-        connection, i = http.client.HTTPConnection(host, int(port), timeout=60), c
-        while time.perf_counter() < deadline:
-            started = time.perf_counter()
-            connection.request("POST", path, body=bodies[i % len(bodies)], headers=headers)
-            response = connection.getresponse()
-            body = response.read()
-            with lock:
-                latencies.append(time.perf_counter() - started)
-                statuses.append(response.status)
-                if response.status == 200:
-                    batches.append(json.loads(body)["batch"])
-            i += clients
-        connection.close()
-
-    threads = [threading.Thread(target=one_client, args=(c,)) for c in range(clients)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    elapsed = time.perf_counter() - started
-    ms = np.array(latencies) * 1000
-    return {"rate": len(statuses) / elapsed, "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)),
-            "errors": sum(s != 200 for s in statuses), "batch": float(np.mean(batches)) if batches else 0.0}
+    result = closed_loop(url, clients, seconds, bodies, path, headers)
+    ms = np.array(result["latencies"]) * 1000
+    return {"rate": result["rate"], "p50": float(np.percentile(ms, 50)), "p99": float(np.percentile(ms, 99)),
+            "errors": result["errors"], "batch": float(np.mean(result["batches"])) if result["batches"] else 0.0}
 
 
 def requests_for(images: list[bytes], k: int) -> dict[str, tuple[str, list[bytes], dict]]:

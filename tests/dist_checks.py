@@ -73,29 +73,27 @@ report["grad_max_diff"] = (mine.grad / ctx.world_size - full.grad[ctx.rank * 6 :
 uneven = torch.arange(3 + ctx.rank, dtype=torch.float32)[:, None] + 10 * ctx.rank  # 3 rows on rank 0, 4 on rank 1
 report["gathered_uneven"] = dist.all_gather_uneven(uneven)[:, 0].tolist()
 
-# The per-step agreement (AnyRankFlag through StopOnSignal), posting every call (seconds=0): rank 0's clock flag
-# raised at call 2, a signal caught by rank 1 alone before call 4; every rank learns each one call later, at the
-# same call.
+# The per-step agreement (AnyRankFlag through StopOnSignal): rank 0's clock flag raised at call 2 only, a signal
+# caught by rank 1 alone before call `caught_at`; what each call returned, [stop, minutes up].
 from recog.preempt import StopOnSignal  # noqa: E402
 
-stop, agreed = StopOnSignal(dist.AnyRankFlag(seconds=0)), []
-for call in range(6):
-    if ctx.rank == 1 and call == 4:
-        stop.caught = "SIGUSR1"
-    agreed.append(list(stop.agreed_with(ctx.rank == 0 and call == 2)))
-stop.finish()
-report["agreed"] = agreed
 
+def agreement(flag: dist.AnyRankFlag, calls: int, caught_at: int) -> list[list[bool]]:
+    stop, agreed = StopOnSignal(flag), []
+    for call in range(calls):
+        if ctx.rank == 1 and call == caught_at:
+            stop.caught = "SIGUSR1"
+        agreed.append(list(stop.agreed_with(ctx.rank == 0 and call == 2)))
+    stop.finish()
+    return agreed
+
+
+# Posting every call (seconds=0): every rank learns each flag one call later, at the same call.
+report["agreed"] = agreement(dist.AnyRankFlag(seconds=0), calls=6, caught_at=4)
 # With a gap: these calls take far less than 60 s / 3, so after the first post (which proposes 1) every rank
 # proposes 3 calls. Posts at calls 0, 1 and 4 (read at 1, 2 and 5): rank 1's signal, caught before call 3, goes out
 # with the post at call 4 and every rank learns it at call 5; rank 0's flag, up at call 2 only, is never posted.
-stop, agreed = StopOnSignal(dist.AnyRankFlag(seconds=60, max_calls=3)), []
-for call in range(8):
-    if ctx.rank == 1 and call == 3:
-        stop.caught = "SIGUSR1"
-    agreed.append(list(stop.agreed_with(ctx.rank == 0 and call == 2)))
-stop.finish()
-report["agreed_gap"] = agreed
+report["agreed_gap"] = agreement(dist.AnyRankFlag(seconds=60, max_calls=3), calls=8, caught_at=3)
 
 from accumulation import accumulation_max_difference  # noqa: E402  (DDP with no_sync on 3 of 4 micro-steps)
 
