@@ -172,7 +172,7 @@ class MicroBatchReader:
         blocks = [plan.block_of(s) for s in steps if s * plan.batch_size < len(plan)]
         self.next_block = blocks[0] if blocks else 0
         self.items = read(plan.block_pieces(blocks[0], blocks[-1])) if blocks and not by_sample else iter(())
-        self.block, self.shuffled, self.order = -1, [], []
+        self.block, self.shuffled, self.order, self.pieces = -1, [], [], []  # pieces, order: by_sample's block
 
     def step(self, step: int) -> list:
         """The items of step `step`'s batch of this micro-batch ([] past its stretch's end); steps in increasing
@@ -182,11 +182,11 @@ class MicroBatchReader:
             return []
         block = plan.block_of(step)
         if self.by_sample:
-            if self.block != block:
-                self.block, self.order = block, plan.block_order(block)
+            if self.block != block:  # once per block, not per step
+                self.block, self.order, self.pieces = block, plan.block_order(block), plan.block_pieces(block, block)
             mine = self.order[plan.step_slice(step)]  # positions in the block, in the batch's order
             wanted = sorted(mine)
-            items = dict(zip(wanted, self.read(pick(plan.block_pieces(block, block), wanted))))
+            items = dict(zip(wanted, self.read(pick(self.pieces, wanted))))
             return [items[i] for i in mine]
         while self.block != block:
             items = list(islice(self.items, plan.block_length(self.next_block)))
