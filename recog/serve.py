@@ -436,6 +436,8 @@ class Service:
         for name, value in (("--max-batch", max_batch), ("--max-inflight", max_inflight), ("-k", default_k)):
             if value < 1:
                 raise ConfigError(f"{name} {value} must be 1 or more.")
+        if batch_threads < 0:
+            raise ConfigError(f"--batch-threads {batch_threads} must be 0 (the cores / the torch threads) or more.")
         shards = [shards] if isinstance(shards, str) else shards
         self.source = PairSource(str(model_dir), str(index_dir), [str(s) for s in shards] if shards else None,
                                  cache_dir, shard_servers, shard_token, default_k, device)

@@ -220,6 +220,15 @@ def test_a_device_this_machine_lacks_is_one_sentence_before_anything_loads(devic
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {message}"
 
 
+def test_a_negative_batch_threads_is_one_sentence_before_anything_loads(capsys, tmp_path):
+    from recog.serve import main
+
+    code = main(["--model", str(tmp_path / "m"), "--index", str(tmp_path / "i"), "--batch-threads", "-1"])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: --batch-threads -1 must be 0 (the cores / the torch threads) or more.")
+
+
 def test_on_a_gpu_the_embeddings_equal_the_cpus(served):
     """bench/gpu_session.sh part 9 runs this where there is a GPU; here it is skipped."""
     import torch
